@@ -1,0 +1,34 @@
+# Every target installs what it needs first: on a fresh machine `make test` is enough.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+# XLA's large per-step temporaries make glibc malloc map and unmap pages every step; jemalloc
+# keeps them (see README, "Performance"). Used where installed: apt-get install libjemalloc2.
+JEMALLOC := $(wildcard /lib/x86_64-linux-gnu/libjemalloc.so.2 /usr/lib/x86_64-linux-gnu/libjemalloc.so.2 /lib/aarch64-linux-gnu/libjemalloc.so.2)
+ifneq ($(JEMALLOC),)
+export LD_PRELOAD := $(firstword $(JEMALLOC))
+export MALLOC_CONF := oversize_threshold:0,dirty_decay_ms:-1,muzzy_decay_ms:-1
+endif
+
+.PHONY: install test lint format
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install -e '.[dev]'
+	touch $(STAMP)
+
+test: install
+	$(BIN)/pytest -q
+
+lint: install
+	$(BIN)/ruff check pipeline tests
+	$(BIN)/ruff format --check pipeline tests
+
+format: install
+	$(BIN)/ruff check --fix pipeline tests
+	$(BIN)/ruff format pipeline tests

@@ -1,0 +1,79 @@
+"""`python -m pipeline <command> --config FILE [key=value ...]`: the command-line entry point.
+
+Each subcommand is a small function; a user mistake (`ConfigError`) prints one `error:` line
+and exits with status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from pipeline.config import Config, ConfigError, load_config
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="a YAML config file (see configs/)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.num_layers=4")
+
+
+def _config(args) -> Config:
+    return load_config(args.config, args.overrides)
+
+
+def cmd_info(args) -> int:
+    """Print the resolved config, model size, FLOPs per token and the data summary."""
+    from pipeline.data import prepare_dataset
+    from pipeline.model import count_params, flops_per_token
+
+    cfg = _config(args)
+    params = count_params(cfg.model)
+    flops = flops_per_token(cfg.model, cfg.data.seq_len)
+    data = None if args.no_data else prepare_dataset(cfg).summary()
+    if args.json:
+        print(
+            json.dumps(
+                {"config": cfg.to_dict(), "params": params, "flops_per_token": flops, "data": data}
+            )
+        )
+        return 0
+    print(cfg.to_yaml(), end="")
+    print("---")
+    print(f"parameters:        {params:,} ({params / 1e6:.2f} M)")
+    print(f"flops per token:   {flops:,.0f} (training, seq_len={cfg.data.seq_len})")
+    if data:
+        print(f"data source:       {data['source']} ({data['bytes'] / 1e6:.1f} MB)")
+        print(
+            f"documents:         {data['documents']:,} "
+            f"(train {data['train_docs']:,}, validation {data['val_docs']:,})"
+        )
+        print(
+            f"tokens:            train {data['train_tokens']:,}, validation {data['val_tokens']:,}"
+        )
+        print(f"tokenizer:         {data['vocab_size']:,} tokens; cache {data['cache']}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pipeline", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    info = sub.add_parser("info", help="resolved config, model size and data summary")
+    _add_config_args(info)
+    info.add_argument("--no-data", action="store_true", help="skip reading the corpus")
+    info.add_argument("--json", action="store_true", help="one JSON object instead of text")
+    info.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

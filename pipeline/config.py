@@ -1,0 +1,402 @@
+"""Typed, frozen experiment configs loaded from YAML with `base:` inheritance.
+
+A config file is a mapping of sections (`model`, `tokenizer`, `data`, `train`, `optimizer`,
+`run`); `base: other.yaml` (relative to the file) names a file it extends. Command-line
+overrides are dotted (`model.num_layers=4 optimizer.lr=1e-3`). Every key is checked against
+the dataclasses below; a mistake raises one `ConfigError` line naming the key, where it came
+from and the closest valid keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+COMMAND_LINE = "command line"
+DTYPES = Literal["float32", "bfloat16", "float16"]
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration mistake; the message is the whole story."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The decoder-only Transformer; `family` fills in the architecture options left unset."""
+
+    family: Literal["gpt2", "llama"] = "gpt2"
+    vocab_size: int = 320
+    num_layers: int = 2
+    embed_dim: int = 32
+    num_heads: int = 4
+    num_kv_heads: int | None = None  # None: equal to num_heads (no grouped-query attention)
+    mlp_dim: int | None = None  # None: 4*embed_dim (gpt2) or ~8/3*embed_dim rounded to 64 (llama)
+    max_seq_len: int = 64
+    positions: Literal["learned", "rope"] | None = None
+    norm: Literal["layernorm", "rmsnorm"] | None = None
+    mlp: Literal["gelu", "swiglu"] | None = None
+    use_bias: bool | None = None
+    tied_embeddings: bool | None = None
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+    param_dtype: DTYPES = "float32"
+    compute_dtype: DTYPES = "float32"
+    remat: Literal["none", "block", "dots"] = "none"  # rematerialisation; never changes parameters
+
+    def __post_init__(self):
+        llama = self.family == "llama"
+        defaults = {
+            "num_kv_heads": self.num_heads,
+            "mlp_dim": _round_up(int(8 * self.embed_dim / 3), 64) if llama else 4 * self.embed_dim,
+            "positions": "rope" if llama else "learned",
+            "norm": "rmsnorm" if llama else "layernorm",
+            "mlp": "swiglu" if llama else "gelu",
+            "use_bias": not llama,
+            "tied_embeddings": not llama,
+        }
+        for name, value in defaults.items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.num_heads
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    """`byte`: one id per byte, plus specials; `bpe`: trained on the corpus or loaded from `path`."""
+
+    kind: Literal["byte", "bpe"] = "byte"
+    vocab_size: int | None = None  # BPE target size; None: model.vocab_size
+    path: str | None = None  # an existing tokenizer.json (or a directory holding one)
+    train_max_bytes: int = 50_000_000  # BPE trains on at most this many bytes of the train split
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the text comes from and how it is cut into training windows."""
+
+    source: str = "stdlib"  # "stdlib", a text file, a folder, a glob, or a .jsonl file
+    text_field: str = "text"  # the field read from each JSONL line
+    max_docs: int | None = None  # keep only the first N documents (a slice for quick runs)
+    seq_len: int = 64
+    val_fraction: float = 0.05
+    cache_dir: str = "data_cache"
+    seed: int = 0  # the document split; the sampler uses train.seed
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The training loop."""
+
+    steps: int = 100
+    batch_size: int = 8  # global, across every device and process
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 50
+    eval_batches: int = 8
+    checkpoint_every: int = 50
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW with a learning-rate schedule and global-norm clipping."""
+
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    clip_norm: float | None = 1.0
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Where the run directory lives."""
+
+    name: str = "default"
+    dir: str | None = None  # None: runs/<name>
+
+    def __post_init__(self):
+        if self.dir is None:
+            object.__setattr__(self, "dir", f"runs/{self.name}")
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole experiment."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _round_up(x: int, multiple: int) -> int:
+    return -(-x // multiple) * multiple
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Load `path` (following `base:` files), apply dotted `key=value` overrides, validate."""
+    raw: dict[str, Any] = {}
+    origins: dict[str, str] = {}
+    if path is not None:
+        _merge_file(Path(path), raw, origins, seen=())
+    for item in overrides:
+        key, value = _parse_override(item)
+        _set_dotted(raw, key, value, origins, COMMAND_LINE)
+    return build_config(raw, origins)
+
+
+def config_from_dict(raw: dict[str, Any], origin: str = "dict") -> Config:
+    """Build a validated Config from a plain nested mapping (e.g. a saved config.yaml)."""
+    origins: dict[str, str] = {}
+    merged: dict[str, Any] = {}
+    _deep_merge(merged, raw, origins, origin, prefix="")
+    return build_config(merged, origins)
+
+
+def dump_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(cfg.to_yaml())
+
+
+def _merge_file(path: Path, raw: dict, origins: dict, seen: tuple[Path, ...]) -> None:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    resolved = path.resolve()
+    if resolved in seen:
+        raise ConfigError(f"{path}: `base:` files form a cycle through {resolved.name}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
+    base = data.pop("base", None)
+    if base is not None:
+        _merge_file(path.parent / base, raw, origins, seen + (resolved,))
+    _deep_merge(raw, data, origins, str(path), prefix="")
+
+
+def _deep_merge(dst: dict, src: dict, origins: dict, origin: str, prefix: str) -> None:
+    for key, value in src.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and isinstance(dst.get(key), dict):
+            _deep_merge(dst[key], value, origins, origin, dotted + ".")
+        else:
+            dst[key] = _copy_dict(value)
+            _record_origins(origins, dotted, value, origin)
+
+
+def _copy_dict(value):
+    return {k: _copy_dict(v) for k, v in value.items()} if isinstance(value, dict) else value
+
+
+def _record_origins(origins: dict, dotted: str, value, origin: str) -> None:
+    origins[dotted] = origin
+    if isinstance(value, dict):
+        for key, sub in value.items():
+            _record_origins(origins, f"{dotted}.{key}", sub, origin)
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {item!r} on the command line is not of the form key=value")
+    try:
+        value = yaml.safe_load(text) if text else ""
+    except yaml.YAMLError:
+        value = text
+    return key.strip(), value
+
+
+def _set_dotted(raw: dict, key: str, value, origins: dict, origin: str) -> None:
+    parts = key.split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{key} ({origin}): {part} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+    _record_origins(origins, key, value, origin)
+
+
+def build_config(raw: dict[str, Any], origins: dict[str, str]) -> Config:
+    """Turn a merged nested mapping into a validated Config."""
+    sections = {}
+    section_types = {f.name: f.type for f in fields(Config)}
+    hints = typing.get_type_hints(Config)
+    for name, value in raw.items():
+        if name not in section_types:
+            _unknown_key(name, list(section_types), origins, "")
+        if not isinstance(value, dict):
+            raise ConfigError(
+                f"{name} ({origins.get(name, '?')}): expected a section (mapping), got {value!r}"
+            )
+        sections[name] = _build_section(name, hints[name], value, origins)
+    cfg = Config(**sections)
+    _check_values(cfg, origins)
+    return cfg
+
+
+def _build_section(section: str, cls: type, values: dict, origins: dict):
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in values.items():
+        dotted = f"{section}.{key}"
+        if key not in hints:
+            _unknown_key(dotted, [f"{section}.{k}" for k in hints], origins, section)
+        kwargs[key] = _coerce(dotted, hints[key], value, origins.get(dotted, "?"))
+    return cls(**kwargs)
+
+
+def _unknown_key(dotted: str, valid: list[str], origins: dict, section: str) -> None:
+    where = origins.get(dotted, "?")
+    close = difflib.get_close_matches(dotted, valid, n=3, cutoff=0.6)
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    what = f"key in {section}" if section else "section"
+    raise ConfigError(f"unknown {what} '{dotted}' ({where}); {hint}valid: {', '.join(valid)}")
+
+
+def _coerce(dotted: str, hint, value, origin: str):
+    """Check `value` against a type hint, converting the few safe cases (int -> float, '1e-3')."""
+    options = _options(hint)
+    if value is None:
+        if type(None) in options:
+            return None
+        raise ConfigError(f"{dotted} ({origin}): must be set, got null")
+    for option in options:
+        if typing.get_origin(option) is Literal:
+            if value in typing.get_args(option):
+                return value
+        elif option is bool:
+            if isinstance(value, bool):
+                return value
+        elif option is int:
+            if isinstance(value, int) and not isinstance(value, bool):
+                return value
+        elif option is float:
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return float(value)
+            if isinstance(value, str):
+                try:
+                    return float(value)
+                except ValueError:
+                    pass
+        elif option is str and isinstance(value, str):
+            return value
+    raise ConfigError(f"{dotted} ({origin}): expected {_describe(options)}, got {value!r}")
+
+
+def _options(hint) -> tuple:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return tuple(o for arg in typing.get_args(hint) for o in _options(arg))
+    return (hint,)
+
+
+def _describe(options: tuple) -> str:
+    names = []
+    for option in options:
+        if typing.get_origin(option) is Literal:
+            names.append("one of " + ", ".join(repr(a) for a in typing.get_args(option)))
+        elif option is type(None):
+            names.append("null")
+        else:
+            names.append(option.__name__)
+    return " or ".join(names)
+
+
+def _check_values(cfg: Config, origins: dict) -> None:
+    """Cross-field checks: each names the offending key and where it was set."""
+    m, d, t = cfg.model, cfg.data, cfg.train
+    rules = [
+        ("model.vocab_size", m.vocab_size > 0, "must be positive"),
+        ("model.num_layers", m.num_layers > 0, "must be positive"),
+        ("model.embed_dim", m.embed_dim > 0, "must be positive"),
+        ("model.num_heads", m.num_heads > 0, "must be positive"),
+        (
+            "model.num_heads",
+            m.embed_dim % max(m.num_heads, 1) == 0,
+            f"{m.num_heads} does not divide model.embed_dim={m.embed_dim}",
+        ),
+        (
+            "model.num_kv_heads",
+            m.num_kv_heads > 0 and m.num_heads % max(m.num_kv_heads, 1) == 0,
+            f"{m.num_kv_heads} does not divide model.num_heads={m.num_heads}",
+        ),
+        ("model.mlp_dim", m.mlp_dim > 0, "must be positive"),
+        ("model.max_seq_len", m.max_seq_len > 0, "must be positive"),
+        (
+            "model.positions",
+            m.positions == "learned" or m.head_dim % 2 == 0,
+            f"rope needs an even head dim, got {m.head_dim}",
+        ),
+        (
+            "data.seq_len",
+            0 < d.seq_len <= m.max_seq_len,
+            f"{d.seq_len} must be in 1..model.max_seq_len={m.max_seq_len}",
+        ),
+        ("data.val_fraction", 0.0 <= d.val_fraction < 1.0, "must be in [0, 1)"),
+        ("data.max_docs", d.max_docs is None or d.max_docs > 0, "must be positive"),
+        ("train.steps", t.steps >= 0, "must be >= 0"),
+        ("train.batch_size", t.batch_size > 0, "must be positive"),
+        ("train.log_every", t.log_every > 0, "must be positive"),
+        ("train.eval_every", t.eval_every > 0, "must be positive"),
+        ("train.checkpoint_every", t.checkpoint_every > 0, "must be positive"),
+        ("optimizer.lr", cfg.optimizer.lr > 0, "must be positive"),
+        ("optimizer.warmup_steps", cfg.optimizer.warmup_steps >= 0, "must be >= 0"),
+        (
+            "tokenizer.vocab_size",
+            (cfg.tokenizer.vocab_size or m.vocab_size) <= m.vocab_size,
+            f"{cfg.tokenizer.vocab_size} exceeds model.vocab_size={m.vocab_size}",
+        ),
+    ]
+    for key, ok, message in rules:
+        if not ok:
+            raise ConfigError(f"{key} ({origins.get(key, 'default')}): {message}")
+
+
+def with_overrides(cfg: Config, **sections: dict[str, Any]) -> Config:
+    """A copy of `cfg` with some fields of some sections replaced (validated again)."""
+    raw = cfg.to_dict()
+    for section, values in sections.items():
+        raw[section].update(values)
+    return config_from_dict(raw, origin="code")
+
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "ModelConfig",
+    "OptimizerConfig",
+    "RunConfig",
+    "TokenizerConfig",
+    "TrainConfig",
+    "dump_config",
+    "load_config",
+    "config_from_dict",
+    "replace",
+    "with_overrides",
+]

@@ -1,0 +1,231 @@
+"""The one decoder-only Transformer, shared by pre-training, fine-tuning, distillation and serving.
+
+`Transformer(cfg)(tokens, positions, cache) -> (logits, cache)` covers the GPT-2 family (learned
+positions, LayerNorm, GELU, biases, tied embeddings) and the Llama family (RoPE, RMSNorm, SwiGLU,
+grouped-query attention, untied head), chosen by `ModelConfig`.
+
+Dimensions, named once: B batch, T query length, S key length (cache length), D model width,
+N query heads, K key/value heads, H head dim, F mlp width, V vocabulary.
+
+The KV cache is an explicit pytree: one `{"k": [B, S, K, H], "v": [B, S, K, H]}` per layer, where
+slot s holds the key/value of position s. A forward pass writes its tokens at their positions and
+lets each query at position p see slots 0..p, so training (no cache), prefill (T tokens) and
+decode (T=1, each row at its own position) are the same code.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from pipeline.config import ModelConfig
+
+Cache = list[dict[str, jax.Array]]
+
+
+def dtype_of(name: str) -> jnp.dtype:
+    return jnp.dtype(name)
+
+
+class Attention(nnx.Module):
+    """Multi-head / grouped-query self-attention with an optional KV cache."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        N, K, H, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.embed_dim
+        self.q = _linear(cfg, D, N * H, rngs)
+        self.k = _linear(cfg, D, K * H, rngs)
+        self.v = _linear(cfg, D, K * H, rngs)
+        self.o = _linear(cfg, N * H, D, rngs, residual=True)
+
+    def __call__(self, x: jax.Array, positions: jax.Array, cache: dict | None):
+        cfg = self.cfg
+        B, T, _ = x.shape
+        q = self.q(x).reshape(B, T, cfg.num_heads, cfg.head_dim)  # (B, T, N, H)
+        k = self.k(x).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)  # (B, T, K, H)
+        v = self.v(x).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
+        if cfg.positions == "rope":
+            q, k = (
+                apply_rope(q, positions, cfg.rope_theta),
+                apply_rope(k, positions, cfg.rope_theta),
+            )
+        if cache is None:
+            # Training: keys are this sequence; is_causal lets GPUs use flash attention.
+            out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+        else:
+            rows = jnp.arange(B)[:, None]
+            # Write each token at its own position; positions past the cache are dropped.
+            cache = {
+                "k": cache["k"].at[rows, positions].set(k.astype(cache["k"].dtype), mode="drop"),
+                "v": cache["v"].at[rows, positions].set(v.astype(cache["v"].dtype), mode="drop"),
+            }
+            S = cache["k"].shape[1]
+            mask = jnp.arange(S)[None, None, :] <= positions[:, :, None]  # (B, T, S)
+            out = jax.nn.dot_product_attention(
+                q, cache["k"].astype(q.dtype), cache["v"].astype(q.dtype), mask=mask[:, None]
+            )
+        return self.o(out.reshape(B, T, -1)), cache
+
+
+class MLP(nnx.Module):
+    """GELU (GPT-2) or SwiGLU (Llama) feed-forward block."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.swiglu = cfg.mlp == "swiglu"
+        if self.swiglu:
+            self.gate = _linear(cfg, cfg.embed_dim, cfg.mlp_dim, rngs)
+        self.up = _linear(cfg, cfg.embed_dim, cfg.mlp_dim, rngs)
+        self.down = _linear(cfg, cfg.mlp_dim, cfg.embed_dim, rngs, residual=True)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.swiglu:
+            return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+        return self.down(jax.nn.gelu(self.up(x), approximate=True))  # GPT-2's tanh GELU
+
+
+class Block(nnx.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.attn_norm = _norm(cfg, rngs)
+        self.attn = Attention(cfg, rngs=rngs)
+        self.mlp_norm = _norm(cfg, rngs)
+        self.mlp = MLP(cfg, rngs=rngs)
+
+    def __call__(self, x, positions, cache):
+        h, cache = self.attn(self.attn_norm(x), positions, cache)
+        x = x + h
+        return x + self.mlp(self.mlp_norm(x)), cache
+
+
+class Transformer(nnx.Module):
+    """The decoder-only language model: `(tokens, positions, cache) -> (logits, cache)`."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        init = nnx.initializers.normal(cfg.init_std)
+        self.embed = nnx.Embed(
+            cfg.vocab_size, cfg.embed_dim, embedding_init=init, rngs=rngs, **_dtypes(cfg)
+        )
+        if cfg.positions == "learned":
+            self.pos_embed = nnx.Embed(
+                cfg.max_seq_len, cfg.embed_dim, embedding_init=init, rngs=rngs, **_dtypes(cfg)
+            )
+        self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.final_norm = _norm(cfg, rngs)
+        if not cfg.tied_embeddings:
+            self.lm_head = nnx.Linear(
+                cfg.embed_dim,
+                cfg.vocab_size,
+                use_bias=False,
+                kernel_init=init,
+                rngs=rngs,
+                **_dtypes(cfg),
+            )
+
+    def __call__(
+        self, tokens: jax.Array, positions: jax.Array | None = None, cache: Cache | None = None
+    ) -> tuple[jax.Array, Cache | None]:
+        """tokens (B, T) int, positions (B, T) int -> float32 logits (B, T, V), updated cache."""
+        cfg = self.cfg
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        x = self.embed(tokens)  # (B, T, D)
+        if cfg.positions == "learned":
+            x = x + self.pos_embed(positions)
+        step = _remat(_block_step, cfg.remat)
+        new_cache = []
+        for i, block in enumerate(self.blocks):
+            x, layer_cache = step(block, x, positions, None if cache is None else cache[i])
+            new_cache.append(layer_cache)
+        x = self.final_norm(x)
+        logits = self.embed.attend(x) if cfg.tied_embeddings else self.lm_head(x)
+        return logits.astype(jnp.float32), (None if cache is None else new_cache)
+
+
+def _block_step(block: Block, x, positions, cache):
+    return block(x, positions, cache)
+
+
+def _remat(fn, policy: str):
+    if policy == "none":
+        return fn
+    if policy == "dots":
+        # Keep matmul outputs, recompute the cheap elementwise work in the backward pass.
+        return nnx.remat(fn, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+    return nnx.remat(fn)
+
+
+def _dtypes(cfg: ModelConfig) -> dict:
+    return {"dtype": dtype_of(cfg.compute_dtype), "param_dtype": dtype_of(cfg.param_dtype)}
+
+
+def _linear(cfg: ModelConfig, d_in: int, d_out: int, rngs, residual: bool = False) -> nnx.Linear:
+    # GPT-2 scales the init of projections that write into the residual stream by 1/sqrt(2L).
+    std = cfg.init_std / (2 * cfg.num_layers) ** 0.5 if residual else cfg.init_std
+    return nnx.Linear(
+        d_in,
+        d_out,
+        use_bias=cfg.use_bias,
+        kernel_init=nnx.initializers.normal(std),
+        rngs=rngs,
+        **_dtypes(cfg),
+    )
+
+
+def _norm(cfg: ModelConfig, rngs) -> nnx.Module:
+    # Normalisation statistics always in float32, whatever the compute dtype.
+    kw = {"epsilon": cfg.norm_eps, "param_dtype": dtype_of(cfg.param_dtype), "rngs": rngs}
+    if cfg.norm == "rmsnorm":
+        return nnx.RMSNorm(cfg.embed_dim, dtype=jnp.float32, **kw)
+    return nnx.LayerNorm(cfg.embed_dim, use_bias=cfg.use_bias, dtype=jnp.float32, **kw)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotary position embedding, half-split layout (as Hugging Face Llama). x: (B, T, *, H)."""
+    H = x.shape[-1]
+    freqs = theta ** (-jnp.arange(0, H, 2, dtype=jnp.float32) / H)  # (H/2,)
+    angles = positions[..., None].astype(jnp.float32) * freqs  # (B, T, H/2)
+    cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return rotated.astype(x.dtype)
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int | None = None, dtype=None) -> Cache:
+    """An empty KV cache; every buffer is allocated separately so the cache can be donated."""
+    S = max_len or cfg.max_seq_len
+    dtype = dtype or dtype_of(cfg.compute_dtype)
+    shape = (batch, S, cfg.num_kv_heads, cfg.head_dim)
+    return [
+        {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.num_layers)
+    ]
+
+
+def create_model(cfg: ModelConfig, seed: int = 0) -> Transformer:
+    return Transformer(cfg, rngs=nnx.Rngs(seed))
+
+
+def abstract_model(cfg: ModelConfig) -> Transformer:
+    """The model's structure with shape-only parameters (no memory, no compute)."""
+    return nnx.eval_shape(lambda: create_model(cfg))
+
+
+def count_params(cfg: ModelConfig) -> int:
+    """Parameter count from the model's own structure (exact, allocates nothing)."""
+    state = nnx.state(abstract_model(cfg), nnx.Param)
+    return sum(int(x.size) for x in jax.tree.leaves(state))
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward), as in PaLM appendix B.
+
+    6 * (parameters used in matmuls: everything but the embedding lookups, with the output
+    projection counted even when it is tied) + 12 * layers * width * seq_len for attention.
+    """
+    D, V = cfg.embed_dim, cfg.vocab_size
+    lookups = V * D + (cfg.max_seq_len * D if cfg.positions == "learned" else 0)
+    matmul_params = count_params(cfg) - lookups + (V * D if cfg.tied_embeddings else 0)
+    attention = 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len
+    return 6.0 * matmul_params + attention

@@ -1,0 +1,159 @@
+"""Tokenizers: byte-level and BPE, both stored as a Hugging Face `tokenizer.json`.
+
+Both kinds are `tokenizers.Tokenizer` objects with a byte-level alphabet, so any Unicode text
+round-trips exactly and decoding arbitrary ids never raises. The byte tokenizer maps byte b to
+id b (256 ids) and puts the special tokens after them; BPE is trained on the corpus with the
+`tokenizers` library.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from pipeline.config import ConfigError, TokenizerConfig
+
+PAD, BOS, EOS = "<|pad|>", "<|bos|>", "<|eos|>"
+SPECIAL_TOKENS = (PAD, BOS, EOS)
+FILENAME = "tokenizer.json"
+
+
+class TokenizerProtocol(Protocol):
+    vocab_size: int
+    pad_id: int
+    bos_id: int
+    eos_id: int
+
+    def encode(self, text: str) -> list[int]: ...
+    def decode(self, ids: Iterable[int], skip_special: bool = True) -> str: ...
+
+
+class Tokenizer:
+    """A thin, typed wrapper over `tokenizers.Tokenizer` with our special tokens."""
+
+    def __init__(self, hf: HFTokenizer):
+        self.hf = hf
+        missing = [t for t in SPECIAL_TOKENS if hf.token_to_id(t) is None]
+        if missing:
+            # An imported tokenizer may name its specials differently; it must have an EOS.
+            self.hf.add_special_tokens([t for t in missing])
+        self.pad_id = hf.token_to_id(PAD)
+        self.bos_id = hf.token_to_id(BOS)
+        self.eos_id = hf.token_to_id(EOS)
+        self._fast_bytes = self.is_byte_level and all(
+            hf.id_to_token(b) == ch for b, ch in enumerate(_bytes_to_unicode())
+        )
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def is_byte_level(self) -> bool:
+        """True when every non-special id is one byte (bits per byte then equals bits per token)."""
+        model = json.loads(self.hf.model.__getstate__())
+        return model.get("type") == "BPE" and not model.get("merges") and len(model["vocab"]) == 256
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        """Token ids of many texts, as arrays; the byte tokenizer takes a fast exact path."""
+        if self._fast_bytes:
+            # Id b is byte b, so the UTF-8 bytes are the ids, unless a special token's text occurs.
+            return [
+                np.frombuffer(t.encode("utf-8"), np.uint8)
+                if "<|" not in t
+                else np.array(self.encode(t))
+                for t in texts
+            ]
+        return [np.array(e.ids) for e in self.hf.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
+        ids = [int(i) for i in ids if 0 <= int(i) < self.vocab_size]
+        return self.hf.decode(ids, skip_special_tokens=skip_special)
+
+    def save(self, directory: str | Path) -> Path:
+        path = Path(directory) / FILENAME
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.hf.save(str(path))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Tokenizer:
+        path = Path(path)
+        if path.is_dir():
+            path = path / FILENAME
+        if not path.is_file():
+            raise ConfigError(f"tokenizer file not found: {path}")
+        return cls(HFTokenizer.from_file(str(path)))
+
+    def fingerprint(self) -> str:
+        """A string that changes whenever the token ids of any text would change."""
+        return self.hf.to_str()
+
+
+def _byte_level(model: models.Model) -> HFTokenizer:
+    hf = HFTokenizer(model)
+    # use_regex=False: no word splitting, so the byte tokenizer is exactly one id per byte.
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    hf.decoder = decoders.ByteLevel()
+    return hf
+
+
+def byte_tokenizer() -> Tokenizer:
+    """256 byte ids (id b is byte b) followed by the special tokens."""
+    alphabet = _bytes_to_unicode()
+    vocab = {alphabet[b]: b for b in range(256)}
+    hf = _byte_level(models.BPE(vocab=vocab, merges=[]))
+    hf.add_special_tokens(list(SPECIAL_TOKENS))
+    return Tokenizer(hf)
+
+
+def train_bpe(texts: Iterator[str], vocab_size: int) -> Tokenizer:
+    """Train a byte-level BPE tokenizer (GPT-2 style word splitting) on `texts`."""
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    hf.train_from_iterator(texts, trainer=trainer)
+    return Tokenizer(hf)
+
+
+def build_tokenizer(
+    cfg: TokenizerConfig, texts: Iterable[str] = (), vocab_size: int = 0
+) -> Tokenizer:
+    """The tokenizer a config asks for: loaded from `path`, a byte tokenizer, or trained BPE."""
+    if cfg.path:
+        return Tokenizer.load(cfg.path)
+    if cfg.kind == "byte":
+        return byte_tokenizer()
+    return train_bpe(iter(texts), cfg.vocab_size or vocab_size)
+
+
+def _bytes_to_unicode() -> list[str]:
+    """GPT-2's printable stand-in character for each byte, the alphabet of `ByteLevel`."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return [chars[b] for b in range(256)]
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)

@@ -1,0 +1,30 @@
+"""Shared fixtures: 4 simulated CPU devices (set before jax is imported) and a tiny config.
+
+Run: make test   (or .venv/bin/pytest -q tests/)
+"""
+
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+from pipeline.config import Config, load_config  # noqa: E402
+
+# Tests compile many small programs; skipping XLA's optimisation passes makes that much faster.
+jax.config.update("jax_disable_most_optimizations", True)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def tiny_config(tmp_path) -> Config:
+    """configs/tiny.yaml with its data cache and run directory inside the test's temp dir."""
+    return load_config(
+        os.path.join(ROOT, "configs", "tiny.yaml"),
+        [f"data.cache_dir={tmp_path / 'cache'}", f"run.dir={tmp_path / 'run'}"],
+    )

@@ -1,0 +1,177 @@
+"""Corpus sources, the token cache, the split and the step-indexed sampler.
+
+Run: pytest tests/test_data.py
+"""
+
+import json
+import string
+
+import numpy as np
+import pytest
+
+from pipeline import data as data_mod
+from pipeline.config import ConfigError, load_config
+from pipeline.data import Sampler, prepare_dataset, read_documents, split_documents, stdlib_files
+from pipeline.tokenizer import EOS
+
+LETTERS = string.ascii_lowercase
+
+
+def _config(tmp_path, source, *extra):
+    return load_config(
+        None,
+        [
+            f"data.source={source}",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            "data.seq_len=16",
+            "model.max_seq_len=16",
+            *extra,
+        ],
+    )
+
+
+def _letter_docs(tmp_path, n=20, size=200):
+    """n files, file i made only of letter i: every token says which document it came from."""
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for i in range(n):
+        (folder / f"doc{i:02d}.txt").write_text(LETTERS[i] * size)
+    return folder
+
+
+def test_stdlib_default_corpus():
+    files = stdlib_files()
+    assert len(files) > 500
+    assert all("site-packages" not in f.parts for f in files)
+    assert any(f.name == "os.py" for f in files)
+
+
+def test_sources_file_folder_glob_jsonl(tmp_path):
+    folder = _letter_docs(tmp_path, n=3)
+    (folder / ".hidden").write_text("skip me")
+    assert len(read_documents(_config(tmp_path, folder).data)) == 3
+    assert len(read_documents(_config(tmp_path, f"{folder}/*.txt").data)) == 3
+    assert read_documents(_config(tmp_path, folder / "doc01.txt").data) == ["b" * 200]
+    jsonl = tmp_path / "c.jsonl"
+    jsonl.write_text('{"text": "one"}\n\n{"text": "two", "id": 2}\n')
+    assert read_documents(_config(tmp_path, jsonl).data) == ["one", "two"]
+    assert len(read_documents(_config(tmp_path, folder, "data.max_docs=2").data)) == 2
+
+
+def test_source_errors(tmp_path):
+    def error(source, *extra):
+        with pytest.raises(ConfigError) as info:
+            prepare_dataset(_config(tmp_path, source, *extra))
+        assert "\n" not in str(info.value)
+        return str(info.value)
+
+    assert "path not found" in error(tmp_path / "missing.txt")
+    assert "no files match" in error(f"{tmp_path}/*.nothing")
+    (tmp_path / "empty").mkdir()
+    assert "empty" in error(tmp_path / "empty")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"content": "no text"}\n')
+    assert error(bad).startswith(f"{bad}:2:") and "'text'" in error(bad)
+    bad.write_text('{"text": "ok"}\nnot json\n')
+    assert f"{bad}:2:" in error(bad)
+    short = tmp_path / "short.txt"
+    short.write_text("tiny")
+    assert "data.seq_len" in error(short)
+    assert "model.vocab_size" in error(_letter_docs(tmp_path), "model.vocab_size=100")
+
+
+def test_split_is_deterministic_and_disjoint():
+    train, val = split_documents(100, 0.1, seed=3)
+    train2, val2 = split_documents(100, 0.1, seed=3)
+    assert np.array_equal(train, train2) and np.array_equal(val, val2)
+    assert len(val) == 10 and not set(train) & set(val) and len(train) + len(val) == 100
+    assert len(split_documents(2, 0.01, 0)[1]) == 1  # at least one validation document
+
+
+def test_token_cache_is_reused(tmp_path, monkeypatch):
+    cfg = _config(tmp_path, _letter_docs(tmp_path))
+    first = prepare_dataset(cfg)
+    monkeypatch.setattr(data_mod, "_write_tokens", lambda *a: pytest.fail("cache not reused"))
+    second = prepare_dataset(cfg)
+    assert np.array_equal(first.train, second.train) and second.meta["cache"] == first.meta["cache"]
+    summary = second.summary()
+    assert summary["documents"] == 20 and summary["train_docs"] + summary["val_docs"] == 20
+    assert summary["train_tokens"] == summary["train_docs"] * 201  # 200 bytes + EOS each
+
+
+def test_no_window_crosses_the_split(tmp_path):
+    cfg = _config(tmp_path, _letter_docs(tmp_path), "data.val_fraction=0.2")
+    ds = prepare_dataset(cfg)
+    eos = ds.tokenizer.eos_id
+    train_letters = {int(t) for t in np.unique(ds.train)} - {eos}
+    val_letters = {int(t) for t in np.unique(ds.val)} - {eos}
+    assert len(val_letters) == 4 and not train_letters & val_letters
+    for split, letters in ((ds.train, train_letters), (ds.val, val_letters)):
+        sampler = Sampler(split, 16, global_batch=32, seed=1)
+        for step in range(20):
+            assert set(np.unique(sampler.batch(step))) - {eos} <= letters
+
+
+def test_single_document_holds_out_its_tail(tmp_path):
+    path = tmp_path / "one.txt"
+    path.write_text("".join(LETTERS[i % 26] for i in range(1000)))
+    ds = prepare_dataset(_config(tmp_path, path, "data.val_fraction=0.1"))
+    assert ds.train.size == 900 and ds.val.size == 101
+
+
+def test_sampler_is_a_function_of_seed_and_step():
+    tokens = np.arange(10_000, dtype=np.uint16)
+    a, b = Sampler(tokens, 16, 8, seed=0), Sampler(tokens, 16, 8, seed=0)
+    assert np.array_equal(a.batch(5), b.batch(5))
+    assert not np.array_equal(a.batch(5), a.batch(6))
+    assert not np.array_equal(a.batch(5), Sampler(tokens, 16, 8, seed=1).batch(5))
+    batch = a.batch(3)
+    assert batch.shape == (1, 8, 17) and batch.dtype == np.int32
+    # windows are contiguous: targets are the inputs shifted by one
+    assert np.all(np.diff(batch, axis=-1) == 1)
+
+
+def test_device_and_process_counts_cover_the_same_global_batch():
+    tokens = np.random.default_rng(0).integers(0, 300, 50_000).astype(np.uint16)
+    sampler = Sampler(tokens, 32, 8, seed=7)
+    one = sampler.batch(11, num_devices=1)
+    for devices in (2, 4):
+        sharded = sampler.batch(11, num_devices=devices)
+        assert sharded.shape == (devices, 8 // devices, 33)
+        assert np.array_equal(sharded.reshape(8, 33), one.reshape(8, 33))
+    shares = [sampler.batch(11, num_devices=4, process_index=p, process_count=2) for p in (0, 1)]
+    assert shares[0].shape == (2, 2, 33)
+    assert np.array_equal(np.concatenate(shares).reshape(8, 33), one.reshape(8, 33))
+    with pytest.raises(ConfigError, match="train.batch_size"):
+        sampler.batch(0, num_devices=3)
+
+
+def test_eval_windows_are_sequential():
+    tokens = np.arange(1000, dtype=np.uint16)
+    sampler = Sampler(tokens, 10, 4, seed=0, shuffle=False)
+    assert list(sampler.starts(0)) == [0, 10, 20, 30] and list(sampler.starts(1)) == [
+        40,
+        50,
+        60,
+        70,
+    ]
+
+
+def test_jsonl_documents_keep_their_text(tmp_path):
+    docs = [f"document {i}: " + "é" * i for i in range(10)]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    ds = prepare_dataset(_config(tmp_path, path, "data.seq_len=4"))
+    stream = np.concatenate([ds.train, ds.val])
+    text = ds.tokenizer.decode(stream, skip_special=False)
+    assert sorted(text.split(EOS)[:-1]) == sorted(docs)
+
+
+def test_bpe_is_trained_once_and_cached(tmp_path, monkeypatch):
+    cfg = _config(tmp_path, _letter_docs(tmp_path), "tokenizer.kind=bpe", "model.vocab_size=300")
+    first = prepare_dataset(cfg)
+    assert not first.tokenizer.is_byte_level and first.tokenizer.vocab_size <= 300
+    assert first.train.size < 16 * 201  # merges compress the runs of one letter
+    monkeypatch.setattr(data_mod, "build_tokenizer", lambda *a: pytest.fail("retrained"))
+    again = prepare_dataset(cfg)
+    assert again.tokenizer.encode("aaaa") == first.tokenizer.encode("aaaa")
