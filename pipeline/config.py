@@ -73,7 +73,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TokenizerConfig:
-    """`byte`: one id per byte, plus specials; `bpe`: trained on the corpus or loaded from `path`."""
+    """`byte`: an id per byte plus specials; `bpe`: trained on the corpus or loaded from `path`."""
 
     kind: Literal["byte", "bpe"] = "byte"
     vocab_size: int | None = None  # BPE target size; None: model.vocab_size
