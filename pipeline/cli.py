@@ -55,6 +55,35 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_pretrain(args) -> int:
+    """Pre-train from scratch, or resume the run in run.dir."""
+    cfg = _config(args)
+    from pipeline.runtime import init_distributed
+
+    init_distributed(cfg.run)  # before anything touches a device
+    from pipeline.pretrain import pretrain
+    from pipeline.train import TrainingError
+
+    try:
+        result = pretrain(cfg, fresh=args.fresh)
+    except TrainingError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    _report(result)
+    return 0
+
+
+def _report(result: dict) -> None:
+    import jax
+
+    if jax.process_index() != 0:
+        return
+    loss = result.get("eval_loss")
+    loss_text = f"final eval loss {loss:.4f}" if loss is not None else "no eval loss"
+    status, step, run_dir = result["status"], result["step"], result["run_dir"]
+    print(f"{status} at step {step}; {loss_text}; run directory {run_dir}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pipeline", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -63,6 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--no-data", action="store_true", help="skip reading the corpus")
     info.add_argument("--json", action="store_true", help="one JSON object instead of text")
     info.set_defaults(func=cmd_info)
+    pre = sub.add_parser("pretrain", help="pre-train a model (resumes the run in run.dir)")
+    _add_config_args(pre)
+    pre.add_argument(
+        "--fresh", action="store_true", help="discard the run in run.dir and start over"
+    )
+    pre.set_defaults(func=cmd_pretrain)
     return parser
 
 

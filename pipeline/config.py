@@ -105,6 +105,15 @@ class TrainConfig:
     eval_every: int = 50
     eval_batches: int = 8
     checkpoint_every: int = 50
+    keep_checkpoints: int = 3
+    grad_accum: int = 1  # micro-batches per step, accumulated inside the step
+    parallelism: Literal["pmap"] = "pmap"
+    peak_flops: float | None = None  # per-device peak FLOP/s for MFU; None: measured at start
+    prefetch: int = 2  # batches prepared ahead on a background thread
+    num_devices: int | None = None  # local devices to use; None: all
+    stop_at: int | None = (
+        None  # checkpoint and stop at this step (resume later with the same command)
+    )
 
 
 @dataclass(frozen=True)
@@ -120,6 +129,7 @@ class OptimizerConfig:
     b2: float = 0.95
     eps: float = 1e-8
     clip_norm: float | None = 1.0
+    decay_embeddings: bool = False  # norms and biases never decay
 
 
 @dataclass(frozen=True)
@@ -128,6 +138,13 @@ class RunConfig:
 
     name: str = "default"
     dir: str | None = None  # None: runs/<name>
+    progress: bool = True  # console progress bar
+    # Multi-process runs: set here or with JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
+    # JAX_PROCESS_ID (or a cluster JAX detects by itself, with distributed: true).
+    distributed: bool = False
+    coordinator_address: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
 
     def __post_init__(self):
         if self.dir is None:
@@ -364,6 +381,13 @@ def _check_values(cfg: Config, origins: dict) -> None:
         ("train.log_every", t.log_every > 0, "must be positive"),
         ("train.eval_every", t.eval_every > 0, "must be positive"),
         ("train.checkpoint_every", t.checkpoint_every > 0, "must be positive"),
+        ("train.keep_checkpoints", t.keep_checkpoints > 0, "must be positive"),
+        ("train.grad_accum", t.grad_accum > 0, "must be positive"),
+        (
+            "train.batch_size",
+            t.batch_size % max(t.grad_accum, 1) == 0,
+            f"{t.batch_size} is not a multiple of train.grad_accum={t.grad_accum}",
+        ),
         ("optimizer.lr", cfg.optimizer.lr > 0, "must be positive"),
         ("optimizer.warmup_steps", cfg.optimizer.warmup_steps >= 0, "must be >= 0"),
         (

@@ -1,0 +1,297 @@
+"""`run_training`: the loop every stage shares, around the step built in train.py.
+
+It owns the run directory: resume from the latest checkpoint (or refuse), prefetch batches,
+log metrics at cadence (the only host syncs), evaluate, checkpoint asynchronously, stop cleanly
+on SIGTERM/SIGINT, and stop loudly on a non-finite loss.
+"""
+
+from __future__ import annotations
+
+import math
+import queue
+import threading
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import yaml
+from tqdm import tqdm
+
+from pipeline.checkpoint import Checkpointer, CheckpointError, has_checkpoints, remove_checkpoints
+from pipeline.config import Config
+from pipeline.metrics import METRICS_FILE, STATE_FILE, MetricsLogger, plot_losses, write_state
+from pipeline.runtime import aggregate_peak_flops, is_main_process
+from pipeline.train import (
+    PmapStrategy,
+    Stage,
+    StopRequested,
+    TrainingError,
+    build_steps,
+    create_train_state,
+    make_optimizer,
+    to_host,
+)
+
+# Model keys that may change between a run and its resume: they do not change parameters.
+RESUMABLE_MODEL_KEYS = {"remat", "compute_dtype"}
+
+
+def run_training(cfg: Config, stage: Stage, fresh: bool = False) -> dict:
+    """Train `stage` for `cfg.train.steps` steps in `cfg.run.dir`, resuming if it holds a run."""
+    run_dir = Path(cfg.run.dir)
+    main = is_main_process()
+    prepare_run_dir(cfg, stage, fresh, main)
+    tx, schedule = make_optimizer(cfg.optimizer, cfg.train.steps, stage.params)
+    state = create_train_state(stage, tx, cfg.train.seed)
+    ckpt = Checkpointer(run_dir / "checkpoints", cfg.train.keep_checkpoints)
+    state, start = restore_latest(ckpt, state)
+    strategy = PmapStrategy(cfg.train.num_devices)
+    train_fn, eval_fn = build_steps(stage, cfg, tx, schedule, strategy)
+    logger = MetricsLogger(run_dir, enabled=main, resume_step=start)
+    loop = _Loop(cfg, stage, strategy, ckpt, logger, (train_fn, eval_fn), main)
+    if main:
+        write_state(run_dir, status="running", step=start, steps=cfg.train.steps)
+    try:
+        result = loop.run(strategy.replicate(state), start)
+    except BaseException as err:
+        if main:
+            write_state(
+                run_dir,
+                status="failed",
+                step=loop.step,
+                steps=cfg.train.steps,
+                error=str(err)[:500],
+            )
+        raise
+    finally:
+        ckpt.close()
+        logger.close()
+    if main:
+        write_state(run_dir, status=result["status"], step=result["step"], steps=cfg.train.steps)
+        plot_losses(run_dir)
+    return {**result, "run_dir": str(run_dir)}
+
+
+def prepare_run_dir(cfg: Config, stage: Stage, fresh: bool, main: bool) -> None:
+    """Write config.yaml and the tokenizer; refuse to resume a run of a different model."""
+    run_dir = Path(cfg.run.dir)
+    ckpt_dir = run_dir / "checkpoints"
+    if main and fresh:
+        remove_checkpoints(ckpt_dir)
+        for name in (METRICS_FILE, STATE_FILE, "loss.png"):
+            (run_dir / name).unlink(missing_ok=True)
+        remove_checkpoints(run_dir / "tensorboard")
+    elif has_checkpoints(ckpt_dir) and (run_dir / "config.yaml").is_file():
+        _check_same_model(cfg, run_dir / "config.yaml")
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(cfg.to_yaml())
+        if stage.tokenizer is not None:
+            stage.tokenizer.save(run_dir)
+    _barrier("run_dir")
+
+
+def _check_same_model(cfg: Config, saved_path: Path) -> None:
+    saved = yaml.safe_load(saved_path.read_text()) or {}
+    old, new = saved.get("model", {}), cfg.to_dict()["model"]
+    changed = sorted(k for k in new if k not in RESUMABLE_MODEL_KEYS and old.get(k) != new[k])
+    if changed:
+        diffs = ", ".join(f"model.{k}: {old.get(k)!r} -> {new[k]!r}" for k in changed)
+        raise CheckpointError(
+            f"{saved_path.parent} holds checkpoints of a different model ({diffs}); "
+            "pass --fresh to start it over, or use another run.dir"
+        )
+
+
+def restore_latest(ckpt: Checkpointer, state: dict) -> tuple[dict, int]:
+    """The latest checkpoint's state and step, or the initial state and 0 when there is none."""
+    if ckpt.latest_step() is None:
+        if has_checkpoints(ckpt.directory):
+            raise CheckpointError(
+                f"{ckpt.directory} holds checkpoint folders but none is complete; "
+                "pass --fresh to start this run over"
+            )
+        return state, 0
+    restored, meta = ckpt.restore(state)
+    restored = jax.tree.map(lambda like, x: np.asarray(x, like.dtype), state, restored)
+    return restored, int(meta["step"])
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+class Prefetcher:
+    """Prepares and places the batches of steps [start, stop) on a background thread."""
+
+    def __init__(self, make_batch, place, start: int, stop: int, depth: int):
+        self.queue: queue.Queue = queue.Queue(maxsize=max(depth, 1))
+        self.done = threading.Event()
+        args = (make_batch, place, start, stop)
+        self.thread = threading.Thread(target=self._fill, args=args, daemon=True)
+        self.thread.start()
+
+    def _fill(self, make_batch, place, start, stop):
+        try:
+            for step in range(start, stop):
+                item = place(make_batch(step))
+                while not self.done.is_set():
+                    try:
+                        self.queue.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+        except BaseException as err:  # noqa: BLE001 - handed to the consumer, raised there
+            self.queue.put(err)
+
+    def __next__(self):
+        item = self.queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self):
+        self.done.set()
+
+
+class _Loop:
+    """The loop's state between steps: pending device metrics, timers, the progress bar."""
+
+    def __init__(self, cfg: Config, stage: Stage, strategy, ckpt, logger, fns, main: bool):
+        self.cfg, self.stage, self.strategy = cfg, stage, strategy
+        self.ckpt, self.logger, self.main = ckpt, logger, main
+        self.train_fn, self.eval_fn = fns
+        self.pending: list[dict] = []
+        self.step = 0
+        self.last_good = 0
+        self.eval_loss = None
+        self.tokens_per_step = cfg.train.batch_size * stage.tokens_per_example
+        self.peak = aggregate_peak_flops(cfg.train.peak_flops, cfg.model.compute_dtype)
+
+    def run(self, state, start: int) -> dict:
+        cfg = self.cfg.train
+        self.step = self.last_good = start
+        if start >= cfg.steps:
+            return {"status": "finished", "step": start, "eval_loss": None}
+        end = min(cfg.steps, cfg.stop_at or cfg.steps)
+        batches = Prefetcher(
+            self.stage.train_batch, self.strategy.shard_batch, start, end, cfg.prefetch
+        )
+        bar = tqdm(
+            total=cfg.steps,
+            initial=start,
+            disable=not (self.main and self.cfg.run.progress),
+            desc=self.stage.name,
+            dynamic_ncols=True,
+        )
+        try:
+            state, status = self._steps(state, batches, bar, end)
+        finally:
+            batches.close()
+            bar.close()
+        return {"status": status, "step": self.step, "eval_loss": self.eval_loss}
+
+    def _steps(self, state, batches, bar, end: int):
+        cfg = self.cfg.train
+        batch = next(batches)
+        state, train_fn = self._compile(state, batch)
+        self.timer = (time.perf_counter(), self.step)
+        with StopRequested() as stop:
+            while True:
+                state, metrics = train_fn(state, batch)
+                self.pending.append(metrics)
+                self.step += 1
+                bar.update(1)
+                last = self.step == cfg.steps
+                if self.step == end and not last:
+                    stop.signal = f"train.stop_at={end}"
+                if self.step % cfg.log_every == 0 or last or stop:
+                    self._log(bar)
+                if self.stage.eval_batch and (self.step % cfg.eval_every == 0 or last):
+                    self._evaluate(state)
+                if self.step % cfg.checkpoint_every == 0 or last or stop:
+                    self._save(state)
+                if last or stop:
+                    return state, "finished" if last else f"interrupted ({stop.signal})"
+                batch = next(batches)
+
+    def _compile(self, state, batch):
+        start = time.perf_counter()
+        compiled = self.train_fn.lower(state, batch).compile()
+        seconds = time.perf_counter() - start
+        self.logger.log(self.step, {"compile_time_s": seconds})
+        if self.main:
+            tqdm.write(f"compiled the train step in {seconds:.1f} s")
+        return state, compiled
+
+    def _log(self, bar) -> None:
+        """Fetch the metrics of the steps since the last log (a host sync) and write them."""
+        if not self.pending:
+            return
+        steps = jax.device_get(self.pending)
+        n = len(steps)
+        self.pending = []
+        losses = np.array([float(m["loss"][0]) for m in steps])
+        first_bad = next((i for i, x in enumerate(losses) if not np.isfinite(x)), None)
+        if first_bad is not None:
+            bad_step = self.step - n + first_bad + 1
+            raise TrainingError(
+                f"non-finite loss ({losses[first_bad]}) at step {bad_step}; stopped. The last good "
+                f"checkpoint is step {self.last_good} in {self.ckpt.directory}: lower optimizer.lr "
+                "or raise optimizer.warmup_steps, then rerun to resume from it"
+            )
+        now = time.perf_counter()
+        seconds = (now - self.timer[0]) / max(self.step - self.timer[1], 1)
+        self.timer = (now, self.step)
+        tokens_per_sec = self.tokens_per_step / seconds
+        record = {
+            "loss": float(losses.mean()),
+            "lr": float(steps[-1]["lr"][0]),
+            "grad_norm": float(steps[-1]["grad_norm"][0]),
+            "tokens_per_sec": tokens_per_sec,
+            "step_time_s": seconds,
+            "mfu": tokens_per_sec * self.stage.flops_per_token / self.peak,
+            "tokens": self.step * self.tokens_per_step,
+        }
+        self.logger.log(self.step, record)
+        bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{tokens_per_sec:,.0f}")
+
+    def _evaluate(self, state) -> None:
+        totals = []
+        for i in range(self.cfg.train.eval_batches):
+            totals.append(self.eval_fn(state, self.strategy.shard_batch(self.stage.eval_batch(i))))
+        totals = jax.device_get(totals)
+        loss = sum(float(t["loss_sum"][0]) for t in totals) / sum(
+            float(t["count"][0]) for t in totals
+        )
+        self.eval_loss = loss
+        record = {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 700))}
+        if self.stage.bytes_per_token:
+            record["eval_bits_per_byte"] = loss / math.log(2) / self.stage.bytes_per_token
+        self.logger.log(self.step, record)
+        if self.main:
+            tqdm.write(f"step {self.step}: eval loss {loss:.4f}")
+        self.timer = (time.perf_counter(), self.step)  # eval time is not training time
+
+    def _save(self, state) -> None:
+        self._log_pending_check()
+        meta = {"step": self.step, "stage": self.stage.name}
+        self.ckpt.save(self.step, to_host(self.strategy.unreplicate(state)), meta)
+        self.last_good = self.step
+        self.timer = (time.perf_counter(), self.step)
+
+    def _log_pending_check(self) -> None:
+        """A checkpoint must never hold a non-finite state: check the steps not yet logged."""
+        if self.pending:
+            losses = jax.device_get([m["loss"] for m in self.pending])
+            if not all(np.isfinite(x[0]) for x in losses):
+                self._log(_NoBar())
+
+
+class _NoBar:
+    def set_postfix(self, **_):
+        pass

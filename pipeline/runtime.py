@@ -1,0 +1,61 @@
+"""Process and device setup: multi-process initialisation and the measured matmul peak.
+
+`init_distributed` must run before anything touches JAX devices; the CLI calls it first.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from functools import cache
+
+import jax
+import jax.numpy as jnp
+
+from pipeline.config import RunConfig
+
+
+def init_distributed(run: RunConfig) -> bool:
+    """Join a multi-process run when the config or the environment asks for one."""
+    address = run.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    if not (run.distributed or address):
+        return False
+    num_processes = run.num_processes or _env_int("JAX_NUM_PROCESSES")
+    process_id = run.process_id if run.process_id is not None else _env_int("JAX_PROCESS_ID")
+    if jax.config.jax_platforms in (None, "", "cpu") or os.environ.get("JAX_PLATFORMS") == "cpu":
+        # CPU collectives across processes need gloo (loopback or a real network).
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        coordinator_address=address, num_processes=num_processes, process_id=process_id
+    )
+    return True
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    return int(value) if value else None
+
+
+def is_main_process() -> bool:
+    return jax.process_index() == 0
+
+
+@cache
+def measure_matmul_peak(dtype: str = "float32", size: int = 2048, repeats: int = 10) -> float:
+    """FLOP/s of a jitted size x size matmul on the first device (best of `repeats`)."""
+    a = jax.device_put(jnp.ones((size, size), dtype), jax.local_devices()[0])
+    matmul = jax.jit(lambda x: x @ x)
+    matmul(a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def aggregate_peak_flops(per_device: float | None, dtype: str) -> float:
+    """Peak FLOP/s of all devices of the run. Simulated CPU devices share one machine's cores."""
+    if jax.devices()[0].platform == "cpu":
+        return per_device or measure_matmul_peak(dtype)
+    return (per_device or measure_matmul_peak(dtype)) * jax.device_count()

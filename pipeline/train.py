@@ -1,0 +1,266 @@
+"""The shared training loop: loss, the pure step, the pmap wrapper, eval, checkpoints, metrics.
+
+Pre-training, fine-tuning and distillation are `Stage`s: which parameters train, which stay
+frozen, which loss, which batches. Everything else — the step, data parallelism, checkpoints,
+exact resume, metrics, signals — lives here once.
+
+The training state is a plain pytree `{"step", "params", "opt_state", "rng", "frozen"}`.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from pipeline.config import Config, OptimizerConfig
+
+AXIS = "devices"  # the one pmap axis name; replicate with the same name or pmap compiles twice
+
+# loss_fn(params, frozen, batch, rng) -> (sum of per-token losses, number of tokens counted)
+LossFn = Callable[[Any, Any, dict, jax.Array], tuple[jax.Array, jax.Array]]
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. a non-finite loss); the message says what to do."""
+
+
+@dataclass
+class Stage:
+    """What a training stage trains, on what, with which loss."""
+
+    name: str
+    graphdef: nnx.GraphDef  # merges with (params, frozen) into the model
+    params: nnx.State  # trained
+    frozen: Any  # not trained (e.g. the base under LoRA, or a teacher); {} when none
+    loss_fn: LossFn
+    train_batch: Callable[[int], dict]  # step -> this process's rows of the global batch
+    eval_batch: Callable[[int], dict] | None  # i -> rows of the i-th validation batch
+    flops_per_token: float
+    tokens_per_example: int
+    bytes_per_token: float | None = None  # set where bits per byte make sense
+    tokenizer: Any = None
+
+
+def lm_loss(apply: Callable, params, frozen, batch: dict, rng) -> tuple[jax.Array, jax.Array]:
+    """Next-token cross-entropy summed over the counted tokens. batch["tokens"]: (B, T+1)."""
+    tokens = batch["tokens"]
+    logits = apply(params, frozen, tokens[:, :-1])  # (B, T, V) float32
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
+    mask = batch.get("mask")
+    mask = jnp.ones_like(losses) if mask is None else mask.astype(losses.dtype)
+    return jnp.sum(losses * mask), jnp.sum(mask)
+
+
+def make_optimizer(
+    cfg: OptimizerConfig, steps: int, params
+) -> tuple[optax.GradientTransformation, Callable]:
+    """AdamW with warmup then cosine/linear/constant decay, global-norm clipping, decay mask."""
+    schedule = make_schedule(cfg, steps)
+    tx = optax.adamw(
+        schedule,
+        b1=cfg.b1,
+        b2=cfg.b2,
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
+        mask=decay_mask(params, cfg.decay_embeddings),
+    )
+    if cfg.clip_norm:
+        tx = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), tx)
+    return tx, schedule
+
+
+def make_schedule(cfg: OptimizerConfig, steps: int) -> optax.Schedule:
+    warmup = min(cfg.warmup_steps, max(steps - 1, 0))
+    decay_steps = max(steps - warmup, 1)
+    end = cfg.lr * cfg.min_lr_ratio
+    if cfg.schedule == "constant":
+        after = optax.constant_schedule(cfg.lr)
+    elif cfg.schedule == "linear":
+        after = optax.linear_schedule(cfg.lr, end, decay_steps)
+    else:
+        after = optax.cosine_decay_schedule(cfg.lr, decay_steps, alpha=cfg.min_lr_ratio)
+    if warmup == 0:
+        return after
+    return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warmup), after], [warmup])
+
+
+def decay_mask(params, decay_embeddings: bool = False):
+    """Weight decay for matrices only: never norms or biases; embeddings only if asked."""
+
+    def decays(path, leaf) -> bool:
+        name = jax.tree_util.keystr(path)
+        return leaf.ndim >= 2 and (decay_embeddings or "embed" not in name)
+
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def create_train_state(stage: Stage, tx: optax.GradientTransformation, seed: int) -> dict:
+    return {
+        "step": jnp.zeros((), jnp.int32),
+        "params": stage.params,
+        "opt_state": tx.init(stage.params),
+        "rng": jax.random.PRNGKey(seed),
+        "frozen": stage.frozen,
+    }
+
+
+def train_step(
+    state: dict,
+    batch: dict,
+    *,
+    loss_fn: LossFn,
+    tx,
+    schedule,
+    grad_accum: int,
+    axis_name: str | None = AXIS,
+) -> tuple[dict, dict]:
+    """One optimizer step on this device's batch; gradients are summed across `axis_name`."""
+    rng = jax.random.fold_in(state["rng"], state["step"])
+    grads, loss_sum, count = _accumulate(loss_fn, state, batch, rng, grad_accum)
+    if axis_name is not None:
+        grads, loss_sum, count = jax.lax.psum((grads, loss_sum, count), axis_name)
+    grads = jax.tree.map(lambda g: g / count, grads)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    new_state = {
+        **state,
+        "step": state["step"] + 1,
+        "params": optax.apply_updates(state["params"], updates),
+        "opt_state": opt_state,
+    }
+    metrics = {
+        "loss": loss_sum / count,
+        "grad_norm": optax.global_norm(grads),
+        "lr": schedule(state["step"]),
+    }
+    return new_state, metrics
+
+
+def _accumulate(loss_fn: LossFn, state, batch, rng, grad_accum: int):
+    """Gradients of the summed loss over `grad_accum` micro-batches, one at a time (lax.scan)."""
+    grad_fn = jax.grad(lambda p, b: loss_fn(p, state["frozen"], b, rng), has_aux=True)
+
+    def micro(p, b):
+        grads, (loss_sum, count) = grad_fn(p, b)
+        return grads, loss_sum, count
+
+    if grad_accum == 1:
+        return micro(state["params"], batch)
+    micro_batches = jax.tree.map(lambda x: x.reshape(grad_accum, -1, *x.shape[1:]), batch)
+
+    def body(carry, b):
+        grads, loss_sum, count = micro(state["params"], b)
+        return jax.tree.map(jnp.add, carry, (grads, loss_sum, count)), None
+
+    zeros = (jax.tree.map(jnp.zeros_like, state["params"]), jnp.zeros(()), jnp.zeros(()))
+    (grads, loss_sum, count), _ = jax.lax.scan(body, zeros, micro_batches)
+    return grads, loss_sum, count
+
+
+def with_aux(loss_fn: LossFn) -> LossFn:
+    """Adapt a `(sum, count)` loss so `jax.grad(has_aux=True)` differentiates the sum only."""
+
+    def wrapped(params, frozen, batch, rng):
+        loss_sum, count = loss_fn(params, frozen, batch, rng)
+        return loss_sum, (loss_sum, count)
+
+    return wrapped
+
+
+def eval_step(state: dict, batch: dict, *, loss_fn: LossFn, axis_name: str | None = AXIS):
+    loss_sum, count = loss_fn(state["params"], state["frozen"], batch, None)
+    if axis_name is not None:
+        loss_sum, count = jax.lax.psum((loss_sum, count), axis_name)
+    return {"loss_sum": loss_sum, "count": count}
+
+
+class PmapStrategy:
+    """Data parallelism with `jax.pmap`: the state replicated on every device, the batch split.
+
+    The only code that knows about pmap. A sharded strategy can stand beside it with the same
+    four methods, and the loop does not change.
+    """
+
+    def __init__(self, num_devices: int | None = None):
+        devices = jax.local_devices()
+        if num_devices is not None and jax.process_count() > 1 and num_devices != len(devices):
+            raise ValueError("train.num_devices must be unset in a multi-process run")
+        self.devices = devices[: num_devices or len(devices)]
+        self.num_devices = len(self.devices) * jax.process_count()  # across every process
+        mesh = jax.sharding.Mesh(np.array(self.devices), (AXIS,))
+        # Leading axis split over the devices, with pmap's axis name: no second compilation.
+        self.sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS))
+
+    def make_parallel_step(self, fn: Callable, donate_state: bool = True) -> Callable:
+        """Wrap a per-device `fn(state, batch)` in `jax.pmap` over this strategy's devices."""
+        donate = (0,) if donate_state else ()
+        return jax.pmap(fn, axis_name=AXIS, devices=self.devices, donate_argnums=donate)
+
+    def replicate(self, tree):
+        """One copy of `tree` per device (leading axis = devices)."""
+        n = len(self.devices)
+
+        def put(x):
+            x = np.asarray(x)
+            return jax.device_put(np.broadcast_to(x, (n, *x.shape)), self.sharding)
+
+        return jax.tree.map(put, tree)
+
+    def unreplicate(self, tree):
+        """The first device's copy of a replicated tree (identical on every device)."""
+        return jax.tree.map(lambda x: x[0], tree)
+
+    def shard_batch(self, batch: dict) -> dict:
+        """This process's rows split evenly over its devices: (devices, rows / devices, ...)."""
+        n = len(self.devices)
+
+        def put(x):
+            if x.shape[0] % n:
+                raise ValueError(f"a batch of {x.shape[0]} rows does not split over {n} devices")
+            return jax.device_put(x.reshape(n, -1, *x.shape[1:]), self.sharding)
+
+        return jax.tree.map(put, batch)
+
+
+def build_steps(stage: Stage, cfg: Config, tx, schedule, strategy) -> tuple[Callable, Callable]:
+    loss = with_aux(stage.loss_fn)
+    step = partial(
+        train_step, loss_fn=loss, tx=tx, schedule=schedule, grad_accum=cfg.train.grad_accum
+    )
+    evaluate = partial(eval_step, loss_fn=stage.loss_fn)
+    return strategy.make_parallel_step(step), strategy.make_parallel_step(evaluate, False)
+
+
+class StopRequested:
+    """SIGTERM / SIGINT set a flag; the loop saves a checkpoint and exits at the next step."""
+
+    def __init__(self):
+        self.signal = None
+        self.previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def __bool__(self) -> bool:
+        return self.signal is not None
+
+
+def to_host(tree) -> Any:
+    return jax.tree.map(np.asarray, tree)
