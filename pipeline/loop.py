@@ -138,15 +138,19 @@ class Prefetcher:
     def _fill(self, make_batch, place, start, stop):
         try:
             for step in range(start, stop):
-                item = place(make_batch(step))
-                while not self.done.is_set():
-                    try:
-                        self.queue.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
+                if not self._put(place(make_batch(step))):
+                    return
         except BaseException as err:  # noqa: BLE001 - handed to the consumer, raised there
-            self.queue.put(err)
+            self._put(err)
+
+    def _put(self, item) -> bool:
+        while not self.done.is_set():
+            try:
+                self.queue.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def __next__(self):
         item = self.queue.get()
@@ -155,7 +159,9 @@ class Prefetcher:
         return item
 
     def close(self):
+        """Stop the thread and wait for it: a thread killed inside XLA at exit aborts Python."""
         self.done.set()
+        self.thread.join()
 
 
 class _Loop:
@@ -232,10 +238,10 @@ class _Loop:
         """Fetch the metrics of the steps since the last log (a host sync) and write them."""
         if not self.pending:
             return
-        steps = jax.device_get(self.pending)
+        steps = jax.device_get(self.strategy.unreplicate(self.pending))
         n = len(steps)
         self.pending = []
-        losses = np.array([float(m["loss"][0]) for m in steps])
+        losses = np.array([float(m["loss"]) for m in steps])
         first_bad = next((i for i, x in enumerate(losses) if not np.isfinite(x)), None)
         if first_bad is not None:
             bad_step = self.step - n + first_bad + 1
@@ -250,8 +256,8 @@ class _Loop:
         tokens_per_sec = self.tokens_per_step / seconds
         record = {
             "loss": float(losses.mean()),
-            "lr": float(steps[-1]["lr"][0]),
-            "grad_norm": float(steps[-1]["grad_norm"][0]),
+            "lr": float(steps[-1]["lr"]),
+            "grad_norm": float(steps[-1]["grad_norm"]),
             "tokens_per_sec": tokens_per_sec,
             "step_time_s": seconds,
             "mfu": tokens_per_sec * self.stage.flops_per_token / self.peak,
@@ -264,10 +270,8 @@ class _Loop:
         totals = []
         for i in range(self.cfg.train.eval_batches):
             totals.append(self.eval_fn(state, self.strategy.shard_batch(self.stage.eval_batch(i))))
-        totals = jax.device_get(totals)
-        loss = sum(float(t["loss_sum"][0]) for t in totals) / sum(
-            float(t["count"][0]) for t in totals
-        )
+        totals = jax.device_get(self.strategy.unreplicate(totals))
+        loss = sum(float(t["loss_sum"]) for t in totals) / sum(float(t["count"]) for t in totals)
         self.eval_loss = loss
         record = {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 700))}
         if self.stage.bytes_per_token:
@@ -287,8 +291,8 @@ class _Loop:
     def _log_pending_check(self) -> None:
         """A checkpoint must never hold a non-finite state: check the steps not yet logged."""
         if self.pending:
-            losses = jax.device_get([m["loss"] for m in self.pending])
-            if not all(np.isfinite(x[0]) for x in losses):
+            losses = jax.device_get(self.strategy.unreplicate([m["loss"] for m in self.pending]))
+            if not all(np.isfinite(x) for x in losses):
                 self._log(_NoBar())
 
 

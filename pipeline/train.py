@@ -138,7 +138,7 @@ def train_step(
     }
     metrics = {
         "loss": loss_sum / count,
-        "grad_norm": optax.global_norm(grads),
+        "grad_norm": optax.tree.norm(grads),
         "lr": schedule(state["step"]),
     }
     return new_state, metrics
@@ -190,11 +190,14 @@ class PmapStrategy:
     """
 
     def __init__(self, num_devices: int | None = None):
-        devices = jax.local_devices()
-        if num_devices is not None and jax.process_count() > 1 and num_devices != len(devices):
+        local = jax.local_devices()
+        if num_devices is not None and jax.process_count() > 1 and num_devices != len(local):
             raise ValueError("train.num_devices must be unset in a multi-process run")
-        self.devices = devices[: num_devices or len(devices)]
-        self.num_devices = len(self.devices) * jax.process_count()  # across every process
+        self.local_devices = local[: num_devices or len(local)]
+        everything = len(self.local_devices) == len(local)
+        # Every process's devices, in pmap's order, or the requested subset of a single process.
+        self.devices = jax.devices() if everything else self.local_devices
+        self.num_devices = len(self.devices)
         mesh = jax.sharding.Mesh(np.array(self.devices), (AXIS,))
         # Leading axis split over the devices, with pmap's axis name: no second compilation.
         self.sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS))
@@ -202,30 +205,41 @@ class PmapStrategy:
     def make_parallel_step(self, fn: Callable, donate_state: bool = True) -> Callable:
         """Wrap a per-device `fn(state, batch)` in `jax.pmap` over this strategy's devices."""
         donate = (0,) if donate_state else ()
-        return jax.pmap(fn, axis_name=AXIS, devices=self.devices, donate_argnums=donate)
+        # devices=None spans every process's devices; naming them keeps pmap to this process.
+        devices = None if self.devices == jax.devices() else self.devices
+        return jax.pmap(fn, axis_name=AXIS, devices=devices, donate_argnums=donate)
+
+    def _global(self, local: np.ndarray) -> jax.Array:
+        """A global array from this process's slices (local devices, ...)."""
+        shape = (self.num_devices, *local.shape[1:])
+        return jax.make_array_from_process_local_data(self.sharding, local, shape)
 
     def replicate(self, tree):
         """One copy of `tree` per device (leading axis = devices)."""
-        n = len(self.devices)
+        n = len(self.local_devices)
 
         def put(x):
             x = np.asarray(x)
-            return jax.device_put(np.broadcast_to(x, (n, *x.shape)), self.sharding)
+            return self._global(np.broadcast_to(x, (n, *x.shape)))
 
         return jax.tree.map(put, tree)
 
     def unreplicate(self, tree):
-        """The first device's copy of a replicated tree (identical on every device)."""
-        return jax.tree.map(lambda x: x[0], tree)
+        """The first local device's copy of a replicated tree (identical on every device).
+
+        Reads the local shard: indexing the global array would be a collective in a
+        multi-process run, which the other processes never join.
+        """
+        return jax.tree.map(lambda x: x.addressable_data(0)[0], tree)
 
     def shard_batch(self, batch: dict) -> dict:
         """This process's rows split evenly over its devices: (devices, rows / devices, ...)."""
-        n = len(self.devices)
+        n = len(self.local_devices)
 
         def put(x):
             if x.shape[0] % n:
                 raise ValueError(f"a batch of {x.shape[0]} rows does not split over {n} devices")
-            return jax.device_put(x.reshape(n, -1, *x.shape[1:]), self.sharding)
+            return self._global(x.reshape(n, -1, *x.shape[1:]))
 
         return jax.tree.map(put, batch)
 

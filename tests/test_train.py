@@ -1,0 +1,232 @@
+"""The training step and loop, in process: parallel equivalence, accumulation, resume, errors.
+
+Run: pytest tests/test_train.py
+"""
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from pipeline.checkpoint import Checkpointer, CheckpointError
+from pipeline.config import with_overrides
+from pipeline.loop import run_training
+from pipeline.metrics import read_metrics
+from pipeline.pretrain import build_stage
+from pipeline.train import (
+    PmapStrategy,
+    TrainingError,
+    build_steps,
+    create_train_state,
+    decay_mask,
+    make_optimizer,
+    make_schedule,
+)
+
+
+def _run_steps(cfg, num_devices, steps=3):
+    """Train `steps` steps on `num_devices` devices; return the losses and final parameters."""
+    stage = build_stage(cfg)
+    tx, schedule = make_optimizer(cfg.optimizer, cfg.train.steps, stage.params)
+    strategy = PmapStrategy(num_devices)
+    train_fn, _ = build_steps(stage, cfg, tx, schedule, strategy)
+    state = strategy.replicate(create_train_state(stage, tx, cfg.train.seed))
+    losses = []
+    for step in range(steps):
+        state, metrics = train_fn(state, strategy.shard_batch(stage.train_batch(step)))
+        losses.append(float(metrics["loss"][0]))
+    return np.array(losses), jax.device_get(strategy.unreplicate(state)["params"])
+
+
+def _max_diff(a, b) -> float:
+    return max(jax.tree.leaves(jax.tree.map(lambda x, y: float(np.max(np.abs(x - y))), a, b)))
+
+
+def test_four_devices_equal_one(tiny_config):
+    assert jax.local_device_count() == 4
+    losses1, params1 = _run_steps(tiny_config, 1)
+    losses4, params4 = _run_steps(tiny_config, 4)
+    np.testing.assert_allclose(losses1, losses4, atol=1e-5)
+    assert _max_diff(params1, params4) <= 1e-5
+    assert losses1[-1] < losses1[0]
+
+
+def test_accumulated_micro_batches_equal_one_large_batch(tiny_config):
+    losses1, params1 = _run_steps(tiny_config, 2)
+    accum = with_overrides(tiny_config, train={"grad_accum": 4})
+    losses4, params4 = _run_steps(accum, 2)
+    np.testing.assert_allclose(losses1, losses4, atol=1e-5)
+    assert _max_diff(params1, params4) <= 1e-5
+
+
+def test_schedule_warmup_then_cosine(tiny_config):
+    opt = with_overrides(
+        tiny_config, optimizer={"lr": 1.0, "warmup_steps": 10, "min_lr_ratio": 0.1}
+    ).optimizer
+    schedule = make_schedule(opt, 110)
+    assert float(schedule(0)) == 0.0 and float(schedule(5)) == pytest.approx(0.5)
+    assert float(schedule(10)) == pytest.approx(1.0)
+    assert float(schedule(60)) == pytest.approx(0.55, abs=1e-3)  # half way down the cosine
+    assert float(schedule(110)) == pytest.approx(0.1)
+    linear = make_schedule(
+        with_overrides(
+            tiny_config,
+            optimizer={"lr": 1.0, "warmup_steps": 0, "schedule": "linear", "min_lr_ratio": 0.0},
+        ).optimizer,
+        100,
+    )
+    assert float(linear(50)) == pytest.approx(0.5)
+    constant = make_schedule(
+        with_overrides(
+            tiny_config, optimizer={"schedule": "constant", "warmup_steps": 0}
+        ).optimizer,
+        100,
+    )
+    assert float(constant(99)) == pytest.approx(tiny_config.optimizer.lr)
+
+
+def test_no_weight_decay_on_norms_biases_embeddings(tiny_config):
+    params = build_stage(tiny_config).params
+    flat = {
+        jax.tree_util.keystr(p): m
+        for p, m in jax.tree_util.tree_leaves_with_path(decay_mask(params))
+    }
+    decayed = {k for k, m in flat.items() if m}
+    assert decayed and all("kernel" in k for k in decayed)
+    assert not any("embed" in k or "norm" in k or "bias" in k for k in decayed)
+    # a zero gradient leaves an undecayed parameter unchanged and shrinks a decayed one
+    tx, _ = make_optimizer(tiny_config.optimizer, 10, params)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = tx.update(zeros, tx.init(params), params)
+    new = optax.apply_updates(params, updates)
+    moved = {
+        jax.tree_util.keystr(p)
+        for p, d in jax.tree_util.tree_leaves_with_path(
+            jax.tree.map(lambda a, b: bool(jnp.any(a != b)), params, new)
+        )
+        if d
+    }
+    assert moved <= decayed
+
+
+def _tiny_run(tiny_config, **train):
+    return with_overrides(
+        tiny_config,
+        train={
+            "steps": 12,
+            "log_every": 2,
+            "eval_every": 6,
+            "eval_batches": 1,
+            "checkpoint_every": 4,
+            **train,
+        },
+        run={"progress": False},
+    )
+
+
+def _final_params(cfg):
+    stage = build_stage(cfg)
+    tx, _ = make_optimizer(cfg.optimizer, cfg.train.steps, stage.params)
+    state, _ = Checkpointer(f"{cfg.run.dir}/checkpoints").restore(
+        create_train_state(stage, tx, cfg.train.seed)
+    )
+    return state
+
+
+def test_resume_is_bit_identical(tiny_config, tmp_path):
+    whole = with_overrides(_tiny_run(tiny_config), run={"dir": str(tmp_path / "whole")})
+    split = with_overrides(_tiny_run(tiny_config), run={"dir": str(tmp_path / "split")})
+    assert run_training(whole, build_stage(whole))["status"] == "finished"
+    first = run_training(with_overrides(split, train={"stop_at": 6}), build_stage(split))
+    assert first["status"].startswith("interrupted") and first["step"] == 6
+    assert run_training(split, build_stage(split))["step"] == 12
+
+    def losses(cfg):
+        return [
+            (r["step"], r.get("loss"), r.get("eval_loss"))
+            for r in read_metrics(cfg.run.dir)
+            if "loss" in r or "eval_loss" in r
+        ]
+
+    assert losses(whole) == losses(split)  # the same floats, not merely close
+    a, b = _final_params(whole), _final_params(split)
+    assert int(a["step"]) == int(b["step"]) == 12
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+    train_losses = [r["loss"] for r in read_metrics(whole.run.dir) if "loss" in r]
+    assert train_losses[-1] < train_losses[0]
+
+
+def test_run_directory_contents(tiny_config):
+    cfg = _tiny_run(tiny_config)
+    run_training(cfg, build_stage(cfg))
+    names = {p.name for p in Path(cfg.run.dir).iterdir()}
+    assert {
+        "config.yaml",
+        "metrics.jsonl",
+        "checkpoints",
+        "tokenizer.json",
+        "tensorboard",
+        "loss.png",
+        "state.json",
+    } <= names
+    records = read_metrics(cfg.run.dir)
+    logged = [r for r in records if "loss" in r]
+    assert [r["step"] for r in logged] == [2, 4, 6, 8, 10, 12]
+    assert all(
+        {"lr", "tokens_per_sec", "grad_norm", "mfu", "step_time_s"} <= r.keys() for r in logged
+    )
+    evals = [r for r in records if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [6, 12]
+    assert all(r["eval_bits_per_byte"] == pytest.approx(r["eval_loss"] / np.log(2)) for r in evals)
+    assert any("compile_time_s" in r for r in records)
+    kept = sorted(
+        int(p.name) for p in (Path(cfg.run.dir) / "checkpoints").iterdir() if p.name.isdigit()
+    )
+    assert kept == [4, 8, 12]  # keep_checkpoints=3
+
+
+def test_refuses_other_model_and_broken_checkpoints(tiny_config):
+    cfg = _tiny_run(tiny_config, steps=4)
+    run_training(cfg, build_stage(cfg))
+    wider = with_overrides(cfg, model={"embed_dim": 64})
+    with pytest.raises(CheckpointError, match="different model.*embed_dim.*--fresh"):
+        run_training(wider, build_stage(wider))
+    assert run_training(wider, build_stage(wider), fresh=True)["step"] == 4
+    ckpt = Path(cfg.run.dir) / "checkpoints" / "4" / "state"
+    for f in ckpt.rglob("*"):
+        if f.is_file():
+            f.write_bytes(b"garbage")
+    longer = with_overrides(wider, train={"steps": 8})
+    with pytest.raises(CheckpointError, match="cannot be restored"):
+        run_training(longer, build_stage(longer))
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_config):
+    cfg = _tiny_run(tiny_config, steps=20, log_every=10, checkpoint_every=5)
+    stage = build_stage(cfg)
+    clean_loss, clean_batch = stage.loss_fn, stage.train_batch
+
+    def poisoned_loss(params, frozen, batch, rng):
+        loss_sum, count = clean_loss(params, frozen, batch, rng)
+        return loss_sum * batch.get("poison", jnp.ones(1))[0], count
+
+    def batch(step):
+        b = clean_batch(step)
+        return {
+            **b,
+            "poison": np.full((b["tokens"].shape[0],), np.nan if step >= 6 else 1.0, np.float32),
+        }
+
+    stage.loss_fn, stage.train_batch = poisoned_loss, batch
+    with pytest.raises(
+        TrainingError, match="non-finite loss.*step 7.*last good checkpoint is step 5"
+    ):
+        run_training(cfg, stage)
+    steps = sorted(
+        int(p.name) for p in (Path(cfg.run.dir) / "checkpoints").iterdir() if p.name.isdigit()
+    )
+    assert steps == [5]
+    assert '"status": "failed"' in (Path(cfg.run.dir) / "state.json").read_text()
