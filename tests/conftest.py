@@ -28,3 +28,17 @@ def tiny_config(tmp_path) -> Config:
         os.path.join(ROOT, "configs", "tiny.yaml"),
         [f"data.cache_dir={tmp_path / 'cache'}", f"run.dir={tmp_path / 'run'}"],
     )
+
+
+def restore_final_state(cfg: Config) -> dict:
+    """The latest checkpointed training state of the pre-training run `cfg` describes."""
+    from pipeline.checkpoint import Checkpointer
+    from pipeline.pretrain import build_stage
+    from pipeline.train import create_train_state, make_optimizer
+
+    stage = build_stage(cfg)
+    tx, _ = make_optimizer(cfg.optimizer, cfg.train.steps, stage.params)
+    checkpointer = Checkpointer(f"{cfg.run.dir}/checkpoints")
+    state, _ = checkpointer.restore(create_train_state(stage, tx, cfg.train.seed))
+    checkpointer.close()
+    return state

@@ -10,8 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import restore_final_state
 
-from pipeline.checkpoint import Checkpointer, CheckpointError
+from pipeline.checkpoint import CheckpointError
 from pipeline.config import with_overrides
 from pipeline.loop import run_training
 from pipeline.metrics import read_metrics
@@ -127,15 +128,6 @@ def _tiny_run(tiny_config, **train):
     )
 
 
-def _final_params(cfg):
-    stage = build_stage(cfg)
-    tx, _ = make_optimizer(cfg.optimizer, cfg.train.steps, stage.params)
-    state, _ = Checkpointer(f"{cfg.run.dir}/checkpoints").restore(
-        create_train_state(stage, tx, cfg.train.seed)
-    )
-    return state
-
-
 def test_resume_is_bit_identical(tiny_config, tmp_path):
     whole = with_overrides(_tiny_run(tiny_config), run={"dir": str(tmp_path / "whole")})
     split = with_overrides(_tiny_run(tiny_config), run={"dir": str(tmp_path / "split")})
@@ -152,7 +144,7 @@ def test_resume_is_bit_identical(tiny_config, tmp_path):
         ]
 
     assert losses(whole) == losses(split)  # the same floats, not merely close
-    a, b = _final_params(whole), _final_params(split)
+    a, b = restore_final_state(whole), restore_final_state(split)
     assert int(a["step"]) == int(b["step"]) == 12
     jax.tree.map(np.testing.assert_array_equal, a, b)
     train_losses = [r["loss"] for r in read_metrics(whole.run.dir) if "loss" in r]

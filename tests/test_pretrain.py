@@ -1,0 +1,157 @@
+"""Pre-training as a user runs it, in real processes: kill -9, SIGTERM, two-process runs.
+
+Run: pytest -m slow tests/test_pretrain.py
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from conftest import ROOT, restore_final_state
+
+from pipeline.config import load_config
+from pipeline.metrics import read_metrics
+
+pytestmark = pytest.mark.slow
+TINY = os.path.join(ROOT, "configs", "pretrain_tiny.yaml")
+
+
+def _args(tmp_path, name, *overrides):
+    return [
+        f"run.dir={tmp_path / name}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "run.progress=false",
+        *overrides,
+    ]
+
+
+def _start(args, devices=4, env=None):
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        **(env or {}),
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "pretrain", "--config", TINY, *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _run(args, **kw):
+    proc = _start(args, **kw)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    return out
+
+
+def _losses(run_dir):
+    return [(r["step"], r["loss"]) for r in read_metrics(run_dir) if "loss" in r]
+
+
+def test_cli_runs_and_reports(tmp_path):
+    out = _run(_args(tmp_path, "run"))
+    assert out.strip().endswith(f"run directory {tmp_path / 'run'}")
+    assert "finished at step 40; final eval loss" in out
+    losses = [loss for _, loss in _losses(tmp_path / "run")]
+    assert losses[-1] < losses[0] - 1.0  # it learns
+
+
+def test_kill_9_during_checkpoint_write_then_resume(tmp_path):
+    common = [
+        "train.steps=60",
+        "train.checkpoint_every=3",
+        "train.log_every=3",
+        "train.eval_every=1000",
+    ]
+    _run(_args(tmp_path, "whole", *common))
+    proc = _start(_args(tmp_path, "killed", *common))
+    ckpt_dir = tmp_path / "killed" / "checkpoints"
+    deadline = time.time() + 120
+    caught_writing = False
+    while proc.poll() is None and time.time() < deadline:
+        names = [p.name for p in ckpt_dir.iterdir()] if ckpt_dir.is_dir() else []
+        finished = [n for n in names if n.isdigit()]
+        if any(not n.isdigit() for n in names) and finished:  # a save in flight after the first
+            caught_writing = True
+            break
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    print("killed during a checkpoint write:", caught_writing)
+    _run(_args(tmp_path, "killed", *common))  # the same command resumes
+    cfg = load_config(TINY, _args(tmp_path, "whole", *common))
+    whole = restore_final_state(cfg)
+    resumed = restore_final_state(load_config(TINY, _args(tmp_path, "killed", *common)))
+    assert int(resumed["step"]) == 60
+    jax.tree.map(np.testing.assert_array_equal, whole, resumed)
+    assert _losses(tmp_path / "whole")[-1] == _losses(tmp_path / "killed")[-1]
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path):
+    args = _args(
+        tmp_path, "run", "train.steps=100000", "train.checkpoint_every=100000", "train.log_every=1"
+    )
+    proc = _start(args)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and len(_losses(tmp_path / "run")) < 3:
+        time.sleep(0.05)
+    assert metrics.is_file(), proc.stderr.read()
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    assert "interrupted (SIGTERM)" in out
+    state = (tmp_path / "run" / "state.json").read_text()
+    assert '"status": "interrupted (SIGTERM)"' in state
+    steps = [int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()]
+    assert len(steps) == 1 and steps[0] >= 3
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_match_one_process_with_four_devices(tmp_path):
+    common = [
+        "train.steps=10",
+        "train.log_every=2",
+        "train.eval_every=10",
+        "train.checkpoint_every=5",
+    ]
+    _run(_args(tmp_path, "one", *common), devices=4)
+    port = _free_port()
+    procs = [
+        _start(
+            _args(tmp_path, "two", *common),
+            devices=2,
+            env={
+                "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+                "JAX_NUM_PROCESSES": "2",
+                "JAX_PROCESS_ID": str(i),
+            },
+        )
+        for i in range(2)
+    ]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for proc, (_, err) in zip(procs, outs, strict=True):
+        assert proc.returncode == 0, err[-3000:]
+    assert "finished at step 10" in outs[0][0] and "finished" not in outs[1][0]  # process 0 reports
+    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert [s for s, _ in one] == [s for s, _ in two] == [2, 4, 6, 8, 10]
+    np.testing.assert_allclose([x for _, x in one], [x for _, x in two], atol=1e-5)
+    assert Path(tmp_path / "two" / "checkpoints" / "10").is_dir()
