@@ -12,7 +12,10 @@ export LD_PRELOAD := $(firstword $(JEMALLOC))
 export MALLOC_CONF := oversize_threshold:0,dirty_decay_ms:-1,muzzy_decay_ms:-1
 endif
 
-.PHONY: install test lint format
+.PHONY: install test lint format pretrain bench
+
+# Extra overrides for the run targets, e.g. make pretrain ARGS="train.steps=50".
+ARGS ?=
 
 install: $(STAMP)
 
@@ -32,3 +35,9 @@ lint: install
 format: install
 	$(BIN)/ruff check --fix pipeline tests
 	$(BIN)/ruff format pipeline tests
+
+pretrain: install
+	$(BIN)/python -m pipeline pretrain --config configs/pretrain.yaml $(ARGS)
+
+bench: install
+	$(BIN)/python -m pipeline bench train $(ARGS)

@@ -84,6 +84,15 @@ def _report(result: dict) -> None:
     print(f"{status} at step {step}; {loss_text}; run directory {run_dir}")
 
 
+def cmd_bench(args) -> int:
+    """Benchmarks: one line (or JSON object) per case."""
+    from pipeline.bench import run_bench
+
+    cases = args.cases.split(",") if args.cases else None
+    run_bench(args.target, args.config, args.overrides, cases, args.steps, args.json)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pipeline", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -98,11 +107,27 @@ def build_parser() -> argparse.ArgumentParser:
         "--fresh", action="store_true", help="discard the run in run.dir and start over"
     )
     pre.set_defaults(func=cmd_pretrain)
+    bench = sub.add_parser("bench", help="benchmarks: bench train [--config FILE] [--json]")
+    bench.add_argument("target", choices=["train"])
+    _add_config_args(bench)
+    bench.add_argument(
+        "--cases", help="comma-separated presets from configs/ (default: small,gpt2-124m)"
+    )
+    bench.add_argument("--steps", type=int, default=5, help="timed steps per case")
+    bench.add_argument("--json", action="store_true", help="one JSON object per case")
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Overrides may come anywhere, also after options: collect every leftover key=value.
+    args, extra = parser.parse_known_args(argv)
+    unknown = [a for a in extra if "=" not in a or a.startswith("-")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if extra:
+        args.overrides = [*getattr(args, "overrides", []), *extra]
     try:
         return args.func(args)
     except ConfigError as err:

@@ -229,7 +229,7 @@ class _Loop:
         start = time.perf_counter()
         compiled = self.train_fn.lower(state, batch).compile()
         seconds = time.perf_counter() - start
-        self.logger.log(self.step, {"compile_time_s": seconds})
+        self.logger.log(self.step, {"compile_time_s": seconds, "peak_flops": self.peak})
         if self.main:
             tqdm.write(f"compiled the train step in {seconds:.1f} s")
         return state, compiled

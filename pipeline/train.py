@@ -1,8 +1,8 @@
-"""The shared training loop: loss, the pure step, the pmap wrapper, eval, checkpoints, metrics.
+"""The training step every stage shares: loss, the pure step, the pmap strategy.
 
 Pre-training, fine-tuning and distillation are `Stage`s: which parameters train, which stay
-frozen, which loss, which batches. Everything else — the step, data parallelism, checkpoints,
-exact resume, metrics, signals — lives here once.
+frozen, which loss, which batches. The step and data parallelism live here once; the loop
+around them (checkpoints, resume, metrics, signals) is `pipeline/loop.py`.
 
 The training state is a plain pytree `{"step", "params", "opt_state", "rng", "frozen"}`.
 """

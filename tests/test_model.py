@@ -7,7 +7,13 @@ import pytest
 from flax import nnx
 
 from pipeline.config import ModelConfig
-from pipeline.model import count_params, create_model, flops_per_token, init_cache
+from pipeline.model import (
+    count_params,
+    create_model,
+    einsum_attention,
+    flops_per_token,
+    init_cache,
+)
 
 VARIANTS = {
     "gpt2": ModelConfig(
@@ -177,3 +183,19 @@ def test_param_count_and_flops():
     assert sum(x.size for x in jax.tree.leaves(real)) == expected
     matmul = expected - 32 * D  # position lookups excluded; tied head counted once as a matmul
     assert flops_per_token(cfg, 16) == 6 * matmul + 12 * L * D * 16
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+def test_cpu_attention_equals_dot_product_attention(kv_heads):
+    """The CPU einsum path computes what jax.nn.dot_product_attention (the GPU path) computes."""
+    q = jax.random.normal(jax.random.key(0), (2, 6, 4, 8))
+    k = jax.random.normal(jax.random.key(1), (2, 10, kv_heads, 8))
+    v = jax.random.normal(jax.random.key(2), (2, 10, kv_heads, 8))
+    causal = einsum_attention(q, k[:, :6], v[:, :6], None)
+    expected = jax.nn.dot_product_attention(q, k[:, :6], v[:, :6], is_causal=True)
+    np.testing.assert_allclose(causal, expected, atol=1e-5)
+    positions = jnp.array([[3, 4, 5, 6, 7, 8], [0, 1, 2, 3, 4, 5]])
+    mask = jnp.arange(10)[None, None, :] <= positions[:, :, None]
+    masked = einsum_attention(q, k, v, mask)
+    expected = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None])
+    np.testing.assert_allclose(masked, expected, atol=1e-5)

@@ -1,0 +1,132 @@
+"""`pipeline bench train`: steady-state speed of the training step, beside the matmul peak.
+
+Each case prints one line (or one JSON object with --json): tokens/s, step time, MFU against the
+measured peak (a jitted 2048x2048 matmul in the compute dtype), compile time, and which
+allocator the process runs with. The data are random tokens: this measures the step, not I/O.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from pipeline.config import Config, load_config
+from pipeline.data import Dataset
+from pipeline.runtime import aggregate_peak_flops, measure_matmul_peak
+from pipeline.tokenizer import byte_tokenizer
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_TRAIN_CASES = ("small", "gpt2-124m")
+# A CPU-sized batch for the large preset (its own config asks for 32 x 1024 tokens a step);
+# command-line overrides come after these and win.
+CASE_OVERRIDES = {"gpt2-124m": ["train.batch_size=2"]}
+
+
+def allocator() -> str:
+    return "jemalloc" if "jemalloc" in os.environ.get("LD_PRELOAD", "") else "system malloc"
+
+
+def bench_train(cfg: Config, case: str, steps: int = 5, warmup: int = 3) -> dict:
+    """Compile and time the pmapped training step of `cfg` on every local device."""
+    from pipeline.model import count_params
+    from pipeline.pretrain import build_stage
+    from pipeline.train import PmapStrategy, build_steps, create_train_state, make_optimizer
+
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, cfg.model.vocab_size, 200_000).astype(np.int32)
+    dataset = Dataset(byte_tokenizer(), tokens, tokens[:10_000], {})
+    stage = build_stage(cfg, dataset)
+    tx, schedule = make_optimizer(cfg.optimizer, max(cfg.train.steps, warmup + steps), stage.params)
+    strategy = PmapStrategy(cfg.train.num_devices)
+    train_fn, _ = build_steps(stage, cfg, tx, schedule, strategy)
+    state = strategy.replicate(create_train_state(stage, tx, cfg.train.seed))
+    batches = [strategy.shard_batch(stage.train_batch(i)) for i in range(warmup + steps)]
+    start = time.perf_counter()
+    compiled = train_fn.lower(state, batches[0]).compile()
+    compile_s = time.perf_counter() - start
+    for i in range(warmup):
+        state, metrics = compiled(state, batches[i])
+    jax.block_until_ready(metrics)
+    start = time.perf_counter()
+    for i in range(warmup, warmup + steps):
+        state, metrics = compiled(state, batches[i])
+    jax.block_until_ready(metrics)
+    step_s = (time.perf_counter() - start) / steps
+    tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
+    peak = aggregate_peak_flops(cfg.train.peak_flops, cfg.model.compute_dtype)
+    return {
+        "case": f"train/{case}",
+        "params": count_params(cfg.model),
+        "batch": cfg.train.batch_size,
+        "seq_len": cfg.data.seq_len,
+        "devices": strategy.num_devices,
+        "tokens_per_sec": tokens_per_step / step_s,
+        "step_time_s": step_s,
+        "mfu": tokens_per_step / step_s * stage.flops_per_token / peak,
+        "compile_s": compile_s,
+        "peak_flops": peak,
+        "compute_dtype": cfg.model.compute_dtype,
+        "device": jax.devices()[0].device_kind,
+        "allocator": allocator(),
+    }
+
+
+def bench_matmul(dtype: str = "float32") -> dict:
+    peak = measure_matmul_peak(dtype)
+    return {
+        "case": f"matmul/2048/{dtype}",
+        "flops_per_sec": peak,
+        "device": jax.devices()[0].device_kind,
+        "allocator": allocator(),
+    }
+
+
+def run_bench(
+    target: str,
+    config: str | None,
+    overrides: list[str],
+    cases: list[str] | None,
+    steps: int,
+    as_json: bool,
+) -> list[dict]:
+    if target != "train":
+        raise ValueError(f"unknown benchmark {target!r}; available: train")
+    results = [bench_matmul()]
+    _emit(results[-1], as_json)
+    if config:
+        named = [(Path(config).stem, load_config(config, overrides))]
+    else:
+        named = [
+            (c, load_config(CONFIGS / f"{c}.yaml", [*CASE_OVERRIDES.get(c, []), *overrides]))
+            for c in (cases or DEFAULT_TRAIN_CASES)
+        ]
+    for name, cfg in named:
+        results.append(bench_train(cfg, name, steps=steps))
+        _emit(results[-1], as_json)
+    return results
+
+
+def _emit(result: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result), flush=True)
+        return
+    if "flops_per_sec" in result:
+        print(
+            f"{result['case']:<22} {result['flops_per_sec'] / 1e9:8.1f} GFLOP/s  "
+            f"({result['device']}, {result['allocator']})",
+            flush=True,
+        )
+        return
+    print(
+        f"{result['case']:<22} {result['tokens_per_sec']:10,.0f} tokens/s  "
+        f"step {result['step_time_s'] * 1e3:8.1f} ms  MFU {result['mfu']:.3f}  "
+        f"compile {result['compile_s']:.1f} s  ({result['params'] / 1e6:.1f}M params, "
+        f"batch {result['batch']}x{result['seq_len']}, {result['devices']} device(s), "
+        f"{result['compute_dtype']}, {result['allocator']})",
+        flush=True,
+    )
