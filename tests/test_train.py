@@ -222,3 +222,23 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_config):
     )
     assert steps == [5]
     assert '"status": "failed"' in (Path(cfg.run.dir) / "state.json").read_text()
+
+
+def test_resume_on_another_device_count_continues_the_same_run(tiny_config, tmp_path):
+    whole = with_overrides(_tiny_run(tiny_config), run={"dir": str(tmp_path / "whole")})
+    split = with_overrides(_tiny_run(tiny_config), run={"dir": str(tmp_path / "split")})
+    run_training(whole, build_stage(whole))
+    run_training(with_overrides(split, train={"stop_at": 6}), build_stage(split))
+    one_device = with_overrides(split, train={"num_devices": 1})
+    run_training(one_device, build_stage(one_device))
+    losses = [[r["loss"] for r in read_metrics(c.run.dir) if "loss" in r] for c in (whole, split)]
+    np.testing.assert_allclose(losses[0], losses[1], atol=1e-5)
+    a, b = restore_final_state(whole), restore_final_state(split)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5), a, b)
+
+
+def test_bfloat16_compute_keeps_float32_state(tiny_config):
+    cfg = with_overrides(tiny_config, model={"compute_dtype": "bfloat16"})
+    losses, params = _run_steps(cfg, 4, steps=4)
+    assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
+    assert {x.dtype for x in jax.tree.leaves(params)} == {np.dtype("float32")}
