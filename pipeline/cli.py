@@ -73,6 +73,35 @@ def cmd_pretrain(args) -> int:
     return 0
 
 
+def cmd_finetune(args) -> int:
+    """Fine-tune the run named by init.from (LoRA, QLoRA or full), or resume in run.dir."""
+    cfg = _config(args)
+    from pipeline.runtime import init_distributed
+
+    init_distributed(cfg.run)
+    from pipeline.finetune import finetune
+    from pipeline.train import TrainingError
+
+    try:
+        result = finetune(cfg, fresh=args.fresh)
+    except TrainingError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    _report(result)
+    return 0
+
+
+def cmd_merge(args) -> int:
+    """Fold a LoRA run's adapters into its base and write a plain model run directory."""
+    from pipeline.lora import merge
+    from pipeline.runs import load_model, save_model
+
+    cfg, model, tokenizer = load_model(args.run, key="--run")
+    out = save_model(cfg, merge(model), tokenizer, args.out)
+    print(f"merged model written to {out}")
+    return 0
+
+
 def _report(result: dict) -> None:
     import jax
 
@@ -107,6 +136,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--fresh", action="store_true", help="discard the run in run.dir and start over"
     )
     pre.set_defaults(func=cmd_pretrain)
+    fine = sub.add_parser("finetune", help="fine-tune init.from with LoRA, QLoRA or fully")
+    _add_config_args(fine)
+    fine.add_argument(
+        "--fresh", action="store_true", help="discard the run in run.dir and start over"
+    )
+    fine.set_defaults(func=cmd_finetune)
+    merge = sub.add_parser("merge", help="merge a LoRA run's adapters into a full model")
+    merge.add_argument("--run", required=True, help="the LoRA run directory")
+    merge.add_argument("--out", required=True, help="where to write the merged run directory")
+    merge.set_defaults(func=cmd_merge)
     bench = sub.add_parser("bench", help="benchmarks: bench train [--config FILE] [--json]")
     bench.add_argument("target", choices=["train"])
     _add_config_args(bench)

@@ -20,6 +20,7 @@ from typing import Any, Literal
 import yaml
 
 COMMAND_LINE = "command line"
+LORA_TARGETS = {"q", "k", "v", "o", "gate", "up", "down", "lm_head"}
 DTYPES = Literal["float32", "bfloat16", "float16"]
 
 
@@ -152,6 +153,35 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
+class InitConfig:
+    """Where a stage's starting weights come from."""
+
+    from_run: str | None = field(default=None, metadata={"key": "from"})  # a run directory
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """Low-rank adapters: W x + (alpha / rank) * B A x, with B = 0 at the start."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")
+    base_quantize: Literal["none", "int8"] = "none"  # QLoRA: the frozen base kept in int8
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Fine-tuning data and method."""
+
+    method: Literal["lora", "full"] = "lora"
+    data: str = "stdlib-docstrings"  # the embedded instruction set, or a .jsonl file
+    packing: bool = False  # several examples per row instead of one padded example
+    val_fraction: float = 0.1
+    max_examples: int | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole experiment."""
 
@@ -161,12 +191,27 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    init: InitConfig = field(default_factory=InitConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain nested dict with the YAML key names (tuples as lists)."""
+        out = {}
+        for section in fields(self):
+            value = getattr(self, section.name)
+            out[section.name] = {
+                _yaml_key(f): list(v) if isinstance(v := getattr(value, f.name), tuple) else v
+                for f in fields(value)
+            }
+        return out
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _yaml_key(f: dataclasses.Field) -> str:
+    return f.metadata.get("key", f.name)
 
 
 def _round_up(x: int, multiple: int) -> int:
@@ -279,12 +324,14 @@ def build_config(raw: dict[str, Any], origins: dict[str, str]) -> Config:
 
 def _build_section(section: str, cls: type, values: dict, origins: dict):
     hints = typing.get_type_hints(cls)
+    names = {_yaml_key(f): f.name for f in fields(cls)}
     kwargs = {}
     for key, value in values.items():
         dotted = f"{section}.{key}"
-        if key not in hints:
-            _unknown_key(dotted, [f"{section}.{k}" for k in hints], origins, section)
-        kwargs[key] = _coerce(dotted, hints[key], value, origins.get(dotted, "?"))
+        if key not in names:
+            _unknown_key(dotted, [f"{section}.{k}" for k in names], origins, section)
+        name = names[key]
+        kwargs[name] = _coerce(dotted, hints[name], value, origins.get(dotted, "?"))
     return cls(**kwargs)
 
 
@@ -323,6 +370,10 @@ def _coerce(dotted: str, hint, value, origin: str):
                     pass
         elif option is str and isinstance(value, str):
             return value
+        elif typing.get_origin(option) is tuple:
+            items = value.split(",") if isinstance(value, str) else value
+            if isinstance(items, list) and all(isinstance(i, str) for i in items):
+                return tuple(i.strip() for i in items if i.strip())
     raise ConfigError(f"{dotted} ({origin}): expected {_describe(options)}, got {value!r}")
 
 
@@ -339,6 +390,8 @@ def _describe(options: tuple) -> str:
             names.append("one of " + ", ".join(repr(a) for a in typing.get_args(option)))
         elif option is type(None):
             names.append("null")
+        elif typing.get_origin(option) is tuple:
+            names.append("a list of strings")
         else:
             names.append(option.__name__)
     return " or ".join(names)
@@ -389,6 +442,14 @@ def _check_values(cfg: Config, origins: dict) -> None:
             f"{t.batch_size} is not a multiple of train.grad_accum={t.grad_accum}",
         ),
         ("optimizer.lr", cfg.optimizer.lr > 0, "must be positive"),
+        ("lora.rank", cfg.lora.rank > 0, "must be positive"),
+        ("lora.dropout", 0.0 <= cfg.lora.dropout < 1.0, "must be in [0, 1)"),
+        (
+            "lora.targets",
+            bool(cfg.lora.targets) and set(cfg.lora.targets) <= LORA_TARGETS,
+            f"{list(cfg.lora.targets)}: each must be one of {sorted(LORA_TARGETS)}",
+        ),
+        ("finetune.val_fraction", 0.0 < cfg.finetune.val_fraction < 1.0, "must be in (0, 1)"),
         ("optimizer.warmup_steps", cfg.optimizer.warmup_steps >= 0, "must be >= 0"),
         (
             "tokenizer.vocab_size",

@@ -68,6 +68,8 @@ def run_training(cfg: Config, stage: Stage, fresh: bool = False) -> dict:
         ckpt.close()
         logger.close()
     if main:
+        if result["status"] == "finished" and stage.export and loop.last_saved is not None:
+            stage.export(loop.last_saved["params"], run_dir)
         write_state(run_dir, status=result["status"], step=result["step"], steps=cfg.train.steps)
         plot_losses(run_dir)
     return {**result, "run_dir": str(run_dir)}
@@ -172,6 +174,7 @@ class _Loop:
         self.ckpt, self.logger, self.main = ckpt, logger, main
         self.train_fn, self.eval_fn = fns
         self.pending: list[dict] = []
+        self.last_saved = None
         self.step = 0
         self.last_good = 0
         self.eval_loss = None
@@ -284,7 +287,8 @@ class _Loop:
     def _save(self, state) -> None:
         self._log_pending_check()
         meta = {"step": self.step, "stage": self.stage.name}
-        self.ckpt.save(self.step, to_host(self.strategy.unreplicate(state)), meta)
+        self.last_saved = to_host(self.strategy.unreplicate(state))
+        self.ckpt.save(self.step, self.last_saved, meta)
         self.last_good = self.step
         self.timer = (time.perf_counter(), self.step)
 

@@ -21,7 +21,7 @@ def build_stage(cfg: Config, dataset: Dataset | None = None) -> Stage:
     dataset = dataset or prepare_dataset(cfg)
     graphdef, params = nnx.split(create_model(cfg.model, seed=cfg.train.seed))
 
-    def apply(params, frozen, tokens):
+    def apply(params, frozen, tokens, rng=None):
         logits, _ = nnx.merge(graphdef, params)(tokens)
         return logits
 

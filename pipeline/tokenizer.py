@@ -20,7 +20,11 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 from pipeline.config import ConfigError, TokenizerConfig
 
 PAD, BOS, EOS = "<|pad|>", "<|bos|>", "<|eos|>"
-SPECIAL_TOKENS = (PAD, BOS, EOS)
+# Chat role markers: every tokenizer has them from the start, so fine-tuning never grows the
+# vocabulary of a pre-trained model.
+SYSTEM, USER, ASSISTANT, END = "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
+SPECIAL_TOKENS = (PAD, BOS, EOS, SYSTEM, USER, ASSISTANT, END)
+ROLES = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
 FILENAME = "tokenizer.json"
 
 
@@ -41,11 +45,12 @@ class Tokenizer:
         self.hf = hf
         missing = [t for t in SPECIAL_TOKENS if hf.token_to_id(t) is None]
         if missing:
-            # An imported tokenizer may name its specials differently; it must have an EOS.
-            self.hf.add_special_tokens([t for t in missing])
+            self.hf.add_special_tokens(missing)
         self.pad_id = hf.token_to_id(PAD)
         self.bos_id = hf.token_to_id(BOS)
         self.eos_id = hf.token_to_id(EOS)
+        self.end_id = hf.token_to_id(END)
+        self.role_ids = {role: hf.token_to_id(token) for role, token in ROLES.items()}
         self._fast_bytes = self.is_byte_level and all(
             hf.id_to_token(b) == ch for b, ch in enumerate(_bytes_to_unicode())
         )

@@ -48,12 +48,13 @@ class Stage:
     tokens_per_example: int
     bytes_per_token: float | None = None  # set where bits per byte make sense
     tokenizer: Any = None
+    export: Callable[[Any, Any], None] | None = None  # (final params, run dir) -> files
 
 
 def lm_loss(apply: Callable, params, frozen, batch: dict, rng) -> tuple[jax.Array, jax.Array]:
     """Next-token cross-entropy summed over the counted tokens. batch["tokens"]: (B, T+1)."""
     tokens = batch["tokens"]
-    logits = apply(params, frozen, tokens[:, :-1])  # (B, T, V) float32
+    logits = apply(params, frozen, tokens[:, :-1], rng)  # (B, T, V) float32
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
     mask = batch.get("mask")
     mask = jnp.ones_like(losses) if mask is None else mask.astype(losses.dtype)

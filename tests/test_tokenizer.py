@@ -32,7 +32,7 @@ def test_byte_round_trip(text):
 
 def test_byte_specials_and_size():
     tok = byte_tokenizer()
-    assert tok.vocab_size == 259 and tok.is_byte_level
+    assert tok.vocab_size == 263 and tok.is_byte_level
     assert [tok.pad_id, tok.bos_id, tok.eos_id] == [256, 257, 258]
     assert tok.decode([tok.bos_id, 104, 105, tok.eos_id]) == "hi"
     assert tok.decode([tok.bos_id, 104, tok.eos_id], skip_special=False) == f"{BOS}h{EOS}"
