@@ -39,7 +39,7 @@ class QuantizedLinear(nnx.Module):
     """A frozen linear layer stored as int8 with one float32 scale per output channel."""
 
     def __init__(self, linear: nnx.Linear):
-        kernel = np.asarray(linear.kernel.value, np.float32)  # (in, out)
+        kernel = np.asarray(linear.kernel[...], np.float32)  # (in, out)
         scale = np.maximum(np.abs(kernel).max(axis=0), 1e-12) / 127.0  # (out,)
         self.kernel_int8 = nnx.Variable(np.round(kernel / scale).astype(np.int8))
         self.scale = nnx.Variable(scale.astype(np.float32))
@@ -49,9 +49,9 @@ class QuantizedLinear(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         # Dequantised on the fly: only the int8 copy of the weight lives between steps.
-        kernel = self.kernel_int8.value.astype(self.dtype) * self.scale.value.astype(self.dtype)
+        kernel = self.kernel_int8[...].astype(self.dtype) * self.scale[...].astype(self.dtype)
         y = x.astype(self.dtype) @ kernel
-        return y if self.bias is None else y + self.bias.value.astype(self.dtype)
+        return y if self.bias is None else y + self.bias[...].astype(self.dtype)
 
 
 class LoRALinear(nnx.Module):
@@ -71,10 +71,10 @@ class LoRALinear(nnx.Module):
         y = self.base(x)
         h = x.astype(jnp.float32)
         if self.key is not None:
-            keep = jax.random.bernoulli(self.key.value, 1.0 - self.dropout, h.shape)
+            keep = jax.random.bernoulli(self.key[...], 1.0 - self.dropout, h.shape)
             dropped = jnp.where(keep, h / (1.0 - self.dropout), 0.0)
-            h = jnp.where(self.active.value, dropped, h)
-        delta = (h @ self.lora_a.value) @ self.lora_b.value * self.scale
+            h = jnp.where(self.active[...], dropped, h)
+        delta = (h @ self.lora_a[...]) @ self.lora_b[...] * self.scale
         return y + delta.astype(y.dtype)
 
 
@@ -120,9 +120,9 @@ def set_dropout_keys(model: Transformer, rng: jax.Array | None) -> None:
     """Give each LoRA layer its own dropout key for this step; None turns dropout off."""
     layers = [m for _, m in nnx.iter_graph(model) if isinstance(m, LoRALinear) and m.key]
     for i, layer in enumerate(layers):
-        layer.active.value = jnp.asarray(rng is not None)
+        layer.active[...] = jnp.asarray(rng is not None)
         if rng is not None:
-            layer.key.value = jax.random.fold_in(rng, i)
+            layer.key[...] = jax.random.fold_in(rng, i)
 
 
 def lora_arrays(model: Transformer, targets: tuple[str, ...]) -> dict[str, np.ndarray]:
@@ -131,8 +131,8 @@ def lora_arrays(model: Transformer, targets: tuple[str, ...]) -> dict[str, np.nd
     for parent, name, path in target_modules(model, targets):
         layer = getattr(parent, name)
         key = f"base_model.model.{path}"
-        out[f"{key}.lora_A.weight"] = np.asarray(layer.lora_a.value).T.copy()
-        out[f"{key}.lora_B.weight"] = np.asarray(layer.lora_b.value).T.copy()
+        out[f"{key}.lora_A.weight"] = np.asarray(layer.lora_a[...]).T.copy()
+        out[f"{key}.lora_B.weight"] = np.asarray(layer.lora_b[...]).T.copy()
     return out
 
 
@@ -171,8 +171,8 @@ def load_adapter(model: Transformer, directory: str | Path) -> Transformer:
     arrays = load_file(str(directory / ADAPTER_WEIGHTS))
     for parent, name, path in target_modules(model, cfg.targets):
         layer = getattr(parent, name)
-        layer.lora_a.value = jnp.asarray(arrays[f"base_model.model.{path}.lora_A.weight"].T)
-        layer.lora_b.value = jnp.asarray(arrays[f"base_model.model.{path}.lora_B.weight"].T)
+        layer.lora_a[...] = jnp.asarray(arrays[f"base_model.model.{path}.lora_A.weight"].T)
+        layer.lora_b[...] = jnp.asarray(arrays[f"base_model.model.{path}.lora_B.weight"].T)
     return model
 
 
@@ -184,9 +184,8 @@ def merge(model: Transformer) -> Transformer:
             if isinstance(child, LoRALinear):
                 if not isinstance(child.base, nnx.Linear):
                     raise ValueError("merge needs a float base; this one is int8 (QLoRA)")
-                delta = child.lora_a.value @ child.lora_b.value * child.scale
-                child.base.kernel.value = child.base.kernel.value + delta.astype(
-                    child.base.kernel.value.dtype
-                )
+                kernel = child.base.kernel
+                delta = child.lora_a[...] @ child.lora_b[...] * child.scale
+                kernel[...] = kernel[...] + delta.astype(kernel.dtype)
                 setattr(module, name, child.base)
     return model
