@@ -12,7 +12,7 @@ export LD_PRELOAD := $(firstword $(JEMALLOC))
 export MALLOC_CONF := oversize_threshold:0,dirty_decay_ms:-1,muzzy_decay_ms:-1
 endif
 
-.PHONY: install test lint format pretrain bench
+.PHONY: install test lint format pretrain finetune bench
 
 # Extra overrides for the run targets, e.g. make pretrain ARGS="train.steps=50".
 ARGS ?=
@@ -38,6 +38,9 @@ format: install
 
 pretrain: install
 	$(BIN)/python -m pipeline pretrain --config configs/pretrain.yaml $(ARGS)
+
+finetune: install
+	$(BIN)/python -m pipeline finetune --config configs/finetune.yaml $(ARGS)
 
 bench: install
 	$(BIN)/python -m pipeline bench train $(ARGS)

@@ -109,6 +109,8 @@ def _report(result: dict) -> None:
         return
     loss = result.get("eval_loss")
     loss_text = f"final eval loss {loss:.4f}" if loss is not None else "no eval loss"
+    if result.get("initial_eval_loss") is not None:
+        loss_text = f"held-out loss before {result['initial_eval_loss']:.4f}, after {loss:.4f}"
     status, step, run_dir = result["status"], result["step"], result["run_dir"]
     print(f"{status} at step {step}; {loss_text}; run directory {run_dir}")
 

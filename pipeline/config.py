@@ -105,6 +105,7 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 50
     eval_batches: int = 8
+    eval_at_start: bool = False  # also evaluate before the first step (fine-tuning: "before")
     checkpoint_every: int = 50
     keep_checkpoints: int = 3
     grad_accum: int = 1  # micro-batches per step, accumulated inside the step

@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import Config, ConfigError, DataConfig
-from pipeline.tokenizer import Tokenizer, build_tokenizer, token_dtype
+from pipeline.tokenizer import SPECIAL_TOKENS, Tokenizer, build_tokenizer, token_dtype
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 def stdlib_files() -> list[Path]:
@@ -188,7 +188,14 @@ def _cached_tokenizer(cfg: Config, docs, train_idx, corpus_hash: str) -> Tokeniz
         return build_tokenizer(tcfg)
     vocab = tcfg.vocab_size or cfg.model.vocab_size
     key = _hash_strings(
-        ["bpe", str(CACHE_VERSION), corpus_hash, str(vocab), str(tcfg.train_max_bytes)]
+        [
+            "bpe",
+            str(CACHE_VERSION),
+            corpus_hash,
+            str(vocab),
+            str(tcfg.train_max_bytes),
+            *SPECIAL_TOKENS,
+        ]
     )
     path = Path(cfg.data.cache_dir) / f"tokenizer-{key[:16]}" / "tokenizer.json"
     if path.is_file():

@@ -35,6 +35,12 @@ def build_stage(cfg: Config) -> Stage:
         raise ConfigError("init.from: fine-tuning needs a base run directory (init.from=runs/X)")
     base_cfg, model, tokenizer = load_model(cfg.init.from_run)
     check_same_model(cfg, base_cfg)
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(
+            f"init.from: the tokenizer of {cfg.init.from_run} has {tokenizer.vocab_size} tokens "
+            f"(with the chat markers), more than model.vocab_size={cfg.model.vocab_size}; "
+            "pre-train the base again with this version"
+        )
     lora = cfg.finetune.method == "lora"
     if lora:
         add_lora(model, cfg.lora, seed=cfg.train.seed)

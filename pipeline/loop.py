@@ -175,6 +175,7 @@ class _Loop:
         self.train_fn, self.eval_fn = fns
         self.pending: list[dict] = []
         self.last_saved = None
+        self.initial_eval_loss = None
         self.step = 0
         self.last_good = 0
         self.eval_loss = None
@@ -202,11 +203,19 @@ class _Loop:
         finally:
             batches.close()
             bar.close()
-        return {"status": status, "step": self.step, "eval_loss": self.eval_loss}
+        return {
+            "status": status,
+            "step": self.step,
+            "eval_loss": self.eval_loss,
+            "initial_eval_loss": self.initial_eval_loss,
+        }
 
     def _steps(self, state, batches, bar, end: int):
         cfg = self.cfg.train
         batch = next(batches)
+        if cfg.eval_at_start and self.step == 0 and self.stage.eval_batch:
+            self._evaluate(state)
+            self.initial_eval_loss = self.eval_loss
         state, train_fn = self._compile(state, batch)
         self.timer = (time.perf_counter(), self.step)
         with StopRequested() as stop:
