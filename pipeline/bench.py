@@ -25,6 +25,7 @@ DEFAULT_TRAIN_CASES = ("small", "gpt2-124m")
 # A CPU-sized batch for the large preset (its own config asks for 32 x 1024 tokens a step);
 # command-line overrides come after these and win.
 CASE_OVERRIDES = {"gpt2-124m": ["train.batch_size=2"]}
+FINETUNE_METHODS = ("lora", "qlora", "full")
 
 
 def allocator() -> str:
@@ -32,23 +33,50 @@ def allocator() -> str:
 
 
 def bench_train(cfg: Config, case: str, steps: int = 5, warmup: int = 3) -> dict:
-    """Compile and time the pmapped training step of `cfg` on every local device."""
-    from pipeline.model import count_params
+    """Compile and time the pre-training step of `cfg` on every local device."""
     from pipeline.pretrain import build_stage
-    from pipeline.train import PmapStrategy, build_steps, create_train_state, make_optimizer
 
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, cfg.model.vocab_size, 200_000).astype(np.int32)
-    dataset = Dataset(byte_tokenizer(), tokens, tokens[:10_000], {})
-    stage = build_stage(cfg, dataset)
+    stage = build_stage(cfg, Dataset(byte_tokenizer(), tokens, tokens[:10_000], {}))
+    return {"case": f"train/{case}", **time_stage(cfg, stage, steps, warmup)}
+
+
+def bench_finetune(cfg: Config, case: str, method: str, steps: int = 3, warmup: int = 2) -> dict:
+    """Time LoRA, QLoRA (int8 base) or full fine-tuning of a randomly initialised `cfg` model."""
+    from pipeline.config import with_overrides
+    from pipeline.finetune import stage_for_model
+    from pipeline.instruct import Examples
+    from pipeline.model import create_model
+
+    cfg = with_overrides(
+        cfg,
+        finetune={"method": "full" if method == "full" else "lora"},
+        lora={"base_quantize": "int8" if method == "qlora" else "none"},
+    )
+    rng = np.random.default_rng(0)
+    shape = (4 * cfg.train.batch_size, cfg.data.seq_len + 1)
+    tokens = rng.integers(0, cfg.model.vocab_size, shape).astype(np.int32)
+    examples = Examples(tokens, np.ones((shape[0], shape[1] - 1), np.float32))
+    stage = stage_for_model(cfg, create_model(cfg.model), byte_tokenizer(), examples, examples)
+    return {"case": f"finetune/{case}/{method}", **time_stage(cfg, stage, steps, warmup)}
+
+
+def time_stage(cfg: Config, stage, steps: int, warmup: int) -> dict:
+    """Steady-state time of a stage's pmapped step, and XLA's memory figures for it."""
+    from pipeline.model import count_params
+    from pipeline.train import PmapStrategy, build_steps, create_train_state, make_optimizer
+
     tx, schedule = make_optimizer(cfg.optimizer, max(cfg.train.steps, warmup + steps), stage.params)
     strategy = PmapStrategy(cfg.train.num_devices)
     train_fn, _ = build_steps(stage, cfg, tx, schedule, strategy)
     state = strategy.replicate(create_train_state(stage, tx, cfg.train.seed))
+    state_bytes = sum(x.nbytes for x in jax.tree.leaves(state)) // strategy.num_devices
     batches = [strategy.shard_batch(stage.train_batch(i)) for i in range(warmup + steps)]
     start = time.perf_counter()
     compiled = train_fn.lower(state, batches[0]).compile()
     compile_s = time.perf_counter() - start
+    temp_bytes = int(getattr(compiled.memory_analysis(), "temp_size_in_bytes", 0) or 0)
     for i in range(warmup):
         state, metrics = compiled(state, batches[i])
     jax.block_until_ready(metrics)
@@ -60,8 +88,8 @@ def bench_train(cfg: Config, case: str, steps: int = 5, warmup: int = 3) -> dict
     tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
     peak = aggregate_peak_flops(cfg.train.peak_flops, cfg.model.compute_dtype)
     return {
-        "case": f"train/{case}",
         "params": count_params(cfg.model),
+        "trained_params": sum(int(np.size(x)) for x in jax.tree.leaves(stage.params)),
         "batch": cfg.train.batch_size,
         "seq_len": cfg.data.seq_len,
         "devices": strategy.num_devices,
@@ -69,6 +97,10 @@ def bench_train(cfg: Config, case: str, steps: int = 5, warmup: int = 3) -> dict
         "step_time_s": step_s,
         "mfu": tokens_per_step / step_s * stage.flops_per_token / peak,
         "compile_s": compile_s,
+        # per device: the training state (weights, adapters, optimizer) and XLA's temporaries
+        "state_bytes": state_bytes,
+        "temp_bytes": temp_bytes,
+        "peak_bytes": state_bytes + temp_bytes,
         "peak_flops": peak,
         "compute_dtype": cfg.model.compute_dtype,
         "device": jax.devices()[0].device_kind,
@@ -94,10 +126,16 @@ def run_bench(
     steps: int,
     as_json: bool,
 ) -> list[dict]:
-    if target != "train":
-        raise ValueError(f"unknown benchmark {target!r}; available: train")
     results = [bench_matmul()]
     _emit(results[-1], as_json)
+    if target == "finetune":
+        name = Path(config).stem if config else "gpt2-124m"
+        base = [] if config else CASE_OVERRIDES["gpt2-124m"]
+        cfg = load_config(config or CONFIGS / "gpt2-124m.yaml", [*base, *overrides])
+        for method in cases or FINETUNE_METHODS:
+            results.append(bench_finetune(cfg, name, method, steps=steps))
+            _emit(results[-1], as_json)
+        return results
     if config:
         named = [(Path(config).stem, load_config(config, overrides))]
     else:
@@ -125,7 +163,8 @@ def _emit(result: dict, as_json: bool) -> None:
     print(
         f"{result['case']:<22} {result['tokens_per_sec']:10,.0f} tokens/s  "
         f"step {result['step_time_s'] * 1e3:8.1f} ms  MFU {result['mfu']:.3f}  "
-        f"compile {result['compile_s']:.1f} s  ({result['params'] / 1e6:.1f}M params, "
+        f"compile {result['compile_s']:.1f} s  memory {result['peak_bytes'] / 2**20:,.0f} MiB "
+        f"(state {result['state_bytes'] / 2**20:,.0f})  ({result['params'] / 1e6:.1f}M params, "
         f"batch {result['batch']}x{result['seq_len']}, {result['devices']} device(s), "
         f"{result['compute_dtype']}, {result['allocator']})",
         flush=True,

@@ -149,10 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--out", required=True, help="where to write the merged run directory")
     merge.set_defaults(func=cmd_merge)
     bench = sub.add_parser("bench", help="benchmarks: bench train [--config FILE] [--json]")
-    bench.add_argument("target", choices=["train"])
+    bench.add_argument("target", choices=["train", "finetune"])
     _add_config_args(bench)
     bench.add_argument(
-        "--cases", help="comma-separated presets from configs/ (default: small,gpt2-124m)"
+        "--cases",
+        help="train: presets from configs/ (default small,gpt2-124m); "
+        "finetune: methods (default lora,qlora,full)",
     )
     bench.add_argument("--steps", type=int, default=5, help="timed steps per case")
     bench.add_argument("--json", action="store_true", help="one JSON object per case")

@@ -13,7 +13,7 @@ import jax
 from flax import nnx
 
 from pipeline.config import Config, ConfigError
-from pipeline.instruct import ExampleSampler, build_examples, read_examples
+from pipeline.instruct import Examples, ExampleSampler, build_examples, read_examples
 from pipeline.loop import RESUMABLE_MODEL_KEYS, run_training
 from pipeline.lora import add_lora, save_adapter, set_dropout_keys
 from pipeline.model import flops_per_token
@@ -41,6 +41,20 @@ def build_stage(cfg: Config) -> Stage:
             f"(with the chat markers), more than model.vocab_size={cfg.model.vocab_size}; "
             "pre-train the base again with this version"
         )
+    train, held_out = read_examples(cfg.finetune)
+    embedded = cfg.finetune.data == "stdlib-docstrings"
+    build = partial(
+        build_examples,
+        tokenizer,
+        seq_len=cfg.data.seq_len,
+        packing=cfg.finetune.packing,
+        drop_long=embedded,
+    )
+    return stage_for_model(cfg, model, tokenizer, build(train), build(held_out))
+
+
+def stage_for_model(cfg: Config, model, tokenizer, train: Examples, held_out: Examples) -> Stage:
+    """The fine-tuning stage of an in-memory base `model` on tokenized examples."""
     lora = cfg.finetune.method == "lora"
     if lora:
         add_lora(model, cfg.lora, seed=cfg.train.seed)
@@ -56,17 +70,8 @@ def build_stage(cfg: Config) -> Stage:
         logits, _ = model(tokens)
         return logits
 
-    train, held_out = read_examples(cfg.finetune)
-    embedded = cfg.finetune.data == "stdlib-docstrings"
-    build = partial(
-        build_examples,
-        tokenizer,
-        seq_len=cfg.data.seq_len,
-        packing=cfg.finetune.packing,
-        drop_long=embedded,
-    )
-    train_sampler = ExampleSampler(build(train), cfg.train.batch_size, cfg.train.seed)
-    eval_sampler = ExampleSampler(build(held_out), cfg.train.batch_size, 0, shuffle=False)
+    train_sampler = ExampleSampler(train, cfg.train.batch_size, cfg.train.seed)
+    eval_sampler = ExampleSampler(held_out, cfg.train.batch_size, 0, shuffle=False)
     flops = flops_per_token(cfg.model, cfg.data.seq_len)
     return Stage(
         name=f"finetune-{cfg.finetune.method}",
