@@ -188,6 +188,12 @@ class _Loop:
         if start >= cfg.steps:
             return {"status": "finished", "step": start, "eval_loss": None}
         end = min(cfg.steps, cfg.stop_at or cfg.steps)
+        if end <= start:  # resumed with a train.stop_at already reached: nothing to do
+            return {
+                "status": f"interrupted (train.stop_at={end})",
+                "step": start,
+                "eval_loss": None,
+            }
         batches = Prefetcher(
             self.stage.train_batch, self.strategy.shard_batch, start, end, cfg.prefetch
         )

@@ -134,6 +134,8 @@ def test_resume_is_bit_identical(tiny_config, tmp_path):
     assert run_training(whole, build_stage(whole))["status"] == "finished"
     first = run_training(with_overrides(split, train={"stop_at": 6}), build_stage(split))
     assert first["status"].startswith("interrupted") and first["step"] == 6
+    again = run_training(with_overrides(split, train={"stop_at": 6}), build_stage(split))
+    assert again["step"] == 6 and again["status"].startswith("interrupted")  # nothing to do
     assert run_training(split, build_stage(split))["step"] == 12
 
     def losses(cfg):
