@@ -55,40 +55,35 @@ def cmd_info(args) -> int:
     return 0
 
 
-def cmd_pretrain(args) -> int:
-    """Pre-train from scratch, or resume the run in run.dir."""
+def _train(args, stage: str) -> int:
+    """Run a training stage; a training failure is one error line and status 1."""
     cfg = _config(args)
     from pipeline.runtime import init_distributed
 
     init_distributed(cfg.run)  # before anything touches a device
-    from pipeline.pretrain import pretrain
     from pipeline.train import TrainingError
 
+    if stage == "pretrain":
+        from pipeline.pretrain import pretrain as run
+    else:
+        from pipeline.finetune import finetune as run
     try:
-        result = pretrain(cfg, fresh=args.fresh)
+        result = run(cfg, fresh=args.fresh)
     except TrainingError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     _report(result)
     return 0
+
+
+def cmd_pretrain(args) -> int:
+    """Pre-train from scratch, or resume the run in run.dir."""
+    return _train(args, "pretrain")
 
 
 def cmd_finetune(args) -> int:
     """Fine-tune the run named by init.from (LoRA, QLoRA or full), or resume in run.dir."""
-    cfg = _config(args)
-    from pipeline.runtime import init_distributed
-
-    init_distributed(cfg.run)
-    from pipeline.finetune import finetune
-    from pipeline.train import TrainingError
-
-    try:
-        result = finetune(cfg, fresh=args.fresh)
-    except TrainingError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    _report(result)
-    return 0
+    return _train(args, "finetune")
 
 
 def cmd_merge(args) -> int:

@@ -49,3 +49,16 @@ def test_missing_config_file_is_one_line():
     assert (
         proc.returncode == 2 and proc.stderr == "error: config file not found: configs/nope.yaml\n"
     )
+
+
+def test_finetune_without_a_base_run_is_one_line(tmp_path):
+    proc = _run(
+        "finetune",
+        "--config",
+        "configs/finetune_tiny.yaml",
+        f"init.from={tmp_path / 'missing'}",
+        f"run.dir={tmp_path / 'ft'}",
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: init.from:") and "not a run directory" in proc.stderr
+    assert "Traceback" not in proc.stderr
