@@ -97,6 +97,42 @@ def cmd_merge(args) -> int:
     return 0
 
 
+def cmd_generate(args) -> int:
+    """Generate from a run's model (pre-trained, fine-tuned with an adapter, or merged)."""
+    from pipeline.generate import Sampling, generate
+    from pipeline.instruct import prompt_ids
+    from pipeline.runs import load_model
+
+    _, model, tokenizer = load_model(args.run, key="--run")
+    if args.chat:
+        ids = prompt_ids(tokenizer, [{"role": "user", "content": args.prompt}])
+        stop = tokenizer.end_id
+    else:
+        ids, stop = tokenizer.encode(args.prompt), tokenizer.eos_id
+    sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
+    try:
+        result = generate(model, [ids], args.max_new_tokens, sampling, eos_id=stop)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    tokens = result["tokens"][0]
+    text = tokenizer.decode(tokens)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "text": text,
+                    "tokens": tokens,
+                    "prompt_tokens": len(ids),
+                    "seconds": result["seconds"],
+                    "tokens_per_sec": result["tokens_per_sec"],
+                }
+            )
+        )
+    else:
+        print(args.prompt + text if not args.chat else text)
+    return 0
+
+
 def _report(result: dict) -> None:
     import jax
 
@@ -143,6 +179,17 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--run", required=True, help="the LoRA run directory")
     merge.add_argument("--out", required=True, help="where to write the merged run directory")
     merge.set_defaults(func=cmd_merge)
+    gen = sub.add_parser("generate", help="generate text from a run directory")
+    gen.add_argument("--run", required=True, help="a run directory")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    gen.add_argument("--top-k", type=int, default=0, help="0: off")
+    gen.add_argument("--top-p", type=float, default=1.0, help="1: off")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    gen.add_argument("--json", action="store_true", help="one JSON object: text, tokens, timings")
+    gen.set_defaults(func=cmd_generate)
     bench = sub.add_parser("bench", help="benchmarks: bench train [--config FILE] [--json]")
     bench.add_argument("target", choices=["train", "finetune"])
     _add_config_args(bench)

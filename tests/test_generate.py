@@ -1,0 +1,143 @@
+"""Generation: the jitted decode loop against the uncached forward, sampling, compilations.
+
+Run: pytest tests/test_generate.py
+"""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pipeline.config import ModelConfig
+from pipeline.generate import Sampling, compilations, generate, sample
+from pipeline.model import create_model
+
+CFG = ModelConfig(
+    family="llama",
+    vocab_size=97,
+    num_layers=2,
+    embed_dim=32,
+    num_heads=4,
+    num_kv_heads=2,
+    max_seq_len=64,
+)
+
+
+def _greedy_uncached(model, prompt, n):
+    ids = list(prompt)
+    for _ in range(n):
+        logits, _ = model(jnp.asarray([ids]))
+        ids.append(int(jnp.argmax(logits[0, -1])))
+    return ids[len(prompt) :]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_greedy_generate_equals_uncached_forward(family):
+    cfg = ModelConfig(
+        **{**CFG.__dict__, "family": family, "num_kv_heads": 2 if family == "llama" else 4}
+    )
+    model = create_model(cfg, seed=3)
+    prompts = [[5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9], [42]]
+    result = generate(model, prompts, max_new_tokens=[6, 4, 8])
+    for prompt, row, n in zip(prompts, result["tokens"], [6, 4, 8], strict=True):
+        assert row == _greedy_uncached(model, prompt, n)
+
+
+def test_eos_stops_a_row():
+    model = create_model(CFG, seed=3)
+    free = generate(model, [[5, 6, 7]], max_new_tokens=8)["tokens"][0]
+    eos = free[2]
+    stopped = generate(model, [[5, 6, 7]], max_new_tokens=8, eos_id=eos)["tokens"][0]
+    assert stopped == free[: free.index(eos) + 1]
+
+
+def test_sampling_is_seeded_and_never_recompiles():
+    model = create_model(CFG, seed=3)
+    prompt = [[5, 6, 7]]
+    generate(model, prompt, 8, Sampling(temperature=1.0, seed=1))
+    before = compilations()
+    a = generate(model, prompt, 8, Sampling(temperature=1.0, seed=1))["tokens"]
+    b = generate(model, prompt, 8, Sampling(temperature=1.0, seed=1))["tokens"]
+    c = generate(model, prompt, 8, Sampling(temperature=0.7, top_k=5, top_p=0.9, seed=2))
+    assert a == b and a != c["tokens"]
+    assert compilations() == before  # new sampling values, same program
+
+
+def test_top_k_one_and_tiny_top_p_are_greedy():
+    logits = jnp.asarray(np.random.default_rng(0).normal(size=(4, 50)), jnp.float32)
+    keys = jnp.stack([jnp.array([0, i], jnp.uint32) for i in range(4)])
+    ones = jnp.ones(4)
+    greedy = jnp.argmax(logits, -1)
+    k1 = sample(logits, keys, ones, jnp.ones(4, jnp.int32), ones)
+    p0 = sample(logits, keys, ones, jnp.zeros(4, jnp.int32), jnp.full(4, 1e-6))
+    assert jnp.array_equal(k1, greedy) and jnp.array_equal(p0, greedy)
+
+
+def test_prompt_too_long_is_a_clear_error():
+    model = create_model(CFG)
+    with pytest.raises(ValueError, match="exceeds the model's context of 64"):
+        generate(model, [[1] * 60], max_new_tokens=10)
+
+
+def test_cli_generate_json_from_a_run_and_an_adapter(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    from pipeline.config import load_config
+    from pipeline.finetune import finetune
+    from pipeline.pretrain import pretrain
+
+    common = [
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "run.progress=false",
+        "train.steps=2",
+        "train.eval_every=2",
+        "train.checkpoint_every=2",
+        "train.eval_batches=1",
+    ]
+    pretrain(
+        load_config(
+            os.path.join(ROOT, "configs", "pretrain_tiny.yaml"),
+            [f"run.dir={tmp_path / 'base'}", *common],
+        )
+    )
+    finetune(
+        load_config(
+            os.path.join(ROOT, "configs", "finetune_tiny.yaml"),
+            [
+                f"run.dir={tmp_path / 'ft'}",
+                f"init.from={tmp_path / 'base'}",
+                "finetune.max_examples=50",
+                *common,
+            ],
+        )
+    )
+    for run, extra in (("base", []), ("ft", ["--chat"])):
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pipeline",
+                "generate",
+                "--run",
+                str(tmp_path / run),
+                "--prompt",
+                "def f(x):",
+                "--max-new-tokens",
+                "5",
+                "--json",
+                *extra,
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        out = json.loads(proc.stdout)
+        assert 1 <= len(out["tokens"]) <= 5 and isinstance(out["text"], str)
+        assert out["tokens_per_sec"] > 0
