@@ -104,6 +104,10 @@ def cmd_generate(args) -> int:
     from pipeline.runs import load_model
 
     _, model, tokenizer = load_model(args.run, key="--run")
+    if args.quantize:
+        from pipeline.quantize import quantize_model
+
+        quantize_model(model, args.quantize)
     if args.chat:
         ids = prompt_ids(tokenizer, [{"role": "user", "content": args.prompt}])
         stop = tokenizer.end_id
@@ -188,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0, help="1: off")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    gen.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantisation")
     gen.add_argument("--json", action="store_true", help="one JSON object: text, tokens, timings")
     gen.set_defaults(func=cmd_generate)
     bench = sub.add_parser("bench", help="benchmarks: bench train [--config FILE] [--json]")

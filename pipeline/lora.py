@@ -24,6 +24,7 @@ from flax import nnx
 
 from pipeline.config import LoraConfig
 from pipeline.model import Transformer
+from pipeline.quantize import QuantizedLinear
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -33,25 +34,6 @@ MLP_TARGETS = ("gate", "up", "down")
 
 class DropoutKey(nnx.Variable):
     """A PRNG key for LoRA dropout; frozen state, replaced every step."""
-
-
-class QuantizedLinear(nnx.Module):
-    """A frozen linear layer stored as int8 with one float32 scale per output channel."""
-
-    def __init__(self, linear: nnx.Linear):
-        kernel = np.asarray(linear.kernel[...], np.float32)  # (in, out)
-        scale = np.maximum(np.abs(kernel).max(axis=0), 1e-12) / 127.0  # (out,)
-        self.kernel_int8 = nnx.Variable(np.round(kernel / scale).astype(np.int8))
-        self.scale = nnx.Variable(scale.astype(np.float32))
-        self.bias = linear.bias
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.dtype = linear.dtype or jnp.float32
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        # Dequantised on the fly: only the int8 copy of the weight lives between steps.
-        kernel = self.kernel_int8[...].astype(self.dtype) * self.scale[...].astype(self.dtype)
-        y = x.astype(self.dtype) @ kernel
-        return y if self.bias is None else y + self.bias[...].astype(self.dtype)
 
 
 class LoRALinear(nnx.Module):

@@ -141,3 +141,28 @@ def test_cli_generate_json_from_a_run_and_an_adapter(tmp_path):
         out = json.loads(proc.stdout)
         assert 1 <= len(out["tokens"]) <= 5 and isinstance(out["text"], str)
         assert out["tokens_per_sec"] > 0
+
+
+@pytest.mark.parametrize(("mode", "ratio"), [("int8", 0.3), ("int4", 0.2)])
+def test_quantized_weights_are_smaller_and_agree(mode, ratio):
+    from pipeline.quantize import quantize_model, weight_bytes
+
+    cfg = ModelConfig(
+        **{
+            **CFG.__dict__,
+            "embed_dim": 128,
+            "num_heads": 4,
+            "num_kv_heads": 4,
+            "tied_embeddings": True,
+        }
+    )
+    model = create_model(cfg, seed=1)
+    tokens = jnp.arange(20)[None] % 97
+    before, full_bytes = model(tokens)[0], weight_bytes(model)
+    projection_bytes = full_bytes - 97 * 128 * 4  # everything but the float embedding
+    quantize_model(model, mode)
+    after = model(tokens)[0]
+    assert weight_bytes(model) - 97 * 128 * 4 < ratio * projection_bytes
+    assert float(jnp.max(jnp.abs(after - before))) < (0.02 if mode == "int8" else 0.3)
+    agree = np.mean(np.argmax(after, -1) == np.argmax(before, -1))
+    assert agree >= (0.95 if mode == "int8" else 0.8)
