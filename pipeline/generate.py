@@ -167,6 +167,64 @@ def generate(
     }
 
 
+@partial(jax.jit, static_argnames=("graphdef", "cache_len"))
+def _prefill_one(graphdef, state, tokens, length, *, cache_len: int):
+    model = nnx.merge(graphdef, state)
+    cache = init_cache(model.cfg, tokens.shape[0], cache_len)
+    return prefill(model, tokens, length, cache)
+
+
+@partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
+def _step_one(graphdef, state, logits, cache, position, key, temperature, top_k, top_p):
+    model = nnx.merge(graphdef, state)
+    token = sample(logits, key[None], temperature[None], top_k[None], top_p[None])
+    logits, cache = decode_step(model, token, position[None], cache)
+    return token[0], logits, cache
+
+
+def stream(
+    model, prompt: list[int], max_new_tokens: int, sampling: Sampling = Sampling(), eos_id: int = -1
+):
+    """Yield generated token ids one at a time, as they are produced.
+
+    Two jitted programs (prefill, one decode step) per prompt-length bucket; sampling values
+    and the step index are arrays, so a new request or token never recompiles. Tokens equal
+    `generate`'s for the same inputs.
+    """
+    cfg = model.cfg
+    if not prompt or len(prompt) + max_new_tokens > cfg.max_seq_len:
+        raise ValueError(
+            f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) "
+            f"must be 1..{cfg.max_seq_len} (the model's context)"
+        )
+    P = bucket(len(prompt), cfg.max_seq_len)
+    tokens = np.zeros((1, P), np.int32)
+    tokens[0, : len(prompt)] = prompt
+    graphdef, state = nnx.split(model)
+    length = jnp.asarray([len(prompt)], jnp.int32)
+    logits, cache = _prefill_one(
+        graphdef,
+        state,
+        jnp.asarray(tokens),
+        length,
+        cache_len=P + bucket(max_new_tokens, cfg.max_seq_len),
+    )
+    base_key = jax.random.PRNGKey(np.uint32(sampling.seed))
+    params = (
+        jnp.float32(sampling.temperature),
+        jnp.int32(sampling.top_k),
+        jnp.float32(sampling.top_p),
+    )
+    for step in range(max_new_tokens):
+        key = jax.random.fold_in(base_key, step)
+        position = jnp.int32(len(prompt) + step)
+        token, logits, cache = _step_one(graphdef, state, logits, cache, position, key, *params)
+        token = int(token)
+        yield token
+        if token == eos_id:
+            return
+
+
 def compilations() -> int:
     """How many versions of the generate loop have been compiled in this process."""
-    return _generate._cache_size()
+    return _generate._cache_size() + _prefill_one._cache_size() + _step_one._cache_size()

@@ -166,3 +166,15 @@ def test_quantized_weights_are_smaller_and_agree(mode, ratio):
     assert float(jnp.max(jnp.abs(after - before))) < (0.02 if mode == "int8" else 0.3)
     agree = np.mean(np.argmax(after, -1) == np.argmax(before, -1))
     assert agree >= (0.95 if mode == "int8" else 0.8)
+
+
+def test_stream_yields_generates_tokens_without_recompiling():
+    from pipeline.generate import stream
+
+    model = create_model(CFG, seed=3)
+    for sampling in (Sampling(), Sampling(temperature=0.9, top_k=10, seed=4)):
+        whole = generate(model, [[5, 6, 7]], 7, sampling)["tokens"][0]
+        assert list(stream(model, [5, 6, 7], 7, sampling)) == whole
+    before = compilations()
+    list(stream(model, [8, 9], 7, Sampling(temperature=0.5, top_p=0.8, seed=9)))
+    assert compilations() == before  # another request, same bucket: nothing new to compile
