@@ -108,6 +108,46 @@ def time_stage(cfg: Config, stage, steps: int, warmup: int) -> dict:
     }
 
 
+def bench_generate(
+    cfg: Config,
+    case: str,
+    prompt_len: int = 64,
+    new_tokens: int = 128,
+    batch: int = 1,
+    quantize: str | None = None,
+) -> dict:
+    """Decode speed of the jitted whole-loop generate, and time to first token (prefill)."""
+    from pipeline.generate import Sampling, generate, stream
+    from pipeline.model import create_model
+
+    model = create_model(cfg.model)
+    if quantize:
+        from pipeline.quantize import quantize_model
+
+        quantize_model(model, quantize)
+    rng = np.random.default_rng(0)
+    prompts = [list(rng.integers(0, cfg.model.vocab_size, prompt_len)) for _ in range(batch)]
+    start = time.perf_counter()
+    generate(model, prompts, new_tokens, Sampling())  # compiles
+    compile_s = time.perf_counter() - start
+    result = generate(model, prompts, new_tokens, Sampling())
+    list(stream(model, prompts[0], 2))  # compiles the streaming prefill and step
+    start = time.perf_counter()
+    next(stream(model, prompts[0], 1))
+    ttft = time.perf_counter() - start
+    return {
+        "case": f"generate/{case}" + (f"/{quantize}" if quantize else ""),
+        "batch": batch,
+        "prompt_len": prompt_len,
+        "new_tokens": new_tokens,
+        "tokens_per_sec": batch * new_tokens / result["seconds"],
+        "ttft_ms": ttft * 1e3,
+        "compile_s": compile_s,
+        "device": jax.devices()[0].device_kind,
+        "allocator": allocator(),
+    }
+
+
 def bench_matmul(dtype: str = "float32") -> dict:
     peak = measure_matmul_peak(dtype)
     return {
@@ -128,6 +168,14 @@ def run_bench(
 ) -> list[dict]:
     results = [bench_matmul()]
     _emit(results[-1], as_json)
+    if target == "generate":
+        names = cases or ["small", "small/int8"]
+        for name in names:
+            preset, _, quantize = name.partition("/")
+            cfg = load_config(config or CONFIGS / f"{preset}.yaml", overrides)
+            results.append(bench_generate(cfg, preset, quantize=quantize or None))
+            _emit(results[-1], as_json)
+        return results
     if target == "finetune":
         name = Path(config).stem if config else "gpt2-124m"
         base = [] if config else CASE_OVERRIDES["gpt2-124m"]
@@ -152,6 +200,15 @@ def run_bench(
 def _emit(result: dict, as_json: bool) -> None:
     if as_json:
         print(json.dumps(result), flush=True)
+        return
+    if "ttft_ms" in result:
+        print(
+            f"{result['case']:<22} {result['tokens_per_sec']:10,.0f} tokens/s  "
+            f"TTFT {result['ttft_ms']:7.1f} ms  compile {result['compile_s']:.1f} s  "
+            f"(batch {result['batch']}, prompt {result['prompt_len']}, "
+            f"{result['new_tokens']} new tokens, {result['allocator']})",
+            flush=True,
+        )
         return
     if "flops_per_sec" in result:
         print(

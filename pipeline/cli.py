@@ -196,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="one JSON object: text, tokens, timings")
     gen.set_defaults(func=cmd_generate)
     bench = sub.add_parser("bench", help="benchmarks: bench train [--config FILE] [--json]")
-    bench.add_argument("target", choices=["train", "finetune"])
+    bench.add_argument("target", choices=["train", "finetune", "generate"])
     _add_config_args(bench)
     bench.add_argument(
         "--cases",

@@ -178,3 +178,11 @@ def test_stream_yields_generates_tokens_without_recompiling():
     before = compilations()
     list(stream(model, [8, 9], 7, Sampling(temperature=0.5, top_p=0.8, seed=9)))
     assert compilations() == before  # another request, same bucket: nothing new to compile
+
+
+def test_bench_generate_reports_speed_and_ttft(tiny_config):
+    from pipeline.bench import bench_generate
+
+    result = bench_generate(tiny_config, "tiny", prompt_len=8, new_tokens=8, quantize="int8")
+    assert result["case"] == "generate/tiny/int8"
+    assert result["tokens_per_sec"] > 0 and result["ttft_ms"] > 0
