@@ -14,7 +14,7 @@ from flax import nnx
 
 from pipeline.config import Config, ConfigError
 from pipeline.instruct import Examples, ExampleSampler, build_examples, read_examples
-from pipeline.loop import RESUMABLE_MODEL_KEYS, run_training
+from pipeline.loop import model_differences, run_training
 from pipeline.lora import add_lora, save_adapter, set_dropout_keys
 from pipeline.model import flops_per_token
 from pipeline.runs import load_model, save_model
@@ -23,11 +23,11 @@ from pipeline.train import Stage, lm_loss
 
 def check_same_model(cfg: Config, base: Config) -> None:
     """A fine-tune must describe the same model as its base."""
-    ours, theirs = cfg.to_dict()["model"], base.to_dict()["model"]
-    changed = [k for k in ours if k not in RESUMABLE_MODEL_KEYS and ours[k] != theirs[k]]
-    if changed:
-        diffs = ", ".join(f"model.{k}: base {theirs[k]!r}, here {ours[k]!r}" for k in changed)
-        raise ConfigError(f"init.from: {cfg.init.from_run} is a different model ({diffs})")
+    diffs = model_differences(base.to_dict()["model"], cfg.to_dict()["model"])
+    if diffs:
+        raise ConfigError(
+            f"init.from: {cfg.init.from_run} is a different model (base -> here: {diffs})"
+        )
 
 
 def build_stage(cfg: Config) -> Stage:

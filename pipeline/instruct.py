@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import ConfigError, FinetuneConfig
-from pipeline.data import Sampler, stdlib_files
+from pipeline.data import stdlib_files
 from pipeline.tokenizer import Tokenizer
 
 SUMMARY_PROMPT = "Summarize this function in one line:\n"
@@ -249,10 +249,3 @@ def _docstring_pairs(path: Path):
         code = textwrap.dedent("\n".join(line for line in kept if line.strip()))
         if len(code) <= MAX_SOURCE_CHARS:
             yield code, summary
-
-
-def eval_sampler(examples: Examples, global_batch: int) -> ExampleSampler:
-    return ExampleSampler(examples, global_batch, seed=0, shuffle=False)
-
-
-__all__ = ["Examples", "ExampleSampler", "Sampler", "build_examples", "read_examples", "render"]

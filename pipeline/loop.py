@@ -94,12 +94,16 @@ def prepare_run_dir(cfg: Config, stage: Stage, fresh: bool, main: bool) -> None:
     _barrier("run_dir")
 
 
+def model_differences(old: dict, new: dict) -> str:
+    """'model.key: old -> new, ...' for the keys that change parameters; '' when none do."""
+    changed = sorted(k for k in new if k not in RESUMABLE_MODEL_KEYS and old.get(k) != new[k])
+    return ", ".join(f"model.{k}: {old.get(k)!r} -> {new[k]!r}" for k in changed)
+
+
 def _check_same_model(cfg: Config, saved_path: Path) -> None:
     saved = yaml.safe_load(saved_path.read_text()) or {}
-    old, new = saved.get("model", {}), cfg.to_dict()["model"]
-    changed = sorted(k for k in new if k not in RESUMABLE_MODEL_KEYS and old.get(k) != new[k])
-    if changed:
-        diffs = ", ".join(f"model.{k}: {old.get(k)!r} -> {new[k]!r}" for k in changed)
+    diffs = model_differences(saved.get("model", {}), cfg.to_dict()["model"])
+    if diffs:
         raise CheckpointError(
             f"{saved_path.parent} holds checkpoints of a different model ({diffs}); "
             "pass --fresh to start it over, or use another run.dir"

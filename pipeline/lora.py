@@ -24,7 +24,7 @@ from flax import nnx
 
 from pipeline.config import LoraConfig
 from pipeline.model import Transformer
-from pipeline.quantize import QuantizedLinear
+from pipeline.quantize import QuantizedLinear, quantize_model
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -86,16 +86,8 @@ def add_lora(model: Transformer, cfg: LoraConfig, seed: int = 0) -> Transformer:
             base = QuantizedLinear(base)
         setattr(parent, name, LoRALinear(base, cfg.rank, cfg.alpha, cfg.dropout, rngs=rngs))
     if cfg.base_quantize == "int8":
-        _quantize_untargeted(model)
+        quantize_model(model, "int8")  # QLoRA: the projections without adapters too
     return model
-
-
-def _quantize_untargeted(model: Transformer) -> None:
-    """QLoRA keeps the whole frozen base in int8, not only the adapted projections."""
-    every = (*ATTENTION_TARGETS, *MLP_TARGETS)
-    for parent, name, _ in target_modules(model, every):
-        if isinstance(getattr(parent, name), nnx.Linear):
-            setattr(parent, name, QuantizedLinear(getattr(parent, name)))
 
 
 def set_dropout_keys(model: Transformer, rng: jax.Array | None) -> None:

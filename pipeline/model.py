@@ -70,8 +70,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) 
     """Softmax attention. q (B, T, N, H), k/v (B, S, K, H), mask (B, T, S) or None for causal.
 
     On GPUs and TPUs this is `jax.nn.dot_product_attention` (cuDNN flash attention where it
-    applies). On CPU an explicit grouped einsum is about 1.4x faster than that function's XLA
-    path for the training step, so CPU runs use it; both compute the same thing.
+    applies). On CPU an explicit grouped einsum is faster than that function's XLA path (forward
+    plus backward at the small model's shape: 74 ms against 105 ms a layer), so CPU runs use
+    it; both compute the same thing (tested).
     """
     if jax.default_backend() != "cpu":
         if mask is None:

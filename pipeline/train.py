@@ -21,7 +21,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from pipeline.config import Config, OptimizerConfig
+from pipeline.config import Config, ConfigError, OptimizerConfig
 
 AXIS = "devices"  # the one pmap axis name; replicate with the same name or pmap compiles twice
 
@@ -193,7 +193,7 @@ class PmapStrategy:
     def __init__(self, num_devices: int | None = None):
         local = jax.local_devices()
         if num_devices is not None and jax.process_count() > 1 and num_devices != len(local):
-            raise ValueError("train.num_devices must be unset in a multi-process run")
+            raise ConfigError("train.num_devices: must be unset in a multi-process run")
         self.local_devices = local[: num_devices or len(local)]
         everything = len(self.local_devices) == len(local)
         # Every process's devices, in pmap's order, or the requested subset of a single process.
