@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
 
 from pipeline.config import Config, ConfigError, load_config
@@ -58,9 +60,10 @@ def cmd_info(args) -> int:
 def _train(args, stage: str) -> int:
     """Run a training stage; a training failure is one error line and status 1."""
     cfg = _config(args)
-    from pipeline.runtime import init_distributed
+    from pipeline.runtime import enable_compilation_cache, init_distributed
 
     init_distributed(cfg.run)  # before anything touches a device
+    enable_compilation_cache(cfg.run.compilation_cache)
     from pipeline.train import TrainingError
 
     if stage == "pretrain":
@@ -99,10 +102,19 @@ def cmd_merge(args) -> int:
 
 def cmd_generate(args) -> int:
     """Generate from a run's model (pre-trained, fine-tuned with an adapter, or merged)."""
-    from pipeline.generate import Sampling, generate
+    from pipeline.generate import Sampling, check_sampling, generate
     from pipeline.instruct import prompt_ids
     from pipeline.runs import load_model
+    from pipeline.runtime import enable_compilation_cache
 
+    if not args.prompt:
+        raise ConfigError("--prompt is empty")
+    sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
+    try:
+        check_sampling(sampling)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    enable_compilation_cache(args.compilation_cache)
     _, model, tokenizer = load_model(args.run, key="--run")
     if args.quantize:
         from pipeline.quantize import quantize_model
@@ -113,7 +125,6 @@ def cmd_generate(args) -> int:
         stop = tokenizer.end_id
     else:
         ids, stop = tokenizer.encode(args.prompt), tokenizer.eos_id
-    sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
     try:
         result = generate(model, [ids], args.max_new_tokens, sampling, eos_id=stop)
     except ValueError as err:
@@ -127,13 +138,35 @@ def cmd_generate(args) -> int:
                     "text": text,
                     "tokens": tokens,
                     "prompt_tokens": len(ids),
-                    "seconds": result["seconds"],
+                    "ttft_ms": result["ttft_s"] * 1e3,
                     "tokens_per_sec": result["tokens_per_sec"],
+                    "decode_s": result["decode_s"],
+                    "compile_s": result["compile_s"],
                 }
             )
         )
     else:
         print(args.prompt + text if not args.chat else text)
+    return 0
+
+
+def cmd_export(args) -> int:
+    """Serialise a run's prefill and decode programs, with its weights, into one file."""
+    from pipeline.export import export_model
+    from pipeline.runs import load_model
+
+    _, model, tokenizer = load_model(args.run, key="--run")
+    if args.quantize:
+        from pipeline.quantize import quantize_model
+
+        quantize_model(model, args.quantize)
+    platforms = tuple(args.platforms.split(",")) if args.platforms else None
+    manifest = export_model(model, tokenizer, args.out, platforms)
+    print(
+        f"exported {args.run} to {args.out} (prompt buckets {manifest['prefill_buckets']}, "
+        f"platforms {','.join(manifest['platforms'])}); run it with "
+        f"python -m pipeline.exported {args.out} --prompt TEXT"
+    )
     return 0
 
 
@@ -194,7 +227,21 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     gen.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantisation")
     gen.add_argument("--json", action="store_true", help="one JSON object: text, tokens, timings")
+    gen.add_argument(
+        "--compilation-cache",
+        default=os.environ.get("PIPELINE_COMPILATION_CACHE"),
+        help="directory of compiled programs kept between processes "
+        "(default: $PIPELINE_COMPILATION_CACHE; unset: off)",
+    )
     gen.set_defaults(func=cmd_generate)
+    export = sub.add_parser("export", help="serialise a run's generate programs (jax.export)")
+    export.add_argument("--run", required=True, help="a run directory")
+    export.add_argument("--out", required=True, help="the artifact to write (a zip file)")
+    export.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantisation")
+    export.add_argument(
+        "--platforms", help="comma-separated, e.g. cpu,cuda (default: this machine's)"
+    )
+    export.set_defaults(func=cmd_export)
     bench = sub.add_parser("bench", help="benchmarks: bench train [--config FILE] [--json]")
     bench.add_argument("target", choices=["train", "finetune", "generate"])
     _add_config_args(bench)
@@ -218,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if extra:
         args.overrides = [*getattr(args, "overrides", []), *extra]
+    logging.basicConfig(format="%(name)s: %(message)s")
+    logging.getLogger("pipeline").setLevel(os.environ.get("PIPELINE_LOG_LEVEL", "INFO").upper())
     try:
         return args.func(args)
     except ConfigError as err:

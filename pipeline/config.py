@@ -147,6 +147,9 @@ class RunConfig:
     coordinator_address: str | None = None
     num_processes: int | None = None
     process_id: int | None = None
+    # A directory for compiled programs shared by every run (JAX's persistent compilation
+    # cache): a second start skips compilation. None: off.
+    compilation_cache: str | None = None
 
     def __post_init__(self):
         if self.dir is None:

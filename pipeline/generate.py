@@ -1,14 +1,16 @@
-"""Inference: prefill, decode_step and a whole-loop `generate` under one `jax.jit`.
+"""Inference: prefill, decode_step and a whole-loop `generate` under `jax.jit`.
 
 `prefill` runs the (right-padded) prompts through the model in one pass and fills the KV cache;
 `decode_step` adds one token per row, each row at its own position. `generate` runs the decode
 loop on the device (`lax.while_loop`) and stops each row at EOS or its token budget. Sampling
 parameters are arrays (one value per row), so new values never recompile; prompt lengths and
-token budgets are padded to powers of two, so the number of compilations stays small.
+token budgets are padded to powers of two, so the number of compilations stays small. Every
+program is compiled ahead of time once per shape (`PROGRAMS`), counted and logged.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -21,6 +23,7 @@ from flax import nnx
 from pipeline.model import init_cache
 
 MIN_BUCKET = 16
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -41,22 +44,33 @@ def bucket(n: int, limit: int) -> int:
     return min(size, limit)
 
 
-def sample(logits: jax.Array, keys: jax.Array, temperature, top_k, top_p) -> jax.Array:
-    """One token per row. logits (B, V) float32; keys (B, 2); the rest (B,) arrays."""
-    V = logits.shape[-1]
-    greedy = jnp.argmax(logits, axis=-1)
+def truncate(logits: jax.Array, temperature, top_k, top_p) -> jax.Array:
+    """Temperature-scaled logits with every token outside the top-k / top-p set at -inf.
+
+    top-p keeps the smallest set of most likely tokens whose probability reaches top_p (always
+    at least the most likely token); top_k 0 and top_p 1 keep everything.
+    """
+    B, V = logits.shape
     scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
     order = jnp.argsort(-scaled, axis=-1)  # (B, V) descending
     sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
     rank = jnp.arange(V)[None, :]
     keep = (top_k[:, None] <= 0) | (rank < top_k[:, None])
     probs = jax.nn.softmax(jnp.where(keep, sorted_logits, -jnp.inf), axis=-1)
-    # top-p: keep the smallest prefix whose probability reaches top_p (always the first token)
     keep &= (jnp.cumsum(probs, axis=-1) - probs) < top_p[:, None]
-    masked = jnp.where(keep, sorted_logits, -jnp.inf)
-    choice = jax.vmap(jax.random.categorical)(keys, masked)
-    sampled = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0]
-    return jnp.where(temperature > 0, sampled, greedy)
+    rows = jnp.arange(B)[:, None]
+    return (
+        jnp.full_like(scaled, -jnp.inf)
+        .at[rows, order]
+        .set(jnp.where(keep, sorted_logits, -jnp.inf))
+    )
+
+
+def sample(logits: jax.Array, keys: jax.Array, temperature, top_k, top_p) -> jax.Array:
+    """One token per row. logits (B, V) float32; keys (B, 2); the rest (B,) arrays."""
+    masked = truncate(logits, temperature, top_k, top_p)
+    sampled = jax.vmap(jax.random.categorical)(keys, masked)
+    return jnp.where(temperature > 0, sampled, jnp.argmax(logits, axis=-1))
 
 
 def prefill(model, tokens: jax.Array, lengths: jax.Array, cache):
@@ -72,26 +86,15 @@ def decode_step(model, tokens: jax.Array, positions: jax.Array, cache):
     return logits[:, 0], cache
 
 
-@partial(jax.jit, static_argnames=("graphdef", "max_new", "cache_len"))
-def _generate(
-    graphdef,
-    state,
-    tokens,
-    lengths,
-    budgets,
-    temperature,
-    top_k,
-    top_p,
-    seeds,
-    eos_id,
-    *,
-    max_new: int,
-    cache_len: int,
+def decode_loop(
+    model, logits, cache, lengths, budgets, temperature, top_k, top_p, seeds, eos_id, max_new
 ):
-    model = nnx.merge(graphdef, state)
-    B = tokens.shape[0]
-    cache = init_cache(model.cfg, B, cache_len)
-    logits, cache = prefill(model, tokens, lengths, cache)
+    """Sample and decode until every row has hit EOS or its budget: (tokens (B, max_new), steps).
+
+    The token for step s of a row comes from `fold_in(PRNGKey(seed), s)`, so it does not depend
+    on the other rows of the batch or on how the loop is driven (see `stream`).
+    """
+    B = logits.shape[0]
     base_keys = jax.vmap(jax.random.PRNGKey)(seeds)
     out = jnp.zeros((B, max_new), jnp.int32)
 
@@ -114,6 +117,93 @@ def _generate(
     return out, step
 
 
+@partial(jax.jit, static_argnames=("graphdef", "cache_len"))
+def _prefill(state, tokens, lengths, *, graphdef, cache_len: int):
+    model = nnx.merge(graphdef, state)
+    cache = init_cache(model.cfg, tokens.shape[0], cache_len)
+    return prefill(model, tokens, lengths, cache)
+
+
+@partial(jax.jit, static_argnames=("graphdef", "max_new"))
+def _decode_loop(state, logits, cache, *args, graphdef, max_new: int):
+    return decode_loop(nnx.merge(graphdef, state), logits, cache, *args, max_new)
+
+
+@partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
+def _step_one(state, logits, cache, position, key, temperature, top_k, top_p, *, graphdef):
+    model = nnx.merge(graphdef, state)
+    token = sample(logits, key[None], temperature[None], top_k[None], top_p[None])
+    logits, cache = decode_step(model, token, position[None], cache)
+    return token[0], logits, cache
+
+
+class Programs:
+    """Ahead-of-time compiled programs, one per (function, static arguments, argument shapes).
+
+    `get` compiles on first use, logs it and records the seconds it took, so callers can tell
+    compilation from execution and tests can count compilations.
+    """
+
+    def __init__(self):
+        self.compiled: dict = {}
+        self.seconds = 0.0
+
+    def get(self, fn, name: str, args: tuple, **static):
+        leaves, treedef = jax.tree.flatten(args)
+        shapes = tuple((np.shape(x), jnp.result_type(x).name) for x in leaves)
+        key = (name, tuple(sorted(static.items(), key=lambda kv: kv[0])), treedef, shapes)
+        program = self.compiled.get(key)
+        if program is None:
+            start = time.perf_counter()
+            program = fn.lower(*args, **static).compile()
+            seconds = time.perf_counter() - start
+            self.compiled[key] = program
+            self.seconds += seconds
+            detail = ", ".join(f"{k}={v}" for k, v in static.items() if k != "graphdef")
+            log.info(
+                "compiled %s (input %s%s) in %.2f s: %d programs in this process",
+                name,
+                "x".join(map(str, np.shape(args[1]))) or "scalar",
+                f", {detail}" if detail else "",
+                seconds,
+                len(self.compiled),
+            )
+        return program
+
+    def __len__(self) -> int:
+        return len(self.compiled)
+
+
+PROGRAMS = Programs()
+
+
+def compilations() -> int:
+    """How many generation programs have been compiled in this process."""
+    return len(PROGRAMS)
+
+
+def check_request(prompt_len: int, max_new_tokens: int, context: int) -> None:
+    """The one rule every entry point shares: a prompt, a budget, and both within the context."""
+    if prompt_len <= 0:
+        raise ValueError("the prompt is empty: it needs at least one token")
+    if max_new_tokens <= 0:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if prompt_len + max_new_tokens > context:
+        raise ValueError(
+            f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) "
+            f"exceeds the model's context of {context}"
+        )
+
+
+def check_sampling(sampling: Sampling) -> None:
+    if not sampling.temperature >= 0:
+        raise ValueError(f"temperature must be >= 0, got {sampling.temperature}")
+    if not 0 < sampling.top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {sampling.top_p}")
+    if sampling.top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0: off), got {sampling.top_k}")
+
+
 def generate(
     model,
     prompts: list[list[int]],
@@ -121,28 +211,28 @@ def generate(
     sampling: Sampling | list[Sampling] = Sampling(),
     eos_id: int = -1,
 ) -> dict:
-    """Generate for a batch of prompts (token ids). Returns ids per row and timings."""
+    """Generate for a batch of prompts (token ids). Returns ids per row and timings.
+
+    Timings exclude compilation (reported as `compile_s`): `ttft_s` is the prefill (the first
+    token's logits), `decode_s` the device loop, `tokens_per_sec` generated tokens over both.
+    """
     cfg = model.cfg
     B = len(prompts)
     budgets = np.broadcast_to(np.asarray(max_new_tokens, np.int32), (B,)).copy()
     samplings = sampling if isinstance(sampling, list) else [sampling] * B
+    for prompt, budget, s in zip(prompts, budgets, samplings, strict=True):
+        check_request(len(prompt), int(budget), cfg.max_seq_len)
+        check_sampling(s)
     longest = max(len(p) for p in prompts)
-    if longest == 0:
-        raise ValueError("a prompt needs at least one token")
-    if longest + int(budgets.max()) > cfg.max_seq_len:
-        raise ValueError(
-            f"prompt ({longest} tokens) + max_new_tokens ({int(budgets.max())}) "
-            f"exceeds the model's context of {cfg.max_seq_len}"
-        )
     P = bucket(longest, cfg.max_seq_len)
     max_new = bucket(int(budgets.max()), cfg.max_seq_len)
     tokens = np.zeros((B, P), np.int32)
     for i, p in enumerate(prompts):
         tokens[i, : len(p)] = p
     graphdef, state = nnx.split(model)
-    args = (
-        jnp.asarray(tokens),
-        jnp.asarray([len(p) for p in prompts], jnp.int32),
+    lengths = jnp.asarray([len(p) for p in prompts], jnp.int32)
+    loop_args = (
+        lengths,
         jnp.asarray(budgets),
         jnp.asarray([s.temperature for s in samplings], jnp.float32),
         jnp.asarray([s.top_k for s in samplings], jnp.int32),
@@ -150,36 +240,35 @@ def generate(
         jnp.asarray([s.seed for s in samplings], jnp.uint32),
         jnp.int32(eos_id),
     )
+    compiled_before = PROGRAMS.seconds
+    prefill_args = (state, jnp.asarray(tokens), lengths)
+    prefill_fn = PROGRAMS.get(
+        _prefill, "prefill", prefill_args, graphdef=graphdef, cache_len=P + max_new
+    )
     start = time.perf_counter()
-    out, steps = _generate(graphdef, state, *args, max_new=max_new, cache_len=P + max_new)
+    logits, cache = jax.block_until_ready(prefill_fn(*prefill_args))
+    ttft = time.perf_counter() - start
+    args = (state, logits, cache, *loop_args)
+    loop_fn = PROGRAMS.get(_decode_loop, "decode_loop", args, graphdef=graphdef, max_new=max_new)
+    start = time.perf_counter()
+    out, steps = loop_fn(*args)
     out = np.asarray(out)
-    seconds = time.perf_counter() - start
+    decode_s = time.perf_counter() - start
     rows = []
     for i in range(B):
         ids = [int(t) for t in out[i, : budgets[i]]]
         rows.append(ids[: ids.index(eos_id) + 1] if eos_id in ids else ids)
     generated = sum(len(r) for r in rows)
+    seconds = ttft + decode_s
     return {
         "tokens": rows,
-        "seconds": seconds,
         "steps": int(steps),
+        "seconds": seconds,
+        "ttft_s": ttft,
+        "decode_s": decode_s,
+        "compile_s": PROGRAMS.seconds - compiled_before,
         "tokens_per_sec": generated / seconds if seconds > 0 else 0.0,
     }
-
-
-@partial(jax.jit, static_argnames=("graphdef", "cache_len"))
-def _prefill_one(graphdef, state, tokens, length, *, cache_len: int):
-    model = nnx.merge(graphdef, state)
-    cache = init_cache(model.cfg, tokens.shape[0], cache_len)
-    return prefill(model, tokens, length, cache)
-
-
-@partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
-def _step_one(graphdef, state, logits, cache, position, key, temperature, top_k, top_p):
-    model = nnx.merge(graphdef, state)
-    token = sample(logits, key[None], temperature[None], top_k[None], top_p[None])
-    logits, cache = decode_step(model, token, position[None], cache)
-    return token[0], logits, cache
 
 
 def stream(
@@ -187,44 +276,43 @@ def stream(
 ):
     """Yield generated token ids one at a time, as they are produced.
 
-    Two jitted programs (prefill, one decode step) per prompt-length bucket; sampling values
-    and the step index are arrays, so a new request or token never recompiles. Tokens equal
+    Two programs (prefill, one decode step) per prompt-length bucket; sampling values and the
+    step index are arrays, so a new request or token never recompiles. Tokens equal
     `generate`'s for the same inputs.
     """
     cfg = model.cfg
-    if not prompt or len(prompt) + max_new_tokens > cfg.max_seq_len:
-        raise ValueError(
-            f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) "
-            f"must be 1..{cfg.max_seq_len} (the model's context)"
-        )
+    check_request(len(prompt), max_new_tokens, cfg.max_seq_len)
+    check_sampling(sampling)
     P = bucket(len(prompt), cfg.max_seq_len)
     tokens = np.zeros((1, P), np.int32)
     tokens[0, : len(prompt)] = prompt
     graphdef, state = nnx.split(model)
-    length = jnp.asarray([len(prompt)], jnp.int32)
-    logits, cache = _prefill_one(
-        graphdef,
-        state,
-        jnp.asarray(tokens),
-        length,
-        cache_len=P + bucket(max_new_tokens, cfg.max_seq_len),
+    prefill_args = (state, jnp.asarray(tokens), jnp.asarray([len(prompt)], jnp.int32))
+    cache_len = P + bucket(max_new_tokens, cfg.max_seq_len)
+    prefill_fn = PROGRAMS.get(
+        _prefill, "prefill", prefill_args, graphdef=graphdef, cache_len=cache_len
     )
+    logits, cache = prefill_fn(*prefill_args)
     base_key = jax.random.PRNGKey(np.uint32(sampling.seed))
     params = (
         jnp.float32(sampling.temperature),
         jnp.int32(sampling.top_k),
         jnp.float32(sampling.top_p),
     )
+    step_fn = None
     for step in range(max_new_tokens):
-        key = jax.random.fold_in(base_key, step)
-        position = jnp.int32(len(prompt) + step)
-        token, logits, cache = _step_one(graphdef, state, logits, cache, position, key, *params)
+        args = (
+            state,
+            logits,
+            cache,
+            jnp.int32(len(prompt) + step),
+            jax.random.fold_in(base_key, step),
+            *params,
+        )
+        if step_fn is None:
+            step_fn = PROGRAMS.get(_step_one, "decode_step", args, graphdef=graphdef)
+        token, logits, cache = step_fn(*args)
         token = int(token)
         yield token
         if token == eos_id:
             return
-
-
-def compilations() -> int:
-    """How many versions of the generate loop have been compiled in this process."""
-    return _generate._cache_size() + _prefill_one._cache_size() + _step_one._cache_size()

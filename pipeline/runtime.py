@@ -15,6 +15,20 @@ import jax.numpy as jnp
 from pipeline.config import RunConfig
 
 
+def enable_compilation_cache(path: str | None) -> None:
+    """Keep compiled programs on disk under `path`, so the next process starts without compiling.
+
+    Every program is cached, however quick its compilation (JAX's default skips those under a
+    second, which is most of a small model's programs on CPU).
+    """
+    if not path:
+        return
+    os.makedirs(path, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", os.path.abspath(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
 def init_distributed(run: RunConfig) -> bool:
     """Join a multi-process run when the config or the environment asks for one."""
     address = run.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
