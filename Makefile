@@ -12,10 +12,16 @@ export LD_PRELOAD := $(firstword $(JEMALLOC))
 export MALLOC_CONF := oversize_threshold:0,dirty_decay_ms:-1,muzzy_decay_ms:-1
 endif
 
-.PHONY: install test lint format pretrain finetune bench
+.PHONY: install test lint format pretrain finetune bench generate
 
 # Extra overrides for the run targets, e.g. make pretrain ARGS="train.steps=50".
 ARGS ?=
+# The run generate (and serve) use: the newest fine-tuned run (an adapter or a full model),
+# else the newest run of any stage.
+LATEST_FINETUNED = $(shell ls -td runs/*/adapter_config.json runs/*/model 2>/dev/null | head -1 | xargs -r dirname)
+LATEST_RUN = $(shell ls -td runs/*/config.yaml 2>/dev/null | head -1 | xargs -r dirname)
+RUN ?= $(or $(LATEST_FINETUNED),$(LATEST_RUN))
+PROMPT ?= def main(
 
 install: $(STAMP)
 
@@ -44,3 +50,7 @@ finetune: install
 
 bench: install
 	$(BIN)/python -m pipeline bench train $(ARGS)
+
+generate: install
+	@test -n "$(RUN)" || { echo "error: no run in runs/: make pretrain first"; exit 2; }
+	$(BIN)/python -m pipeline generate --run $(RUN) --prompt "$(PROMPT)" $(if $(wildcard $(RUN)/adapter_config.json),--chat,) $(ARGS)

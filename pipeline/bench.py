@@ -1,4 +1,4 @@
-"""`pipeline bench train`: steady-state speed of the training step, beside the matmul peak.
+"""`pipeline bench train|finetune|generate|quantize`: measured speed, memory and quality.
 
 Each case prints one line (or one JSON object with --json): tokens/s, step time, MFU against the
 measured peak (a jitted 2048x2048 matmul in the compute dtype), compile time, and which
@@ -13,9 +13,11 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
-from pipeline.config import Config, load_config
+from pipeline.config import Config, ConfigError, load_config
 from pipeline.data import Dataset
 from pipeline.runtime import aggregate_peak_flops, measure_matmul_peak
 from pipeline.tokenizer import byte_tokenizer
@@ -108,6 +110,9 @@ def time_stage(cfg: Config, stage, steps: int, warmup: int) -> dict:
     }
 
 
+GENERATE_CASES = ("b1", "b32", "int8", "int4", "recompute")
+
+
 def bench_generate(
     cfg: Config,
     case: str,
@@ -117,35 +122,101 @@ def bench_generate(
     quantize: str | None = None,
 ) -> dict:
     """Decode speed of the jitted whole-loop generate, and time to first token (prefill)."""
-    from pipeline.generate import Sampling, generate, stream
+    from pipeline.generate import Sampling, generate
     from pipeline.model import create_model
+    from pipeline.quantize import weight_bytes
 
     model = create_model(cfg.model)
     if quantize:
         from pipeline.quantize import quantize_model
 
-        quantize_model(model, quantize)
+        quantize_model(model, quantize, embeddings=True)
     rng = np.random.default_rng(0)
     prompts = [list(rng.integers(0, cfg.model.vocab_size, prompt_len)) for _ in range(batch)]
-    start = time.perf_counter()
-    generate(model, prompts, new_tokens, Sampling())  # compiles
-    compile_s = time.perf_counter() - start
+    first = generate(model, prompts, new_tokens, Sampling())  # compiles
     result = generate(model, prompts, new_tokens, Sampling())
-    list(stream(model, prompts[0], 2))  # compiles the streaming prefill and step
-    start = time.perf_counter()
-    next(stream(model, prompts[0], 1))
-    ttft = time.perf_counter() - start
     return {
-        "case": f"generate/{case}" + (f"/{quantize}" if quantize else ""),
+        "case": f"generate/{case}",
         "batch": batch,
         "prompt_len": prompt_len,
         "new_tokens": new_tokens,
         "tokens_per_sec": batch * new_tokens / result["seconds"],
-        "ttft_ms": ttft * 1e3,
-        "compile_s": compile_s,
+        "decode_tokens_per_sec": batch * new_tokens / result["decode_s"],
+        "ttft_ms": result["ttft_s"] * 1e3,
+        "compile_s": first["compile_s"],
+        "weight_bytes": weight_bytes(model),
         "device": jax.devices()[0].device_kind,
         "allocator": allocator(),
     }
+
+
+def bench_recompute(cfg: Config, case: str, prompt_len: int = 64, new_tokens: int = 512) -> dict:
+    """Greedy decoding without a cache (the whole sequence again for every token), on device.
+
+    The baseline the KV cache is measured against: one jitted `fori_loop` over a fixed-size
+    buffer (causal attention makes the padding harmless), so only the recomputation differs.
+    """
+    from pipeline.generate import Sampling, generate
+    from pipeline.model import create_model
+
+    length = prompt_len + new_tokens
+    if length > cfg.model.max_seq_len:
+        raise ValueError(f"recompute: {length} tokens exceed model.max_seq_len")
+    model = create_model(cfg.model)
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def recompute(state, buffer):
+        model = nnx.merge(graphdef, state)
+
+        def body(i, buffer):
+            logits, _ = model(buffer)
+            token = jnp.argmax(logits[:, prompt_len + i - 1], axis=-1).astype(buffer.dtype)
+            return buffer.at[:, prompt_len + i].set(token)
+
+        return jax.lax.fori_loop(0, new_tokens, body, buffer)
+
+    rng = np.random.default_rng(0)
+    prompt = [int(t) for t in rng.integers(0, cfg.model.vocab_size, prompt_len)]
+    buffer = jnp.zeros((1, length), jnp.int32).at[0, :prompt_len].set(jnp.asarray(prompt))
+    jax.block_until_ready(recompute(state, buffer))  # compiles
+    start = time.perf_counter()
+    out = np.asarray(recompute(state, buffer))
+    seconds = time.perf_counter() - start
+    generate(model, [prompt], new_tokens, Sampling())  # compiles
+    cached = generate(model, [prompt], new_tokens, Sampling())
+    assert out[0, prompt_len:].tolist() == cached["tokens"][0], "recompute and cache disagree"
+    return {
+        "case": f"generate/{case}",
+        "batch": 1,
+        "prompt_len": prompt_len,
+        "new_tokens": new_tokens,
+        "recompute_tokens_per_sec": new_tokens / seconds,
+        "tokens_per_sec": new_tokens / cached["seconds"],
+        "speedup": seconds / cached["seconds"],
+        "device": jax.devices()[0].device_kind,
+        "allocator": allocator(),
+    }
+
+
+def bench_quantize(run_dir: str, modes=("int8", "int4")) -> list[dict]:
+    """Quality and size of int8 / int4 weights for a run's model, on its validation split."""
+    from pipeline.data import prepare_dataset
+    from pipeline.quantize import quality_report
+    from pipeline.runs import load_model
+
+    cfg, _, tokenizer = load_model(run_dir, key="--run")
+    tokens = np.asarray(prepare_dataset(cfg, tokenizer).val)
+    seq_len = min(cfg.data.seq_len, cfg.model.max_seq_len)
+    results = quality_report(
+        lambda: load_model(run_dir, key="--run")[1],
+        tokens,
+        modes,
+        seq_len=seq_len,
+        prompt_len=min(32, seq_len // 2),
+        new_tokens=min(32, cfg.model.max_seq_len - min(32, seq_len // 2)),
+    )
+    return [{"case": f"quantize/{r['mode']}", "run": str(run_dir), **r} for r in results]
 
 
 def bench_matmul(dtype: str = "float32") -> dict:
@@ -165,15 +236,38 @@ def run_bench(
     cases: list[str] | None,
     steps: int,
     as_json: bool,
+    run: str | None = None,
 ) -> list[dict]:
-    results = [bench_matmul()]
+    results = []
+    if target == "quantize":
+        if not run:
+            raise ConfigError("bench quantize needs --run DIR (a trained run)")
+        for result in bench_quantize(run, [c for c in (cases or ["int8", "int4"])]):
+            results.append(result)
+            _emit(result, as_json)
+        return results
+    results.append(bench_matmul())
     _emit(results[-1], as_json)
     if target == "generate":
-        names = cases or ["small", "small/int8"]
-        for name in names:
-            preset, _, quantize = name.partition("/")
-            cfg = load_config(config or CONFIGS / f"{preset}.yaml", overrides)
-            results.append(bench_generate(cfg, preset, quantize=quantize or None))
+        name = Path(config).stem if config else "small"
+        for case in cases or GENERATE_CASES:
+            if case == "recompute":
+                # 64 + 512 tokens: the preset's context is lengthened (random weights anyway)
+                cfg = load_config(
+                    config or CONFIGS / "small.yaml", ["model.max_seq_len=1024", *overrides]
+                )
+                results.append(bench_recompute(cfg, f"{name}/{case}"))
+            elif case in GENERATE_CASES:
+                cfg = load_config(config or CONFIGS / "small.yaml", overrides)
+                batch = int(case[1:]) if case.startswith("b") else 1
+                quantize = case if case.startswith("int") else None
+                results.append(
+                    bench_generate(cfg, f"{name}/{case}", batch=batch, quantize=quantize)
+                )
+            else:
+                raise ConfigError(
+                    f"bench generate: unknown case {case!r}; valid: {', '.join(GENERATE_CASES)}"
+                )
             _emit(results[-1], as_json)
         return results
     if target == "finetune":
@@ -201,10 +295,31 @@ def _emit(result: dict, as_json: bool) -> None:
     if as_json:
         print(json.dumps(result), flush=True)
         return
+    if "eval_loss" in result:
+        print(
+            f"{result['case']:<22} weights {result['weight_bytes'] / 2**20:8.2f} MiB "
+            f"({result['bytes_ratio']:.3f}x)  eval loss {result['eval_loss']:.4f} "
+            f"({result['eval_loss_delta']:+.4f})  next-token agreement "
+            f"{result['next_token_agreement']:.1%}  greedy agreement "
+            f"{result['greedy_agreement']:.1%}",
+            flush=True,
+        )
+        return
+    if "speedup" in result:
+        print(
+            f"{result['case']:<22} {result['recompute_tokens_per_sec']:10,.1f} tokens/s without "
+            f"a cache, {result['tokens_per_sec']:,.1f} with: {result['speedup']:.1f}x  "
+            f"(prompt {result['prompt_len']}, {result['new_tokens']} new tokens, "
+            f"{result['allocator']})",
+            flush=True,
+        )
+        return
     if "ttft_ms" in result:
         print(
             f"{result['case']:<22} {result['tokens_per_sec']:10,.0f} tokens/s  "
+            f"(decode {result['decode_tokens_per_sec']:,.0f})  "
             f"TTFT {result['ttft_ms']:7.1f} ms  compile {result['compile_s']:.1f} s  "
+            f"weights {result['weight_bytes'] / 2**20:.1f} MiB  "
             f"(batch {result['batch']}, prompt {result['prompt_len']}, "
             f"{result['new_tokens']} new tokens, {result['allocator']})",
             flush=True,

@@ -119,7 +119,7 @@ def cmd_generate(args) -> int:
     if args.quantize:
         from pipeline.quantize import quantize_model
 
-        quantize_model(model, args.quantize)
+        quantize_model(model, args.quantize, embeddings=True)
     if args.chat:
         ids = prompt_ids(tokenizer, [{"role": "user", "content": args.prompt}])
         stop = tokenizer.end_id
@@ -159,7 +159,7 @@ def cmd_export(args) -> int:
     if args.quantize:
         from pipeline.quantize import quantize_model
 
-        quantize_model(model, args.quantize)
+        quantize_model(model, args.quantize, embeddings=True)
     platforms = tuple(args.platforms.split(",")) if args.platforms else None
     manifest = export_model(model, tokenizer, args.out, platforms)
     print(
@@ -188,7 +188,7 @@ def cmd_bench(args) -> int:
     from pipeline.bench import run_bench
 
     cases = args.cases.split(",") if args.cases else None
-    run_bench(args.target, args.config, args.overrides, cases, args.steps, args.json)
+    run_bench(args.target, args.config, args.overrides, cases, args.steps, args.json, args.run)
     return 0
 
 
@@ -243,12 +243,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.set_defaults(func=cmd_export)
     bench = sub.add_parser("bench", help="benchmarks: bench train [--config FILE] [--json]")
-    bench.add_argument("target", choices=["train", "finetune", "generate"])
+    bench.add_argument("target", choices=["train", "finetune", "generate", "quantize"])
+    bench.add_argument("--run", help="quantize: the trained run to measure")
     _add_config_args(bench)
     bench.add_argument(
         "--cases",
         help="train: presets from configs/ (default small,gpt2-124m); "
-        "finetune: methods (default lora,qlora,full)",
+        "finetune: methods (default lora,qlora,full); "
+        "generate: b1,b32,int8,int4,recompute (default all); quantize: int8,int4",
     )
     bench.add_argument("--steps", type=int, default=5, help="timed steps per case")
     bench.add_argument("--json", action="store_true", help="one JSON object per case")

@@ -67,10 +67,25 @@ def truncate(logits: jax.Array, temperature, top_k, top_p) -> jax.Array:
 
 
 def sample(logits: jax.Array, keys: jax.Array, temperature, top_k, top_p) -> jax.Array:
-    """One token per row. logits (B, V) float32; keys (B, 2); the rest (B,) arrays."""
-    masked = truncate(logits, temperature, top_k, top_p)
-    sampled = jax.vmap(jax.random.categorical)(keys, masked)
-    return jnp.where(temperature > 0, sampled, jnp.argmax(logits, axis=-1))
+    """One token per row. logits (B, V) float32; keys (B, 2); the rest (B,) arrays.
+
+    The sort behind top-k / top-p costs more than a small model's decode step, so it runs only
+    when some row asks for it, and nothing but the argmax runs when every row is greedy.
+    """
+
+    def sampled():
+        truncated = (top_k > 0) | (top_p < 1)
+        masked = jax.lax.cond(
+            jnp.any(truncated & (temperature > 0)),
+            lambda: truncate(logits, temperature, top_k, top_p),
+            lambda: logits / jnp.maximum(temperature, 1e-6)[:, None],
+        )
+        tokens = jax.vmap(jax.random.categorical)(keys, masked)
+        return jnp.where(temperature > 0, tokens, jnp.argmax(logits, axis=-1))
+
+    return jax.lax.cond(
+        jnp.any(temperature > 0), sampled, lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    )
 
 
 def prefill(model, tokens: jax.Array, lengths: jax.Array, cache):

@@ -46,7 +46,7 @@ def test_exported_artifact_generates_the_live_models_tokens(tmp_path, quantize):
     if quantize:
         from pipeline.quantize import quantize_model
 
-        quantize_model(model, quantize)
+        quantize_model(model, quantize, embeddings=True)
     artifact = tmp_path / "model.zip"
     manifest = export_model(model, byte_tokenizer(), artifact)
     assert manifest["prefill_buckets"] == [16, 32, 64]
