@@ -12,7 +12,7 @@ export LD_PRELOAD := $(firstword $(JEMALLOC))
 export MALLOC_CONF := oversize_threshold:0,dirty_decay_ms:-1,muzzy_decay_ms:-1
 endif
 
-.PHONY: install test lint format pretrain finetune bench generate
+.PHONY: install test lint format pretrain finetune bench generate serve
 
 # Extra overrides for the run targets, e.g. make pretrain ARGS="train.steps=50".
 ARGS ?=
@@ -54,3 +54,7 @@ bench: install
 generate: install
 	@test -n "$(RUN)" || { echo "error: no run in runs/: make pretrain first"; exit 2; }
 	$(BIN)/python -m pipeline generate --run $(RUN) --prompt "$(PROMPT)" $(if $(wildcard $(RUN)/adapter_config.json),--chat,) $(ARGS)
+
+serve: install
+	@test -n "$(RUN)" || { echo "error: no run in runs/: make pretrain first"; exit 2; }
+	$(BIN)/python -m pipeline serve --run $(RUN) --config configs/serve.yaml $(ARGS)

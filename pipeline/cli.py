@@ -170,6 +170,42 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    """Serve a run over HTTP (OpenAI-compatible) until SIGTERM or Ctrl-C."""
+    from pipeline.config import with_overrides
+    from pipeline.runtime import enable_compilation_cache
+
+    cfg = _config(args)
+    flags = {
+        "host": args.host,
+        "port": args.port,
+        "api_key": args.api_key or os.environ.get("PIPELINE_API_KEY"),
+        "quantize": args.quantize,
+        "model_name": args.model_name,
+    }
+    cfg = with_overrides(cfg, serve={k: v for k, v in flags.items() if v is not None})
+    s = cfg.serve
+    enable_compilation_cache(s.compilation_cache)
+    from pipeline.serve import serve
+
+    serve(
+        args.run,
+        host=s.host,
+        port=s.port,
+        api_key=s.api_key,
+        quantize=None if s.quantize == "none" else s.quantize,
+        slots=s.slots,
+        max_len=s.max_len,
+        max_queue=s.max_queue,
+        max_tokens=s.max_tokens,
+        default_max_tokens=s.default_max_tokens,
+        max_body_bytes=s.max_body_bytes,
+        model_name=s.model_name,
+        graceful_seconds=s.graceful_seconds,
+    )
+    return 0
+
+
 def _report(result: dict) -> None:
     import jax
 
@@ -234,6 +270,15 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: $PIPELINE_COMPILATION_CACHE; unset: off)",
     )
     gen.set_defaults(func=cmd_generate)
+    srv = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
+    srv.add_argument("--run", required=True, help="a run directory")
+    _add_config_args(srv)
+    srv.add_argument("--host", help="default 127.0.0.1 (serve.host)")
+    srv.add_argument("--port", type=int, help="default 8000 (serve.port)")
+    srv.add_argument("--api-key", help="require Authorization: Bearer KEY (or $PIPELINE_API_KEY)")
+    srv.add_argument("--quantize", choices=["none", "int8", "int4"])
+    srv.add_argument("--model-name", help="the model id clients use (default: the run's name)")
+    srv.set_defaults(func=cmd_serve)
     export = sub.add_parser("export", help="serialise a run's generate programs (jax.export)")
     export.add_argument("--run", required=True, help="a run directory")
     export.add_argument("--out", required=True, help="the artifact to write (a zip file)")

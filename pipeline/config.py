@@ -186,6 +186,25 @@ class FinetuneConfig:
 
 
 @dataclass(frozen=True)
+class ServeConfig:
+    """`pipeline serve`: the HTTP server and its continuous-batching engine."""
+
+    host: str = "127.0.0.1"  # loopback unless told otherwise
+    port: int = 8000
+    api_key: str | None = None  # or $PIPELINE_API_KEY; required on every /v1 route when set
+    model_name: str | None = None  # the id clients send as "model"; None: the run's folder name
+    quantize: Literal["none", "int8", "int4"] = "none"
+    slots: int = 8  # requests decoding together
+    max_len: int | None = None  # positions per slot; None: the model's context
+    max_queue: int = 64  # requests waiting for a slot before 429
+    max_tokens: int | None = None  # the largest max_tokens accepted; None: max_len
+    default_max_tokens: int = 16  # when a request gives none (as OpenAI's completions)
+    max_body_bytes: int = 1_048_576
+    graceful_seconds: float = 60.0  # SIGTERM: how long in-flight requests may take to finish
+    compilation_cache: str | None = None
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole experiment."""
 
@@ -198,6 +217,7 @@ class Config:
     init: InitConfig = field(default_factory=InitConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict with the YAML key names (tuples as lists)."""
@@ -459,6 +479,11 @@ def _check_values(cfg: Config, origins: dict) -> None:
             "tokenizer.vocab_size",
             (cfg.tokenizer.vocab_size or m.vocab_size) <= m.vocab_size,
             f"{cfg.tokenizer.vocab_size} exceeds model.vocab_size={m.vocab_size}",
+        ),
+        ("serve.port", 0 <= cfg.serve.port < 65536, "must be in 0..65535"),
+        *(
+            (f"serve.{name}", getattr(cfg.serve, name) >= 1, "must be at least 1")
+            for name in ("slots", "max_queue", "default_max_tokens", "max_body_bytes")
         ),
     ]
     for key, ok, message in rules:

@@ -42,3 +42,31 @@ def restore_final_state(cfg: Config) -> dict:
     state, _ = checkpointer.restore(create_train_state(stage, tx, cfg.train.seed))
     checkpointer.close()
     return state
+
+
+def make_tiny_runs(tmp_path) -> tuple[str, str]:
+    """A 2-step pretrain_tiny run and a 2-step LoRA fine-tune of it: (base dir, LoRA dir)."""
+    from pipeline.finetune import finetune
+    from pipeline.pretrain import pretrain
+
+    common = [
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "run.progress=false",
+        "train.steps=2",
+        "train.eval_every=2",
+        "train.checkpoint_every=2",
+        "train.eval_batches=1",
+    ]
+    base, lora = str(tmp_path / "base"), str(tmp_path / "ft")
+    pretrain(
+        load_config(
+            os.path.join(ROOT, "configs", "pretrain_tiny.yaml"), [f"run.dir={base}", *common]
+        )
+    )
+    finetune(
+        load_config(
+            os.path.join(ROOT, "configs", "finetune_tiny.yaml"),
+            [f"run.dir={lora}", f"init.from={base}", "finetune.max_examples=50", *common],
+        )
+    )
+    return base, lora

@@ -84,37 +84,9 @@ def test_cli_generate_json_from_a_run_and_an_adapter(tmp_path):
     import subprocess
     import sys
 
-    from conftest import ROOT
+    from conftest import ROOT, make_tiny_runs
 
-    from pipeline.config import load_config
-    from pipeline.finetune import finetune
-    from pipeline.pretrain import pretrain
-
-    common = [
-        f"data.cache_dir={tmp_path / 'cache'}",
-        "run.progress=false",
-        "train.steps=2",
-        "train.eval_every=2",
-        "train.checkpoint_every=2",
-        "train.eval_batches=1",
-    ]
-    pretrain(
-        load_config(
-            os.path.join(ROOT, "configs", "pretrain_tiny.yaml"),
-            [f"run.dir={tmp_path / 'base'}", *common],
-        )
-    )
-    finetune(
-        load_config(
-            os.path.join(ROOT, "configs", "finetune_tiny.yaml"),
-            [
-                f"run.dir={tmp_path / 'ft'}",
-                f"init.from={tmp_path / 'base'}",
-                "finetune.max_examples=50",
-                *common,
-            ],
-        )
-    )
+    make_tiny_runs(tmp_path)
     for run, extra in (("base", []), ("ft", ["--chat"])):
         proc = subprocess.run(
             [

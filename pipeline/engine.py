@@ -1,0 +1,379 @@
+"""The serving engine: continuous batching over a fixed number of decode slots.
+
+`slots` requests decode together in one KV cache of `[slots, max_len]` rows. One engine step
+decodes one token for every slot in one jitted call (per-slot positions, sampling values and
+step counters live on the device); a new request is prefilled on its own (prompt length padded
+to a bucket) and its keys and values are copied into a free slot while the other slots keep
+decoding; a slot frees as soon as its request ends. Every program is compiled at start-up
+(`warmup`), so the first request is as fast as the hundredth.
+
+Tokens leave the engine through each request's `emit(token, finish_reason)` callback, called
+from the engine thread; `finish_reason` is None until the last call ("stop" at an end-of-text
+token, "length" at the token budget, "cancelled" after `cancel`). Text-level stop sequences
+belong to the caller, which cancels the request when it sees one.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from pipeline.generate import (
+    MIN_BUCKET,
+    Sampling,
+    check_request,
+    check_sampling,
+    decode_step,
+    prefill,
+    sample,
+)
+from pipeline.model import init_cache
+
+log = logging.getLogger(__name__)
+
+
+class QueueFullError(Exception):
+    """Every slot is busy and the waiting queue is at its limit: retry later."""
+
+
+@dataclass
+class Request:
+    prompt: list[int]
+    max_tokens: int
+    sampling: Sampling
+    emit: Callable[[int | None, str | None], None]
+    stop_ids: frozenset[int] = frozenset()
+    id: int = field(default_factory=itertools.count().__next__)
+    submitted: float = field(default_factory=time.perf_counter)
+    generated: int = 0
+    last_token_at: float = 0.0
+    cancelled: bool = False
+
+
+def _buckets(max_len: int) -> list[int]:
+    sizes, size = [], MIN_BUCKET
+    while not sizes or sizes[-1] < max_len:
+        sizes.append(min(size, max_len))
+        size *= 2
+    return sizes
+
+
+@partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("slots", "cache"))
+def _insert(params, slots, cache, tokens, length, slot, sampling, *, graphdef):
+    """Prefill one prompt (1, P), copy its keys/values into row `slot`, sample its first token."""
+    model = nnx.merge(graphdef, params)
+    P = tokens.shape[1]
+    logits, small = prefill(model, tokens, length, init_cache(model.cfg, 1, P))
+    temperature, top_k, top_p, seed = sampling
+    key = jax.random.fold_in(jax.random.PRNGKey(seed), 0)
+    token = sample(logits, key[None], temperature[None], top_k[None], top_p[None])[0]
+    cache = [
+        {
+            name: jax.lax.dynamic_update_slice(big[name], layer[name], (slot, 0, 0, 0))
+            for name in ("k", "v")
+        }
+        for big, layer in zip(cache, small, strict=True)
+    ]
+    slots = {
+        "token": slots["token"].at[slot].set(token),
+        "position": slots["position"].at[slot].set(length[0]),
+        "step": slots["step"].at[slot].set(1),
+        "temperature": slots["temperature"].at[slot].set(temperature),
+        "top_k": slots["top_k"].at[slot].set(top_k),
+        "top_p": slots["top_p"].at[slot].set(top_p),
+        "seed": slots["seed"].at[slot].set(seed),
+    }
+    return token, slots, cache
+
+
+@partial(jax.jit, static_argnames=("graphdef", "rows"), donate_argnames=("slots", "cache"))
+def _step(params, slots, cache, *, graphdef, rows: int):
+    """Feed the last token of slots 0..rows-1, sample their next tokens: tokens (rows,).
+
+    Active requests are kept in the lowest slots, so a step costs what its `rows` (the number
+    of active slots rounded up to a power of two) cost, not what every slot would.
+    """
+    model = nnx.merge(graphdef, params)
+    head = jax.tree.map(lambda x: x[:rows], (slots, cache))
+    part, part_cache = head
+    max_pos = part_cache[0]["k"].shape[2] - 1
+    positions = jnp.minimum(part["position"], max_pos)  # idle slots must stay in range
+    logits, part_cache = decode_step(model, part["token"], positions, part_cache)
+    keys = jax.vmap(lambda s, n: jax.random.fold_in(jax.random.PRNGKey(s), n))(
+        part["seed"], part["step"]
+    )
+    tokens = sample(logits, keys, part["temperature"], part["top_k"], part["top_p"])
+    part = {**part, "token": tokens, "position": part["position"] + 1, "step": part["step"] + 1}
+    slots, cache = jax.tree.map(
+        lambda whole, new: jax.lax.dynamic_update_slice_in_dim(whole, new, 0, axis=0),
+        (slots, cache),
+        (part, part_cache),
+    )
+    return tokens, slots, cache
+
+
+@partial(jax.jit, donate_argnames=("slots", "cache"))
+def _move(slots, cache, src, dst):
+    """Copy slot `src` (its keys/values and its sampling state) into slot `dst`."""
+    return jax.tree.map(lambda x: x.at[dst].set(x[src]), (slots, cache))
+
+
+def _row_buckets(slots: int) -> list[int]:
+    sizes = [1]
+    while sizes[-1] < slots:
+        sizes.append(min(2 * sizes[-1], slots))
+    return sizes
+
+
+class Engine:
+    """Continuous batching for one model. `start()` runs the loop in a thread."""
+
+    def __init__(
+        self,
+        model,
+        slots: int = 8,
+        max_len: int | None = None,
+        max_queue: int = 64,
+        observe: Callable[[str, float], None] | None = None,
+    ):
+        """`observe(name, value)` receives, from the engine thread, "prompt_tokens" (per
+        admitted request), "ttft" and "itl" (seconds: to a request's first token, between its
+        tokens)."""
+        cfg = model.cfg
+        self.max_len = min(max_len or cfg.max_seq_len, cfg.max_seq_len)
+        self.num_slots = slots
+        self.max_queue = max_queue
+        self.buckets = _buckets(self.max_len)
+        self.row_buckets = _row_buckets(slots)
+        self.graphdef, self.params = nnx.split(model)
+        self.cache = init_cache(cfg, slots, self.max_len)
+        self.slots = {
+            "token": jnp.zeros((slots,), jnp.int32),
+            "position": jnp.zeros((slots,), jnp.int32),
+            "step": jnp.zeros((slots,), jnp.int32),
+            "temperature": jnp.zeros((slots,), jnp.float32),
+            "top_k": jnp.zeros((slots,), jnp.int32),
+            "top_p": jnp.ones((slots,), jnp.float32),
+            "seed": jnp.zeros((slots,), jnp.uint32),
+        }
+        self.active: list[Request | None] = [None] * slots
+        self.waiting: deque[Request] = deque()
+        self.observe = observe or (lambda name, value: None)
+        self.steps = 0
+        self._lock = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._running = False
+        self.compile_seconds = 0.0
+
+    # --- public, thread-safe ---------------------------------------------------------------
+
+    def check(self, prompt_len: int, max_tokens: int, sampling: Sampling) -> None:
+        """Raise ValueError (a message for the client) for a request this engine cannot run."""
+        check_request(prompt_len, max_tokens, self.max_len)
+        check_sampling(sampling)
+
+    def submit(self, request: Request) -> Request:
+        self.check(len(request.prompt), request.max_tokens, request.sampling)
+        with self._lock:
+            if not self._running:
+                raise QueueFullError("the engine is shutting down")
+            if len(self.waiting) >= self.max_queue:
+                raise QueueFullError(f"{len(self.waiting)} requests are waiting for a slot")
+            self.waiting.append(request)
+            self._lock.notify()
+        return request
+
+    def cancel(self, request: Request) -> None:
+        """Stop a request (a client went away, a stop sequence matched); frees its slot."""
+        with self._lock:
+            request.cancelled = True
+            self._lock.notify()
+
+    @property
+    def busy_slots(self) -> int:
+        return sum(r is not None for r in self.active)
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self.waiting)
+
+    def warmup(self) -> float:
+        """Compile every program (one prefill per bucket, the decode step) before serving."""
+        start = time.perf_counter()
+        sampling = self._sampling_args(Sampling())
+        for P in self.buckets:
+            tokens = jnp.zeros((1, P), jnp.int32)
+            length = jnp.ones((1,), jnp.int32)
+            _, self.slots, self.cache = _insert(
+                self.params,
+                self.slots,
+                self.cache,
+                tokens,
+                length,
+                jnp.int32(0),
+                sampling,
+                graphdef=self.graphdef,
+            )
+        for rows in self.row_buckets:
+            tokens, self.slots, self.cache = _step(
+                self.params, self.slots, self.cache, graphdef=self.graphdef, rows=rows
+            )
+        self.slots, self.cache = _move(self.slots, self.cache, jnp.int32(0), jnp.int32(0))
+        jax.block_until_ready(tokens)
+        self.compile_seconds = time.perf_counter() - start
+        log.info(
+            "engine ready: %d slots x %d positions, prefill buckets %s, decode rows %s, "
+            "compiled in %.1f s",
+            self.num_slots,
+            self.max_len,
+            self.buckets,
+            self.row_buckets,
+            self.compile_seconds,
+        )
+        return self.compile_seconds
+
+    def start(self) -> Engine:
+        with self._lock:
+            self._running = True
+        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, drain: bool = True, timeout: float | None = None) -> None:
+        """Stop taking requests; with `drain`, finish the admitted and waiting ones first."""
+        with self._lock:
+            self._running = False
+            if not drain:
+                for request in [*self.waiting, *filter(None, self.active)]:
+                    request.cancelled = True
+            self._lock.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # --- the engine thread -----------------------------------------------------------------
+
+    def _sampling_args(self, s: Sampling):
+        return (
+            jnp.float32(s.temperature),
+            jnp.int32(s.top_k),
+            jnp.float32(s.top_p),
+            jnp.uint32(s.seed),
+        )
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                with self._lock:
+                    while not self._has_work():
+                        if not self._running:
+                            return
+                        self._lock.wait()
+                    self._free_cancelled()
+                    self._compact()
+                    admit = []
+                    for slot in range(self.num_slots):
+                        if self.active[slot] is None and self.waiting:
+                            admit.append((slot, self.waiting.popleft()))
+                for slot, request in admit:
+                    self._admit(slot, request)
+                self._compact()
+                if any(r is not None for r in self.active):
+                    self._decode()
+                    self._compact()
+        except Exception:  # a bug must not hang every client: end them all, then re-raise
+            log.exception("engine loop failed")
+            with self._lock:
+                self._running = False
+                for request in [*self.waiting, *filter(None, self.active)]:
+                    request.emit(None, "error")
+                self.waiting.clear()
+                self.active = [None] * self.num_slots
+            raise
+
+    def _has_work(self) -> bool:
+        return bool(self.waiting) or any(r is not None for r in self.active)
+
+    def _free_cancelled(self) -> None:
+        for slot, request in enumerate(self.active):
+            if request is not None and request.cancelled:
+                self._finish(slot, None, "cancelled")
+        for request in [r for r in self.waiting if r.cancelled]:
+            self.waiting.remove(request)
+            request.emit(None, "cancelled")
+
+    def _admit(self, slot: int, request: Request) -> None:
+        n = len(request.prompt)
+        P = next(b for b in self.buckets if b >= n)
+        tokens = np.zeros((1, P), np.int32)
+        tokens[0, :n] = request.prompt
+        token, self.slots, self.cache = _insert(
+            self.params,
+            self.slots,
+            self.cache,
+            jnp.asarray(tokens),
+            jnp.asarray([n], jnp.int32),
+            jnp.int32(slot),
+            self._sampling_args(request.sampling),
+            graphdef=self.graphdef,
+        )
+        self.active[slot] = request
+        self.observe("prompt_tokens", n)
+        self._deliver(slot, int(token))
+
+    def _compact(self) -> None:
+        """Keep the active requests in slots 0..n-1: move the highest into the lowest hole."""
+        while True:
+            used = [i for i, r in enumerate(self.active) if r is not None]
+            holes = [i for i, r in enumerate(self.active) if r is None]
+            if not used or not holes or holes[0] > used[-1]:
+                return
+            src, dst = used[-1], holes[0]
+            self.slots, self.cache = _move(self.slots, self.cache, jnp.int32(src), jnp.int32(dst))
+            self.active[dst], self.active[src] = self.active[src], None
+
+    def _decode(self) -> None:
+        n = sum(r is not None for r in self.active)  # compact: slots 0..n-1
+        rows = next(b for b in self.row_buckets if b >= n)
+        tokens, self.slots, self.cache = _step(
+            self.params, self.slots, self.cache, graphdef=self.graphdef, rows=rows
+        )
+        tokens = np.asarray(tokens)
+        self.steps += 1
+        for slot, request in enumerate(self.active):
+            if request is not None:
+                self._deliver(slot, int(tokens[slot]))
+
+    def _deliver(self, slot: int, token: int) -> None:
+        request = self.active[slot]
+        now = time.perf_counter()
+        if request.cancelled:
+            self._finish(slot, None, "cancelled")
+            return
+        if request.generated == 0:
+            self.observe("ttft", now - request.submitted)
+        else:
+            self.observe("itl", now - request.last_token_at)
+        request.generated += 1
+        request.last_token_at = now
+        if token in request.stop_ids:
+            self._finish(slot, token, "stop")
+        elif request.generated >= request.max_tokens:
+            self._finish(slot, token, "length")
+        else:
+            request.emit(token, None)
+
+    def _finish(self, slot: int, token: int | None, reason: str) -> None:
+        request = self.active[slot]
+        self.active[slot] = None
+        request.emit(token, reason)

@@ -1,0 +1,275 @@
+"""The HTTP server: real uvicorn on 127.0.0.1, the official `openai` client, bad input.
+
+Run: pytest tests/test_serve.py
+"""
+
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+from pipeline.config import ModelConfig
+from pipeline.engine import Engine
+from pipeline.engine import Request as EngineRequest
+from pipeline.generate import Sampling, generate
+from pipeline.model import create_model
+from pipeline.serve import TextStream, create_app
+from pipeline.tokenizer import byte_tokenizer
+
+CFG = ModelConfig(
+    family="llama",
+    vocab_size=320,
+    num_layers=2,
+    embed_dim=32,
+    num_heads=4,
+    num_kv_heads=2,
+    max_seq_len=128,
+)
+NAME = "tiny"
+GREEDY = Sampling()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """An engine and the app on a real socket, in this process (the engine thread + uvicorn)."""
+
+    def __init__(self, slots=4, max_queue=64, api_key=None, start_engine=True, **app_kw):
+        self.model = create_model(CFG, seed=7)
+        self.tokenizer = byte_tokenizer()
+        self.engine = Engine(self.model, slots=slots, max_queue=max_queue)
+        self.engine.warmup()
+        if start_engine:
+            self.engine.start()
+        self.app = create_app(self.engine, self.tokenizer, NAME, api_key=api_key, **app_kw)
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            assert time.time() < deadline, "server did not start"
+            time.sleep(0.02)
+
+    def close(self):
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.engine.stop(drain=False, timeout=10)
+
+    def expected(self, prompt: str, n: int, sampling=GREEDY, stop_ids=()) -> str:
+        """What the model generates for `prompt` alone, outside the server."""
+        ids = generate(self.model, [self.tokenizer.encode(prompt)], n, sampling)["tokens"][0]
+        for i, t in enumerate(ids):
+            if t in stop_ids:
+                ids = ids[:i]
+                break
+        return self.tokenizer.decode(ids)
+
+
+@pytest.fixture(scope="module")
+def server():
+    s = Server()
+    yield s
+    s.close()
+
+
+def _client(server, key="unused"):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0)
+
+
+def test_openai_client_completions_chat_and_streaming(server):
+    client = _client(server)
+    assert [m.id for m in client.models.list().data] == [NAME]
+    eos = {server.tokenizer.eos_id}
+    out = client.completions.create(model=NAME, prompt="def f(x):", max_tokens=12, temperature=0)
+    assert out.choices[0].text == server.expected("def f(x):", 12, stop_ids=eos)
+    assert out.usage.prompt_tokens == 9 and 1 <= out.usage.completion_tokens <= 12
+    assert out.choices[0].finish_reason in ("length", "stop")
+
+    chat = client.chat.completions.create(
+        model=NAME, messages=[{"role": "user", "content": "hello"}], max_tokens=10, temperature=0
+    )
+    text = chat.choices[0].message.content
+    assert chat.choices[0].message.role == "assistant" and isinstance(text, str)
+    stream = client.chat.completions.create(
+        model=NAME,
+        messages=[{"role": "user", "content": "hello"}],
+        max_tokens=10,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == text
+    assert chunks[-1].usage.completion_tokens == chat.usage.completion_tokens
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == (
+        chat.choices[0].finish_reason
+    )
+
+
+def test_32_concurrent_requests_each_equal_their_generation_alone(server):
+    """Continuous batching: 32 requests over 4 slots, joining and leaving at different steps."""
+    client = _client(server)
+    jobs = [
+        (f"request {i}: " + "x" * (3 * (i % 11)), 3 + (i * 7) % 17, 0.0 if i % 2 else 0.8, i)
+        for i in range(32)
+    ]
+
+    def ask(job):
+        prompt, n, temperature, seed = job
+        out = client.completions.create(
+            model=NAME, prompt=prompt, max_tokens=n, temperature=temperature, seed=seed
+        )
+        return out.choices[0].text, out.usage.completion_tokens
+
+    steps = server.engine.steps
+    with ThreadPoolExecutor(32) as pool:
+        answers = list(pool.map(ask, jobs))
+    eos = {server.tokenizer.eos_id}
+    for (prompt, n, temperature, seed), (answer, _) in zip(jobs, answers, strict=True):
+        assert answer == server.expected(prompt, n, Sampling(temperature, seed=seed), eos)
+    generated = sum(count for _, count in answers)
+    assert server.engine.steps - steps < generated / 2  # requests shared decode steps
+    assert server.engine.busy_slots == 0
+
+
+def test_stop_sequences_cut_the_text_and_free_the_slot(server):
+    client = _client(server)
+    free = server.expected("import ", 30, stop_ids={server.tokenizer.eos_id})
+    stop = free[5:8]
+    assert stop, free
+    out = client.completions.create(
+        model=NAME, prompt="import ", max_tokens=30, temperature=0, stop=[stop, "never seen"]
+    )
+    assert out.choices[0].text == free[: free.index(stop)]
+    assert out.choices[0].finish_reason == "stop"
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "words"),
+    [
+        (b"{not json", 400, "not valid JSON"),
+        ({"model": NAME, "prompt": "hi", "max_tokens": "many"}, 400, "max_tokens"),
+        ({"model": NAME, "prompt": 7}, 400, "prompt"),
+        ({"model": "gpt-5", "prompt": "hi"}, 404, "does not exist"),
+        ({"model": NAME, "prompt": ""}, 400, "empty"),
+        ({"model": NAME, "prompt": "x" * 200}, 400, "context"),
+        ({"model": NAME, "prompt": "hi", "max_tokens": 500}, 400, "max_tokens"),
+        ({"model": NAME, "prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
+        ({"model": NAME, "prompt": "hi", "temperature": -1}, 400, "temperature"),
+        ({"model": NAME, "prompt": "hi", "top_p": 0}, 400, "top_p"),
+        ({"model": NAME, "prompt": "hi", "n": 2}, 400, "n=1"),
+        ({"model": NAME, "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+        ({"prompt": "hi"}, 400, "model"),
+    ],
+)
+def test_bad_requests_get_a_4xx_with_an_openai_error_body(server, body, status, words):
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    r = httpx.post(
+        server.url + "/v1/completions", content=data, headers={"content-type": "application/json"}
+    )
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert words in error["message"] and error["type"]
+    assert httpx.get(server.url + "/health").json()["status"] == "ok"  # still serving
+
+
+def test_chat_errors_oversized_bodies_and_unknown_routes(server):
+    url = server.url + "/v1/chat/completions"
+    r = httpx.post(url, json={"model": NAME, "messages": []})
+    assert r.status_code == 400 and "messages" in r.json()["error"]["message"]
+    r = httpx.post(url, json={"model": NAME, "messages": [{"role": "robot", "content": "x"}]})
+    assert r.status_code == 400 and "role" in r.json()["error"]["message"]
+    r = httpx.post(url, content=b"x" * (2 << 20), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "limit" in r.json()["error"]["message"]
+    r = httpx.get(server.url + "/v1/nothing")
+    assert r.status_code == 404 and r.json()["error"]["message"]
+
+
+def test_metrics_count_requests_tokens_and_latencies(server):
+    _client(server).completions.create(model=NAME, prompt="a", max_tokens=3, temperature=0)
+    text = httpx.get(server.url + "/metrics").text
+    from prometheus_client.parser import text_string_to_metric_families
+
+    names = {family.name for family in text_string_to_metric_families(text)}
+    assert {"pipeline_requests", "pipeline_time_to_first_token_seconds"} <= names
+    assert 'pipeline_requests_total{route="/v1/completions",status="200"}' in text
+    assert "pipeline_time_to_first_token_seconds_count" in text
+    assert "pipeline_inter_token_latency_seconds_bucket" in text
+    assert "pipeline_queue_depth 0.0" in text and "pipeline_busy_slots 0.0" in text
+    generated = [line for line in text.splitlines() if line.startswith("pipeline_generated")]
+    assert float(generated[0].split()[-1]) >= 3
+
+
+def _generated(server) -> float:
+    counter = server.app.state.metrics.generated_tokens
+    return counter._value.get()
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_slot(server):
+    before = _generated(server)
+    observe = server.engine.observe
+    server.engine.observe = lambda name, value: (time.sleep(0.01), observe(name, value))
+    try:
+        body = {"model": NAME, "prompt": "abc", "max_tokens": 120, "temperature": 0, "stream": True}
+        with httpx.stream("POST", server.url + "/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            first = next(r.iter_lines())
+            assert first.startswith("data: ")
+        deadline = time.time() + 5
+        while server.engine.busy_slots and time.time() < deadline:
+            time.sleep(0.02)
+        assert server.engine.busy_slots == 0
+        assert _generated(server) - before < 60  # stopped long before its 120 tokens
+    finally:
+        server.engine.observe = observe
+
+
+def test_api_key_and_a_full_queue():
+    s = Server(slots=1, max_queue=1, api_key="sekret", start_engine=False)
+    try:
+        r = httpx.get(s.url + "/v1/models")
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        r = httpx.get(s.url + "/v1/models", headers={"Authorization": "Bearer wrong"})
+        assert r.status_code == 401
+        assert httpx.get(s.url + "/health").status_code == 200  # health needs no key
+        # The engine loop is not running: one waiting request fills the queue.
+        s.engine._running = True
+        s.engine.submit(EngineRequest([1, 2], 2, Sampling(), emit=lambda t, r: None))
+        r = httpx.post(
+            s.url + "/v1/completions",
+            json={"model": NAME, "prompt": "hi"},
+            headers={"Authorization": "Bearer sekret"},
+        )
+        assert r.status_code == 429 and r.headers["retry-after"] == "1"
+        assert "busy" in r.json()["error"]["message"]
+        s.engine._running = False
+        s.engine.start()
+        out = _client(s, "sekret").completions.create(model=NAME, prompt="hi", max_tokens=2)
+        assert out.usage.completion_tokens >= 1
+    finally:
+        s.close()
+
+
+def test_text_stream_never_splits_a_character_or_leaks_a_stop_sequence():
+    tok = byte_tokenizer()
+    ids = tok.encode("héllo wörld END tail")
+    stream = TextStream(tok, ["END"])
+    pieces = [stream.push(i) for i in ids]
+    assert all("\ufffd" not in p for p in pieces)
+    assert "".join(pieces) == "héllo wörld " and stream.stopped
+    plain = TextStream(tok, [])
+    assert "".join(plain.push(i) for i in tok.encode("日本")) + plain.push(None, True) == "日本"

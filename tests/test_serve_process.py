@@ -1,0 +1,80 @@
+"""`pipeline serve` as a real process: a LoRA run (base + adapter), SIGTERM drains and exits.
+
+Run: pytest -m slow tests/test_serve_process.py
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+from conftest import ROOT, make_tiny_runs
+from test_serve import _free_port
+
+
+@pytest.mark.slow
+def test_serve_a_lora_run_then_sigterm_finishes_the_stream_and_exits(tmp_path):
+    make_tiny_runs(tmp_path)
+    port = _free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "serve",
+            "--run",
+            str(tmp_path / "ft"),
+            "--config",
+            os.path.join(ROOT, "configs", "serve.yaml"),
+            "--port",
+            str(port),
+            f"serve.compilation_cache={tmp_path / 'jax'}",
+            "serve.slots=2",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""},
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 240
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.time() < deadline, "server did not come up"
+            time.sleep(0.3)
+        assert httpx.get(url + "/v1/models").json()["data"][0]["id"] == "ft"
+        body = {
+            "model": "ft",
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 150,
+            "temperature": 0,
+            "stream": True,
+        }
+        lines = []
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=60) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if line and not lines:
+                    proc.send_signal(signal.SIGTERM)  # mid-stream
+                if line:
+                    lines.append(line)
+        assert lines[-1] == "data: [DONE]"
+        finish = [json.loads(x[6:])["choices"][0]["finish_reason"] for x in lines[:-1]]
+        assert finish[-1] in ("stop", "length")
+        assert proc.wait(60) == 0
+        with pytest.raises(httpx.TransportError):
+            httpx.get(url + "/health", timeout=2)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
