@@ -246,6 +246,16 @@ def run_bench(
             results.append(result)
             _emit(result, as_json)
         return results
+    if target == "serve":
+        from pipeline.loadgen import bench_serve
+
+        name = Path(config).stem if config else "small"
+        cfg = load_config(config or CONFIGS / "small.yaml", overrides)
+        levels = tuple(int(c) for c in cases) if cases else (1, 8, 32)
+        for result in bench_serve(cfg, name, levels):
+            results.append(result)
+            _emit(result, as_json)
+        return results
     results.append(bench_matmul())
     _emit(results[-1], as_json)
     if target == "generate":
@@ -294,6 +304,17 @@ def run_bench(
 def _emit(result: dict, as_json: bool) -> None:
     if as_json:
         print(json.dumps(result), flush=True)
+        return
+    if "concurrency" in result:
+        print(
+            f"{result['case']:<32} {result['requests_per_sec']:6.2f} req/s  "
+            f"{result['tokens_per_sec']:8,.0f} tokens/s  TTFT p50 {result['ttft_p50_ms']:7.1f} "
+            f"p99 {result['ttft_p99_ms']:7.1f} ms  latency p50 {result['latency_p50_ms']:7.0f} "
+            f"p99 {result['latency_p99_ms']:7.0f} ms  ({result['requests']} requests, "
+            f"{result['slots']} slots, prompt {result['prompt_len']}, "
+            f"{result['max_tokens']} tokens, {result['allocator']})",
+            flush=True,
+        )
         return
     if "eval_loss" in result:
         print(

@@ -288,14 +288,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.set_defaults(func=cmd_export)
     bench = sub.add_parser("bench", help="benchmarks: bench train [--config FILE] [--json]")
-    bench.add_argument("target", choices=["train", "finetune", "generate", "quantize"])
+    bench.add_argument("target", choices=["train", "finetune", "generate", "quantize", "serve"])
     bench.add_argument("--run", help="quantize: the trained run to measure")
     _add_config_args(bench)
     bench.add_argument(
         "--cases",
         help="train: presets from configs/ (default small,gpt2-124m); "
         "finetune: methods (default lora,qlora,full); "
-        "generate: b1,b32,int8,int4,recompute (default all); quantize: int8,int4",
+        "generate: b1,b32,int8,int4,recompute (default all); quantize: int8,int4; "
+        "serve: concurrency levels (default 1,8,32)",
     )
     bench.add_argument("--steps", type=int, default=5, help="timed steps per case")
     bench.add_argument("--json", action="store_true", help="one JSON object per case")

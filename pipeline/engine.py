@@ -70,31 +70,31 @@ def _buckets(max_len: int) -> list[int]:
 
 
 @partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("slots", "cache"))
-def _insert(params, slots, cache, tokens, length, slot, sampling, *, graphdef):
-    """Prefill one prompt (1, P), copy its keys/values into row `slot`, sample its first token."""
+def _insert(params, slots, cache, tokens, lengths, slot_ids, sampling, *, graphdef):
+    """Prefill n prompts (n, P) together, write their keys/values into rows `slot_ids` and
+    sample their first tokens: tokens (n,). A slot id past the last slot marks a padding row
+    (its writes are dropped)."""
     model = nnx.merge(graphdef, params)
-    P = tokens.shape[1]
-    logits, small = prefill(model, tokens, length, init_cache(model.cfg, 1, P))
+    n, P = tokens.shape
+    logits, small = prefill(model, tokens, lengths, init_cache(model.cfg, n, P))
     temperature, top_k, top_p, seed = sampling
-    key = jax.random.fold_in(jax.random.PRNGKey(seed), 0)
-    token = sample(logits, key[None], temperature[None], top_k[None], top_p[None])[0]
+    keys = jax.vmap(lambda s: jax.random.fold_in(jax.random.PRNGKey(s), 0))(seed)
+    first = sample(logits, keys, temperature, top_k, top_p)
     cache = [
-        {
-            name: jax.lax.dynamic_update_slice(big[name], layer[name], (slot, 0, 0, 0))
-            for name in ("k", "v")
-        }
+        {name: big[name].at[slot_ids, :, :P].set(layer[name], mode="drop") for name in ("k", "v")}
         for big, layer in zip(cache, small, strict=True)
     ]
-    slots = {
-        "token": slots["token"].at[slot].set(token),
-        "position": slots["position"].at[slot].set(length[0]),
-        "step": slots["step"].at[slot].set(1),
-        "temperature": slots["temperature"].at[slot].set(temperature),
-        "top_k": slots["top_k"].at[slot].set(top_k),
-        "top_p": slots["top_p"].at[slot].set(top_p),
-        "seed": slots["seed"].at[slot].set(seed),
+    values = {
+        "token": first,
+        "position": lengths,
+        "step": jnp.ones_like(lengths),
+        "temperature": temperature,
+        "top_k": top_k,
+        "top_p": top_p,
+        "seed": seed,
     }
-    return token, slots, cache
+    slots = {k: slots[k].at[slot_ids].set(v, mode="drop") for k, v in values.items()}
+    return first, slots, cache
 
 
 @partial(jax.jit, static_argnames=("graphdef", "rows"), donate_argnames=("slots", "cache"))
@@ -105,20 +105,18 @@ def _step(params, slots, cache, *, graphdef, rows: int):
     of active slots rounded up to a power of two) cost, not what every slot would.
     """
     model = nnx.merge(graphdef, params)
-    head = jax.tree.map(lambda x: x[:rows], (slots, cache))
-    part, part_cache = head
-    max_pos = part_cache[0]["k"].shape[2] - 1
+    part = jax.tree.map(lambda x: x[:rows], slots)
+    max_pos = cache[0]["k"].shape[2] - 1
     positions = jnp.minimum(part["position"], max_pos)  # idle slots must stay in range
-    logits, part_cache = decode_step(model, part["token"], positions, part_cache)
+    # The model writes rows 0..rows-1 of the whole cache in place and attends over those rows.
+    logits, cache = decode_step(model, part["token"], positions, cache)
     keys = jax.vmap(lambda s, n: jax.random.fold_in(jax.random.PRNGKey(s), n))(
         part["seed"], part["step"]
     )
     tokens = sample(logits, keys, part["temperature"], part["top_k"], part["top_p"])
     part = {**part, "token": tokens, "position": part["position"] + 1, "step": part["step"] + 1}
-    slots, cache = jax.tree.map(
-        lambda whole, new: jax.lax.dynamic_update_slice_in_dim(whole, new, 0, axis=0),
-        (slots, cache),
-        (part, part_cache),
+    slots = jax.tree.map(
+        lambda whole, new: jax.lax.dynamic_update_slice_in_dim(whole, new, 0, axis=0), slots, part
     )
     return tokens, slots, cache
 
@@ -156,6 +154,8 @@ class Engine:
         self.max_queue = max_queue
         self.buckets = _buckets(self.max_len)
         self.row_buckets = _row_buckets(slots)
+        # Requests admitted together share one prefill call (padded to one of these sizes).
+        self.admit_sizes = sorted({1, min(4, slots), min(16, slots)})
         self.graphdef, self.params = nnx.split(model)
         self.cache = init_cache(cfg, slots, self.max_len)
         self.slots = {
@@ -211,20 +211,10 @@ class Engine:
     def warmup(self) -> float:
         """Compile every program (one prefill per bucket, the decode step) before serving."""
         start = time.perf_counter()
-        sampling = self._sampling_args(Sampling())
         for P in self.buckets:
-            tokens = jnp.zeros((1, P), jnp.int32)
-            length = jnp.ones((1,), jnp.int32)
-            _, self.slots, self.cache = _insert(
-                self.params,
-                self.slots,
-                self.cache,
-                tokens,
-                length,
-                jnp.int32(0),
-                sampling,
-                graphdef=self.graphdef,
-            )
+            for n in self.admit_sizes:
+                requests = [Request([0], 1, Sampling(), lambda t, r: None)] * n
+                self._prefill(requests, [self.num_slots] * n, P)  # padding rows only
         for rows in self.row_buckets:
             tokens, self.slots, self.cache = _step(
                 self.params, self.slots, self.cache, graphdef=self.graphdef, rows=rows
@@ -263,14 +253,6 @@ class Engine:
 
     # --- the engine thread -----------------------------------------------------------------
 
-    def _sampling_args(self, s: Sampling):
-        return (
-            jnp.float32(s.temperature),
-            jnp.int32(s.top_k),
-            jnp.float32(s.top_p),
-            jnp.uint32(s.seed),
-        )
-
     def _loop(self) -> None:
         try:
             while True:
@@ -281,12 +263,10 @@ class Engine:
                         self._lock.wait()
                     self._free_cancelled()
                     self._compact()
-                    admit = []
-                    for slot in range(self.num_slots):
-                        if self.active[slot] is None and self.waiting:
-                            admit.append((slot, self.waiting.popleft()))
-                for slot, request in admit:
-                    self._admit(slot, request)
+                    free = [i for i, r in enumerate(self.active) if r is None]
+                    admit = [self.waiting.popleft() for _ in free[: len(self.waiting)]]
+                if admit:
+                    self._admit(free[: len(admit)], admit)
                 self._compact()
                 if any(r is not None for r in self.active):
                     self._decode()
@@ -312,24 +292,42 @@ class Engine:
             self.waiting.remove(request)
             request.emit(None, "cancelled")
 
-    def _admit(self, slot: int, request: Request) -> None:
-        n = len(request.prompt)
-        P = next(b for b in self.buckets if b >= n)
-        tokens = np.zeros((1, P), np.int32)
-        tokens[0, :n] = request.prompt
-        token, self.slots, self.cache = _insert(
+    def _prefill(self, requests: list[Request], slot_ids: list[int], P: int):
+        """One `_insert` call for these requests, padded to an admit size: first tokens."""
+        n = next(size for size in self.admit_sizes if size >= len(requests))
+        pad = n - len(requests)
+        tokens = np.zeros((n, P), np.int32)
+        for i, request in enumerate(requests):
+            tokens[i, : len(request.prompt)] = request.prompt
+        samplings = [r.sampling for r in requests] + [Sampling()] * pad
+        first, self.slots, self.cache = _insert(
             self.params,
             self.slots,
             self.cache,
             jnp.asarray(tokens),
-            jnp.asarray([n], jnp.int32),
-            jnp.int32(slot),
-            self._sampling_args(request.sampling),
+            jnp.asarray([len(r.prompt) for r in requests] + [1] * pad, jnp.int32),
+            jnp.asarray(list(slot_ids) + [self.num_slots] * pad, jnp.int32),
+            (
+                jnp.asarray([s.temperature for s in samplings], jnp.float32),
+                jnp.asarray([s.top_k for s in samplings], jnp.int32),
+                jnp.asarray([s.top_p for s in samplings], jnp.float32),
+                jnp.asarray([s.seed for s in samplings], jnp.uint32),
+            ),
             graphdef=self.graphdef,
         )
-        self.active[slot] = request
-        self.observe("prompt_tokens", n)
-        self._deliver(slot, int(token))
+        return np.asarray(first)[: len(requests)]
+
+    def _admit(self, slot_ids: list[int], requests: list[Request]) -> None:
+        """Prefill waiting requests into free slots, up to the largest admit size per call."""
+        size = self.admit_sizes[-1]
+        for start in range(0, len(requests), size):
+            group, ids = requests[start : start + size], slot_ids[start : start + size]
+            P = next(b for b in self.buckets if b >= max(len(r.prompt) for r in group))
+            first = self._prefill(group, ids, P)
+            for slot, request, token in zip(ids, group, first, strict=True):
+                self.active[slot] = request
+                self.observe("prompt_tokens", len(request.prompt))
+                self._deliver(slot, int(token))
 
     def _compact(self) -> None:
         """Keep the active requests in slots 0..n-1: move the highest into the lowest hole."""

@@ -62,9 +62,10 @@ class Attention(nnx.Module):
                 .set(new.astype(cache[name].dtype), mode="drop")
                 for name, new in (("k", k), ("v", v))
             }
-            S = cache["k"].shape[2]
-            mask = jnp.arange(S)[None, None, :] <= positions[:, :, None]  # (B, T, S)
-            out = cached_attention(q, cache["k"].astype(q.dtype), cache["v"].astype(q.dtype), mask)
+            # A cache may hold more rows than this batch (a server's slots): rows 0..B-1 are ours.
+            k, v = (cache[name][:B].astype(q.dtype) for name in ("k", "v"))
+            mask = jnp.arange(k.shape[2])[None, None, :] <= positions[:, :, None]  # (B, T, S)
+            out = cached_attention(q, k, v, mask)
         return self.o(out.reshape(B, T, -1)), cache
 
 

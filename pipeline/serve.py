@@ -342,8 +342,7 @@ def create_app(
                         finished = True
                         yield delta, "stop"
                         return
-                    if delta:
-                        yield delta, None
+                    yield delta, None  # one chunk per token, even while text is held back
             finally:
                 if not finished:
                     engine.cancel(job)
@@ -430,7 +429,7 @@ async def _sse(tokens, meta: dict, chat: bool, include_usage: bool, usage):
     if chat:
         yield chunk(None, None, first=True)
     async for delta, finish in tokens:
-        if delta:
+        if delta or not finish:
             yield chunk(delta, None)
         if finish:
             yield chunk(None if chat else "", finish)
