@@ -319,9 +319,16 @@ class Engine:
 
     def _admit(self, slot_ids: list[int], requests: list[Request]) -> None:
         """Prefill waiting requests into free slots, up to the largest admit size per call."""
-        size = self.admit_sizes[-1]
-        for start in range(0, len(requests), size):
+        start = 0
+        while start < len(requests):
+            left = len(requests) - start
+            # pad up to the next size when that wastes less than half of it, else split
+            up = [s for s in self.admit_sizes if s >= left]
+            size = (
+                up[0] if up and up[0] < 2 * left else max(s for s in self.admit_sizes if s <= left)
+            )
             group, ids = requests[start : start + size], slot_ids[start : start + size]
+            start += len(group)
             P = next(b for b in self.buckets if b >= max(len(r.prompt) for r in group))
             first = self._prefill(group, ids, P)
             for slot, request, token in zip(ids, group, first, strict=True):

@@ -91,8 +91,8 @@ def sample(logits: jax.Array, keys: jax.Array, temperature, top_k, top_p) -> jax
 def prefill(model, tokens: jax.Array, lengths: jax.Array, cache):
     """Run right-padded prompts (B, P) into the cache; logits of each row's last token (B, V)."""
     positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-    logits, cache = model(tokens, positions, cache)
-    return logits[jnp.arange(tokens.shape[0]), lengths - 1], cache
+    logits, cache = model(tokens, positions, cache, only=lengths - 1)
+    return logits[:, 0], cache
 
 
 def decode_step(model, tokens: jax.Array, positions: jax.Array, cache):

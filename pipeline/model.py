@@ -175,9 +175,17 @@ class Transformer(nnx.Module):
             )
 
     def __call__(
-        self, tokens: jax.Array, positions: jax.Array | None = None, cache: Cache | None = None
+        self,
+        tokens: jax.Array,
+        positions: jax.Array | None = None,
+        cache: Cache | None = None,
+        only: jax.Array | None = None,
     ) -> tuple[jax.Array, Cache | None]:
-        """tokens (B, T) int, positions (B, T) int -> float32 logits (B, T, V), updated cache."""
+        """tokens (B, T) int, positions (B, T) int -> float32 logits (B, T, V), updated cache.
+
+        `only` (B,) int: the logits of that one index per row, (B, 1, V) (a prefill needs the
+        last prompt token's alone; the output projection is a large share of the work).
+        """
         cfg = self.cfg
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
@@ -189,6 +197,8 @@ class Transformer(nnx.Module):
         for i, block in enumerate(self.blocks):
             x, layer_cache = step(block, x, positions, None if cache is None else cache[i])
             new_cache.append(layer_cache)
+        if only is not None:
+            x = x[jnp.arange(x.shape[0]), only][:, None]
         x = self.final_norm(x)
         logits = self.embed.attend(x) if cfg.tied_embeddings else self.lm_head(x)
         return logits.astype(jnp.float32), (None if cache is None else new_cache)
