@@ -6,6 +6,7 @@ Run: pytest tests/test_generate.py
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from pipeline.config import ModelConfig
 from pipeline.generate import Sampling, compilations, generate, sample
@@ -23,11 +24,17 @@ CFG = ModelConfig(
 
 
 def _greedy_uncached(model, prompt, n):
-    ids = list(prompt)
-    for _ in range(n):
-        logits, _ = model(jnp.asarray([ids]))
-        ids.append(int(jnp.argmax(logits[0, -1])))
-    return ids[len(prompt) :]
+    """Greedy decoding by running the whole sequence again for every token (no cache).
+
+    The sequence sits in a fixed-size buffer, so one compiled forward serves every step: the
+    attention is causal, so the padding after position i cannot change its logits.
+    """
+    forward = nnx.jit(lambda model, tokens: model(tokens)[0])
+    buffer = np.zeros((1, model.cfg.max_seq_len), np.int32)
+    buffer[0, : len(prompt)] = prompt
+    for i in range(len(prompt), len(prompt) + n):
+        buffer[0, i] = int(jnp.argmax(forward(model, jnp.asarray(buffer))[0, i - 1]))
+    return buffer[0, len(prompt) : len(prompt) + n].tolist()
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
