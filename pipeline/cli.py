@@ -126,7 +126,9 @@ def cmd_generate(args) -> int:
     else:
         ids, stop = tokenizer.encode(args.prompt), tokenizer.eos_id
     try:
-        result = generate(model, [ids], args.max_new_tokens, sampling, eos_id=stop)
+        result = generate(
+            model, [ids], args.max_new_tokens, sampling, eos_id=-1 if stop is None else stop
+        )
     except ValueError as err:
         raise ConfigError(str(err)) from None
     tokens = result["tokens"][0]
@@ -206,6 +208,24 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_import_hf(args) -> int:
+    """A local Hugging Face GPT-2 / Llama directory -> a run directory."""
+    from pipeline.hf import import_hf
+
+    out = import_hf(args.src, args.out)
+    print(f"imported {args.src} into {out}")
+    return 0
+
+
+def cmd_export_hf(args) -> int:
+    """A run directory -> a Hugging Face directory (plus a PEFT adapter for a LoRA run)."""
+    from pipeline.hf import export_hf
+
+    out = export_hf(args.run, args.out)
+    print(f"exported {args.run} to {out}")
+    return 0
+
+
 def _report(result: dict) -> None:
     import jax
 
@@ -279,6 +299,14 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--quantize", choices=["none", "int8", "int4"])
     srv.add_argument("--model-name", help="the model id clients use (default: the run's name)")
     srv.set_defaults(func=cmd_serve)
+    imp = sub.add_parser("import-hf", help="import a local Hugging Face GPT-2 / Llama model")
+    imp.add_argument("src", help="a directory with config.json, *.safetensors, tokenizer.json")
+    imp.add_argument("--out", required=True, help="the run directory to write")
+    imp.set_defaults(func=cmd_import_hf)
+    exp = sub.add_parser("export-hf", help="write a run as a Hugging Face model (and adapter)")
+    exp.add_argument("run", help="a run directory")
+    exp.add_argument("--out", required=True, help="the directory to write")
+    exp.set_defaults(func=cmd_export_hf)
     export = sub.add_parser("export", help="serialise a run's generate programs (jax.export)")
     export.add_argument("--run", required=True, help="a run directory")
     export.add_argument("--out", required=True, help="the artifact to write (a zip file)")

@@ -302,7 +302,7 @@ def create_app(
             )
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        stop_ids = {tokenizer.eos_id} | ({tokenizer.end_id} if chat else set())
+        stop_ids = ({tokenizer.eos_id} | ({tokenizer.end_id} if chat else set())) - {None}
         job = EngineRequest(
             prompt=ids,
             max_tokens=max_tokens,

@@ -26,6 +26,7 @@ SYSTEM, USER, ASSISTANT, END = "<|system|>", "<|user|>", "<|assistant|>", "<|end
 SPECIAL_TOKENS = (PAD, BOS, EOS, SYSTEM, USER, ASSISTANT, END)
 ROLES = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
 FILENAME = "tokenizer.json"
+IMPORTED_CONFIG = "tokenizer_config.json"  # Hugging Face's: special token names, chat template
 
 
 class TokenizerProtocol(Protocol):
@@ -39,17 +40,36 @@ class TokenizerProtocol(Protocol):
 
 
 class Tokenizer:
-    """A thin, typed wrapper over `tokenizers.Tokenizer` with our special tokens."""
+    """A thin, typed wrapper over `tokenizers.Tokenizer` with our special tokens.
 
-    def __init__(self, hf: HFTokenizer):
+    A tokenizer brought from elsewhere (`imported`, e.g. a Hugging Face model's) is used as it
+    is: nothing is added to its vocabulary, its end-of-text token comes from its
+    `tokenizer_config.json`, and the chat role markers it lacks are written as plain text.
+    """
+
+    def __init__(self, hf: HFTokenizer, imported: dict | None = None):
         self.hf = hf
-        missing = [t for t in SPECIAL_TOKENS if hf.token_to_id(t) is None]
-        if missing:
-            self.hf.add_special_tokens(missing)
-        self.pad_id = hf.token_to_id(PAD)
-        self.bos_id = hf.token_to_id(BOS)
-        self.eos_id = hf.token_to_id(EOS)
+        self.imported = imported
+        if imported is None:
+            missing = [t for t in SPECIAL_TOKENS if hf.token_to_id(t) is None]
+            if missing:
+                self.hf.add_special_tokens(missing)
+        names = imported or {}
+
+        def special(key: str, default: str) -> int | None:
+            token = names.get(key, default)
+            if isinstance(token, dict):  # {"content": "<|endoftext|>", ...}
+                token = token.get("content")
+            return hf.token_to_id(token) if isinstance(token, str) else None
+
+        self.pad_id = special("pad_token", PAD)
+        self.bos_id = special("bos_token", BOS)
+        self.eos_id = special("eos_token", EOS)
         self.end_id = hf.token_to_id(END)
+        if self.end_id is None:
+            self.end_id = self.eos_id
+        if self.pad_id is None:
+            self.pad_id = self.eos_id if self.eos_id is not None else 0
         self.role_ids = {role: hf.token_to_id(token) for role, token in ROLES.items()}
         self._fast_bytes = self.is_byte_level and all(
             hf.id_to_token(b) == ch for b, ch in enumerate(_bytes_to_unicode())
@@ -88,16 +108,22 @@ class Tokenizer:
         path = Path(directory) / FILENAME
         path.parent.mkdir(parents=True, exist_ok=True)
         self.hf.save(str(path))
+        if self.imported is not None:
+            (path.parent / IMPORTED_CONFIG).write_text(json.dumps(self.imported, indent=2))
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:
+        """`tokenizer.json` (a file or the directory holding it); a `tokenizer_config.json`
+        beside it marks a tokenizer imported as it is."""
         path = Path(path)
         if path.is_dir():
             path = path / FILENAME
         if not path.is_file():
             raise ConfigError(f"tokenizer file not found: {path}")
-        return cls(HFTokenizer.from_file(str(path)))
+        extra = path.parent / IMPORTED_CONFIG
+        imported = json.loads(extra.read_text()) if extra.is_file() else None
+        return cls(HFTokenizer.from_file(str(path)), imported)
 
     def fingerprint(self) -> str:
         """A string that changes whenever the token ids of any text would change."""

@@ -44,7 +44,7 @@ def restore_final_state(cfg: Config) -> dict:
     return state
 
 
-def make_tiny_runs(tmp_path) -> tuple[str, str]:
+def make_tiny_runs(tmp_path, overrides: tuple[str, ...] = ()) -> tuple[str, str]:
     """A 2-step pretrain_tiny run and a 2-step LoRA fine-tune of it: (base dir, LoRA dir)."""
     from pipeline.finetune import finetune
     from pipeline.pretrain import pretrain
@@ -56,6 +56,7 @@ def make_tiny_runs(tmp_path) -> tuple[str, str]:
         "train.eval_every=2",
         "train.checkpoint_every=2",
         "train.eval_batches=1",
+        *overrides,
     ]
     base, lora = str(tmp_path / "base"), str(tmp_path / "ft")
     pretrain(

@@ -1,0 +1,174 @@
+"""Hugging Face interop against `transformers` and `peft` (tiny random models built here).
+
+Run: pytest tests/test_hf.py
+"""
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from conftest import make_tiny_runs  # noqa: E402
+
+from pipeline.config import ConfigError  # noqa: E402
+from pipeline.generate import generate  # noqa: E402
+from pipeline.hf import export_hf, import_hf  # noqa: E402
+from pipeline.instruct import prompt_ids  # noqa: E402
+from pipeline.runs import load_model  # noqa: E402
+from pipeline.tokenizer import byte_tokenizer  # noqa: E402
+
+
+def _hf_model(kind: str, eos: int, context: int = 64):
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        config = transformers.GPT2Config(
+            vocab_size=263,
+            n_positions=64,
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            bos_token_id=eos,
+            eos_token_id=eos,
+        )
+        return transformers.GPT2LMHeadModel(config).eval()
+    config = transformers.LlamaConfig(
+        vocab_size=263,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=context,
+        bos_token_id=eos,
+        eos_token_id=eos,
+        rope_theta=500.0,
+    )
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def _logits(model, tokens: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.tensor(tokens)).logits.numpy()
+
+
+def _ours(model, tokens: np.ndarray) -> np.ndarray:
+    return np.asarray(model(jnp.asarray(tokens))[0])
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_import_matches_transformers_logits_and_greedy_generation(tmp_path, kind):
+    tok = byte_tokenizer()
+    hf = _hf_model(kind, tok.eos_id)
+    hf.save_pretrained(tmp_path / "hf")
+    tok.hf.save(str(tmp_path / "hf" / "tokenizer.json"))
+    template = "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}[assistant] "
+    (tmp_path / "hf" / "tokenizer_config.json").write_text(
+        json.dumps({"eos_token": "<|eos|>", "chat_template": template})
+    )
+    import_hf(tmp_path / "hf", tmp_path / "run")
+    cfg, model, tokenizer = load_model(tmp_path / "run")
+    assert tokenizer.vocab_size == tok.vocab_size and tokenizer.eos_id == tok.eos_id
+    # the imported tokenizer's own chat template renders chat prompts
+    messages = [{"role": "user", "content": "hi"}]
+    assert prompt_ids(tokenizer, messages) == tok.encode("[user] hi\n[assistant] ")
+    x = np.random.default_rng(0).integers(0, 263, (2, 24))
+    assert np.abs(_logits(hf, x) - _ours(model, x)).max() < 1e-4
+    prompt = [5, 17, 99, 3]
+    with torch.no_grad():
+        theirs = hf.generate(
+            torch.tensor([prompt]), max_new_tokens=12, do_sample=False, pad_token_id=tok.eos_id
+        )[0, len(prompt) :].tolist()
+    ours = generate(model, [prompt], 12, eos_id=tok.eos_id)["tokens"][0]
+    assert ours == theirs
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_export_loads_in_transformers_and_the_adapter_in_peft(tmp_path, family):
+    peft = pytest.importorskip("peft")
+    base, lora = make_tiny_runs(tmp_path, (f"model.family={family}",))
+    x = np.random.default_rng(1).integers(0, 263, (2, 20))
+    export_hf(base, tmp_path / "hf-base")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf-base").eval()
+    _, ours, _ = load_model(base)
+    assert np.abs(_logits(hf, x) - _ours(ours, x)).max() < 1e-4
+
+    export_hf(lora, tmp_path / "hf-lora")
+    adapter_dir = tmp_path / "hf-lora" / "adapter"
+    adapter_config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    assert all("blocks" not in m for m in adapter_config["target_modules"])
+    base_hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf-lora").eval()
+    assert np.abs(_logits(base_hf, x) - _ours(ours, x)).max() < 1e-4  # the base alone
+    adapted = peft.PeftModel.from_pretrained(base_hf, adapter_dir).eval()
+    _, ours_lora, _ = load_model(lora)
+    ours_logits = _ours(ours_lora, x)
+    assert np.abs(ours_logits - _ours(ours, x)).max() > 1e-6  # the adapter changes the output
+    assert np.abs(_logits(adapted, x) - ours_logits).max() < 1e-4
+
+
+def test_bad_checkpoints_and_unsupported_options_are_clear_errors(tmp_path):
+    tok = byte_tokenizer()
+    _hf_model("llama", tok.eos_id).save_pretrained(tmp_path / "hf")
+    tok.hf.save(str(tmp_path / "hf" / "tokenizer.json"))
+    weights = tmp_path / "hf" / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ConfigError, match="model.safetensors: not a readable safetensors"):
+        import_hf(tmp_path / "hf", tmp_path / "run")
+    weights.write_bytes(data)
+    config_file = tmp_path / "hf" / "config.json"
+    config = json.loads(config_file.read_text())
+    config["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0}
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="rope_type='yarn' is not supported"):
+        import_hf(tmp_path / "hf", tmp_path / "run")
+    config_file.write_text(json.dumps({**config, "model_type": "mistral"}))
+    with pytest.raises(ConfigError, match="model_type='mistral' is not supported"):
+        import_hf(tmp_path / "hf", tmp_path / "run")
+
+
+def test_an_imported_run_generates_and_fine_tunes_like_any_other(tmp_path, capsys):
+    import os
+
+    from conftest import ROOT
+
+    from pipeline.cli import main
+    from pipeline.config import load_config
+    from pipeline.finetune import finetune
+
+    tok = byte_tokenizer()
+    _hf_model("llama", tok.eos_id, context=256).save_pretrained(tmp_path / "hf")
+    tok.hf.save(str(tmp_path / "hf" / "tokenizer.json"))
+    assert main(["import-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "run")]) == 0
+    capsys.readouterr()
+    args = ["generate", "--run", str(tmp_path / "run"), "--prompt", "def", "--max-new-tokens", "8"]
+    assert main([*args, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["tokens"]
+    cfg = load_config(
+        os.path.join(ROOT, "configs", "finetune_tiny.yaml"),
+        [
+            f"init.from={tmp_path / 'run'}",
+            f"run.dir={tmp_path / 'ft'}",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            "data.seq_len=256",
+            "run.progress=false",
+            "train.steps=2",
+            "train.eval_every=2",
+            "train.checkpoint_every=2",
+            "train.eval_batches=1",
+            *(f"model.{k}={v}" for k, v in _model_overrides(tmp_path / "run").items()),
+        ],
+    )
+    result = finetune(cfg)
+    assert result["status"] == "finished" and (tmp_path / "ft" / "adapter_config.json").is_file()
+
+
+def _model_overrides(run) -> dict:
+    """The imported run's model section, as a fine-tune's config must repeat it."""
+    import yaml
+
+    model = yaml.safe_load((run / "config.yaml").read_text())["model"]
+    return {k: v for k, v in model.items() if v is not None}
