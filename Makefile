@@ -12,7 +12,7 @@ export LD_PRELOAD := $(firstword $(JEMALLOC))
 export MALLOC_CONF := oversize_threshold:0,dirty_decay_ms:-1,muzzy_decay_ms:-1
 endif
 
-.PHONY: install test lint format pretrain finetune bench generate serve
+.PHONY: install test lint format pretrain finetune distill bench generate serve
 
 # Extra overrides for the run targets, e.g. make pretrain ARGS="train.steps=50".
 ARGS ?=
@@ -47,6 +47,9 @@ pretrain: install
 
 finetune: install
 	$(BIN)/python -m pipeline finetune --config configs/finetune.yaml $(ARGS)
+
+distill: install
+	$(BIN)/python -m pipeline distill --config configs/distill.yaml $(ARGS)
 
 bench: install
 	$(BIN)/python -m pipeline bench train $(ARGS)

@@ -68,6 +68,8 @@ def _train(args, stage: str) -> int:
 
     if stage == "pretrain":
         from pipeline.pretrain import pretrain as run
+    elif stage == "distill":
+        from pipeline.distill import distill as run
     else:
         from pipeline.finetune import finetune as run
     try:
@@ -87,6 +89,11 @@ def cmd_pretrain(args) -> int:
 def cmd_finetune(args) -> int:
     """Fine-tune the run named by init.from (LoRA, QLoRA or full), or resume in run.dir."""
     return _train(args, "finetune")
+
+
+def cmd_distill(args) -> int:
+    """Train a student (this config's model) on distill.teacher's outputs, or resume."""
+    return _train(args, "distill")
 
 
 def cmd_merge(args) -> int:
@@ -268,6 +275,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--fresh", action="store_true", help="discard the run in run.dir and start over"
     )
     fine.set_defaults(func=cmd_finetune)
+    dist = sub.add_parser("distill", help="train a small student on a teacher run's outputs")
+    _add_config_args(dist)
+    dist.add_argument(
+        "--fresh", action="store_true", help="discard the run in run.dir and start over"
+    )
+    dist.set_defaults(func=cmd_distill)
     merge = sub.add_parser("merge", help="merge a LoRA run's adapters into a full model")
     merge.add_argument("--run", required=True, help="the LoRA run directory")
     merge.add_argument("--out", required=True, help="where to write the merged run directory")

@@ -186,6 +186,16 @@ class FinetuneConfig:
 
 
 @dataclass(frozen=True)
+class DistillConfig:
+    """`pipeline distill`: a student (this config's model) learns from a teacher run."""
+
+    teacher: str | None = None  # the teacher's run directory
+    alpha: float = 0.5  # weight of the distillation term; 1 - alpha weighs cross-entropy
+    temperature: float = 2.0
+    teacher_quantize: Literal["none", "int8"] = "none"
+
+
+@dataclass(frozen=True)
 class ServeConfig:
     """`pipeline serve`: the HTTP server and its continuous-batching engine."""
 
@@ -218,6 +228,7 @@ class Config:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict with the YAML key names (tuples as lists)."""
@@ -481,6 +492,8 @@ def _check_values(cfg: Config, origins: dict) -> None:
             f"{cfg.tokenizer.vocab_size} exceeds model.vocab_size={m.vocab_size}",
         ),
         ("serve.port", 0 <= cfg.serve.port < 65536, "must be in 0..65535"),
+        ("distill.alpha", 0.0 <= cfg.distill.alpha <= 1.0, "must be in [0, 1]"),
+        ("distill.temperature", cfg.distill.temperature > 0, "must be positive"),
         *(
             (f"serve.{name}", getattr(cfg.serve, name) >= 1, "must be at least 1")
             for name in ("slots", "max_queue", "default_max_tokens", "max_body_bytes")
