@@ -1,0 +1,87 @@
+"""Speculative decoding: greedy equals the target alone; sampling keeps its distribution.
+
+Run: pytest tests/test_speculative.py
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pipeline.config import ModelConfig
+from pipeline.generate import Sampling, generate, speculative_generate
+from pipeline.model import create_model
+
+TARGET = ModelConfig(
+    family="llama",
+    vocab_size=97,
+    num_layers=2,
+    embed_dim=32,
+    num_heads=4,
+    num_kv_heads=2,
+    max_seq_len=128,
+)
+DRAFT = ModelConfig(
+    family="llama", vocab_size=97, num_layers=1, embed_dim=16, num_heads=2, max_seq_len=128
+)
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_greedy_speculative_equals_the_target_alone(k):
+    target = create_model(TARGET, seed=1)
+    prompts = [[5, 6, 7], list(range(1, 20)), [42]]
+    budgets = [20, 9, 14]
+    alone = generate(target, prompts, budgets)["tokens"]
+    # a draft that is the target (every token accepted) and a bad one (almost all rejected)
+    for draft, accepted in (
+        (create_model(TARGET, seed=1), 1.0),
+        (create_model(DRAFT, seed=9), None),
+    ):
+        out = speculative_generate(target, draft, prompts, budgets, k=k)
+        assert out["tokens"] == alone
+        if accepted:
+            assert out["acceptance"] == accepted
+    # EOS stops a row: the target's third token of row 0 as the end-of-text token
+    eos = alone[0][2]
+    stopped = speculative_generate(
+        target, create_model(DRAFT, seed=9), prompts, budgets, eos_id=eos, k=k
+    )
+    assert stopped["tokens"] == generate(target, prompts, budgets, eos_id=eos)["tokens"]
+
+
+def test_sampling_keeps_the_target_distribution():
+    """Chi-square: the joint law of the 2nd and 3rd tokens (the 1st comes from the prefill)."""
+    from scipy.stats import chisquare
+
+    V = 6
+    target = create_model(ModelConfig(**{**TARGET.__dict__, "vocab_size": V}), seed=3)
+    draft = create_model(ModelConfig(**{**DRAFT.__dict__, "vocab_size": V}), seed=4)
+    prompt, n = [1, 2, 3], 6000
+    samplings = [Sampling(temperature=1.0, seed=s) for s in range(n)]
+    out = speculative_generate(target, draft, [prompt] * n, 3, samplings, k=2)
+    assert 0.0 < out["acceptance"] < 1.0  # both branches of the rule ran
+    counts = np.zeros((V, V))
+    for row in out["tokens"]:
+        counts[row[1], row[2]] += 1
+
+    def probs(prefix):
+        logits, _ = target(jnp.asarray([prefix]))
+        return np.asarray(jax.nn.softmax(logits[0, -1]), np.float64)
+
+    expected = np.zeros((V, V))
+    p1 = probs(prompt)
+    for a in range(V):
+        p2 = probs(prompt + [a])
+        for b in range(V):
+            expected[b] += p1[a] * p2[b] * probs(prompt + [a, b])
+    expected = expected.ravel() / expected.sum() * n
+    assert chisquare(counts.ravel(), expected).pvalue > 1e-3
+    # and the test has power: the draft's own distribution is rejected
+    assert not np.allclose(expected, n / V**2, rtol=0.2)
+
+
+def test_a_draft_with_another_vocabulary_is_refused():
+    target = create_model(TARGET)
+    draft = create_model(ModelConfig(**{**DRAFT.__dict__, "vocab_size": 50}))
+    with pytest.raises(ValueError, match="vocabulary"):
+        speculative_generate(target, draft, [[1, 2]], 4)
