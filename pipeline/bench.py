@@ -219,6 +219,79 @@ def bench_quantize(run_dir: str, modes=("int8", "int4")) -> list[dict]:
     return [{"case": f"quantize/{r['mode']}", "run": str(run_dir), **r} for r in results]
 
 
+def bench_distill(run_dir: str, ks=(2, 4, 8), prompts: int = 4, new_tokens: int = 128) -> list:
+    """Teacher against distilled student: eval loss, greedy decode speed, and speculative
+    decoding with the student drafting for the teacher (acceptance, speed-up) at each k."""
+    from pipeline.data import prepare_dataset
+    from pipeline.generate import Sampling, generate, speculative_generate
+    from pipeline.model import count_params
+    from pipeline.runs import load_model
+
+    cfg, student, tokenizer = load_model(run_dir, key="--run")
+    if not cfg.distill.teacher:
+        raise ConfigError(f"--run: {run_dir} is not a distillation run (no distill.teacher)")
+    teacher_cfg, teacher, _ = load_model(cfg.distill.teacher, key="distill.teacher")
+    val = np.asarray(prepare_dataset(teacher_cfg, tokenizer).val)
+    rng = np.random.default_rng(0)
+    rows = [val[s : s + 64].tolist() for s in rng.integers(0, len(val) - 64, prompts)]
+
+    def last_eval(run) -> float | None:
+        lines = (Path(run) / "metrics.jsonl").read_text().splitlines()
+        evals = [r["eval_loss"] for r in map(json.loads, lines) if "eval_loss" in r]
+        return evals[-1] if evals else None
+
+    def speed(fn) -> tuple[float, list]:
+        fn()  # compiles
+        seconds, tokens = 0.0, []
+        for prompt in rows:
+            out = fn([prompt])
+            seconds += out["seconds"]
+            tokens.append(out["tokens"][0])
+        return sum(len(t) for t in tokens) / seconds, tokens
+
+    results = []
+    base_speed = {}
+    for name, model, run in (
+        ("teacher", teacher, cfg.distill.teacher),
+        ("student", student, run_dir),
+    ):
+        tps, tokens = speed(
+            lambda p=None, m=model: generate(m, p or rows[:1], new_tokens, Sampling())
+        )
+        base_speed[name] = (tps, tokens)
+        results.append(
+            {
+                "case": f"distill/{name}",
+                "eval_loss": last_eval(run),
+                "params": count_params(model.cfg),
+                "tokens_per_sec": tps,
+                "allocator": allocator(),
+            }
+        )
+    teacher_tps, teacher_tokens = base_speed["teacher"]
+    for k in ks:
+        accepted = []
+
+        def spec(p=None, k=k, accepted=accepted):
+            out = speculative_generate(teacher, student, p or rows[:1], new_tokens, k=k)
+            accepted.append(out["acceptance"])
+            return out
+
+        tps, tokens = speed(spec)
+        results.append(
+            {
+                "case": f"distill/speculative/k{k}",
+                "k": k,
+                "tokens_per_sec": tps,
+                "speedup": tps / teacher_tps,
+                "acceptance": float(np.mean(accepted[1:])),
+                "same_tokens": tokens == teacher_tokens,
+                "allocator": allocator(),
+            }
+        )
+    return results
+
+
 def bench_matmul(dtype: str = "float32") -> dict:
     peak = measure_matmul_peak(dtype)
     return {
@@ -239,6 +312,13 @@ def run_bench(
     run: str | None = None,
 ) -> list[dict]:
     results = []
+    if target == "distill":
+        if not run:
+            raise ConfigError("bench distill needs --run DIR (a distillation run)")
+        for result in bench_distill(run):
+            results.append(result)
+            _emit(result, as_json)
+        return results
     if target == "quantize":
         if not run:
             raise ConfigError("bench quantize needs --run DIR (a trained run)")
@@ -304,6 +384,23 @@ def run_bench(
 def _emit(result: dict, as_json: bool) -> None:
     if as_json:
         print(json.dumps(result), flush=True)
+        return
+    if result["case"].startswith("distill/"):
+        if "k" in result:
+            print(
+                f"{result['case']:<24} {result['tokens_per_sec']:8,.0f} tokens/s  "
+                f"speed-up {result['speedup']:.2f}x  acceptance {result['acceptance']:.1%}  "
+                f"same tokens as the teacher: {result['same_tokens']}",
+                flush=True,
+            )
+        else:
+            loss = result["eval_loss"]
+            print(
+                f"{result['case']:<24} {result['tokens_per_sec']:8,.0f} tokens/s  "
+                f"eval loss {loss if loss is None else round(loss, 4)}  "
+                f"({result['params'] / 1e6:.2f}M params, {result['allocator']})",
+                flush=True,
+            )
         return
     if "concurrency" in result:
         print(

@@ -133,9 +133,25 @@ def cmd_generate(args) -> int:
     else:
         ids, stop = tokenizer.encode(args.prompt), tokenizer.eos_id
     try:
-        result = generate(
-            model, [ids], args.max_new_tokens, sampling, eos_id=-1 if stop is None else stop
-        )
+        if args.draft:
+            from pipeline.generate import speculative_generate
+
+            _, draft, draft_tokenizer = load_model(args.draft, key="--draft")
+            if draft_tokenizer.fingerprint() != tokenizer.fingerprint():
+                raise ConfigError(f"--draft: {args.draft} has another tokenizer than --run")
+            result = speculative_generate(
+                model,
+                draft,
+                [ids],
+                args.max_new_tokens,
+                sampling,
+                eos_id=-1 if stop is None else stop,
+                k=args.draft_k,
+            )
+        else:
+            result = generate(
+                model, [ids], args.max_new_tokens, sampling, eos_id=-1 if stop is None else stop
+            )
     except ValueError as err:
         raise ConfigError(str(err)) from None
     tokens = result["tokens"][0]
@@ -147,10 +163,11 @@ def cmd_generate(args) -> int:
                     "text": text,
                     "tokens": tokens,
                     "prompt_tokens": len(ids),
-                    "ttft_ms": result["ttft_s"] * 1e3,
+                    "ttft_ms": result["ttft_s"] * 1e3 if "ttft_s" in result else None,
                     "tokens_per_sec": result["tokens_per_sec"],
-                    "decode_s": result["decode_s"],
-                    "compile_s": result["compile_s"],
+                    "decode_s": result.get("decode_s", result["seconds"]),
+                    "compile_s": result.get("compile_s", 0.0),
+                    **({"acceptance": result["acceptance"]} if args.draft else {}),
                 }
             )
         )
@@ -296,6 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     gen.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantisation")
     gen.add_argument("--json", action="store_true", help="one JSON object: text, tokens, timings")
+    gen.add_argument("--draft", help="a draft run (e.g. a distilled student): speculative decoding")
+    gen.add_argument("--draft-k", type=int, default=4, help="draft tokens per target pass")
     gen.add_argument(
         "--compilation-cache",
         default=os.environ.get("PIPELINE_COMPILATION_CACHE"),
@@ -330,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(func=cmd_export)
     bench = sub.add_parser("bench", help="benchmarks: bench train [--config FILE] [--json]")
     bench.add_argument("target", choices=["train", "finetune", "generate", "quantize", "serve"])
-    bench.add_argument("--run", help="quantize: the trained run to measure")
+    bench.add_argument("--run", help="quantize: a trained run; distill: a distillation run")
     _add_config_args(bench)
     bench.add_argument(
         "--cases",

@@ -488,6 +488,7 @@ def speculative_generate(
         jnp.int32(eos_id),
     )
     static = {"tgraph": tgraph, "dgraph": dgraph, "max_new": max_new, "k": k}
+    compiled_before = PROGRAMS.seconds
     fn = PROGRAMS.get(_speculative, "speculative", args, cache_len=P + max_new + k + 1, **static)
     start = time.perf_counter()
     out, count, stats, iterations = fn(*args)
@@ -505,4 +506,5 @@ def speculative_generate(
         "tokens_per_sec": generated / seconds if seconds > 0 else 0.0,
         "acceptance": accepted / proposed if proposed else 0.0,
         "iterations": int(iterations),
+        "compile_s": PROGRAMS.seconds - compiled_before,
     }

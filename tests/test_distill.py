@@ -73,3 +73,15 @@ def test_a_different_tokenizer_is_refused(teacher, tmp_path):
     cfg = _student(teacher, tmp_path, "bpe", "tokenizer.kind=bpe")
     with pytest.raises(ConfigError, match="they must share one tokenizer"):
         distill(cfg)
+
+
+def test_bench_distill_reports_both_models_and_speculative_decoding(teacher, tmp_path):
+    from pipeline.bench import bench_distill
+
+    distill(_student(teacher, tmp_path, "student", "train.steps=5"))
+    results = {
+        r["case"]: r for r in bench_distill(tmp_path / "student", ks=(2,), prompts=1, new_tokens=8)
+    }
+    assert results["distill/teacher"]["eval_loss"] < results["distill/student"]["eval_loss"]
+    spec = results["distill/speculative/k2"]
+    assert spec["same_tokens"] and 0 <= spec["acceptance"] <= 1 and spec["tokens_per_sec"] > 0
