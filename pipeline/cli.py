@@ -208,6 +208,7 @@ def cmd_serve(args) -> int:
         "api_key": args.api_key or os.environ.get("PIPELINE_API_KEY"),
         "quantize": args.quantize,
         "model_name": args.model_name,
+        "draft": args.draft,
     }
     cfg = with_overrides(cfg, serve={k: v for k, v in flags.items() if v is not None})
     s = cfg.serve
@@ -228,6 +229,8 @@ def cmd_serve(args) -> int:
         max_body_bytes=s.max_body_bytes,
         model_name=s.model_name,
         graceful_seconds=s.graceful_seconds,
+        draft=s.draft,
+        draft_k=s.draft_k,
     )
     return 0
 
@@ -330,6 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--api-key", help="require Authorization: Bearer KEY (or $PIPELINE_API_KEY)")
     srv.add_argument("--quantize", choices=["none", "int8", "int4"])
     srv.add_argument("--model-name", help="the model id clients use (default: the run's name)")
+    srv.add_argument("--draft", help="a draft run: speculative decoding (serve.draft_k tokens)")
     srv.set_defaults(func=cmd_serve)
     imp = sub.add_parser("import-hf", help="import a local Hugging Face GPT-2 / Llama model")
     imp.add_argument("src", help="a directory with config.json, *.safetensors, tokenizer.json")

@@ -211,6 +211,8 @@ class ServeConfig:
     default_max_tokens: int = 16  # when a request gives none (as OpenAI's completions)
     max_body_bytes: int = 1_048_576
     graceful_seconds: float = 60.0  # SIGTERM: how long in-flight requests may take to finish
+    draft: str | None = None  # a draft run (e.g. a distilled student): speculative decoding
+    draft_k: int = 4  # draft tokens per round
     compilation_cache: str | None = None
 
 

@@ -37,6 +37,7 @@ from pipeline.generate import (
     decode_step,
     prefill,
     sample,
+    speculate,
 )
 from pipeline.model import init_cache
 
@@ -69,21 +70,36 @@ def _buckets(max_len: int) -> list[int]:
     return sizes
 
 
-@partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("slots", "cache"))
-def _insert(params, slots, cache, tokens, lengths, slot_ids, sampling, *, graphdef):
-    """Prefill n prompts (n, P) together, write their keys/values into rows `slot_ids` and
-    sample their first tokens: tokens (n,). A slot id past the last slot marks a padding row
-    (its writes are dropped)."""
+def _write_rows(cache, small, slot_ids):
+    P = small[0]["k"].shape[2]
+    return [
+        {name: big[name].at[slot_ids, :, :P].set(layer[name], mode="drop") for name in ("k", "v")}
+        for big, layer in zip(cache, small, strict=True)
+    ]
+
+
+@partial(
+    jax.jit,
+    static_argnames=("graphdef", "dgraph"),
+    donate_argnames=("slots", "cache", "dcache"),
+)
+def _insert(
+    params, slots, cache, tokens, lengths, slot_ids, sampling, dparams, dcache, *, graphdef, dgraph
+):
+    """Prefill n prompts (n, P) together, write their keys/values into rows `slot_ids` (of the
+    draft's cache too, with a draft) and sample their first tokens: tokens (n,). A slot id past
+    the last slot marks a padding row (its writes are dropped)."""
     model = nnx.merge(graphdef, params)
     n, P = tokens.shape
     logits, small = prefill(model, tokens, lengths, init_cache(model.cfg, n, P))
     temperature, top_k, top_p, seed = sampling
     keys = jax.vmap(lambda s: jax.random.fold_in(jax.random.PRNGKey(s), 0))(seed)
     first = sample(logits, keys, temperature, top_k, top_p)
-    cache = [
-        {name: big[name].at[slot_ids, :, :P].set(layer[name], mode="drop") for name in ("k", "v")}
-        for big, layer in zip(cache, small, strict=True)
-    ]
+    cache = _write_rows(cache, small, slot_ids)
+    if dgraph is not None:
+        draft = nnx.merge(dgraph, dparams)
+        _, dsmall = prefill(draft, tokens, lengths, init_cache(draft.cfg, n, P))
+        dcache = _write_rows(dcache, dsmall, slot_ids)
     values = {
         "token": first,
         "position": lengths,
@@ -94,7 +110,40 @@ def _insert(params, slots, cache, tokens, lengths, slot_ids, sampling, *, graphd
         "seed": seed,
     }
     slots = {k: slots[k].at[slot_ids].set(v, mode="drop") for k, v in values.items()}
-    return first, slots, cache
+    return first, slots, cache, dcache
+
+
+@partial(
+    jax.jit,
+    static_argnames=("graphdef", "dgraph", "rows", "k"),
+    donate_argnames=("slots", "cache", "dcache"),
+)
+def _speculative_step(params, dparams, slots, cache, dcache, *, graphdef, dgraph, rows, k):
+    """One speculative round for slots 0..rows-1: candidates (rows, k+1) and how many of them
+    (n + 1) each slot produced."""
+    target, draft = nnx.merge(graphdef, params), nnx.merge(dgraph, dparams)
+    part = jax.tree.map(lambda x: x[:rows], slots)
+    keys = jax.vmap(lambda s, n: jax.random.fold_in(jax.random.PRNGKey(s), n))(
+        part["seed"], part["step"]
+    )
+    max_pos = cache[0]["k"].shape[2] - k - 1
+    positions = jnp.minimum(part["position"], max_pos)  # idle slots must stay in range
+    emitted, n, t, cache, dcache = speculate(
+        target,
+        draft,
+        positions,
+        part["token"],
+        cache,
+        dcache,
+        keys,
+        (part["temperature"], part["top_k"], part["top_p"]),
+        k,
+    )
+    part = {**part, "token": t, "position": part["position"] + n + 1, "step": part["step"] + 1}
+    slots = jax.tree.map(
+        lambda whole, new: jax.lax.dynamic_update_slice_in_dim(whole, new, 0, axis=0), slots, part
+    )
+    return emitted, n + 1, slots, cache, dcache
 
 
 @partial(jax.jit, static_argnames=("graphdef", "rows"), donate_argnames=("slots", "cache"))
@@ -144,10 +193,13 @@ class Engine:
         max_len: int | None = None,
         max_queue: int = 64,
         observe: Callable[[str, float], None] | None = None,
+        draft=None,
+        draft_k: int = 4,
     ):
         """`observe(name, value)` receives, from the engine thread, "prompt_tokens" (per
         admitted request), "ttft" and "itl" (seconds: to a request's first token, between its
-        tokens)."""
+        tokens). With a `draft` model (same vocabulary), each step is a round of speculative
+        decoding: up to `draft_k` + 1 tokens per slot, the target's distribution unchanged."""
         cfg = model.cfg
         self.max_len = min(max_len or cfg.max_seq_len, cfg.max_seq_len)
         self.num_slots = slots
@@ -157,7 +209,16 @@ class Engine:
         # Requests admitted together share one prefill call (padded to one of these sizes).
         self.admit_sizes = sorted({1, min(4, slots), min(16, slots)})
         self.graphdef, self.params = nnx.split(model)
-        self.cache = init_cache(cfg, slots, self.max_len)
+        self.draft_k = draft_k if draft is not None else 0
+        # a speculative round writes up to draft_k positions past a slot's last token
+        length = self.max_len + (draft_k + 1 if draft is not None else 0)
+        self.cache = init_cache(cfg, slots, length)
+        self.dgraph, self.dparams, self.dcache = None, None, None
+        if draft is not None:
+            if draft.cfg.vocab_size != cfg.vocab_size:
+                raise ValueError("the draft's vocabulary differs from the model's")
+            self.dgraph, self.dparams = nnx.split(draft)
+            self.dcache = init_cache(draft.cfg, slots, length)
         self.slots = {
             "token": jnp.zeros((slots,), jnp.int32),
             "position": jnp.zeros((slots,), jnp.int32),
@@ -216,9 +277,7 @@ class Engine:
                 requests = [Request([0], 1, Sampling(), lambda t, r: None)] * n
                 self._prefill(requests, [self.num_slots] * n, P)  # padding rows only
         for rows in self.row_buckets:
-            tokens, self.slots, self.cache = _step(
-                self.params, self.slots, self.cache, graphdef=self.graphdef, rows=rows
-            )
+            tokens = self._run_step(rows)[0]
         self.slots, self.cache = _move(self.slots, self.cache, jnp.int32(0), jnp.int32(0))
         jax.block_until_ready(tokens)
         self.compile_seconds = time.perf_counter() - start
@@ -300,7 +359,7 @@ class Engine:
         for i, request in enumerate(requests):
             tokens[i, : len(request.prompt)] = request.prompt
         samplings = [r.sampling for r in requests] + [Sampling()] * pad
-        first, self.slots, self.cache = _insert(
+        first, self.slots, self.cache, self.dcache = _insert(
             self.params,
             self.slots,
             self.cache,
@@ -313,7 +372,10 @@ class Engine:
                 jnp.asarray([s.top_p for s in samplings], jnp.float32),
                 jnp.asarray([s.seed for s in samplings], jnp.uint32),
             ),
+            self.dparams,
+            self.dcache,
             graphdef=self.graphdef,
+            dgraph=self.dgraph,
         )
         return np.asarray(first)[: len(requests)]
 
@@ -347,17 +409,36 @@ class Engine:
             self.slots, self.cache = _move(self.slots, self.cache, jnp.int32(src), jnp.int32(dst))
             self.active[dst], self.active[src] = self.active[src], None
 
+    def _run_step(self, rows: int):
+        """One jitted step for slots 0..rows-1: (tokens (rows, m), how many of them (rows,))."""
+        if self.dgraph is None:
+            tokens, self.slots, self.cache = _step(
+                self.params, self.slots, self.cache, graphdef=self.graphdef, rows=rows
+            )
+            return tokens[:, None], jnp.ones_like(tokens)
+        tokens, produced, self.slots, self.cache, self.dcache = _speculative_step(
+            self.params,
+            self.dparams,
+            self.slots,
+            self.cache,
+            self.dcache,
+            graphdef=self.graphdef,
+            dgraph=self.dgraph,
+            rows=rows,
+            k=self.draft_k,
+        )
+        return tokens, produced
+
     def _decode(self) -> None:
         n = sum(r is not None for r in self.active)  # compact: slots 0..n-1
         rows = next(b for b in self.row_buckets if b >= n)
-        tokens, self.slots, self.cache = _step(
-            self.params, self.slots, self.cache, graphdef=self.graphdef, rows=rows
-        )
-        tokens = np.asarray(tokens)
+        tokens, produced = (np.asarray(x) for x in self._run_step(rows))
         self.steps += 1
         for slot, request in enumerate(self.active):
-            if request is not None:
-                self._deliver(slot, int(tokens[slot]))
+            for token in tokens[slot, : produced[slot]] if request is not None else ():
+                if self.active[slot] is not request:  # it ended within this round
+                    break
+                self._deliver(slot, int(token))
 
     def _deliver(self, slot: int, token: int) -> None:
         request = self.active[slot]

@@ -341,6 +341,54 @@ def _probs(logits, temperature, top_k, top_p):
     return jax.nn.softmax(truncate(logits, temperature, top_k, top_p), axis=-1)
 
 
+def speculate(target, draft, pos, last, tcache, dcache, keys, sampling, k: int):
+    """One round: the draft proposes k tokens after `last` (at `pos`, not yet in the caches),
+    the target scores them in one pass, the accept/reject rule keeps the target's distribution.
+
+    Returns the k + 1 candidate tokens (B, k+1) of which the first n + 1 are produced (the n
+    accepted drafts, then a token from the target), n (B,), that last token t (B,), and both
+    caches, which now hold positions up to pos + n (later slots are rewritten before use).
+    """
+    temperature, top_k, top_p = sampling
+    greedy = temperature <= 0
+    B, V = last.shape[0], target.cfg.vocab_size
+    rows = jnp.arange(B)
+
+    def draft_step(i, c):
+        dcache, tok, ds, qs = c
+        logits, dcache = decode_step(draft, tok, pos + i, dcache)
+        q = _probs(logits, *sampling)
+        skeys = jax.vmap(jax.random.fold_in, (0, None))(keys, i)
+        d = jax.vmap(jax.random.categorical)(skeys, jnp.log(q))
+        d = jnp.where(greedy, jnp.argmax(logits, -1), d).astype(jnp.int32)
+        return dcache, d, ds.at[:, i].set(d), qs.at[:, i].set(q)
+
+    ds, qs = jnp.zeros((B, k), jnp.int32), jnp.zeros((B, k, V), jnp.float32)
+    dcache, d_last, ds, qs = jax.lax.fori_loop(0, k, draft_step, (dcache, last, ds, qs))
+    _, dcache = decode_step(draft, d_last, pos + k, dcache)  # an all-accepted round needs it
+    verify = jnp.concatenate([last[:, None], ds], axis=1)  # (B, k+1) at pos..pos+k
+    logits, tcache = target(verify, pos[:, None] + jnp.arange(k + 1)[None], tcache)
+    ps = jax.vmap(lambda lg: _probs(lg, *sampling), in_axes=1, out_axes=1)(logits)
+    p_d = jnp.take_along_axis(ps[:, :k], ds[..., None], -1)[..., 0]  # (B, k)
+    q_d = jnp.take_along_axis(qs, ds[..., None], -1)[..., 0]
+    u = jax.vmap(lambda key: jax.random.uniform(key, (k,)))(
+        jax.vmap(jax.random.fold_in, (0, None))(keys, k + 1)
+    )
+    accept = jnp.where(greedy[:, None], ds == jnp.argmax(logits[:, :k], -1), u * q_d < p_d)
+    n = jnp.sum(jnp.cumprod(accept, axis=1), axis=1)  # leading accepted drafts
+    # the next token: from max(0, p_n - q_n) after a rejection, from p_k after none
+    p_n = ps[rows, n]
+    q_n = jnp.concatenate([qs, jnp.zeros((B, 1, V))], axis=1)[rows, n]
+    residual = jnp.maximum(p_n - q_n, 0.0)
+    residual = jnp.where(jnp.sum(residual, -1, keepdims=True) > 0, residual, p_n)
+    rkeys = jax.vmap(jax.random.fold_in, (0, None))(keys, k + 2)
+    t = jax.vmap(jax.random.categorical)(rkeys, jnp.log(residual))
+    t = jnp.where(greedy, jnp.argmax(logits[rows, n], -1), t).astype(jnp.int32)
+    j = jnp.arange(k + 1)[None]
+    emitted = jnp.where(j < n[:, None], jnp.pad(ds, ((0, 0), (0, 1))), t[:, None])
+    return emitted, n, t, tcache, dcache
+
+
 @partial(jax.jit, static_argnames=("tgraph", "dgraph", "max_new", "cache_len", "k"))
 def _speculative(
     tstate,
@@ -365,7 +413,6 @@ def _speculative(
     target, draft = nnx.merge(tgraph, tstate), nnx.merge(dgraph, dstate)
     B = tokens.shape[0]
     rows = jnp.arange(B)
-    greedy = temperature <= 0
     tlogits, tcache = prefill(target, tokens, lengths, init_cache(target.cfg, B, cache_len))
     _, dcache = prefill(draft, tokens, lengths, init_cache(draft.cfg, B, cache_len))
     base = jax.vmap(jax.random.PRNGKey)(seeds)
@@ -383,42 +430,10 @@ def _speculative(
     def body(carry):
         it, pos, last, out, count, tcache, done, dcache, stats = carry
         ikeys = jax.vmap(jax.random.fold_in, (0, None))(base, it + 1)  # per iteration
-
-        def draft_step(i, c):
-            dcache, tok, ds, qs = c
-            logits, dcache = decode_step(draft, tok, pos + i, dcache)
-            q = _probs(logits, *sampling)
-            skeys = jax.vmap(jax.random.fold_in, (0, None))(ikeys, i)
-            d = jax.vmap(jax.random.categorical)(skeys, jnp.log(q))
-            d = jnp.where(greedy, jnp.argmax(logits, -1), d).astype(jnp.int32)
-            return dcache, d, ds.at[:, i].set(d), qs.at[:, i].set(q)
-
-        V = target.cfg.vocab_size
-        ds, qs = jnp.zeros((B, k), jnp.int32), jnp.zeros((B, k, V), jnp.float32)
-        dcache, d_last, ds, qs = jax.lax.fori_loop(0, k, draft_step, (dcache, last, ds, qs))
-        _, dcache = decode_step(draft, d_last, pos + k, dcache)  # so an all-accepted draft's
-        # cache holds its last token too
-        verify = jnp.concatenate([last[:, None], ds], axis=1)  # (B, k+1) at pos..pos+k
-        positions = pos[:, None] + jnp.arange(k + 1)[None]
-        logits, tcache = target(verify, positions, tcache)
-        ps = jax.vmap(lambda lg: _probs(lg, *sampling), in_axes=1, out_axes=1)(logits)
-        p_d = jnp.take_along_axis(ps[:, :k], ds[..., None], -1)[..., 0]  # (B, k)
-        q_d = jnp.take_along_axis(qs, ds[..., None], -1)[..., 0]
-        u = jax.vmap(lambda key: jax.random.uniform(key, (k,)))(
-            jax.vmap(jax.random.fold_in, (0, None))(ikeys, k + 1)
+        emitted, n, t, tcache, dcache = speculate(
+            target, draft, pos, last, tcache, dcache, ikeys, sampling, k
         )
-        accept = jnp.where(greedy[:, None], ds == jnp.argmax(logits[:, :k], -1), u * q_d < p_d)
-        n = jnp.sum(jnp.cumprod(accept, axis=1), axis=1)  # leading accepted drafts
-        # the next token: from max(0, p_n - q_n) after a rejection, from p_k after none
-        p_n = ps[rows, n]
-        q_n = jnp.concatenate([qs, jnp.zeros((B, 1, V))], axis=1)[rows, n]
-        residual = jnp.maximum(p_n - q_n, 0.0)
-        residual = jnp.where(jnp.sum(residual, -1, keepdims=True) > 0, residual, p_n)
-        rkeys = jax.vmap(jax.random.fold_in, (0, None))(ikeys, k + 2)
-        t = jax.vmap(jax.random.categorical)(rkeys, jnp.log(residual))
-        t = jnp.where(greedy, jnp.argmax(logits[rows, n], -1), t).astype(jnp.int32)
         j = jnp.arange(k + 1)[None]
-        emitted = jnp.where(j < n[:, None], jnp.pad(ds, ((0, 0), (0, 1))), t[:, None])
         valid = (j <= n[:, None]) & ~done[:, None]
         index = count[:, None] + j
         current = out[rows[:, None], index]

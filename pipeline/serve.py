@@ -474,6 +474,8 @@ def serve(
     max_body_bytes: int = 1 << 20,
     model_name: str | None = None,
     graceful_seconds: float = 60.0,
+    draft: str | None = None,
+    draft_k: int = 4,
 ) -> None:
     """Load a run, compile everything, then serve until SIGTERM / SIGINT (which drains)."""
     from pathlib import Path
@@ -487,7 +489,21 @@ def serve(
         from pipeline.quantize import quantize_model
 
         quantize_model(model, quantize, embeddings=True)
-    engine = Engine(model, slots=slots, max_len=max_len, max_queue=max_queue)
+    draft_model = None
+    if draft:
+        from pipeline.config import ConfigError
+
+        _, draft_model, draft_tokenizer = load_model(draft, key="--draft")
+        if draft_tokenizer.fingerprint() != tokenizer.fingerprint():
+            raise ConfigError(f"--draft: {draft} has another tokenizer than --run")
+    engine = Engine(
+        model,
+        slots=slots,
+        max_len=max_len,
+        max_queue=max_queue,
+        draft=draft_model,
+        draft_k=draft_k,
+    )
     engine.warmup()
     engine.start()
     name = model_name or Path(run_dir).resolve().name

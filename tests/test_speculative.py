@@ -85,3 +85,40 @@ def test_a_draft_with_another_vocabulary_is_refused():
     draft = create_model(ModelConfig(**{**DRAFT.__dict__, "vocab_size": 50}))
     with pytest.raises(ValueError, match="vocabulary"):
         speculative_generate(target, draft, [[1, 2]], 4)
+
+
+@pytest.mark.parametrize("same", [True, False])
+def test_the_serving_engine_with_a_draft_gives_the_target_tokens(same):
+    import threading
+
+    from pipeline.engine import Engine, Request
+
+    target = create_model(TARGET, seed=1)
+    draft = create_model(TARGET, seed=1) if same else create_model(DRAFT, seed=9)
+    engine = Engine(target, slots=3, max_len=64, draft=draft, draft_k=3)
+    engine.warmup()
+    engine.start()
+    prompts = [[5, 6, 7], list(range(1, 20)), [42], [9, 9], [3, 1, 4, 1, 5], [2, 7]]
+    budgets = [20, 9, 14, 3, 11, 1]
+    got = {i: [] for i in range(len(prompts))}
+    finished = threading.Semaphore(0)
+
+    def emit(i):
+        def on(token, reason):
+            if token is not None:
+                got[i].append(token)
+            if reason:
+                finished.release()
+
+        return on
+
+    steps = engine.steps
+    for i, (prompt, n) in enumerate(zip(prompts, budgets, strict=True)):
+        engine.submit(Request(prompt, n, Sampling(), emit(i)))
+    for _ in prompts:
+        assert finished.acquire(timeout=120)
+    engine.stop()
+    alone = generate(target, prompts, budgets)["tokens"]
+    assert [got[i] for i in range(len(prompts))] == alone
+    if same:  # every draft accepted: up to 4 tokens a step
+        assert engine.steps - steps < sum(budgets) / 2
