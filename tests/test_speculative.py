@@ -32,21 +32,16 @@ def test_greedy_speculative_equals_the_target_alone(k):
     prompts = [[5, 6, 7], list(range(1, 20)), [42]]
     budgets = [20, 9, 14]
     alone = generate(target, prompts, budgets)["tokens"]
-    # a draft that is the target (every token accepted) and a bad one (almost all rejected)
-    for draft, accepted in (
-        (create_model(TARGET, seed=1), 1.0),
-        (create_model(DRAFT, seed=9), None),
-    ):
-        out = speculative_generate(target, draft, prompts, budgets, k=k)
-        assert out["tokens"] == alone
-        if accepted:
-            assert out["acceptance"] == accepted
-    # EOS stops a row: the target's third token of row 0 as the end-of-text token
-    eos = alone[0][2]
-    stopped = speculative_generate(
-        target, create_model(DRAFT, seed=9), prompts, budgets, eos_id=eos, k=k
-    )
-    assert stopped["tokens"] == generate(target, prompts, budgets, eos_id=eos)["tokens"]
+    bad = create_model(DRAFT, seed=9)  # a draft whose tokens are mostly rejected
+    out = speculative_generate(target, bad, prompts, budgets, k=k)
+    assert out["tokens"] == alone and out["acceptance"] < 0.5
+    if k == 5:  # a draft that is the target: every token accepted
+        out = speculative_generate(target, create_model(TARGET, seed=1), prompts, budgets, k=k)
+        assert out["tokens"] == alone and out["acceptance"] == 1.0
+    if k == 3:  # EOS stops a row: the target's third token of row 0 as end-of-text
+        eos = alone[0][2]
+        stopped = speculative_generate(target, bad, prompts, budgets, eos_id=eos, k=k)
+        assert stopped["tokens"] == generate(target, prompts, budgets, eos_id=eos)["tokens"]
 
 
 def test_sampling_keeps_the_target_distribution():
@@ -95,11 +90,11 @@ def test_the_serving_engine_with_a_draft_gives_the_target_tokens(same):
 
     target = create_model(TARGET, seed=1)
     draft = create_model(TARGET, seed=1) if same else create_model(DRAFT, seed=9)
-    engine = Engine(target, slots=3, max_len=64, draft=draft, draft_k=3)
+    engine = Engine(target, slots=2, max_len=32, draft=draft, draft_k=3)
     engine.warmup()
     engine.start()
-    prompts = [[5, 6, 7], list(range(1, 20)), [42], [9, 9], [3, 1, 4, 1, 5], [2, 7]]
-    budgets = [20, 9, 14, 3, 11, 1]
+    prompts = [[5, 6, 7], list(range(1, 12)), [42], [9, 9], [3, 1, 4, 1, 5], [2, 7]]
+    budgets = [15, 9, 14, 3, 11, 1]
     got = {i: [] for i in range(len(prompts))}
     finished = threading.Semaphore(0)
 
