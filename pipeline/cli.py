@@ -352,7 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.set_defaults(func=cmd_export)
     bench = sub.add_parser("bench", help="benchmarks: bench train [--config FILE] [--json]")
-    bench.add_argument("target", choices=["train", "finetune", "generate", "quantize", "serve"])
+    bench.add_argument(
+        "target", choices=["train", "finetune", "generate", "quantize", "serve", "distill"]
+    )
     bench.add_argument("--run", help="quantize: a trained run; distill: a distillation run")
     _add_config_args(bench)
     bench.add_argument(

@@ -337,8 +337,22 @@ def stream(
 
 
 def _probs(logits, temperature, top_k, top_p):
-    """The distribution sampling draws from: tempered and truncated (rows with T > 0)."""
-    return jax.nn.softmax(truncate(logits, temperature, top_k, top_p), axis=-1)
+    """The distribution sampling draws from: tempered and truncated (rows with T > 0).
+
+    Greedy rows never use it; when every row is greedy nothing is computed (zeros), and the
+    sort behind top-k / top-p runs only when a sampling row asks for it.
+    """
+
+    def tempered():
+        truncated = jnp.any(((top_k > 0) | (top_p < 1)) & (temperature > 0))
+        masked = jax.lax.cond(
+            truncated,
+            lambda: truncate(logits, temperature, top_k, top_p),
+            lambda: logits / jnp.maximum(temperature, 1e-6)[:, None],
+        )
+        return jax.nn.softmax(masked, axis=-1)
+
+    return jax.lax.cond(jnp.any(temperature > 0), tempered, lambda: jnp.zeros_like(logits))
 
 
 def speculate(target, draft, pos, last, tcache, dcache, keys, sampling, k: int):
@@ -359,8 +373,13 @@ def speculate(target, draft, pos, last, tcache, dcache, keys, sampling, k: int):
         logits, dcache = decode_step(draft, tok, pos + i, dcache)
         q = _probs(logits, *sampling)
         skeys = jax.vmap(jax.random.fold_in, (0, None))(keys, i)
-        d = jax.vmap(jax.random.categorical)(skeys, jnp.log(q))
-        d = jnp.where(greedy, jnp.argmax(logits, -1), d).astype(jnp.int32)
+        d = jax.lax.cond(
+            jnp.all(greedy),
+            lambda: jnp.argmax(logits, -1).astype(jnp.int32),
+            lambda: jnp.where(
+                greedy, jnp.argmax(logits, -1), jax.vmap(jax.random.categorical)(skeys, jnp.log(q))
+            ).astype(jnp.int32),
+        )
         return dcache, d, ds.at[:, i].set(d), qs.at[:, i].set(q)
 
     ds, qs = jnp.zeros((B, k), jnp.int32), jnp.zeros((B, k, V), jnp.float32)
