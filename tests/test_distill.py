@@ -53,8 +53,15 @@ def _losses(run_dir) -> list[float]:
     return [r["loss"] for r in map(json.loads, lines) if "loss" in r]
 
 
-def test_alpha_one_drives_the_kl_down(teacher, tmp_path):
-    cfg = _student(teacher, tmp_path, "kl", "distill.alpha=1.0", "train.log_every=1")
+def test_alpha_one_drives_the_kl_down_with_an_int8_teacher(teacher, tmp_path):
+    cfg = _student(
+        teacher,
+        tmp_path,
+        "kl",
+        "distill.alpha=1.0",
+        "train.log_every=1",
+        "distill.teacher_quantize=int8",
+    )
     distill(cfg)
     losses = _losses(tmp_path / "kl")
     assert sum(losses[-5:]) / 5 < 0.75 * sum(losses[:5]) / 5, losses
