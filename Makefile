@@ -12,7 +12,7 @@ export LD_PRELOAD := $(firstword $(JEMALLOC))
 export MALLOC_CONF := oversize_threshold:0,dirty_decay_ms:-1,muzzy_decay_ms:-1
 endif
 
-.PHONY: install test lint format pretrain finetune distill bench generate serve
+.PHONY: install test lint format pretrain finetune distill bench generate serve sweep runs
 
 # Extra overrides for the run targets, e.g. make pretrain ARGS="train.steps=50".
 ARGS ?=
@@ -61,3 +61,12 @@ generate: install
 serve: install
 	@test -n "$(RUN)" || { echo "error: no run in runs/: make pretrain first"; exit 2; }
 	$(BIN)/python -m pipeline serve --run $(RUN) --config configs/serve.yaml $(ARGS)
+
+# make sweep CONFIG=configs/pretrain_tiny.yaml GRID="optimizer.lr=1e-3,3e-3 model.num_layers=1,2"
+CONFIG ?= configs/pretrain_tiny.yaml
+sweep: install
+	@test -n "$(GRID)" || { echo 'error: GRID="key=v1,v2 ..." is required'; exit 2; }
+	$(BIN)/python -m pipeline sweep --config $(CONFIG) $(ARGS) --grid $(GRID)
+
+runs: install
+	$(BIN)/python -m pipeline runs $(ARGS)

@@ -253,6 +253,49 @@ def cmd_export_hf(args) -> int:
     return 0
 
 
+def cmd_runs(args) -> int:
+    """A table of the run directories under DIR (default runs/)."""
+    from pipeline.experiments import find_runs, format_table, sort_rows, summarize
+
+    rows = sort_rows([summarize(d) for d in find_runs(args.dir)], args.sort)
+    print(json.dumps(rows, indent=2) if args.json else format_table(rows))
+    return 0
+
+
+def cmd_compare(args) -> int:
+    """The config keys that differ between runs, and their loss curves in one PNG."""
+    from pipeline.experiments import config_differences, plot_comparison
+
+    diffs = config_differences(args.runs)
+    names = [os.path.basename(os.path.normpath(r)) for r in args.runs]
+    if args.json:
+        print(json.dumps({"runs": names, "differences": diffs}))
+    else:
+        width = max([len(k) for k in diffs] + [3])
+        print("key".ljust(width) + "  " + "  ".join(names))
+        for key, values in diffs.items():
+            print(key.ljust(width) + "  " + "  ".join(json.dumps(v) for v in values))
+        if not diffs:
+            print("(no config differences besides run.*)")
+    out = plot_comparison(args.runs, args.out, args.x)
+    print(f"loss curves: {out}", file=sys.stderr if args.json else sys.stdout)
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    """Run the config's stage once per point of --grid; finished points are skipped."""
+    from pathlib import Path
+
+    from pipeline.experiments import sweep, write_sweep_summary
+
+    dirs = sweep(args.config, args.grid, args.overrides, args.name, args.root)
+    prefix = args.name or Path(args.config).stem
+    table, plot = write_sweep_summary(dirs, Path(args.root) / f"{prefix}.sweep", args.x)
+    print(table)
+    print(f"comparison plot: {plot}")
+    return 0
+
+
 def _report(result: dict) -> None:
     import jax
 
@@ -335,6 +378,27 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--model-name", help="the model id clients use (default: the run's name)")
     srv.add_argument("--draft", help="a draft run: speculative decoding (serve.draft_k tokens)")
     srv.set_defaults(func=cmd_serve)
+    runs = sub.add_parser("runs", help="a table of run directories")
+    runs.add_argument("dir", nargs="?", default="runs")
+    runs.add_argument("--sort", help="a column, e.g. eval_loss")
+    runs.add_argument("--json", action="store_true")
+    runs.set_defaults(func=cmd_runs)
+    cmp = sub.add_parser("compare", help="config differences and loss curves of runs")
+    cmp.add_argument("runs", nargs="+", help="run directories")
+    cmp.add_argument("--x", default="step", choices=["step", "tokens", "time"])
+    cmp.add_argument("--out", default="compare.png", help="the PNG to write")
+    cmp.add_argument("--json", action="store_true")
+    cmp.set_defaults(func=cmd_compare)
+    swp = sub.add_parser("sweep", help="run a stage over a grid of overrides")
+    swp.add_argument("--config", required=True)
+    swp.add_argument(
+        "--grid", nargs="+", required=True, help="key=v1,v2 ... (put plain overrides before it)"
+    )
+    swp.add_argument("--name", help="run directory prefix (default: the config's name)")
+    swp.add_argument("--root", default="runs", help="where the run directories go")
+    swp.add_argument("--x", default="step", choices=["step", "tokens", "time"])
+    swp.add_argument("overrides", nargs="*", help="overrides applied to every point")
+    swp.set_defaults(func=cmd_sweep)
     imp = sub.add_parser("import-hf", help="import a local Hugging Face GPT-2 / Llama model")
     imp.add_argument("src", help="a directory with config.json, *.safetensors, tokenizer.json")
     imp.add_argument("--out", required=True, help="the run directory to write")

@@ -7,6 +7,7 @@ on SIGTERM/SIGINT, and stop loudly on a non-finite loss.
 
 from __future__ import annotations
 
+import json
 import math
 import queue
 import threading
@@ -51,7 +52,7 @@ def run_training(cfg: Config, stage: Stage, fresh: bool = False) -> dict:
     logger = MetricsLogger(run_dir, enabled=main, resume_step=start)
     loop = _Loop(cfg, stage, strategy, ckpt, logger, (train_fn, eval_fn), main)
     if main:
-        write_state(run_dir, status="running", step=start, steps=cfg.train.steps)
+        write_state(run_dir, status="running", step=start, steps=cfg.train.steps, stage=stage.name)
     try:
         result = loop.run(strategy.replicate(state), start)
     except BaseException as err:
@@ -61,6 +62,7 @@ def run_training(cfg: Config, stage: Stage, fresh: bool = False) -> dict:
                 status="failed",
                 step=loop.step,
                 steps=cfg.train.steps,
+                stage=stage.name,
                 error=str(err)[:500],
             )
         raise
@@ -70,9 +72,71 @@ def run_training(cfg: Config, stage: Stage, fresh: bool = False) -> dict:
     if main:
         if result["status"] == "finished" and stage.export and loop.last_saved is not None:
             stage.export(loop.last_saved["params"], run_dir)
-        write_state(run_dir, status=result["status"], step=result["step"], steps=cfg.train.steps)
+        write_state(
+            run_dir,
+            status=result["status"],
+            step=result["step"],
+            steps=cfg.train.steps,
+            stage=stage.name,
+        )
         plot_losses(run_dir)
     return {**result, "run_dir": str(run_dir)}
+
+
+ENVIRONMENT_FILE = "environment.json"
+
+
+def environment(cfg: Config, stage: Stage) -> dict:
+    """What reproducing this run needs beside config.yaml: code, library and device versions."""
+    import platform
+    import subprocess
+
+    import flax
+    import optax
+
+    import pipeline
+
+    root = Path(pipeline.__file__).resolve().parent.parent
+    try:
+        commit = (
+            subprocess.run(
+                ["git", "-C", str(root), "rev-parse", "HEAD"],
+                capture_output=True,
+                text=True,
+                timeout=5,
+            ).stdout.strip()
+            or None
+        )
+        dirty = (
+            bool(
+                subprocess.run(
+                    ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                    capture_output=True,
+                    text=True,
+                    timeout=5,
+                ).stdout.strip()
+            )
+            if commit
+            else None
+        )
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = None, None
+    devices = jax.devices()
+    return {
+        "stage": stage.name,
+        "package_version": pipeline.__version__,
+        "git_commit": commit,
+        "git_dirty": dirty,
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "flax": flax.__version__,
+        "optax": optax.__version__,
+        "device_kind": devices[0].device_kind,
+        "device_count": len(devices),
+        "process_count": jax.process_count(),
+        "seed": cfg.train.seed,
+        "data_seed": cfg.data.seed,
+    }
 
 
 def prepare_run_dir(cfg: Config, stage: Stage, fresh: bool, main: bool) -> None:
@@ -89,6 +153,7 @@ def prepare_run_dir(cfg: Config, stage: Stage, fresh: bool, main: bool) -> None:
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(cfg.to_yaml())
+        (run_dir / ENVIRONMENT_FILE).write_text(json.dumps(environment(cfg, stage), indent=2))
         if stage.tokenizer is not None:
             stage.tokenizer.save(run_dir)
     _barrier("run_dir")
