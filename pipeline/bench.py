@@ -66,14 +66,15 @@ def bench_finetune(cfg: Config, case: str, method: str, steps: int = 3, warmup: 
 
 def time_stage(cfg: Config, stage, steps: int, warmup: int) -> dict:
     """Steady-state time of a stage's pmapped step, and XLA's memory figures for it."""
+    from pipeline.mesh import make_strategy
     from pipeline.model import count_params
-    from pipeline.train import PmapStrategy, build_steps, create_train_state, make_optimizer
+    from pipeline.train import build_steps, create_train_state, make_optimizer
 
     tx, schedule = make_optimizer(cfg.optimizer, max(cfg.train.steps, warmup + steps), stage.params)
-    strategy = PmapStrategy(cfg.train.num_devices)
+    strategy = make_strategy(cfg.train)
     train_fn, _ = build_steps(stage, cfg, tx, schedule, strategy)
     state = strategy.replicate(create_train_state(stage, tx, cfg.train.seed))
-    state_bytes = sum(x.nbytes for x in jax.tree.leaves(state)) // strategy.num_devices
+    state_bytes = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(state))
     batches = [strategy.shard_batch(stage.train_batch(i)) for i in range(warmup + steps)]
     start = time.perf_counter()
     compiled = train_fn.lower(state, batches[0]).compile()

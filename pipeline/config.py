@@ -109,7 +109,11 @@ class TrainConfig:
     checkpoint_every: int = 50
     keep_checkpoints: int = 3
     grad_accum: int = 1  # micro-batches per step, accumulated inside the step
-    parallelism: Literal["pmap"] = "pmap"
+    parallelism: Literal["pmap", "mesh"] = "pmap"
+    # mesh: device-mesh axis sizes (one may be -1: the rest of the devices)
+    mesh_data: int = -1
+    mesh_fsdp: int = 1
+    mesh_tensor: int = 1
     peak_flops: float | None = None  # per-device peak FLOP/s for MFU; None: measured at start
     prefetch: int = 2  # batches prepared ahead on a background thread
     num_devices: int | None = None  # local devices to use; None: all

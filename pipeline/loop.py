@@ -21,10 +21,10 @@ from tqdm import tqdm
 
 from pipeline.checkpoint import Checkpointer, CheckpointError, has_checkpoints, remove_checkpoints
 from pipeline.config import Config
+from pipeline.mesh import make_strategy
 from pipeline.metrics import METRICS_FILE, STATE_FILE, MetricsLogger, plot_losses, write_state
 from pipeline.runtime import aggregate_peak_flops, is_main_process
 from pipeline.train import (
-    PmapStrategy,
     Stage,
     StopRequested,
     TrainingError,
@@ -47,7 +47,7 @@ def run_training(cfg: Config, stage: Stage, fresh: bool = False) -> dict:
     state = create_train_state(stage, tx, cfg.train.seed)
     ckpt = Checkpointer(run_dir / "checkpoints", cfg.train.keep_checkpoints)
     state, start = restore_latest(ckpt, state)
-    strategy = PmapStrategy(cfg.train.num_devices)
+    strategy = make_strategy(cfg.train)
     train_fn, eval_fn = build_steps(stage, cfg, tx, schedule, strategy)
     logger = MetricsLogger(run_dir, enabled=main, resume_step=start)
     loop = _Loop(cfg, stage, strategy, ckpt, logger, (train_fn, eval_fn), main)

@@ -190,6 +190,8 @@ class PmapStrategy:
     four methods, and the loop does not change.
     """
 
+    axis_name = AXIS
+
     def __init__(self, num_devices: int | None = None):
         local = jax.local_devices()
         if num_devices is not None and jax.process_count() > 1 and num_devices != len(local):
@@ -247,10 +249,16 @@ class PmapStrategy:
 
 def build_steps(stage: Stage, cfg: Config, tx, schedule, strategy) -> tuple[Callable, Callable]:
     loss = with_aux(stage.loss_fn)
+    axis = getattr(strategy, "axis_name", AXIS)
     step = partial(
-        train_step, loss_fn=loss, tx=tx, schedule=schedule, grad_accum=cfg.train.grad_accum
+        train_step,
+        loss_fn=loss,
+        tx=tx,
+        schedule=schedule,
+        grad_accum=cfg.train.grad_accum,
+        axis_name=axis,
     )
-    evaluate = partial(eval_step, loss_fn=stage.loss_fn)
+    evaluate = partial(eval_step, loss_fn=stage.loss_fn, axis_name=axis)
     return strategy.make_parallel_step(step), strategy.make_parallel_step(evaluate, False)
 
 
