@@ -253,6 +253,19 @@ def cmd_export_hf(args) -> int:
     return 0
 
 
+def cmd_fit(args) -> int:
+    """Compile the training step from shapes alone; per-device memory and the largest batch."""
+    from pipeline.fit import device_budget, fit, format_fit
+
+    cfg = _config(args)
+    budget = int(args.budget_gb * 2**30) if args.budget_gb else device_budget()
+    result = fit(cfg, budget)
+    print(json.dumps(result) if args.json else format_fit(result))
+    if result.get("fits") is False:
+        print("warning: this config will not fit the memory budget", file=sys.stderr)
+    return 0
+
+
 def cmd_runs(args) -> int:
     """A table of the run directories under DIR (default runs/)."""
     from pipeline.experiments import find_runs, format_table, sort_rows, summarize
@@ -378,6 +391,11 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--model-name", help="the model id clients use (default: the run's name)")
     srv.add_argument("--draft", help="a draft run: speculative decoding (serve.draft_k tokens)")
     srv.set_defaults(func=cmd_serve)
+    fitp = sub.add_parser("fit", help="per-device memory of a training config, before running")
+    _add_config_args(fitp)
+    fitp.add_argument("--budget-gb", type=float, help="memory per device (default: the device's)")
+    fitp.add_argument("--json", action="store_true")
+    fitp.set_defaults(func=cmd_fit)
     runs = sub.add_parser("runs", help="a table of run directories")
     runs.add_argument("dir", nargs="?", default="runs")
     runs.add_argument("--sort", help="a column, e.g. eval_loss")

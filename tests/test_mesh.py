@@ -62,3 +62,21 @@ def test_parameters_are_sharded_over_fsdp_and_tensor(sizes):
     assert shard.size == x.size // (sizes[1] * sizes[2])
     assert placed["b"].addressable_shards[0].data.shape == (3,)  # too small: replicated
     np.testing.assert_array_equal(strategy.unreplicate(placed)["w"], x)
+
+
+def test_fit_reports_bytes_that_shrink_with_fsdp_and_a_batch_within_budget(tiny_config):
+    from pipeline.config import with_overrides
+    from pipeline.fit import fit
+
+    params = []
+    for fsdp in (1, 2, 4):
+        cfg = with_overrides(tiny_config, train={"parallelism": "mesh", "mesh_fsdp": fsdp})
+        result = fit(cfg)
+        params.append(result["param_bytes"] + result["optimizer_bytes"])
+        assert result["xla"]["temp"] > 0 and result["xla"]["total"] > 0
+    assert params[0] > params[1] > params[2]
+    # a budget that one compiled batch size fits: the search finds it, and the config fits
+    generous = fit(tiny_config, budget_bytes=1 << 30, max_rows=8)
+    assert generous["fits"] and generous["max_rows_per_device"] >= generous["rows_per_device"]
+    tight = fit(tiny_config, budget_bytes=1024, max_rows=8)
+    assert tight["fits"] is False and tight["max_rows_per_device"] is None

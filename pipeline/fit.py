@@ -1,0 +1,169 @@
+"""`pipeline fit`: will this pre-training config fit, per device, before anything runs?
+
+The training step is compiled ahead of time for the configured strategy from shapes alone: the
+model is built abstractly (`nnx.eval_shape`), no parameter is allocated and no data is read.
+Reported per device: parameter and optimizer-state bytes (from the shardings), and XLA's memory
+analysis of the compiled step (arguments, outputs, temporaries: the activations, which
+`model.remat` trades for recomputation). With a budget, the largest per-device batch that fits
+is searched by compiling a few batch sizes.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from pipeline.config import Config
+from pipeline.mesh import MeshStrategy, make_strategy
+from pipeline.model import abstract_model, flops_per_token
+from pipeline.train import Stage, build_steps, lm_loss, make_optimizer
+
+
+def _abstract_stage(cfg: Config) -> Stage:
+    graphdef, params = nnx.split(abstract_model(cfg.model))
+
+    def apply(params, frozen, tokens, rng=None):
+        return nnx.merge(graphdef, params)(tokens)[0]
+
+    return Stage(
+        name="fit",
+        graphdef=graphdef,
+        params=params,
+        frozen={},
+        loss_fn=partial(lm_loss, apply),
+        train_batch=None,
+        eval_batch=None,
+        flops_per_token=flops_per_token(cfg.model, cfg.data.seq_len),
+        tokens_per_example=cfg.data.seq_len,
+    )
+
+
+def _per_device_bytes(tree, strategy) -> int:
+    if isinstance(strategy, MeshStrategy):
+        total = 0
+        for x in jax.tree.leaves(tree):
+            spec = strategy.sharding_of(x).spec
+            shards = 1
+            for axis in spec:
+                if axis is not None:
+                    shards *= dict(zip(("data", "fsdp", "tensor"), strategy.shape, strict=True))[
+                        axis
+                    ]
+            total += int(np.prod(x.shape)) * x.dtype.itemsize // shards
+        return total
+    return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def _compile(cfg: Config, stage: Stage, tx, schedule, strategy, rows_per_device: int):
+    state = jax.eval_shape(
+        lambda: {
+            "step": jnp.zeros((), jnp.int32),
+            "params": stage.params,
+            "opt_state": tx.init(stage.params),
+            "rng": jax.random.PRNGKey(0),
+            "frozen": {},
+        }
+    )
+    n = strategy.num_devices
+    tokens = (rows_per_device, cfg.data.seq_len + 1)
+    if isinstance(strategy, MeshStrategy):
+        shardings = strategy.shardings(state)
+        state = jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings
+        )
+        parts = strategy.shape[0] * strategy.shape[1]
+        batch = {
+            "tokens": jax.ShapeDtypeStruct(
+                (rows_per_device * parts, tokens[1]), jnp.int32, sharding=strategy.batch_sharding
+            )
+        }
+    else:
+        state = jax.tree.map(lambda x: jax.ShapeDtypeStruct((n, *x.shape), x.dtype), state)
+        batch = {"tokens": jax.ShapeDtypeStruct((n, *tokens), jnp.int32)}
+    train_fn, _ = build_steps(stage, cfg, tx, schedule, strategy)
+    return train_fn.lower(state, batch).compile()
+
+
+def fit(cfg: Config, budget_bytes: int | None = None, max_rows: int = 4096) -> dict:
+    """Per-device memory of `cfg`'s pre-training step, and the largest batch within budget."""
+    strategy = make_strategy(cfg.train)
+    stage = _abstract_stage(cfg)
+    tx, schedule = make_optimizer(cfg.optimizer, cfg.train.steps, stage.params)
+    opt_state = jax.eval_shape(tx.init, stage.params)
+    parts = (
+        strategy.shape[0] * strategy.shape[1]
+        if isinstance(strategy, MeshStrategy)
+        else (strategy.num_devices)
+    )
+    rows = max(cfg.train.batch_size // max(parts, 1), 1)
+
+    def analyse(rows_per_device: int) -> dict:
+        memory = _compile(cfg, stage, tx, schedule, strategy, rows_per_device).memory_analysis()
+        figures = {
+            name: int(getattr(memory, f"{name}_size_in_bytes", 0) or 0)
+            for name in ("argument", "output", "temp", "alias", "generated_code")
+        }
+        figures["total"] = (
+            figures["argument"] + figures["output"] - figures["alias"] + figures["temp"]
+        )
+        return figures
+
+    result = {
+        "strategy": cfg.train.parallelism,
+        "mesh": list(strategy.shape) if isinstance(strategy, MeshStrategy) else None,
+        "devices": strategy.num_devices,
+        "device_kind": jax.devices()[0].device_kind,
+        "remat": cfg.model.remat,
+        "rows_per_device": rows,
+        "param_bytes": _per_device_bytes(stage.params, strategy),
+        "optimizer_bytes": _per_device_bytes(opt_state, strategy),
+        "xla": analyse(rows),
+        "budget_bytes": budget_bytes,
+    }
+    if budget_bytes:
+        result["fits"] = result["xla"]["total"] <= budget_bytes
+        best, size = None, 1
+        while size <= max_rows:
+            total = analyse(size)["total"]
+            if total > budget_bytes:
+                break
+            best, size = size, size * 2
+        result["max_rows_per_device"] = best
+    return result
+
+
+def device_budget() -> int | None:
+    """The first device's memory limit, where the backend reports one (GPUs, TPUs)."""
+    stats = getattr(jax.devices()[0], "memory_stats", lambda: None)()
+    return int(stats["bytes_limit"]) if stats and "bytes_limit" in stats else None
+
+
+def format_fit(r: dict) -> str:
+    mib = lambda b: f"{b / 2**20:,.1f} MiB"  # noqa: E731
+    x = r["xla"]
+    lines = [
+        f"strategy {r['strategy']}"
+        + (f" mesh (data, fsdp, tensor) = {tuple(r['mesh'])}" if r["mesh"] else "")
+        + f" on {r['devices']} {r['device_kind']} device(s), remat {r['remat']}",
+        f"per device, {r['rows_per_device']} rows of the batch:",
+        f"  parameters        {mib(r['param_bytes'])}",
+        f"  optimizer state   {mib(r['optimizer_bytes'])}",
+        f"  XLA arguments     {mib(x['argument'])}",
+        f"  XLA temporaries   {mib(x['temp'])}   (activations, gradients in flight)",
+        f"  XLA outputs       {mib(x['output'])} ({mib(x['alias'])} aliased to the inputs)",
+        f"  total             {mib(x['total'])}",
+    ]
+    if r.get("budget_bytes"):
+        verdict = "fits" if r["fits"] else "WILL NOT FIT"
+        lines.append(f"budget {mib(r['budget_bytes'])}: {verdict}")
+        best = r.get("max_rows_per_device")
+        lines.append(
+            f"largest per-device batch within the budget: {best} rows"
+            if best
+            else "not even 1 row per device fits the budget"
+        )
+    return "\n".join(lines)
