@@ -32,7 +32,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: install
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=15
 
 lint: install
 	$(BIN)/ruff check pipeline tests

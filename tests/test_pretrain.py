@@ -126,12 +126,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_match_one_process_with_four_devices(tmp_path):
+@pytest.mark.parametrize("parallelism", ["pmap", "mesh"])
+def test_two_processes_match_one_process_with_four_devices(tmp_path, parallelism):
     common = [
         "train.steps=10",
         "train.log_every=2",
         "train.eval_every=10",
         "train.checkpoint_every=5",
+        f"train.parallelism={parallelism}",
+        *(["train.mesh_data=2", "train.mesh_fsdp=2"] if parallelism == "mesh" else []),
     ]
     _run(_args(tmp_path, "one", *common), devices=4)
     port = _free_port()
