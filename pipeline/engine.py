@@ -37,6 +37,7 @@ from pipeline.generate import (
     decode_step,
     prefill,
     sample,
+    sampling_arrays,
     speculate,
 )
 from pipeline.model import init_cache
@@ -366,12 +367,7 @@ class Engine:
             jnp.asarray(tokens),
             jnp.asarray([len(r.prompt) for r in requests] + [1] * pad, jnp.int32),
             jnp.asarray(list(slot_ids) + [self.num_slots] * pad, jnp.int32),
-            (
-                jnp.asarray([s.temperature for s in samplings], jnp.float32),
-                jnp.asarray([s.top_k for s in samplings], jnp.int32),
-                jnp.asarray([s.top_p for s in samplings], jnp.float32),
-                jnp.asarray([s.seed for s in samplings], jnp.uint32),
-            ),
+            sampling_arrays(samplings),
             self.dparams,
             self.dcache,
             graphdef=self.graphdef,

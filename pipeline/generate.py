@@ -219,6 +219,56 @@ def check_sampling(sampling: Sampling) -> None:
         raise ValueError(f"top_k must be >= 0 (0: off), got {sampling.top_k}")
 
 
+@dataclass(frozen=True)
+class Batch:
+    """A checked batch of requests as device arrays: right-padded prompts and per-row values."""
+
+    tokens: jax.Array  # (B, P), P a bucket
+    lengths: jax.Array  # (B,)
+    budgets: np.ndarray  # (B,) host copy: rows are trimmed to it
+    sampling: tuple  # temperature, top_k, top_p, seed: (B,) arrays
+    max_new: int  # the budget bucket
+
+
+def make_batch(prompts, max_new_tokens, sampling, context: int) -> Batch:
+    B = len(prompts)
+    budgets = np.broadcast_to(np.asarray(max_new_tokens, np.int32), (B,)).copy()
+    samplings = sampling if isinstance(sampling, list) else [sampling] * B
+    for prompt, budget, s in zip(prompts, budgets, samplings, strict=True):
+        check_request(len(prompt), int(budget), context)
+        check_sampling(s)
+    P = bucket(max(len(p) for p in prompts), context)
+    tokens = np.zeros((B, P), np.int32)
+    for i, p in enumerate(prompts):
+        tokens[i, : len(p)] = p
+    return Batch(
+        tokens=jnp.asarray(tokens),
+        lengths=jnp.asarray([len(p) for p in prompts], jnp.int32),
+        budgets=budgets,
+        sampling=sampling_arrays(samplings),
+        max_new=bucket(int(budgets.max()), context),
+    )
+
+
+def sampling_arrays(samplings: list[Sampling]) -> tuple:
+    """Per-row temperature, top_k, top_p and seed arrays (the programs take nothing else)."""
+    return (
+        jnp.asarray([s.temperature for s in samplings], jnp.float32),
+        jnp.asarray([s.top_k for s in samplings], jnp.int32),
+        jnp.asarray([s.top_p for s in samplings], jnp.float32),
+        jnp.asarray([s.seed for s in samplings], jnp.uint32),
+    )
+
+
+def trim_rows(out: np.ndarray, counts, eos_id: int) -> list[list[int]]:
+    """Each row's first `counts[i]` tokens, cut after its first EOS."""
+    rows = []
+    for row, n in zip(out, counts, strict=True):
+        ids = [int(t) for t in row[: int(n)]]
+        rows.append(ids[: ids.index(eos_id) + 1] if eos_id in ids else ids)
+    return rows
+
+
 def generate(
     model,
     prompts: list[list[int]],
@@ -231,32 +281,12 @@ def generate(
     Timings exclude compilation (reported as `compile_s`): `ttft_s` is the prefill (the first
     token's logits), `decode_s` the device loop, `tokens_per_sec` generated tokens over both.
     """
-    cfg = model.cfg
-    B = len(prompts)
-    budgets = np.broadcast_to(np.asarray(max_new_tokens, np.int32), (B,)).copy()
-    samplings = sampling if isinstance(sampling, list) else [sampling] * B
-    for prompt, budget, s in zip(prompts, budgets, samplings, strict=True):
-        check_request(len(prompt), int(budget), cfg.max_seq_len)
-        check_sampling(s)
-    longest = max(len(p) for p in prompts)
-    P = bucket(longest, cfg.max_seq_len)
-    max_new = bucket(int(budgets.max()), cfg.max_seq_len)
-    tokens = np.zeros((B, P), np.int32)
-    for i, p in enumerate(prompts):
-        tokens[i, : len(p)] = p
+    batch = make_batch(prompts, max_new_tokens, sampling, model.cfg.max_seq_len)
+    P, max_new = batch.tokens.shape[1], batch.max_new
     graphdef, state = nnx.split(model)
-    lengths = jnp.asarray([len(p) for p in prompts], jnp.int32)
-    loop_args = (
-        lengths,
-        jnp.asarray(budgets),
-        jnp.asarray([s.temperature for s in samplings], jnp.float32),
-        jnp.asarray([s.top_k for s in samplings], jnp.int32),
-        jnp.asarray([s.top_p for s in samplings], jnp.float32),
-        jnp.asarray([s.seed for s in samplings], jnp.uint32),
-        jnp.int32(eos_id),
-    )
+    loop_args = (batch.lengths, jnp.asarray(batch.budgets), *batch.sampling, jnp.int32(eos_id))
     compiled_before = PROGRAMS.seconds
-    prefill_args = (state, jnp.asarray(tokens), lengths)
+    prefill_args = (state, batch.tokens, batch.lengths)
     prefill_fn = PROGRAMS.get(
         _prefill, "prefill", prefill_args, graphdef=graphdef, cache_len=P + max_new
     )
@@ -269,10 +299,7 @@ def generate(
     out, steps = loop_fn(*args)
     out = np.asarray(out)
     decode_s = time.perf_counter() - start
-    rows = []
-    for i in range(B):
-        ids = [int(t) for t in out[i, : budgets[i]]]
-        rows.append(ids[: ids.index(eos_id) + 1] if eos_id in ids else ids)
+    rows = trim_rows(out, batch.budgets, eos_id)
     generated = sum(len(r) for r in rows)
     seconds = ttft + decode_s
     return {
@@ -494,31 +521,18 @@ def speculative_generate(
         )
     if k < 1:
         raise ValueError(f"k (draft tokens per step) must be at least 1, got {k}")
-    cfg = target.cfg
-    B = len(prompts)
-    budgets = np.broadcast_to(np.asarray(max_new_tokens, np.int32), (B,)).copy()
-    samplings = sampling if isinstance(sampling, list) else [sampling] * B
-    context = min(cfg.max_seq_len, draft.cfg.max_seq_len)
-    for prompt, budget, s in zip(prompts, budgets, samplings, strict=True):
-        check_request(len(prompt), int(budget), context)
-        check_sampling(s)
-    P = bucket(max(len(p) for p in prompts), context)
-    max_new = bucket(int(budgets.max()), context)
-    tokens = np.zeros((B, P), np.int32)
-    for i, p in enumerate(prompts):
-        tokens[i, : len(p)] = p
+    context = min(target.cfg.max_seq_len, draft.cfg.max_seq_len)
+    batch = make_batch(prompts, max_new_tokens, sampling, context)
+    P, max_new = batch.tokens.shape[1], batch.max_new
     tgraph, tstate = nnx.split(target)
     dgraph, dstate = nnx.split(draft)
     args = (
         tstate,
         dstate,
-        jnp.asarray(tokens),
-        jnp.asarray([len(p) for p in prompts], jnp.int32),
-        jnp.asarray(budgets),
-        jnp.asarray([s.temperature for s in samplings], jnp.float32),
-        jnp.asarray([s.top_k for s in samplings], jnp.int32),
-        jnp.asarray([s.top_p for s in samplings], jnp.float32),
-        jnp.asarray([s.seed for s in samplings], jnp.uint32),
+        batch.tokens,
+        batch.lengths,
+        jnp.asarray(batch.budgets),
+        *batch.sampling,
         jnp.int32(eos_id),
     )
     static = {"tgraph": tgraph, "dgraph": dgraph, "max_new": max_new, "k": k}
@@ -528,10 +542,7 @@ def speculative_generate(
     out, count, stats, iterations = fn(*args)
     out = np.asarray(out)
     seconds = time.perf_counter() - start
-    rows = []
-    for i in range(B):
-        ids = [int(t) for t in out[i, : min(int(count[i]), int(budgets[i]))]]
-        rows.append(ids[: ids.index(eos_id) + 1] if eos_id in ids else ids)
+    rows = trim_rows(out, np.minimum(np.asarray(count), batch.budgets), eos_id)
     accepted, proposed = (int(x) for x in np.asarray(stats))
     generated = sum(len(r) for r in rows)
     return {
