@@ -8,7 +8,6 @@ allocator the process runs with. The data are random tokens: this measures the s
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from flax import nnx
 
 from pipeline.config import Config, ConfigError, load_config
 from pipeline.data import Dataset
-from pipeline.runtime import aggregate_peak_flops, measure_matmul_peak
+from pipeline.runtime import aggregate_peak_flops, allocator, measure_matmul_peak
 from pipeline.tokenizer import byte_tokenizer
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -30,13 +29,9 @@ CASE_OVERRIDES = {"gpt2-124m": ["train.batch_size=2"]}
 FINETUNE_METHODS = ("lora", "qlora", "full")
 
 
-def allocator() -> str:
-    return "jemalloc" if "jemalloc" in os.environ.get("LD_PRELOAD", "") else "system malloc"
-
-
 def bench_train(cfg: Config, case: str, steps: int = 5, warmup: int = 3) -> dict:
     """Compile and time the pre-training step of `cfg` on every local device."""
-    from pipeline.pretrain import build_stage
+    from pipeline.training.pretrain import build_stage
 
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, cfg.model.vocab_size, 200_000).astype(np.int32)
@@ -47,9 +42,9 @@ def bench_train(cfg: Config, case: str, steps: int = 5, warmup: int = 3) -> dict
 def bench_finetune(cfg: Config, case: str, method: str, steps: int = 3, warmup: int = 2) -> dict:
     """Time LoRA, QLoRA (int8 base) or full fine-tuning of a randomly initialised `cfg` model."""
     from pipeline.config import with_overrides
-    from pipeline.finetune import stage_for_model
-    from pipeline.instruct import Examples
     from pipeline.model import create_model
+    from pipeline.training.finetune import stage_for_model
+    from pipeline.training.instruct import Examples
 
     cfg = with_overrides(
         cfg,
@@ -66,14 +61,15 @@ def bench_finetune(cfg: Config, case: str, method: str, steps: int = 3, warmup: 
 
 def time_stage(cfg: Config, stage, steps: int, warmup: int) -> dict:
     """Steady-state time of a stage's pmapped step, and XLA's memory figures for it."""
-    from pipeline.mesh import make_strategy
     from pipeline.model import count_params
-    from pipeline.train import build_steps, create_train_state, make_optimizer
+    from pipeline.training.parallel import make_strategy
+    from pipeline.training.train import build_steps, create_train_state, make_optimizer
 
     tx, schedule = make_optimizer(cfg.optimizer, max(cfg.train.steps, warmup + steps), stage.params)
     strategy = make_strategy(cfg.train)
-    train_fn, _ = build_steps(stage, cfg, tx, schedule, strategy)
-    state = strategy.replicate(create_train_state(stage, tx, cfg.train.seed))
+    state = create_train_state(stage, tx, cfg.train.seed)
+    train_fn, _ = build_steps(stage, cfg, tx, schedule, strategy, state)
+    state = strategy.replicate(state)
     state_bytes = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(state))
     batches = [strategy.shard_batch(stage.train_batch(i)) for i in range(warmup + steps)]
     start = time.perf_counter()
@@ -123,7 +119,7 @@ def bench_generate(
     quantize: str | None = None,
 ) -> dict:
     """Decode speed of the jitted whole-loop generate, and time to first token (prefill)."""
-    from pipeline.generate import Sampling, generate
+    from pipeline.inference.generate import Sampling, generate
     from pipeline.model import create_model
     from pipeline.quantize import weight_bytes
 
@@ -157,7 +153,7 @@ def bench_recompute(cfg: Config, case: str, prompt_len: int = 64, new_tokens: in
     The baseline the KV cache is measured against: one jitted `fori_loop` over a fixed-size
     buffer (causal attention makes the padding harmless), so only the recomputation differs.
     """
-    from pipeline.generate import Sampling, generate
+    from pipeline.inference.generate import Sampling, generate
     from pipeline.model import create_model
 
     length = prompt_len + new_tokens
@@ -203,8 +199,8 @@ def bench_recompute(cfg: Config, case: str, prompt_len: int = 64, new_tokens: in
 def bench_quantize(run_dir: str, modes=("int8", "int4")) -> list[dict]:
     """Quality and size of int8 / int4 weights for a run's model, on its validation split."""
     from pipeline.data import prepare_dataset
+    from pipeline.inference.runs import load_model
     from pipeline.quantize import quality_report
-    from pipeline.runs import load_model
 
     cfg, _, tokenizer = load_model(run_dir, key="--run")
     tokens = np.asarray(prepare_dataset(cfg, tokenizer).val)
@@ -224,9 +220,9 @@ def bench_distill(run_dir: str, ks=(2, 4, 8), prompts: int = 4, new_tokens: int 
     """Teacher against distilled student: eval loss, greedy decode speed, and speculative
     decoding with the student drafting for the teacher (acceptance, speed-up) at each k."""
     from pipeline.data import prepare_dataset
-    from pipeline.generate import Sampling, generate, speculative_generate
+    from pipeline.inference.generate import Sampling, generate, speculative_generate
+    from pipeline.inference.runs import load_model
     from pipeline.model import count_params
-    from pipeline.runs import load_model
 
     cfg, student, tokenizer = load_model(run_dir, key="--run")
     if not cfg.distill.teacher:
@@ -328,7 +324,7 @@ def run_bench(
             _emit(result, as_json)
         return results
     if target == "serve":
-        from pipeline.loadgen import bench_serve
+        from pipeline.serving.loadgen import bench_serve
 
         name = Path(config).stem if config else "small"
         cfg = load_config(config or CONFIGS / "small.yaml", overrides)

@@ -69,6 +69,38 @@ class Checkpointer:
         self.manager.close()
 
 
+def read_params(directory: str | Path, like: Any) -> Any:
+    """The `params` of the latest checkpoint under `directory`, restored on their own.
+
+    Orbax's partial restore reads only the arrays named in the target: the optimizer state
+    (twice the parameters' bytes under Adam) is never read, and no optimizer is built.
+    `like` gives the structure, shapes and dtypes (arrays or `jax.ShapeDtypeStruct`s); the
+    result holds host numpy arrays.
+    """
+    manager = ocp.CheckpointManager(Path(directory).absolute())
+    try:
+        step = manager.latest_step()
+        if step is None:
+            raise CheckpointError(f"{directory} holds no complete checkpoint")
+        target = {"params": jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), like)}
+        restore_args = jax.tree.map(
+            lambda x: ocp.RestoreArgs(restore_type=np.ndarray, dtype=x.dtype), like
+        )
+        args = ocp.args.PyTreeRestore(
+            item=target, restore_args={"params": restore_args}, partial_restore=True
+        )
+        try:
+            restored = manager.restore(step, args=ocp.args.Composite(state=args))
+        except Exception as err:  # noqa: BLE001 - any failure means the same thing to the user
+            raise CheckpointError(
+                f"{directory}: the parameters of checkpoint {step} cannot be read "
+                f"({type(err).__name__}: {str(err).splitlines()[0][:200]})"
+            ) from None
+        return restored.state["params"]
+    finally:
+        manager.close()
+
+
 def has_checkpoints(directory: str | Path) -> bool:
     path = Path(directory)
     return path.is_dir() and any(p.name.isdigit() for p in path.iterdir())

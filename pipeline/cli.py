@@ -64,14 +64,14 @@ def _train(args, stage: str) -> int:
 
     init_distributed(cfg.run)  # before anything touches a device
     enable_compilation_cache(cfg.run.compilation_cache)
-    from pipeline.train import TrainingError
+    from pipeline.training.train import TrainingError
 
     if stage == "pretrain":
-        from pipeline.pretrain import pretrain as run
+        from pipeline.training.pretrain import pretrain as run
     elif stage == "distill":
-        from pipeline.distill import distill as run
+        from pipeline.training.distill import distill as run
     else:
-        from pipeline.finetune import finetune as run
+        from pipeline.training.finetune import finetune as run
     try:
         result = run(cfg, fresh=args.fresh)
     except TrainingError as err:
@@ -98,8 +98,8 @@ def cmd_distill(args) -> int:
 
 def cmd_merge(args) -> int:
     """Fold a LoRA run's adapters into its base and write a plain model run directory."""
+    from pipeline.inference.runs import load_model, save_model
     from pipeline.lora import merge
-    from pipeline.runs import load_model, save_model
 
     cfg, model, tokenizer = load_model(args.run, key="--run")
     out = save_model(cfg, merge(model), tokenizer, args.out)
@@ -109,10 +109,10 @@ def cmd_merge(args) -> int:
 
 def cmd_generate(args) -> int:
     """Generate from a run's model (pre-trained, fine-tuned with an adapter, or merged)."""
-    from pipeline.generate import Sampling, check_sampling, generate
-    from pipeline.instruct import prompt_ids
-    from pipeline.runs import load_model
+    from pipeline.inference.generate import Sampling, check_sampling, generate
+    from pipeline.inference.runs import load_model
     from pipeline.runtime import enable_compilation_cache
+    from pipeline.tokenizer import prompt_ids
 
     if not args.prompt:
         raise ConfigError("--prompt is empty")
@@ -134,7 +134,7 @@ def cmd_generate(args) -> int:
         ids, stop = tokenizer.encode(args.prompt), tokenizer.eos_id
     try:
         if args.draft:
-            from pipeline.generate import speculative_generate
+            from pipeline.inference.generate import speculative_generate
 
             _, draft, draft_tokenizer = load_model(args.draft, key="--draft")
             if draft_tokenizer.fingerprint() != tokenizer.fingerprint():
@@ -178,8 +178,8 @@ def cmd_generate(args) -> int:
 
 def cmd_export(args) -> int:
     """Serialise a run's prefill and decode programs, with its weights, into one file."""
-    from pipeline.export import export_model
-    from pipeline.runs import load_model
+    from pipeline.inference.export import export_model
+    from pipeline.inference.runs import load_model
 
     _, model, tokenizer = load_model(args.run, key="--run")
     if args.quantize:
@@ -213,7 +213,7 @@ def cmd_serve(args) -> int:
     cfg = with_overrides(cfg, serve={k: v for k, v in flags.items() if v is not None})
     s = cfg.serve
     enable_compilation_cache(s.compilation_cache)
-    from pipeline.serve import serve
+    from pipeline.serving.serve import serve
 
     serve(
         args.run,
@@ -237,7 +237,7 @@ def cmd_serve(args) -> int:
 
 def cmd_import_hf(args) -> int:
     """A local Hugging Face GPT-2 / Llama directory -> a run directory."""
-    from pipeline.hf import import_hf
+    from pipeline.interop.hf import import_hf
 
     out = import_hf(args.src, args.out)
     print(f"imported {args.src} into {out}")
@@ -246,7 +246,7 @@ def cmd_import_hf(args) -> int:
 
 def cmd_export_hf(args) -> int:
     """A run directory -> a Hugging Face directory (plus a PEFT adapter for a LoRA run)."""
-    from pipeline.hf import export_hf
+    from pipeline.interop.hf import export_hf
 
     out = export_hf(args.run, args.out)
     print(f"exported {args.run} to {out}")
@@ -255,7 +255,7 @@ def cmd_export_hf(args) -> int:
 
 def cmd_fit(args) -> int:
     """Compile the training step from shapes alone; per-device memory and the largest batch."""
-    from pipeline.fit import device_budget, fit, format_fit
+    from pipeline.training.fit import device_budget, fit, format_fit
 
     cfg = _config(args)
     budget = int(args.budget_gb * 2**30) if args.budget_gb else device_budget()

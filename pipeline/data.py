@@ -311,3 +311,11 @@ class Sampler:
         starts = self.starts(step)[process_index * rows : (process_index + 1) * rows]
         windows = self.tokens[starts[:, None] + np.arange(self.seq_len + 1)]
         return windows.astype(np.int32).reshape(num_devices // process_count, -1, self.seq_len + 1)
+
+
+def lm_batch(sampler: Sampler, step: int) -> dict:
+    """This process's rows of the global batch for `step`: tokens (rows, T+1)."""
+    import jax
+
+    count = jax.process_count()
+    return {"tokens": sampler.batch(step, count, jax.process_index(), count)[0]}

@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 
 from pipeline.config import ConfigError, load_config
-from pipeline.metrics import METRICS_FILE, STATE_FILE, read_metrics
+from pipeline.training.metrics import METRICS_FILE, STATE_FILE, read_metrics
 
 COLUMNS = (
     "run",
@@ -293,19 +293,19 @@ def sweep(
 
 
 def _pretrain(cfg):
-    from pipeline.pretrain import pretrain
+    from pipeline.training.pretrain import pretrain
 
     return pretrain(cfg)
 
 
 def _finetune(cfg):
-    from pipeline.finetune import finetune
+    from pipeline.training.finetune import finetune
 
     return finetune(cfg)
 
 
 def _distill(cfg):
-    from pipeline.distill import distill
+    from pipeline.training.distill import distill
 
     return distill(cfg)
 

@@ -132,7 +132,7 @@ def quality_report(
     `prompts` prompts cut from the same tokens (a generation that diverges once scores its
     later positions as disagreements, so this is the stricter figure).
     """
-    from pipeline.generate import generate
+    from pipeline.inference.generate import generate
 
     rng = np.random.default_rng(0)
     need = seq_len + 1

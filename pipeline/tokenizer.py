@@ -188,3 +188,54 @@ def _bytes_to_unicode() -> list[str]:
 
 def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
+
+
+# Conversations: shared by fine-tuning (with loss masks), generation and serving.
+
+
+def render(tokenizer: Tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
+    """Token ids of a conversation and, per id, 1 where the loss counts it."""
+    ids, trained = ([tokenizer.bos_id], [0]) if tokenizer.bos_id is not None else ([], [])
+    for message in messages:
+        assistant = message["role"] == "assistant"
+        marker = role_marker(tokenizer, message["role"])
+        body = [*tokenizer.encode(message["content"]), tokenizer.end_id]
+        ids += marker + body
+        trained += [0] * len(marker) + [int(assistant)] * len(body)  # the role marker is given
+    return ids + [tokenizer.eos_id], trained + [0]
+
+
+def role_marker(tokenizer: Tokenizer, role: str) -> list[int]:
+    """The role's special token, or (a tokenizer imported without them) the marker as text."""
+    token = tokenizer.role_ids.get(role)
+    return [token] if token is not None else tokenizer.encode(f"<|{role}|>\n")
+
+
+def prompt_ids(tokenizer: Tokenizer, messages: list[dict]) -> list[int]:
+    """The ids that ask for the next assistant turn (for generation after fine-tuning).
+
+    A tokenizer imported with a chat template (Hugging Face's Jinja `chat_template`) uses it,
+    as transformers' `apply_chat_template(..., add_generation_prompt=True)` would.
+    """
+    template = (tokenizer.imported or {}).get("chat_template")
+    if template:
+        return tokenizer.encode(render_template(tokenizer, template, messages))
+    ids, _ = render(tokenizer, messages)
+    return ids[:-1] + role_marker(tokenizer, "assistant")
+
+
+def render_template(tokenizer: Tokenizer, template: str, messages: list[dict]) -> str:
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise ValueError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    token = lambda i: tokenizer.hf.id_to_token(i) if i is not None else ""  # noqa: E731
+    return env.from_string(template).render(
+        messages=messages,
+        add_generation_prompt=True,
+        bos_token=token(tokenizer.bos_id),
+        eos_token=token(tokenizer.eos_id),
+    )

@@ -33,8 +33,8 @@ def tiny_config(tmp_path) -> Config:
 def restore_final_state(cfg: Config) -> dict:
     """The latest checkpointed training state of the pre-training run `cfg` describes."""
     from pipeline.checkpoint import Checkpointer
-    from pipeline.pretrain import build_stage
-    from pipeline.train import create_train_state, make_optimizer
+    from pipeline.training.pretrain import build_stage
+    from pipeline.training.train import create_train_state, make_optimizer
 
     stage = build_stage(cfg)
     tx, _ = make_optimizer(cfg.optimizer, cfg.train.steps, stage.params)
@@ -46,8 +46,8 @@ def restore_final_state(cfg: Config) -> dict:
 
 def make_tiny_runs(tmp_path, overrides: tuple[str, ...] = ()) -> tuple[str, str]:
     """A 2-step pretrain_tiny run and a 2-step LoRA fine-tune of it: (base dir, LoRA dir)."""
-    from pipeline.finetune import finetune
-    from pipeline.pretrain import pretrain
+    from pipeline.training.finetune import finetune
+    from pipeline.training.pretrain import pretrain
 
     common = [
         f"data.cache_dir={tmp_path / 'cache'}",

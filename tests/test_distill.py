@@ -10,8 +10,8 @@ import pytest
 from conftest import ROOT
 
 from pipeline.config import ConfigError, load_config
-from pipeline.distill import distill
-from pipeline.pretrain import pretrain
+from pipeline.training.distill import distill
+from pipeline.training.pretrain import pretrain
 
 
 @pytest.fixture(scope="module")

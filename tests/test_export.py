@@ -13,8 +13,8 @@ import pytest
 from conftest import ROOT
 
 from pipeline.config import ModelConfig
-from pipeline.export import export_model
-from pipeline.generate import Sampling, generate
+from pipeline.inference.export import export_model
+from pipeline.inference.generate import Sampling, generate
 from pipeline.model import create_model
 from pipeline.tokenizer import byte_tokenizer
 

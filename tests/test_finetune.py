@@ -13,13 +13,13 @@ from flax import nnx
 
 from pipeline.checkpoint import Checkpointer
 from pipeline.config import ConfigError, LoraConfig, load_config, with_overrides
-from pipeline.finetune import build_stage, finetune
-from pipeline.instruct import build_examples, read_examples, render
+from pipeline.inference.runs import load_model
 from pipeline.lora import ADAPTER_WEIGHTS, add_lora, merge
-from pipeline.metrics import read_metrics
-from pipeline.pretrain import pretrain
-from pipeline.runs import load_model
-from pipeline.tokenizer import byte_tokenizer
+from pipeline.tokenizer import byte_tokenizer, render
+from pipeline.training.finetune import build_stage, finetune
+from pipeline.training.instruct import build_examples, read_examples
+from pipeline.training.metrics import read_metrics
+from pipeline.training.pretrain import pretrain
 
 TOKENS = jnp.array([[257, 104, 101, 108, 108, 111, 32, 119, 111, 114]])
 
@@ -119,7 +119,7 @@ def test_only_adapters_train_and_the_adapter_file_is_small(base_run, tmp_path):
     assert result["status"] == "finished"
     stage = build_stage(cfg)
     assert len(jax.tree.leaves(stage.params)) == 2 * 2 * 2  # A and B on q, v of 2 layers
-    from pipeline.train import create_train_state, make_optimizer
+    from pipeline.training.train import create_train_state, make_optimizer
 
     tx, _ = make_optimizer(cfg.optimizer, cfg.train.steps, stage.params)
     like = create_train_state(stage, tx, cfg.train.seed)

@@ -16,10 +16,10 @@ import pytest
 from conftest import ROOT
 
 from pipeline.config import load_config
-from pipeline.finetune import finetune
-from pipeline.instruct import prompt_ids
-from pipeline.pretrain import pretrain
-from pipeline.runs import load_model
+from pipeline.inference.runs import load_model
+from pipeline.tokenizer import prompt_ids
+from pipeline.training.finetune import finetune
+from pipeline.training.pretrain import pretrain
 
 pytestmark = pytest.mark.slow
 SEQ = 32

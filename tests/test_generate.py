@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from pipeline.config import ModelConfig
-from pipeline.generate import Sampling, compilations, generate, sample
+from pipeline.inference.generate import Sampling, compilations, generate, sample
 from pipeline.model import create_model
 
 CFG = ModelConfig(
@@ -148,7 +148,7 @@ def test_quantized_weights_are_smaller_and_agree(mode, ratio):
 
 
 def test_stream_yields_generates_tokens_without_recompiling():
-    from pipeline.generate import stream
+    from pipeline.inference.generate import stream
 
     model = create_model(CFG, seed=3)
     for sampling in (Sampling(), Sampling(temperature=0.9, top_k=10, seed=4)):

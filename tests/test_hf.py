@@ -15,11 +15,10 @@ transformers = pytest.importorskip("transformers")
 from conftest import make_tiny_runs  # noqa: E402
 
 from pipeline.config import ConfigError  # noqa: E402
-from pipeline.generate import generate  # noqa: E402
-from pipeline.hf import export_hf, import_hf  # noqa: E402
-from pipeline.instruct import prompt_ids  # noqa: E402
-from pipeline.runs import load_model  # noqa: E402
-from pipeline.tokenizer import byte_tokenizer  # noqa: E402
+from pipeline.inference.generate import generate  # noqa: E402
+from pipeline.inference.runs import load_model  # noqa: E402
+from pipeline.interop.hf import export_hf, import_hf  # noqa: E402
+from pipeline.tokenizer import byte_tokenizer, prompt_ids  # noqa: E402
 
 
 def _hf_model(kind: str, eos: int, context: int = 64):
@@ -137,7 +136,7 @@ def test_an_imported_run_generates_and_fine_tunes_like_any_other(tmp_path, capsy
 
     from pipeline.cli import main
     from pipeline.config import load_config
-    from pipeline.finetune import finetune
+    from pipeline.training.finetune import finetune
 
     tok = byte_tokenizer()
     _hf_model("llama", tok.eos_id, context=256).save_pretrained(tmp_path / "hf")

@@ -11,7 +11,7 @@ import pytest
 from conftest import ROOT
 
 from pipeline.config import load_config
-from pipeline.pretrain import pretrain
+from pipeline.training.pretrain import pretrain
 
 
 def _run(tmp_path, name, *extra, steps=5):
@@ -53,7 +53,7 @@ def test_mesh_matches_pmap_and_one_device_and_checkpoints_cross_over(tmp_path):
 
 @pytest.mark.parametrize("sizes", [(2, 2, 1), (1, 2, 2)])
 def test_parameters_are_sharded_over_fsdp_and_tensor(sizes):
-    from pipeline.mesh import MeshStrategy
+    from pipeline.training.parallel import MeshStrategy
 
     strategy = MeshStrategy(sizes)
     x = np.zeros((64, 128), np.float32)
@@ -66,7 +66,7 @@ def test_parameters_are_sharded_over_fsdp_and_tensor(sizes):
 
 def test_fit_reports_bytes_that_shrink_with_fsdp_and_a_batch_within_budget(tiny_config):
     from pipeline.config import with_overrides
-    from pipeline.fit import fit
+    from pipeline.training.fit import fit
 
     params = []
     for fsdp in (1, 2, 4):

@@ -17,7 +17,7 @@ import pytest
 from conftest import ROOT, restore_final_state
 
 from pipeline.config import load_config
-from pipeline.metrics import read_metrics
+from pipeline.training.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
 TINY = os.path.join(ROOT, "configs", "pretrain_tiny.yaml")

@@ -10,7 +10,7 @@ from conftest import ROOT
 
 from pipeline.cli import main
 from pipeline.config import load_config
-from pipeline.pretrain import pretrain
+from pipeline.training.pretrain import pretrain
 
 # Stated limits for the tiny pre-trained model (the README gives the `small` model's figures).
 MAX_LOSS_DELTA = {"int8": 0.01, "int4": 0.1}

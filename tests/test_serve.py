@@ -15,11 +15,11 @@ import pytest
 import uvicorn
 
 from pipeline.config import ModelConfig
-from pipeline.engine import Engine
-from pipeline.engine import Request as EngineRequest
-from pipeline.generate import Sampling, generate
+from pipeline.inference.generate import Sampling, generate
 from pipeline.model import create_model
-from pipeline.serve import TextStream, create_app
+from pipeline.serving.engine import Engine
+from pipeline.serving.engine import Request as EngineRequest
+from pipeline.serving.serve import TextStream, create_app
 from pipeline.tokenizer import byte_tokenizer
 
 CFG = ModelConfig(

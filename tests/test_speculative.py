@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from pipeline.config import ModelConfig
-from pipeline.generate import Sampling, generate, speculative_generate
+from pipeline.inference.generate import Sampling, generate, speculative_generate
 from pipeline.model import create_model
 
 TARGET = ModelConfig(
@@ -86,7 +86,7 @@ def test_a_draft_with_another_vocabulary_is_refused():
 def test_the_serving_engine_with_a_draft_gives_the_target_tokens(same):
     import threading
 
-    from pipeline.engine import Engine, Request
+    from pipeline.serving.engine import Engine, Request
 
     target = create_model(TARGET, seed=1)
     draft = create_model(TARGET, seed=1) if same else create_model(DRAFT, seed=9)

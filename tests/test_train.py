@@ -14,11 +14,11 @@ from conftest import restore_final_state
 
 from pipeline.checkpoint import CheckpointError
 from pipeline.config import with_overrides
-from pipeline.loop import run_training
-from pipeline.metrics import read_metrics
-from pipeline.pretrain import build_stage
-from pipeline.train import (
-    PmapStrategy,
+from pipeline.training.loop import run_training
+from pipeline.training.metrics import read_metrics
+from pipeline.training.parallel import PmapStrategy
+from pipeline.training.pretrain import build_stage
+from pipeline.training.train import (
     TrainingError,
     build_steps,
     create_train_state,
@@ -33,8 +33,9 @@ def _run_steps(cfg, num_devices, steps=3):
     stage = build_stage(cfg)
     tx, schedule = make_optimizer(cfg.optimizer, cfg.train.steps, stage.params)
     strategy = PmapStrategy(num_devices)
-    train_fn, _ = build_steps(stage, cfg, tx, schedule, strategy)
-    state = strategy.replicate(create_train_state(stage, tx, cfg.train.seed))
+    state = create_train_state(stage, tx, cfg.train.seed)
+    train_fn, _ = build_steps(stage, cfg, tx, schedule, strategy, state)
+    state = strategy.replicate(state)
     losses = []
     for step in range(steps):
         state, metrics = train_fn(state, strategy.shard_batch(stage.train_batch(step)))

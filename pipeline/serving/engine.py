@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pipeline.generate import (
+from pipeline.inference.generate import (
     MIN_BUCKET,
     Sampling,
     check_request,

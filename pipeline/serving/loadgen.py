@@ -27,9 +27,9 @@ class _LocalServer:
     def __init__(self, cfg: Config, slots: int):
         import uvicorn
 
-        from pipeline.engine import Engine
         from pipeline.model import create_model
-        from pipeline.serve import create_app
+        from pipeline.serving.engine import Engine
+        from pipeline.serving.serve import create_app
         from pipeline.tokenizer import byte_tokenizer
 
         self.engine = Engine(create_model(cfg.model), slots=slots, max_queue=4096)
@@ -119,7 +119,7 @@ def bench_serve(
     """Yield one result per concurrency level, then the one-slot baseline's."""
     import jax
 
-    from pipeline.bench import allocator
+    from pipeline.runtime import allocator
 
     clients = multiprocessing.get_context("spawn").Pool(1)
 

@@ -1,8 +1,8 @@
-"""The training step every stage shares: loss, the pure step, the pmap strategy.
+"""The training step every stage shares: the loss, the optimizer, the pure step.
 
 Pre-training, fine-tuning and distillation are `Stage`s: which parameters train, which stay
-frozen, which loss, which batches. The step and data parallelism live here once; the loop
-around them (checkpoints, resume, metrics, signals) is `pipeline/loop.py`.
+frozen, which loss, which batches. The step lives here once; how it runs over the devices is
+`parallel.py`, and the loop around it (checkpoints, resume, metrics, signals) `loop.py`.
 
 The training state is a plain pytree `{"step", "params", "opt_state", "rng", "frozen"}`.
 """
@@ -21,9 +21,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from pipeline.config import Config, ConfigError, OptimizerConfig
-
-AXIS = "devices"  # the one pmap axis name; replicate with the same name or pmap compiles twice
+from pipeline.config import Config, OptimizerConfig
+from pipeline.training.parallel import AXIS, Strategy
 
 # loss_fn(params, frozen, batch, rng) -> (sum of per-token losses, number of tokens counted)
 LossFn = Callable[[Any, Any, dict, jax.Array], tuple[jax.Array, jax.Array]]
@@ -183,83 +182,23 @@ def eval_step(state: dict, batch: dict, *, loss_fn: LossFn, axis_name: str | Non
     return {"loss_sum": loss_sum, "count": count}
 
 
-class PmapStrategy:
-    """Data parallelism with `jax.pmap`: the state replicated on every device, the batch split.
-
-    The only code that knows about pmap. A sharded strategy can stand beside it with the same
-    four methods, and the loop does not change.
-    """
-
-    axis_name = AXIS
-
-    def __init__(self, num_devices: int | None = None):
-        local = jax.local_devices()
-        if num_devices is not None and jax.process_count() > 1 and num_devices != len(local):
-            raise ConfigError("train.num_devices: must be unset in a multi-process run")
-        self.local_devices = local[: num_devices or len(local)]
-        everything = len(self.local_devices) == len(local)
-        # Every process's devices, in pmap's order, or the requested subset of a single process.
-        self.devices = jax.devices() if everything else self.local_devices
-        self.num_devices = len(self.devices)
-        mesh = jax.sharding.Mesh(np.array(self.devices), (AXIS,))
-        # Leading axis split over the devices, with pmap's axis name: no second compilation.
-        self.sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS))
-
-    def make_parallel_step(self, fn: Callable, donate_state: bool = True) -> Callable:
-        """Wrap a per-device `fn(state, batch)` in `jax.pmap` over this strategy's devices."""
-        donate = (0,) if donate_state else ()
-        # devices=None spans every process's devices; naming them keeps pmap to this process.
-        devices = None if self.devices == jax.devices() else self.devices
-        return jax.pmap(fn, axis_name=AXIS, devices=devices, donate_argnums=donate)
-
-    def _global(self, local: np.ndarray) -> jax.Array:
-        """A global array from this process's slices (local devices, ...)."""
-        shape = (self.num_devices, *local.shape[1:])
-        return jax.make_array_from_process_local_data(self.sharding, local, shape)
-
-    def replicate(self, tree):
-        """One copy of `tree` per device (leading axis = devices)."""
-        n = len(self.local_devices)
-
-        def put(x):
-            x = np.asarray(x)
-            return self._global(np.broadcast_to(x, (n, *x.shape)))
-
-        return jax.tree.map(put, tree)
-
-    def unreplicate(self, tree):
-        """The first local device's copy of a replicated tree (identical on every device).
-
-        Reads the local shard: indexing the global array would be a collective in a
-        multi-process run, which the other processes never join.
-        """
-        return jax.tree.map(lambda x: x.addressable_data(0)[0], tree)
-
-    def shard_batch(self, batch: dict) -> dict:
-        """This process's rows split evenly over its devices: (devices, rows / devices, ...)."""
-        n = len(self.local_devices)
-
-        def put(x):
-            if x.shape[0] % n:
-                raise ValueError(f"a batch of {x.shape[0]} rows does not split over {n} devices")
-            return self._global(x.reshape(n, -1, *x.shape[1:]))
-
-        return jax.tree.map(put, batch)
-
-
-def build_steps(stage: Stage, cfg: Config, tx, schedule, strategy) -> tuple[Callable, Callable]:
-    loss = with_aux(stage.loss_fn)
-    axis = getattr(strategy, "axis_name", AXIS)
+def build_steps(
+    stage: Stage, cfg: Config, tx, schedule, strategy: Strategy, state_like
+) -> tuple[Callable, Callable]:
+    """The stage's train and eval steps, run over the devices by `strategy`."""
     step = partial(
         train_step,
-        loss_fn=loss,
+        loss_fn=with_aux(stage.loss_fn),
         tx=tx,
         schedule=schedule,
         grad_accum=cfg.train.grad_accum,
-        axis_name=axis,
+        axis_name=strategy.axis_name,
     )
-    evaluate = partial(eval_step, loss_fn=stage.loss_fn, axis_name=axis)
-    return strategy.make_parallel_step(step), strategy.make_parallel_step(evaluate, False)
+    evaluate = partial(eval_step, loss_fn=stage.loss_fn, axis_name=strategy.axis_name)
+    return (
+        strategy.make_parallel_step(step, state_like),
+        strategy.make_parallel_step(evaluate, state_like, donate_state=False),
+    )
 
 
 class StopRequested:

@@ -21,10 +21,17 @@ from tqdm import tqdm
 
 from pipeline.checkpoint import Checkpointer, CheckpointError, has_checkpoints, remove_checkpoints
 from pipeline.config import Config
-from pipeline.mesh import make_strategy
-from pipeline.metrics import METRICS_FILE, STATE_FILE, MetricsLogger, plot_losses, write_state
+from pipeline.inference.runs import save_params
 from pipeline.runtime import aggregate_peak_flops, is_main_process
-from pipeline.train import (
+from pipeline.training.metrics import (
+    METRICS_FILE,
+    STATE_FILE,
+    MetricsLogger,
+    plot_losses,
+    write_state,
+)
+from pipeline.training.parallel import make_strategy
+from pipeline.training.train import (
     Stage,
     StopRequested,
     TrainingError,
@@ -48,7 +55,7 @@ def run_training(cfg: Config, stage: Stage, fresh: bool = False) -> dict:
     ckpt = Checkpointer(run_dir / "checkpoints", cfg.train.keep_checkpoints)
     state, start = restore_latest(ckpt, state)
     strategy = make_strategy(cfg.train)
-    train_fn, eval_fn = build_steps(stage, cfg, tx, schedule, strategy)
+    train_fn, eval_fn = build_steps(stage, cfg, tx, schedule, strategy, state)
     logger = MetricsLogger(run_dir, enabled=main, resume_step=start)
     loop = _Loop(cfg, stage, strategy, ckpt, logger, (train_fn, eval_fn), main)
     if main:
@@ -70,8 +77,10 @@ def run_training(cfg: Config, stage: Stage, fresh: bool = False) -> dict:
         ckpt.close()
         logger.close()
     if main:
-        if result["status"] == "finished" and stage.export and loop.last_saved is not None:
-            stage.export(loop.last_saved["params"], run_dir)
+        if result["status"] == "finished" and loop.last_saved is not None:
+            save_params(loop.last_saved["params"], run_dir)  # model/: what inference reads
+            if stage.export:
+                stage.export(loop.last_saved["params"], run_dir)
         write_state(
             run_dir,
             status=result["status"],

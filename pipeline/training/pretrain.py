@@ -7,14 +7,13 @@ from __future__ import annotations
 
 from functools import partial
 
-import jax
 from flax import nnx
 
 from pipeline.config import Config
-from pipeline.data import Dataset, Sampler, prepare_dataset
-from pipeline.loop import run_training
+from pipeline.data import Dataset, Sampler, lm_batch, prepare_dataset
 from pipeline.model import create_model, flops_per_token
-from pipeline.train import Stage, lm_loss
+from pipeline.training.loop import run_training
+from pipeline.training.train import Stage, lm_loss
 
 
 def build_stage(cfg: Config, dataset: Dataset | None = None) -> Stage:
@@ -36,19 +35,13 @@ def build_stage(cfg: Config, dataset: Dataset | None = None) -> Stage:
         params=params,
         frozen={},
         loss_fn=partial(lm_loss, apply),
-        train_batch=partial(_batch, train),
-        eval_batch=partial(_batch, evaluate) if evaluate else None,
+        train_batch=partial(lm_batch, train),
+        eval_batch=partial(lm_batch, evaluate) if evaluate else None,
         flops_per_token=flops_per_token(cfg.model, seq_len),
         tokens_per_example=seq_len,
         bytes_per_token=1.0 if dataset.tokenizer.is_byte_level else None,
         tokenizer=dataset.tokenizer,
     )
-
-
-def _batch(sampler: Sampler, step: int) -> dict:
-    """This process's rows of the global batch for `step`: tokens (rows, T+1)."""
-    count = jax.process_count()
-    return {"tokens": sampler.batch(step, count, jax.process_index(), count)[0]}
 
 
 def pretrain(cfg: Config, fresh: bool = False) -> dict:

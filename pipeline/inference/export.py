@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import save as save_safetensors
 
-from pipeline.generate import MIN_BUCKET, decode_step, prefill, sample
+from pipeline.inference.generate import MIN_BUCKET, decode_step, prefill, sample
 from pipeline.model import init_cache
 
 FORMAT = "pipeline-export/1"

@@ -28,9 +28,9 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from pipeline.engine import Engine, QueueFullError
-from pipeline.engine import Request as EngineRequest
-from pipeline.generate import Sampling
+from pipeline.inference.generate import Sampling
+from pipeline.serving.engine import Engine, QueueFullError
+from pipeline.serving.engine import Request as EngineRequest
 
 log = logging.getLogger(__name__)
 MAX_STOP_SEQUENCES = 4
@@ -182,7 +182,7 @@ def create_app(
     max_body_bytes: int = 1 << 20,
 ) -> FastAPI:
     """The ASGI app. The engine must be started (and warmed up) by the caller."""
-    from pipeline.instruct import prompt_ids
+    from pipeline.tokenizer import prompt_ids
 
     app = FastAPI(title="pipeline", docs_url=None, redoc_url=None, openapi_url=None)
     metrics = Metrics(engine)
@@ -482,7 +482,7 @@ def serve(
 
     import uvicorn
 
-    from pipeline.runs import load_model
+    from pipeline.inference.runs import load_model
 
     _, model, tokenizer = load_model(run_dir, key="--run")
     if quantize:

@@ -10,7 +10,6 @@ cross-entropy, comparable with the teacher's and with pre-training's eval loss.
 from __future__ import annotations
 
 from functools import partial
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -18,12 +17,11 @@ import optax
 from flax import nnx
 
 from pipeline.config import Config, ConfigError, with_overrides
-from pipeline.data import Sampler, prepare_dataset
-from pipeline.loop import run_training
+from pipeline.data import Sampler, lm_batch, prepare_dataset
+from pipeline.inference.runs import load_model
 from pipeline.model import create_model, flops_per_token
-from pipeline.pretrain import _batch
-from pipeline.runs import load_model, save_model
-from pipeline.train import Stage
+from pipeline.training.loop import run_training
+from pipeline.training.train import Stage
 
 
 def distill_loss(student, teacher, alpha: float, T: float, params, frozen, batch, rng):
@@ -84,18 +82,13 @@ def build_stage(cfg: Config) -> Stage:
         params=params,
         frozen={"teacher": teacher_params},
         loss_fn=partial(distill_loss, student, teacher, d.alpha, d.temperature),
-        train_batch=partial(_batch, train),
-        eval_batch=partial(_batch, evaluate) if evaluate else None,
+        train_batch=partial(lm_batch, train),
+        eval_batch=partial(lm_batch, evaluate) if evaluate else None,
         flops_per_token=flops,
         tokens_per_example=seq_len,
         bytes_per_token=1.0 if tokenizer.is_byte_level else None,
         tokenizer=tokenizer,
-        export=partial(_export, cfg, graphdef, tokenizer),
     )
-
-
-def _export(cfg: Config, graphdef, tokenizer, params, run_dir: Path) -> None:
-    save_model(cfg, nnx.merge(graphdef, params), tokenizer, run_dir)
 
 
 def distill(cfg: Config, fresh: bool = False) -> dict:

@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from pipeline.config import Config, ConfigError, ModelConfig, config_from_dict
-from pipeline.export import weight_name
+from pipeline.inference.export import weight_name
 
 SUPPORTED = ("gpt2", "llama")
 ADAPTER_DIR = "adapter"  # export-hf of a LoRA run: the base in DST, the adapter in DST/adapter
@@ -280,8 +280,8 @@ def import_hf(src: str | Path, out: str | Path) -> Path:
     """A transformers model directory -> a run directory (`model/`, config.yaml, tokenizer)."""
     from tokenizers import Tokenizer as HFTokenizer
 
+    from pipeline.inference.runs import save_model
     from pipeline.model import create_model
-    from pipeline.runs import save_model
     from pipeline.tokenizer import Tokenizer
 
     src = Path(src)
@@ -336,8 +336,8 @@ def export_hf(run_dir: str | Path, dst: str | Path) -> Path:
     """A run directory -> a transformers directory (plus a PEFT adapter for a LoRA run)."""
     from safetensors.numpy import save_file
 
+    from pipeline.inference.runs import load_model
     from pipeline.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-    from pipeline.runs import load_model
 
     run_dir, dst = Path(run_dir), Path(dst)
     cfg, model, tokenizer = load_model(run_dir, key="export-hf")

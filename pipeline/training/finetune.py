@@ -13,12 +13,12 @@ import jax
 from flax import nnx
 
 from pipeline.config import Config, ConfigError
-from pipeline.instruct import Examples, ExampleSampler, build_examples, read_examples
-from pipeline.loop import model_differences, run_training
+from pipeline.inference.runs import load_model
 from pipeline.lora import add_lora, save_adapter, set_dropout_keys
 from pipeline.model import flops_per_token
-from pipeline.runs import load_model, save_model
-from pipeline.train import Stage, lm_loss
+from pipeline.training.instruct import Examples, ExampleSampler, build_examples, read_examples
+from pipeline.training.loop import model_differences, run_training
+from pipeline.training.train import Stage, lm_loss
 
 
 def check_same_model(cfg: Config, base: Config) -> None:
@@ -85,9 +85,8 @@ def stage_for_model(cfg: Config, model, tokenizer, train: Examples, held_out: Ex
         flops_per_token=flops * 2 / 3 if lora else flops,
         tokens_per_example=cfg.data.seq_len,
         tokenizer=tokenizer,
-        export=partial(_export, cfg, graphdef, frozen, tokenizer)
-        if lora
-        else partial(_export_full, cfg, graphdef, tokenizer),
+        # the loop writes model/ (the trained parameters); a LoRA run adds PEFT's files
+        export=partial(_export, cfg, graphdef, frozen) if lora else None,
     )
 
 
@@ -95,13 +94,9 @@ def _batch(sampler: ExampleSampler, step: int) -> dict:
     return sampler.batch(step, jax.process_index(), jax.process_count())
 
 
-def _export(cfg: Config, graphdef, frozen, tokenizer, params, run_dir: Path) -> None:
+def _export(cfg: Config, graphdef, frozen, params, run_dir: Path) -> None:
     """The adapter in PEFT's layout, beside the checkpoints."""
     save_adapter(nnx.merge(graphdef, params, frozen), cfg.lora, run_dir, cfg.init.from_run)
-
-
-def _export_full(cfg: Config, graphdef, tokenizer, params, run_dir: Path) -> None:
-    save_model(cfg, nnx.merge(graphdef, params), tokenizer, run_dir)
 
 
 def finetune(cfg: Config, fresh: bool = False) -> dict:

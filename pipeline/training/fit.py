@@ -14,13 +14,12 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from pipeline.config import Config
-from pipeline.mesh import MeshStrategy, make_strategy
 from pipeline.model import abstract_model, flops_per_token
-from pipeline.train import Stage, build_steps, lm_loss, make_optimizer
+from pipeline.training.parallel import Strategy, make_strategy
+from pipeline.training.train import Stage, build_steps, lm_loss, make_optimizer
 
 
 def _abstract_stage(cfg: Config) -> Stage:
@@ -42,23 +41,7 @@ def _abstract_stage(cfg: Config) -> Stage:
     )
 
 
-def _per_device_bytes(tree, strategy) -> int:
-    if isinstance(strategy, MeshStrategy):
-        total = 0
-        for x in jax.tree.leaves(tree):
-            spec = strategy.sharding_of(x).spec
-            shards = 1
-            for axis in spec:
-                if axis is not None:
-                    shards *= dict(zip(("data", "fsdp", "tensor"), strategy.shape, strict=True))[
-                        axis
-                    ]
-            total += int(np.prod(x.shape)) * x.dtype.itemsize // shards
-        return total
-    return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
-
-
-def _compile(cfg: Config, stage: Stage, tx, schedule, strategy, rows_per_device: int):
+def _compile(cfg: Config, stage: Stage, tx, schedule, strategy: Strategy, rows_per_shard: int):
     state = jax.eval_shape(
         lambda: {
             "step": jnp.zeros((), jnp.int32),
@@ -68,24 +51,9 @@ def _compile(cfg: Config, stage: Stage, tx, schedule, strategy, rows_per_device:
             "frozen": {},
         }
     )
-    n = strategy.num_devices
-    tokens = (rows_per_device, cfg.data.seq_len + 1)
-    if isinstance(strategy, MeshStrategy):
-        shardings = strategy.shardings(state)
-        state = jax.tree.map(
-            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings
-        )
-        parts = strategy.shape[0] * strategy.shape[1]
-        batch = {
-            "tokens": jax.ShapeDtypeStruct(
-                (rows_per_device * parts, tokens[1]), jnp.int32, sharding=strategy.batch_sharding
-            )
-        }
-    else:
-        state = jax.tree.map(lambda x: jax.ShapeDtypeStruct((n, *x.shape), x.dtype), state)
-        batch = {"tokens": jax.ShapeDtypeStruct((n, *tokens), jnp.int32)}
-    train_fn, _ = build_steps(stage, cfg, tx, schedule, strategy)
-    return train_fn.lower(state, batch).compile()
+    train_fn, _ = build_steps(stage, cfg, tx, schedule, strategy, state)
+    args = strategy.abstract(state, rows_per_shard, cfg.data.seq_len + 1)
+    return train_fn.lower(*args).compile()
 
 
 def fit(cfg: Config, budget_bytes: int | None = None, max_rows: int = 4096) -> dict:
@@ -94,12 +62,7 @@ def fit(cfg: Config, budget_bytes: int | None = None, max_rows: int = 4096) -> d
     stage = _abstract_stage(cfg)
     tx, schedule = make_optimizer(cfg.optimizer, cfg.train.steps, stage.params)
     opt_state = jax.eval_shape(tx.init, stage.params)
-    parts = (
-        strategy.shape[0] * strategy.shape[1]
-        if isinstance(strategy, MeshStrategy)
-        else (strategy.num_devices)
-    )
-    rows = max(cfg.train.batch_size // max(parts, 1), 1)
+    rows = max(cfg.train.batch_size // max(strategy.batch_shards, 1), 1)
 
     def analyse(rows_per_device: int) -> dict:
         memory = _compile(cfg, stage, tx, schedule, strategy, rows_per_device).memory_analysis()
@@ -114,13 +77,13 @@ def fit(cfg: Config, budget_bytes: int | None = None, max_rows: int = 4096) -> d
 
     result = {
         "strategy": cfg.train.parallelism,
-        "mesh": list(strategy.shape) if isinstance(strategy, MeshStrategy) else None,
+        "mesh": list(strategy.mesh_shape) if strategy.mesh_shape else None,
         "devices": strategy.num_devices,
         "device_kind": jax.devices()[0].device_kind,
         "remat": cfg.model.remat,
         "rows_per_device": rows,
-        "param_bytes": _per_device_bytes(stage.params, strategy),
-        "optimizer_bytes": _per_device_bytes(opt_state, strategy),
+        "param_bytes": strategy.per_device_bytes(stage.params),
+        "optimizer_bytes": strategy.per_device_bytes(opt_state),
         "xla": analyse(rows),
         "budget_bytes": budget_bytes,
     }

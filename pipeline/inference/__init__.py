@@ -1,0 +1,1 @@
+"""Inference: loading a run's weights, generation, speculative decoding, export."""

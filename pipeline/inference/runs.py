@@ -1,0 +1,79 @@
+"""Reading and writing the model held by a run directory, for inference.
+
+A run directory holds `config.yaml`, `tokenizer.json` and its final weights (`model/`, written
+when a training stage finishes, by `merge` and by `import-hf`), or, while a run is unfinished,
+training checkpoints (`checkpoints/`; the latest is used). Loading reads parameters only:
+`model/`, else the `params` item of the latest checkpoint restored on its own, never the
+optimizer state. LoRA runs hold adapters (PEFT files) on top of the run named by `init.from`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from pipeline.checkpoint import has_checkpoints, read_params
+from pipeline.config import Config, ConfigError, dump_config, load_config
+from pipeline.lora import ADAPTER_CONFIG, load_adapter
+from pipeline.model import Transformer, abstract_model
+from pipeline.tokenizer import Tokenizer
+
+MODEL_DIR = "model"
+
+
+def load_run_config(run_dir: str | Path, key: str = "init.from") -> Config:
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"{key}: {run_dir} is not a run directory (no config.yaml)")
+    return load_config(path)
+
+
+def load_model(
+    run_dir: str | Path, key: str = "init.from"
+) -> tuple[Config, Transformer, Tokenizer]:
+    """The model of a run: its final weights, or its latest checkpoint's, plus any adapter."""
+    run_dir = Path(run_dir)
+    cfg = load_run_config(run_dir, key)
+    if (run_dir / ADAPTER_CONFIG).is_file() and cfg.init.from_run:
+        _, model, tokenizer = load_model(cfg.init.from_run, f"{run_dir}/config.yaml init.from")
+        return cfg, load_adapter(model, run_dir), tokenizer
+    # The structure alone (nothing allocated), then the stored arrays put in its place.
+    graphdef, shapes = nnx.split(abstract_model(cfg.model))
+    params = load_params(run_dir, shapes, key)
+    model = nnx.merge(graphdef, jax.tree.map(jnp.asarray, params))
+    return cfg, model, Tokenizer.load(run_dir)
+
+
+def load_params(run_dir: Path, like, key: str = "init.from"):
+    """A run's parameters (host arrays shaped like `like`): `model/`, else the last checkpoint."""
+    if (run_dir / MODEL_DIR).is_dir():
+        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), like)
+        with ocp.StandardCheckpointer() as checkpointer:
+            return checkpointer.restore((run_dir / MODEL_DIR).absolute(), target)
+    checkpoints = run_dir / "checkpoints"
+    if not has_checkpoints(checkpoints):
+        raise ConfigError(f"{key}: {run_dir} has no checkpoint and no final model yet")
+    return read_params(checkpoints, like)
+
+
+def save_params(params, run_dir: str | Path) -> Path:
+    """Write `model/` (parameters only) into a run directory."""
+    out = Path(run_dir).absolute() / MODEL_DIR
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(out, jax.tree.map(np.asarray, params), force=True)
+    return out
+
+
+def save_model(cfg: Config, model: Transformer, tokenizer: Tokenizer, out: str | Path) -> Path:
+    """Write a run directory holding final weights only (`model/`), loadable by `load_model`."""
+    out = Path(out).absolute()
+    out.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, out / "config.yaml")
+    tokenizer.save(out)
+    save_params(nnx.state(model), out)
+    return out

@@ -1,0 +1,1 @@
+"""Training: the shared step and loop, parallel strategies, and the stages that call them."""
