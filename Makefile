@@ -12,13 +12,13 @@ export LD_PRELOAD := $(firstword $(JEMALLOC))
 export MALLOC_CONF := oversize_threshold:0,dirty_decay_ms:-1,muzzy_decay_ms:-1
 endif
 
-.PHONY: install test lint format pretrain finetune distill bench generate serve sweep runs
+.PHONY: install test test-fast lint format pretrain finetune distill bench generate serve sweep runs
 
 # Extra overrides for the run targets, e.g. make pretrain ARGS="train.steps=50".
 ARGS ?=
 # The run generate (and serve) use: the newest fine-tuned run (an adapter or a full model),
 # else the newest run of any stage.
-LATEST_FINETUNED = $(shell ls -td runs/*/adapter_config.json runs/*/model 2>/dev/null | head -1 | xargs -r dirname)
+LATEST_FINETUNED = $(shell ls -td runs/*/adapter_config.json $$(grep -l '"stage": "finetune' runs/*/state.json 2>/dev/null) 2>/dev/null | head -1 | xargs -r dirname)
 LATEST_RUN = $(shell ls -td runs/*/config.yaml 2>/dev/null | head -1 | xargs -r dirname)
 RUN ?= $(or $(LATEST_FINETUNED),$(LATEST_RUN))
 PROMPT ?= def main(
@@ -31,12 +31,18 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -e '.[dev,interop]'
 	touch $(STAMP)
 
+# The whole suite (what CI runs): ~10 minutes on 2 cores.
 test: install
 	$(BIN)/pytest -q --durations=15
+
+# The in-process unit tests, for the inner loop: under 2 minutes on 2 cores.
+test-fast: install
+	$(BIN)/pytest -q -m "not slow and not e2e" --durations=10
 
 lint: install
 	$(BIN)/ruff check pipeline tests
 	$(BIN)/ruff format --check pipeline tests
+	$(BIN)/lint-imports
 
 format: install
 	$(BIN)/ruff check --fix pipeline tests

@@ -109,8 +109,8 @@ def cmd_merge(args) -> int:
 
 def cmd_generate(args) -> int:
     """Generate from a run's model (pre-trained, fine-tuned with an adapter, or merged)."""
-    from pipeline.inference.generate import Sampling, check_sampling, generate
-    from pipeline.inference.runs import load_model
+    from pipeline.inference.runs import load_for_inference
+    from pipeline.inference.sampling import Sampling, check_sampling
     from pipeline.runtime import enable_compilation_cache
     from pipeline.tokenizer import prompt_ids
 
@@ -122,72 +122,58 @@ def cmd_generate(args) -> int:
     except ValueError as err:
         raise ConfigError(str(err)) from None
     enable_compilation_cache(args.compilation_cache)
-    _, model, tokenizer = load_model(args.run, key="--run")
-    if args.quantize:
-        from pipeline.quantize import quantize_model
-
-        quantize_model(model, args.quantize, embeddings=True)
+    loaded = load_for_inference(args.run, args.quantize, args.draft)
+    tokenizer = loaded.tokenizer
     if args.chat:
         ids = prompt_ids(tokenizer, [{"role": "user", "content": args.prompt}])
         stop = tokenizer.end_id
     else:
         ids, stop = tokenizer.encode(args.prompt), tokenizer.eos_id
     try:
-        if args.draft:
-            from pipeline.inference.generate import speculative_generate
-
-            _, draft, draft_tokenizer = load_model(args.draft, key="--draft")
-            if draft_tokenizer.fingerprint() != tokenizer.fingerprint():
-                raise ConfigError(f"--draft: {args.draft} has another tokenizer than --run")
-            result = speculative_generate(
-                model,
-                draft,
-                [ids],
-                args.max_new_tokens,
-                sampling,
-                eos_id=-1 if stop is None else stop,
-                k=args.draft_k,
-            )
-        else:
-            result = generate(
-                model, [ids], args.max_new_tokens, sampling, eos_id=-1 if stop is None else stop
-            )
+        result = _generate(loaded, ids, sampling, -1 if stop is None else stop, args)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     tokens = result["tokens"][0]
     text = tokenizer.decode(tokens)
-    if args.json:
-        print(
-            json.dumps(
-                {
-                    "text": text,
-                    "tokens": tokens,
-                    "prompt_tokens": len(ids),
-                    "ttft_ms": result["ttft_s"] * 1e3 if "ttft_s" in result else None,
-                    "tokens_per_sec": result["tokens_per_sec"],
-                    "decode_s": result.get("decode_s", result["seconds"]),
-                    "compile_s": result.get("compile_s", 0.0),
-                    **({"acceptance": result["acceptance"]} if args.draft else {}),
-                }
-            )
-        )
-    else:
+    if not args.json:
         print(args.prompt + text if not args.chat else text)
+        return 0
+    fields = {
+        "text": text,
+        "tokens": tokens,
+        "prompt_tokens": len(ids),
+        "ttft_ms": result["ttft_s"] * 1e3 if "ttft_s" in result else None,
+        "tokens_per_sec": result["tokens_per_sec"],
+        "decode_s": result.get("decode_s", result["seconds"]),
+        "compile_s": result.get("compile_s", 0.0),
+    }
+    if args.draft:
+        fields["acceptance"] = result["acceptance"]
+    print(json.dumps(fields))
     return 0
+
+
+def _generate(loaded, ids: list[int], sampling, eos_id: int, args) -> dict:
+    """One prompt through `generate`, or speculative decoding with a draft."""
+    if loaded.draft is None:
+        from pipeline.inference.generate import generate
+
+        return generate(loaded.model, [ids], args.max_new_tokens, sampling, eos_id=eos_id)
+    from pipeline.inference.speculative import speculative_generate
+
+    return speculative_generate(
+        loaded.model, loaded.draft, [ids], args.max_new_tokens, sampling, eos_id, k=args.draft_k
+    )
 
 
 def cmd_export(args) -> int:
     """Serialise a run's prefill and decode programs, with its weights, into one file."""
     from pipeline.inference.export import export_model
-    from pipeline.inference.runs import load_model
+    from pipeline.inference.runs import load_for_inference
 
-    _, model, tokenizer = load_model(args.run, key="--run")
-    if args.quantize:
-        from pipeline.quantize import quantize_model
-
-        quantize_model(model, args.quantize, embeddings=True)
+    loaded = load_for_inference(args.run, args.quantize)
     platforms = tuple(args.platforms.split(",")) if args.platforms else None
-    manifest = export_model(model, tokenizer, args.out, platforms)
+    manifest = export_model(loaded.model, loaded.tokenizer, args.out, platforms)
     print(
         f"exported {args.run} to {args.out} (prompt buckets {manifest['prefill_buckets']}, "
         f"platforms {','.join(manifest['platforms'])}); run it with "
@@ -215,23 +201,7 @@ def cmd_serve(args) -> int:
     enable_compilation_cache(s.compilation_cache)
     from pipeline.serving.serve import serve
 
-    serve(
-        args.run,
-        host=s.host,
-        port=s.port,
-        api_key=s.api_key,
-        quantize=None if s.quantize == "none" else s.quantize,
-        slots=s.slots,
-        max_len=s.max_len,
-        max_queue=s.max_queue,
-        max_tokens=s.max_tokens,
-        default_max_tokens=s.default_max_tokens,
-        max_body_bytes=s.max_body_bytes,
-        model_name=s.model_name,
-        graceful_seconds=s.graceful_seconds,
-        draft=s.draft,
-        draft_k=s.draft_k,
-    )
+    serve(args.run, s)
     return 0
 
 
@@ -334,6 +304,15 @@ def cmd_bench(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pipeline", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_training_commands(sub)
+    _add_inference_commands(sub)
+    _add_experiment_commands(sub)
+    _add_interop_commands(sub)
+    _add_bench_command(sub)
+    return parser
+
+
+def _add_training_commands(sub) -> None:
     info = sub.add_parser("info", help="resolved config, model size and data summary")
     _add_config_args(info)
     info.add_argument("--no-data", action="store_true", help="skip reading the corpus")
@@ -357,6 +336,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--fresh", action="store_true", help="discard the run in run.dir and start over"
     )
     dist.set_defaults(func=cmd_distill)
+
+
+def _add_inference_commands(sub) -> None:
     merge = sub.add_parser("merge", help="merge a LoRA run's adapters into a full model")
     merge.add_argument("--run", required=True, help="the LoRA run directory")
     merge.add_argument("--out", required=True, help="where to write the merged run directory")
@@ -391,6 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--model-name", help="the model id clients use (default: the run's name)")
     srv.add_argument("--draft", help="a draft run: speculative decoding (serve.draft_k tokens)")
     srv.set_defaults(func=cmd_serve)
+
+
+def _add_experiment_commands(sub) -> None:
     fitp = sub.add_parser("fit", help="per-device memory of a training config, before running")
     _add_config_args(fitp)
     fitp.add_argument("--budget-gb", type=float, help="memory per device (default: the device's)")
@@ -417,6 +402,9 @@ def build_parser() -> argparse.ArgumentParser:
     swp.add_argument("--x", default="step", choices=["step", "tokens", "time"])
     swp.add_argument("overrides", nargs="*", help="overrides applied to every point")
     swp.set_defaults(func=cmd_sweep)
+
+
+def _add_interop_commands(sub) -> None:
     imp = sub.add_parser("import-hf", help="import a local Hugging Face GPT-2 / Llama model")
     imp.add_argument("src", help="a directory with config.json, *.safetensors, tokenizer.json")
     imp.add_argument("--out", required=True, help="the run directory to write")
@@ -433,6 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--platforms", help="comma-separated, e.g. cpu,cuda (default: this machine's)"
     )
     export.set_defaults(func=cmd_export)
+
+
+def _add_bench_command(sub) -> None:
     bench = sub.add_parser("bench", help="benchmarks: bench train [--config FILE] [--json]")
     bench.add_argument(
         "target", choices=["train", "finetune", "generate", "quantize", "serve", "distill"]
@@ -449,7 +440,6 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--steps", type=int, default=5, help="timed steps per case")
     bench.add_argument("--json", action="store_true", help="one JSON object per case")
     bench.set_defaults(func=cmd_bench)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -439,7 +439,10 @@ def _describe(options: tuple) -> str:
 
 
 def _check_values(cfg: Config, origins: dict) -> None:
-    """Cross-field checks: each names the offending key and where it was set."""
+    """Cross-field checks: each names the offending key and where it was set.
+
+    Longer than our usual function: it is one table, a rule per line, read top to bottom.
+    """
     m, d, t = cfg.model, cfg.data, cfg.train
     rules = [
         ("model.vocab_size", m.vocab_size > 0, "must be positive"),

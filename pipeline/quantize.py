@@ -8,7 +8,8 @@ forward pass; activations stay in the compute dtype.
 For inference (`embeddings=True`) the token embedding, which is also the output head when tied,
 is stored in int8 with one scale per token, in both modes: like llama.cpp's mixed formats, the
 int4 mode keeps the vocabulary in 8 bits, where 4 bits cost the most quality. Norms, biases and
-learned positions stay in float. `quality_report` measures what quantisation costs.
+learned positions stay in float. What it costs is measured by
+`pipeline bench quantize` (`pipeline/bench/inference.py`).
 """
 
 from __future__ import annotations
@@ -110,76 +111,3 @@ def _is_int4(model, path) -> bool:
         name = getattr(key, "key", getattr(key, "name", getattr(key, "idx", None)))
         node = node[name] if isinstance(name, int) else getattr(node, name)
     return getattr(node, "bits", 8) == 4
-
-
-def quality_report(
-    model_fn,
-    tokens: np.ndarray,
-    modes=MODES,
-    seq_len: int = 128,
-    batches: int = 8,
-    batch_size: int = 8,
-    prompts: int = 64,
-    prompt_len: int = 32,
-    new_tokens: int = 32,
-) -> list[dict]:
-    """What quantisation costs, measured against float32 on held-out tokens.
-
-    `model_fn()` returns a fresh float model. For float32 and each mode: weight bytes, eval loss
-    (next-token cross-entropy over `batches` x `batch_size` windows of `seq_len` tokens), the
-    share of positions whose argmax next token equals float32's (teacher-forced, same windows),
-    and the share of greedily generated tokens equal to float32's, position by position, over
-    `prompts` prompts cut from the same tokens (a generation that diverges once scores its
-    later positions as disagreements, so this is the stricter figure).
-    """
-    from pipeline.inference.generate import generate
-
-    rng = np.random.default_rng(0)
-    need = seq_len + 1
-    if len(tokens) < need:
-        raise ValueError(f"{len(tokens)} held-out tokens: need at least {need}")
-    starts = rng.integers(0, len(tokens) - need + 1, batches * batch_size)
-    windows = np.stack([tokens[s : s + need] for s in starts]).astype(np.int32)
-    prompt_starts = rng.integers(0, len(tokens) - prompt_len + 1, prompts)
-    prompt_ids = [[int(t) for t in tokens[s : s + prompt_len]] for s in prompt_starts]
-
-    @nnx.jit
-    def forward(model, x, y):
-        logits, _ = model(x)
-        logp = jax.nn.log_softmax(logits, axis=-1)
-        nll = -jnp.take_along_axis(logp, y[..., None], axis=-1)[..., 0]
-        return nll.mean(), jnp.argmax(logits, axis=-1)
-
-    results, reference = [], None
-    for mode in ("float32", *modes):
-        model = model_fn()
-        if mode != "float32":
-            quantize_model(model, mode, embeddings=True)
-        losses, argmaxes = [], []
-        for b in range(batches):
-            rows = windows[b * batch_size : (b + 1) * batch_size]
-            loss, argmax = forward(model, jnp.asarray(rows[:, :-1]), jnp.asarray(rows[:, 1:]))
-            losses.append(float(loss))
-            argmaxes.append(np.asarray(argmax))
-        greedy = generate(model, prompt_ids, new_tokens)["tokens"]
-        argmax = np.concatenate(argmaxes)
-        if reference is None:
-            reference = {"argmax": argmax, "greedy": greedy, "bytes": weight_bytes(model)}
-        same = [
-            a == b
-            for ga, gb in zip(greedy, reference["greedy"], strict=True)
-            for a, b in zip(ga, gb, strict=False)
-        ]
-        results.append(
-            {
-                "mode": mode,
-                "weight_bytes": weight_bytes(model),
-                "bytes_ratio": weight_bytes(model) / reference["bytes"],
-                "eval_loss": float(np.mean(losses)),
-                "next_token_agreement": float(np.mean(argmax == reference["argmax"])),
-                "greedy_agreement": float(np.mean(same)),
-            }
-        )
-    for r in results:
-        r["eval_loss_delta"] = r["eval_loss"] - results[0]["eval_loss"]
-    return results

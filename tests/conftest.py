@@ -30,6 +30,26 @@ def tiny_config(tmp_path) -> Config:
     )
 
 
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """One briefly pre-trained tiny model (10 steps of pretrain_tiny), built once per session
+    and shared by the tests that need a trained run: treat it as read-only."""
+    from pipeline.training.pretrain import pretrain
+
+    tmp = tmp_path_factory.mktemp("tiny_run")
+    cfg = load_config(
+        os.path.join(ROOT, "configs", "pretrain_tiny.yaml"),
+        [
+            f"run.dir={tmp / 'run'}",
+            f"data.cache_dir={tmp / 'cache'}",
+            "train.steps=10",
+            "run.progress=false",
+        ],
+    )
+    pretrain(cfg)
+    return tmp / "run"
+
+
 def restore_final_state(cfg: Config) -> dict:
     """The latest checkpointed training state of the pre-training run `cfg` describes."""
     from pipeline.checkpoint import Checkpointer

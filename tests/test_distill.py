@@ -13,6 +13,8 @@ from pipeline.config import ConfigError, load_config
 from pipeline.training.distill import distill
 from pipeline.training.pretrain import pretrain
 
+pytestmark = pytest.mark.e2e  # whole stages, subprocesses or real servers
+
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
@@ -63,6 +65,7 @@ def test_alpha_one_drives_the_kl_down_with_an_int8_teacher(teacher, tmp_path):
         "distill.teacher_quantize=int8",
     )
     distill(cfg)
+    assert (tmp_path / "kl" / "model").is_dir()  # every finished stage writes its weights
     losses = _losses(tmp_path / "kl")
     assert sum(losses[-5:]) / 5 < 0.75 * sum(losses[:5]) / 5, losses
 
@@ -83,7 +86,7 @@ def test_a_different_tokenizer_is_refused(teacher, tmp_path):
 
 
 def test_bench_distill_reports_both_models_and_speculative_decoding(teacher, tmp_path):
-    from pipeline.bench import bench_distill
+    from pipeline.bench.inference import bench_distill
 
     distill(_student(teacher, tmp_path, "student", "train.steps=5"))
     results = {

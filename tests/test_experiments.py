@@ -6,11 +6,14 @@ Run: pytest tests/test_experiments.py
 import json
 import os
 
+import pytest
 from conftest import ROOT
 
 from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.experiments import config_differences, find_runs, summarize
+
+pytestmark = pytest.mark.e2e  # whole stages, subprocesses or real servers
 
 CONFIG = os.path.join(ROOT, "configs", "pretrain_tiny.yaml")
 

@@ -14,9 +14,12 @@ from conftest import ROOT
 
 from pipeline.config import ModelConfig
 from pipeline.inference.export import export_model
-from pipeline.inference.generate import Sampling, generate
+from pipeline.inference.generate import generate
+from pipeline.inference.sampling import Sampling
 from pipeline.model import create_model
 from pipeline.tokenizer import byte_tokenizer
+
+pytestmark = pytest.mark.e2e  # a fresh interpreter per test
 
 CFG = ModelConfig(
     family="llama",
@@ -32,6 +35,7 @@ CFG = ModelConfig(
 LOADER = """
 import json, sys
 from pipeline.exported import ExportedModel
+
 model = ExportedModel.load(sys.argv[1])
 greedy = model.generate([[5, 6, 7], list(range(1, 18))], 12)
 sampled = model.generate([[5, 6, 7]], 12, temperature=0.9, top_k=20, top_p=0.9, seed=4)

@@ -19,26 +19,14 @@ from pipeline.tokenizer import byte_tokenizer, render
 from pipeline.training.finetune import build_stage, finetune
 from pipeline.training.instruct import build_examples, read_examples
 from pipeline.training.metrics import read_metrics
-from pipeline.training.pretrain import pretrain
 
 TOKENS = jnp.array([[257, 104, 101, 108, 108, 111, 32, 119, 111, 114]])
 
 
-@pytest.fixture(scope="module")
-def base_run(tmp_path_factory):
-    """A briefly pre-trained tiny model, shared by the tests of this file."""
-    tmp = tmp_path_factory.mktemp("base")
-    cfg = load_config(
-        os.path.join(ROOT, "configs", "pretrain_tiny.yaml"),
-        [
-            f"run.dir={tmp / 'run'}",
-            f"data.cache_dir={tmp / 'cache'}",
-            "train.steps=10",
-            "run.progress=false",
-        ],
-    )
-    pretrain(cfg)
-    return tmp / "run"
+@pytest.fixture
+def base_run(tiny_run):
+    """The session's briefly pre-trained tiny model (conftest), the base of every fine-tune."""
+    return tiny_run
 
 
 def _ft_config(base_run, tmp_path, *overrides):
@@ -113,6 +101,7 @@ def test_bad_instruction_files_name_file_and_line(tmp_path):
         build_examples(byte_tokenizer(), train + val, seq_len=32)
 
 
+@pytest.mark.e2e
 def test_only_adapters_train_and_the_adapter_file_is_small(base_run, tmp_path):
     cfg = _ft_config(base_run, tmp_path)
     result = finetune(cfg)
@@ -146,6 +135,7 @@ def test_only_adapters_train_and_the_adapter_file_is_small(base_run, tmp_path):
         and config["r"] == 4
         and config["target_modules"] == ["q", "v"]
     )
+    assert (Path(cfg.run.dir) / "model").is_dir()  # the trained parameters: the adapters
     # base + adapter loads back and equals the trained adapted model; merge equals it too
     _, adapted, _ = load_model(cfg.run.dir)
     adapted_logits, _ = adapted(TOKENS)
@@ -154,6 +144,7 @@ def test_only_adapters_train_and_the_adapter_file_is_small(base_run, tmp_path):
     np.testing.assert_allclose(merge(adapted)(TOKENS)[0], trained, atol=1e-5)
 
 
+@pytest.mark.e2e
 def test_lora_run_resumes_exactly(base_run, tmp_path):
     whole = _ft_config(base_run, tmp_path / "a")
     split = _ft_config(base_run, tmp_path / "b")
@@ -173,6 +164,7 @@ def test_lora_run_resumes_exactly(base_run, tmp_path):
     assert a == (Path(split.run.dir) / ADAPTER_WEIGHTS).read_bytes()
 
 
+@pytest.mark.e2e
 def test_qlora_trains_int8_base_and_changes_output(base_run, tmp_path):
     cfg = _ft_config(base_run, tmp_path, "lora.base_quantize=int8", "optimizer.lr=1e-2")
     stage = build_stage(cfg)
@@ -196,6 +188,7 @@ def test_refuses_a_different_base_model_and_missing_base(base_run, tmp_path):
         build_stage(_ft_config(tmp_path / "nowhere", tmp_path))
 
 
+@pytest.mark.e2e
 def test_full_finetune_writes_a_loadable_model(base_run, tmp_path):
     cfg = _ft_config(base_run, tmp_path, "finetune.method=full")
     finetune(cfg)

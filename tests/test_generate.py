@@ -9,7 +9,8 @@ import pytest
 from flax import nnx
 
 from pipeline.config import ModelConfig
-from pipeline.inference.generate import Sampling, compilations, generate, sample
+from pipeline.inference.generate import compilations, generate
+from pipeline.inference.sampling import Sampling, sample
 from pipeline.model import create_model
 
 CFG = ModelConfig(
@@ -39,10 +40,15 @@ def _greedy_uncached(model, prompt, n):
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_greedy_generate_equals_uncached_forward(family):
-    cfg = ModelConfig(
-        **{**CFG.__dict__, "family": family, "num_kv_heads": 2 if family == "llama" else 4}
-    )
+    # built from the family alone: its defaults fill in positions, norm, MLP and biases
+    sizes = dict(vocab_size=97, num_layers=2, embed_dim=32, num_heads=4, max_seq_len=64)
+    cfg = ModelConfig(family=family, num_kv_heads=2 if family == "llama" else None, **sizes)
     model = create_model(cfg, seed=3)
+    block = model.blocks[0]
+    if family == "gpt2":  # learned positions, LayerNorm: the GPT-2 path really is under test
+        assert hasattr(model, "pos_embed") and isinstance(block.attn_norm, nnx.LayerNorm)
+    else:
+        assert not hasattr(model, "pos_embed") and isinstance(block.attn_norm, nnx.RMSNorm)
     prompts = [[5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9], [42]]
     result = generate(model, prompts, max_new_tokens=[6, 4, 8])
     for prompt, row, n in zip(prompts, result["tokens"], [6, 4, 8], strict=True):
@@ -85,6 +91,7 @@ def test_prompt_too_long_is_a_clear_error():
         generate(model, [[1] * 60], max_new_tokens=10)
 
 
+@pytest.mark.e2e
 def test_cli_generate_json_from_a_run_and_an_adapter(tmp_path):
     import json
     import os
@@ -159,8 +166,9 @@ def test_stream_yields_generates_tokens_without_recompiling():
     assert compilations() == before  # another request, same bucket: nothing new to compile
 
 
+@pytest.mark.e2e
 def test_bench_generate_reports_speed_ttft_and_the_recompute_baseline(tiny_config):
-    from pipeline.bench import bench_generate, bench_recompute
+    from pipeline.bench.inference import bench_generate, bench_recompute
 
     result = bench_generate(tiny_config, "tiny/int8", prompt_len=8, new_tokens=8, quantize="int8")
     assert result["case"] == "generate/tiny/int8"

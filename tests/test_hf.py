@@ -20,6 +20,8 @@ from pipeline.inference.runs import load_model  # noqa: E402
 from pipeline.interop.hf import export_hf, import_hf  # noqa: E402
 from pipeline.tokenizer import byte_tokenizer, prompt_ids  # noqa: E402
 
+pytestmark = pytest.mark.e2e  # whole stages, subprocesses or real servers
+
 
 def _hf_model(kind: str, eos: int, context: int = 64):
     torch.manual_seed(0)

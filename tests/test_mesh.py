@@ -33,6 +33,7 @@ def _run(tmp_path, name, *extra, steps=5):
     return [r["loss"] for r in map(json.loads, lines) if "loss" in r]
 
 
+@pytest.mark.e2e
 def test_mesh_matches_pmap_and_one_device_and_checkpoints_cross_over(tmp_path):
     one = _run(tmp_path, "one", "train.num_devices=1")
     pmap = _run(tmp_path, "pmap")
@@ -64,6 +65,7 @@ def test_parameters_are_sharded_over_fsdp_and_tensor(sizes):
     np.testing.assert_array_equal(strategy.unreplicate(placed)["w"], x)
 
 
+@pytest.mark.e2e
 def test_fit_reports_bytes_that_shrink_with_fsdp_and_a_batch_within_budget(tiny_config):
     from pipeline.config import with_overrides
     from pipeline.training.fit import fit

@@ -68,6 +68,25 @@ def test_cli_runs_and_reports(tmp_path):
     assert losses[-1] < losses[0] - 1.0  # it learns
 
 
+def _kill_during_a_write(tmp_path, name: str, args) -> bool:
+    """Start a run, SIGKILL it while a checkpoint after the first is being written (orbax
+    writes into a temporary folder, renamed when complete); False if no write was seen."""
+    proc = _start(_args(tmp_path, name, *args))
+    ckpt_dir = tmp_path / name / "checkpoints"
+    deadline = time.time() + 120
+    caught_writing = False
+    while proc.poll() is None and time.time() < deadline:
+        names = [p.name for p in ckpt_dir.iterdir()] if ckpt_dir.is_dir() else []
+        if any(not n.isdigit() for n in names) and any(n.isdigit() for n in names):
+            caught_writing = True
+            break
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    return caught_writing
+
+
 def test_kill_9_during_checkpoint_write_then_resume(tmp_path):
     common = [
         "train.steps=60",
@@ -76,28 +95,19 @@ def test_kill_9_during_checkpoint_write_then_resume(tmp_path):
         "train.eval_every=1000",
     ]
     _run(_args(tmp_path, "whole", *common))
-    proc = _start(_args(tmp_path, "killed", *common))
-    ckpt_dir = tmp_path / "killed" / "checkpoints"
-    deadline = time.time() + 120
-    caught_writing = False
-    while proc.poll() is None and time.time() < deadline:
-        names = [p.name for p in ckpt_dir.iterdir()] if ckpt_dir.is_dir() else []
-        finished = [n for n in names if n.isdigit()]
-        if any(not n.isdigit() for n in names) and finished:  # a save in flight after the first
-            caught_writing = True
-            break
-        time.sleep(0.002)
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate()
-    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
-    print("killed during a checkpoint write:", caught_writing)
-    _run(_args(tmp_path, "killed", *common))  # the same command resumes
+    # a write takes milliseconds: try again (a fresh run each time) until the kill lands in one
+    name = next(
+        (f"killed{i}" for i in range(6) if _kill_during_a_write(tmp_path, f"killed{i}", common)),
+        None,
+    )
+    assert name is not None, "six runs were never caught writing a checkpoint"
+    _run(_args(tmp_path, name, *common))  # the same command resumes
     cfg = load_config(TINY, _args(tmp_path, "whole", *common))
     whole = restore_final_state(cfg)
-    resumed = restore_final_state(load_config(TINY, _args(tmp_path, "killed", *common)))
+    resumed = restore_final_state(load_config(TINY, _args(tmp_path, name, *common)))
     assert int(resumed["step"]) == 60
     jax.tree.map(np.testing.assert_array_equal, whole, resumed)
-    assert _losses(tmp_path / "whole")[-1] == _losses(tmp_path / "killed")[-1]
+    assert _losses(tmp_path / "whole")[-1] == _losses(tmp_path / name)[-1]
 
 
 def test_sigterm_saves_and_exits_cleanly(tmp_path):

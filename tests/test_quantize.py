@@ -6,11 +6,14 @@ Run: pytest tests/test_quantize.py
 import json
 import os
 
+import pytest
 from conftest import ROOT
 
 from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.training.pretrain import pretrain
+
+pytestmark = pytest.mark.e2e  # whole stages, subprocesses or real servers
 
 # Stated limits for the tiny pre-trained model (the README gives the `small` model's figures).
 MAX_LOSS_DELTA = {"int8": 0.01, "int4": 0.1}

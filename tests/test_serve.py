@@ -14,8 +14,9 @@ import openai
 import pytest
 import uvicorn
 
-from pipeline.config import ModelConfig
-from pipeline.inference.generate import Sampling, generate
+from pipeline.config import ModelConfig, ServeConfig
+from pipeline.inference.generate import generate
+from pipeline.inference.sampling import Sampling
 from pipeline.model import create_model
 from pipeline.serving.engine import Engine
 from pipeline.serving.engine import Request as EngineRequest
@@ -51,7 +52,8 @@ class Server:
         self.engine.warmup()
         if start_engine:
             self.engine.start()
-        self.app = create_app(self.engine, self.tokenizer, NAME, api_key=api_key, **app_kw)
+        serve_cfg = ServeConfig(api_key=api_key, **app_kw)
+        self.app = create_app(self.engine, self.tokenizer, NAME, serve_cfg)
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning")
@@ -89,6 +91,7 @@ def _client(server, key="unused"):
     return openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0)
 
 
+@pytest.mark.e2e
 def test_openai_client_completions_chat_and_streaming(server):
     client = _client(server)
     assert [m.id for m in client.models.list().data] == [NAME]
@@ -120,6 +123,7 @@ def test_openai_client_completions_chat_and_streaming(server):
     )
 
 
+@pytest.mark.e2e
 def test_32_concurrent_requests_each_equal_their_generation_alone(server):
     """Continuous batching: 32 requests over 4 slots, joining and leaving at different steps."""
     client = _client(server)
@@ -146,6 +150,7 @@ def test_32_concurrent_requests_each_equal_their_generation_alone(server):
     assert server.engine.busy_slots == 0
 
 
+@pytest.mark.e2e
 def test_stop_sequences_cut_the_text_and_free_the_slot(server):
     client = _client(server)
     free = server.expected("import ", 30, stop_ids={server.tokenizer.eos_id})
@@ -158,6 +163,7 @@ def test_stop_sequences_cut_the_text_and_free_the_slot(server):
     assert out.choices[0].finish_reason == "stop"
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(
     ("body", "status", "words"),
     [
@@ -187,6 +193,7 @@ def test_bad_requests_get_a_4xx_with_an_openai_error_body(server, body, status, 
     assert httpx.get(server.url + "/health").json()["status"] == "ok"  # still serving
 
 
+@pytest.mark.e2e
 def test_chat_errors_oversized_bodies_and_unknown_routes(server):
     url = server.url + "/v1/chat/completions"
     r = httpx.post(url, json={"model": NAME, "messages": []})
@@ -199,6 +206,7 @@ def test_chat_errors_oversized_bodies_and_unknown_routes(server):
     assert r.status_code == 404 and r.json()["error"]["message"]
 
 
+@pytest.mark.e2e
 def test_metrics_count_requests_tokens_and_latencies(server):
     _client(server).completions.create(model=NAME, prompt="a", max_tokens=3, temperature=0)
     text = httpx.get(server.url + "/metrics").text
@@ -219,6 +227,7 @@ def _generated(server) -> float:
     return counter._value.get()
 
 
+@pytest.mark.e2e
 def test_a_client_that_disconnects_mid_stream_frees_its_slot(server):
     before = _generated(server)
     observe = server.engine.observe
@@ -238,6 +247,7 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(server):
         server.engine.observe = observe
 
 
+@pytest.mark.e2e
 def test_api_key_and_a_full_queue():
     s = Server(slots=1, max_queue=1, api_key="sekret", start_engine=False)
     try:

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from pipeline.config import ModelConfig
-from pipeline.inference.generate import Sampling, generate, speculative_generate
+from pipeline.inference.generate import generate
+from pipeline.inference.sampling import Sampling
+from pipeline.inference.speculative import speculative_generate
 from pipeline.model import create_model
 
 TARGET = ModelConfig(
@@ -44,6 +46,7 @@ def test_greedy_speculative_equals_the_target_alone(k):
         assert stopped["tokens"] == generate(target, prompts, budgets, eos_id=eos)["tokens"]
 
 
+@pytest.mark.e2e
 def test_sampling_keeps_the_target_distribution():
     """Chi-square: the joint law of the 2nd and 3rd tokens (the 1st comes from the prefill)."""
     from scipy.stats import chisquare
@@ -82,6 +85,7 @@ def test_a_draft_with_another_vocabulary_is_refused():
         speculative_generate(target, draft, [[1, 2]], 4)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("same", [True, False])
 def test_the_serving_engine_with_a_draft_gives_the_target_tokens(same):
     import threading

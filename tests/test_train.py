@@ -129,6 +129,7 @@ def _tiny_run(tiny_config, **train):
     )
 
 
+@pytest.mark.e2e
 def test_resume_is_bit_identical(tiny_config, tmp_path):
     whole = with_overrides(_tiny_run(tiny_config), run={"dir": str(tmp_path / "whole")})
     split = with_overrides(_tiny_run(tiny_config), run={"dir": str(tmp_path / "split")})
@@ -154,6 +155,7 @@ def test_resume_is_bit_identical(tiny_config, tmp_path):
     assert train_losses[-1] < train_losses[0]
 
 
+@pytest.mark.e2e
 def test_run_directory_contents(tiny_config):
     cfg = _tiny_run(tiny_config)
     run_training(cfg, build_stage(cfg))
@@ -183,6 +185,7 @@ def test_run_directory_contents(tiny_config):
     assert kept == [4, 8, 12]  # keep_checkpoints=3
 
 
+@pytest.mark.e2e
 def test_refuses_other_model_and_broken_checkpoints(tiny_config):
     cfg = _tiny_run(tiny_config, steps=4)
     run_training(cfg, build_stage(cfg))
@@ -199,6 +202,7 @@ def test_refuses_other_model_and_broken_checkpoints(tiny_config):
         run_training(longer, build_stage(longer))
 
 
+@pytest.mark.e2e
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_config):
     cfg = _tiny_run(tiny_config, steps=20, log_every=10, checkpoint_every=5)
     stage = build_stage(cfg)
@@ -227,6 +231,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_config):
     assert '"status": "failed"' in (Path(cfg.run.dir) / "state.json").read_text()
 
 
+@pytest.mark.e2e
 def test_resume_on_another_device_count_continues_the_same_run(tiny_config, tmp_path):
     whole = with_overrides(_tiny_run(tiny_config), run={"dir": str(tmp_path / "whole")})
     split = with_overrides(_tiny_run(tiny_config), run={"dir": str(tmp_path / "split")})

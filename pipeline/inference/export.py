@@ -20,7 +20,8 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import save as save_safetensors
 
-from pipeline.inference.generate import MIN_BUCKET, decode_step, prefill, sample
+from pipeline.inference.generate import buckets, decode_step, prefill
+from pipeline.inference.sampling import sample
 from pipeline.model import init_cache
 
 FORMAT = "pipeline-export/1"
@@ -44,10 +45,36 @@ def export_model(model, tokenizer, out: str | Path, platforms: tuple[str, ...] |
     if len(set(names)) != len(names):
         raise ValueError("two parameters share a name; cannot export")
     weights = {name: np.asarray(leaf) for name, (_, leaf) in zip(names, paths_leaves, strict=True)}
-    max_len = cfg.max_seq_len
 
     def merged(weights):
         return nnx.merge(graphdef, jax.tree.unflatten(treedef, [weights[n] for n in names]))
+
+    files, prompt_buckets, exported = _programs(cfg, merged, weights, platforms)
+    manifest = {
+        "format": FORMAT,
+        "max_seq_len": cfg.max_seq_len,
+        "vocab_size": cfg.vocab_size,
+        "prefill_buckets": prompt_buckets,
+        "platforms": list(exported.platforms),
+        "eos_id": tokenizer.eos_id,
+        "end_id": tokenizer.end_id,
+        "jax_version": jax.__version__,
+    }
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as archive:
+        archive.writestr("manifest.json", json.dumps(manifest, indent=2))
+        archive.writestr("weights.safetensors", save_safetensors(weights))
+        archive.writestr("tokenizer.json", tokenizer.hf.to_str())
+        for name, data in files.items():
+            archive.writestr(name, bytes(data))
+    return manifest
+
+
+def _programs(cfg, merged, weights: dict, platforms):
+    """The serialised programs: a prefill per prompt bucket and one decode step, each for a
+    symbolic batch size `b`. Returns (files, prompt buckets, the decode step's Exported)."""
+    max_len = cfg.max_seq_len
 
     def prefill_fn(weights, tokens, lengths):
         model = merged(weights)
@@ -67,16 +94,12 @@ def export_model(model, tokenizer, out: str | Path, platforms: tuple[str, ...] |
     )
     kw = {"platforms": platforms} if platforms else {}
     files = {}
-    buckets = []
-    size = MIN_BUCKET
-    while not buckets or buckets[-1] < max_len:
-        P = min(size, max_len)
+    prompt_buckets = buckets(max_len)
+    for P in prompt_buckets:
         exported = jax.export.export(jax.jit(prefill_fn), **kw)(
             w_spec, spec((b, P), jnp.int32), spec((b,), jnp.int32)
         )
         files[f"prefill-{P}.bin"] = exported.serialize()
-        buckets.append(P)
-        size *= 2
     row = lambda dtype: spec((b,), dtype)  # noqa: E731
     exported = jax.export.export(jax.jit(step_fn), **kw)(
         w_spec,
@@ -89,22 +112,4 @@ def export_model(model, tokenizer, out: str | Path, platforms: tuple[str, ...] |
         row(jnp.float32),
     )
     files["decode.bin"] = exported.serialize()
-    manifest = {
-        "format": FORMAT,
-        "max_seq_len": max_len,
-        "vocab_size": cfg.vocab_size,
-        "prefill_buckets": buckets,
-        "platforms": list(exported.platforms),
-        "eos_id": tokenizer.eos_id,
-        "end_id": tokenizer.end_id,
-        "jax_version": jax.__version__,
-    }
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as archive:
-        archive.writestr("manifest.json", json.dumps(manifest, indent=2))
-        archive.writestr("weights.safetensors", save_safetensors(weights))
-        archive.writestr("tokenizer.json", tokenizer.hf.to_str())
-        for name, data in files.items():
-            archive.writestr(name, bytes(data))
-    return manifest
+    return files, prompt_buckets, exported

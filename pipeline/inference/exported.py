@@ -4,8 +4,8 @@
 
 `ExportedModel.load(path)` deserialises the prefill programs (one per prompt-length bucket)
 and the decode step, and reads the weights; `generate` prefills a batch of prompts and runs
-the decode step once per token. Sampling follows `pipeline.inference.generate` exactly (the
-key of step s is `fold_in(PRNGKey(seed), s)`), so the tokens equal the live model's for the same
+the decode step once per token. Sampling follows `pipeline.inference.sampling` exactly (the
+key of step s is `request_keys(seed, s)`), so the tokens equal the live model's for the same
 inputs.
 """
 
@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import load as load_safetensors
+
+from pipeline.inference.sampling import request_keys
 
 FORMAT = "pipeline-export/1"
 
@@ -84,7 +86,7 @@ class ExportedModel:
             tokens[i, : len(p)] = p
         lengths = jnp.asarray([len(p) for p in prompts], jnp.int32)
         logits, cache = self.prefills[P].call(self.weights, jnp.asarray(tokens), lengths)
-        base_key = jax.random.PRNGKey(np.uint32(seed))
+        seeds = jnp.full((B,), seed, jnp.uint32)
         rows = (
             jnp.full((B,), temperature, jnp.float32),
             jnp.full((B,), top_k, jnp.int32),
@@ -92,7 +94,7 @@ class ExportedModel:
         )
         out, done = [[] for _ in range(B)], np.zeros(B, bool)
         for step in range(max_new_tokens):
-            keys = jnp.broadcast_to(jax.random.fold_in(base_key, step), (B, 2))
+            keys = request_keys(seeds, step)
             token, logits, cache = self.decode.call(
                 self.weights, logits, cache, lengths + step, keys, *rows
             )

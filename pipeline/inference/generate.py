@@ -1,11 +1,12 @@
-"""Inference: prefill, decode_step and a whole-loop `generate` under `jax.jit`.
+"""Generation: prefill, decode_step and a whole-loop `generate` under `jax.jit`.
 
 `prefill` runs the (right-padded) prompts through the model in one pass and fills the KV cache;
 `decode_step` adds one token per row, each row at its own position. `generate` runs the decode
 loop on the device (`lax.while_loop`) and stops each row at EOS or its token budget. Sampling
 parameters are arrays (one value per row), so new values never recompile; prompt lengths and
 token budgets are padded to powers of two, so the number of compilations stays small. Every
-program is compiled ahead of time once per shape (`PROGRAMS`), counted and logged.
+program is compiled ahead of time once per shape (`PROGRAMS`), counted and logged. Sampling
+is `sampling.py`; speculative decoding, `speculative.py`.
 """
 
 from __future__ import annotations
@@ -20,72 +21,33 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pipeline.inference.sampling import (
+    Sampling,
+    check_sampling,
+    request_keys,
+    sample,
+    sampling_arrays,
+)
 from pipeline.model import init_cache
 
 MIN_BUCKET = 16
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Sampling:
-    """Per-request sampling: temperature 0 is greedy; top_k 0 and top_p 1 turn those off."""
-
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int = 0
-
-
-def bucket(n: int, limit: int) -> int:
-    """The smallest power of two >= n (at least MIN_BUCKET), capped at `limit`."""
-    size = MIN_BUCKET
+def bucket(n: int, limit: int, smallest: int = MIN_BUCKET) -> int:
+    """The smallest power of two >= n (at least `smallest`), capped at `limit`."""
+    size = smallest
     while size < n:
         size *= 2
     return min(size, limit)
 
 
-def truncate(logits: jax.Array, temperature, top_k, top_p) -> jax.Array:
-    """Temperature-scaled logits with every token outside the top-k / top-p set at -inf.
-
-    top-p keeps the smallest set of most likely tokens whose probability reaches top_p (always
-    at least the most likely token); top_k 0 and top_p 1 keep everything.
-    """
-    B, V = logits.shape
-    scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
-    order = jnp.argsort(-scaled, axis=-1)  # (B, V) descending
-    sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
-    rank = jnp.arange(V)[None, :]
-    keep = (top_k[:, None] <= 0) | (rank < top_k[:, None])
-    probs = jax.nn.softmax(jnp.where(keep, sorted_logits, -jnp.inf), axis=-1)
-    keep &= (jnp.cumsum(probs, axis=-1) - probs) < top_p[:, None]
-    rows = jnp.arange(B)[:, None]
-    return (
-        jnp.full_like(scaled, -jnp.inf)
-        .at[rows, order]
-        .set(jnp.where(keep, sorted_logits, -jnp.inf))
-    )
-
-
-def sample(logits: jax.Array, keys: jax.Array, temperature, top_k, top_p) -> jax.Array:
-    """One token per row. logits (B, V) float32; keys (B, 2); the rest (B,) arrays.
-
-    The sort behind top-k / top-p costs more than a small model's decode step, so it runs only
-    when some row asks for it, and nothing but the argmax runs when every row is greedy.
-    """
-
-    def sampled():
-        truncated = (top_k > 0) | (top_p < 1)
-        masked = jax.lax.cond(
-            jnp.any(truncated & (temperature > 0)),
-            lambda: truncate(logits, temperature, top_k, top_p),
-            lambda: logits / jnp.maximum(temperature, 1e-6)[:, None],
-        )
-        tokens = jax.vmap(jax.random.categorical)(keys, masked)
-        return jnp.where(temperature > 0, tokens, jnp.argmax(logits, axis=-1))
-
-    return jax.lax.cond(
-        jnp.any(temperature > 0), sampled, lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    )
+def buckets(limit: int, smallest: int = MIN_BUCKET) -> list[int]:
+    """Every size `bucket` returns up to `limit`: smallest, 2 x smallest, ..., limit."""
+    sizes = [bucket(1, limit, smallest)]
+    while sizes[-1] < limit:
+        sizes.append(bucket(sizes[-1] + 1, limit, smallest))
+    return sizes
 
 
 def prefill(model, tokens: jax.Array, lengths: jax.Array, cache):
@@ -106,11 +68,10 @@ def decode_loop(
 ):
     """Sample and decode until every row has hit EOS or its budget: (tokens (B, max_new), steps).
 
-    The token for step s of a row comes from `fold_in(PRNGKey(seed), s)`, so it does not depend
+    The token for step s of a row comes from `request_keys(seed, s)`, so it does not depend
     on the other rows of the batch or on how the loop is driven (see `stream`).
     """
     B = logits.shape[0]
-    base_keys = jax.vmap(jax.random.PRNGKey)(seeds)
     out = jnp.zeros((B, max_new), jnp.int32)
 
     def cond(carry):
@@ -119,7 +80,7 @@ def decode_loop(
 
     def body(carry):
         step, out, cache, logits, done = carry
-        keys = jax.vmap(jax.random.fold_in, (0, None))(base_keys, step)
+        keys = request_keys(seeds, step)
         token = sample(logits, keys, temperature, top_k, top_p)
         token = jnp.where(done, 0, token)
         out = out.at[:, step].set(token)
@@ -145,9 +106,10 @@ def _decode_loop(state, logits, cache, *args, graphdef, max_new: int):
 
 
 @partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
-def _step_one(state, logits, cache, position, key, temperature, top_k, top_p, *, graphdef):
+def _step_one(state, logits, cache, position, seed, step, temperature, top_k, top_p, *, graphdef):
     model = nnx.merge(graphdef, state)
-    token = sample(logits, key[None], temperature[None], top_k[None], top_p[None])
+    keys = request_keys(seed[None], step)
+    token = sample(logits, keys, temperature[None], top_k[None], top_p[None])
     logits, cache = decode_step(model, token, position[None], cache)
     return token[0], logits, cache
 
@@ -210,15 +172,6 @@ def check_request(prompt_len: int, max_new_tokens: int, context: int) -> None:
         )
 
 
-def check_sampling(sampling: Sampling) -> None:
-    if not sampling.temperature >= 0:
-        raise ValueError(f"temperature must be >= 0, got {sampling.temperature}")
-    if not 0 < sampling.top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {sampling.top_p}")
-    if sampling.top_k < 0:
-        raise ValueError(f"top_k must be >= 0 (0: off), got {sampling.top_k}")
-
-
 @dataclass(frozen=True)
 class Batch:
     """A checked batch of requests as device arrays: right-padded prompts and per-row values."""
@@ -247,16 +200,6 @@ def make_batch(prompts, max_new_tokens, sampling, context: int) -> Batch:
         budgets=budgets,
         sampling=sampling_arrays(samplings),
         max_new=bucket(int(budgets.max()), context),
-    )
-
-
-def sampling_arrays(samplings: list[Sampling]) -> tuple:
-    """Per-row temperature, top_k, top_p and seed arrays (the programs take nothing else)."""
-    return (
-        jnp.asarray([s.temperature for s in samplings], jnp.float32),
-        jnp.asarray([s.top_k for s in samplings], jnp.int32),
-        jnp.asarray([s.top_p for s in samplings], jnp.float32),
-        jnp.asarray([s.seed for s in samplings], jnp.uint32),
     )
 
 
@@ -335,7 +278,7 @@ def stream(
         _prefill, "prefill", prefill_args, graphdef=graphdef, cache_len=cache_len
     )
     logits, cache = prefill_fn(*prefill_args)
-    base_key = jax.random.PRNGKey(np.uint32(sampling.seed))
+    seed = jnp.uint32(sampling.seed)
     params = (
         jnp.float32(sampling.temperature),
         jnp.int32(sampling.top_k),
@@ -348,7 +291,8 @@ def stream(
             logits,
             cache,
             jnp.int32(len(prompt) + step),
-            jax.random.fold_in(base_key, step),
+            seed,
+            jnp.int32(step),
             *params,
         )
         if step_fn is None:
@@ -358,198 +302,3 @@ def stream(
         yield token
         if token == eos_id:
             return
-
-
-# --- speculative decoding -------------------------------------------------------------------
-
-
-def _probs(logits, temperature, top_k, top_p):
-    """The distribution sampling draws from: tempered and truncated (rows with T > 0).
-
-    Greedy rows never use it; when every row is greedy nothing is computed (zeros), and the
-    sort behind top-k / top-p runs only when a sampling row asks for it.
-    """
-
-    def tempered():
-        truncated = jnp.any(((top_k > 0) | (top_p < 1)) & (temperature > 0))
-        masked = jax.lax.cond(
-            truncated,
-            lambda: truncate(logits, temperature, top_k, top_p),
-            lambda: logits / jnp.maximum(temperature, 1e-6)[:, None],
-        )
-        return jax.nn.softmax(masked, axis=-1)
-
-    return jax.lax.cond(jnp.any(temperature > 0), tempered, lambda: jnp.zeros_like(logits))
-
-
-def speculate(target, draft, pos, last, tcache, dcache, keys, sampling, k: int):
-    """One round: the draft proposes k tokens after `last` (at `pos`, not yet in the caches),
-    the target scores them in one pass, the accept/reject rule keeps the target's distribution.
-
-    Returns the k + 1 candidate tokens (B, k+1) of which the first n + 1 are produced (the n
-    accepted drafts, then a token from the target), n (B,), that last token t (B,), and both
-    caches, which now hold positions up to pos + n (later slots are rewritten before use).
-    """
-    temperature, top_k, top_p = sampling
-    greedy = temperature <= 0
-    B, V = last.shape[0], target.cfg.vocab_size
-    rows = jnp.arange(B)
-
-    def draft_step(i, c):
-        dcache, tok, ds, qs = c
-        logits, dcache = decode_step(draft, tok, pos + i, dcache)
-        q = _probs(logits, *sampling)
-        skeys = jax.vmap(jax.random.fold_in, (0, None))(keys, i)
-        d = jax.lax.cond(
-            jnp.all(greedy),
-            lambda: jnp.argmax(logits, -1).astype(jnp.int32),
-            lambda: jnp.where(
-                greedy, jnp.argmax(logits, -1), jax.vmap(jax.random.categorical)(skeys, jnp.log(q))
-            ).astype(jnp.int32),
-        )
-        return dcache, d, ds.at[:, i].set(d), qs.at[:, i].set(q)
-
-    ds, qs = jnp.zeros((B, k), jnp.int32), jnp.zeros((B, k, V), jnp.float32)
-    dcache, d_last, ds, qs = jax.lax.fori_loop(0, k, draft_step, (dcache, last, ds, qs))
-    _, dcache = decode_step(draft, d_last, pos + k, dcache)  # an all-accepted round needs it
-    verify = jnp.concatenate([last[:, None], ds], axis=1)  # (B, k+1) at pos..pos+k
-    logits, tcache = target(verify, pos[:, None] + jnp.arange(k + 1)[None], tcache)
-    ps = jax.vmap(lambda lg: _probs(lg, *sampling), in_axes=1, out_axes=1)(logits)
-    p_d = jnp.take_along_axis(ps[:, :k], ds[..., None], -1)[..., 0]  # (B, k)
-    q_d = jnp.take_along_axis(qs, ds[..., None], -1)[..., 0]
-    u = jax.vmap(lambda key: jax.random.uniform(key, (k,)))(
-        jax.vmap(jax.random.fold_in, (0, None))(keys, k + 1)
-    )
-    accept = jnp.where(greedy[:, None], ds == jnp.argmax(logits[:, :k], -1), u * q_d < p_d)
-    n = jnp.sum(jnp.cumprod(accept, axis=1), axis=1)  # leading accepted drafts
-    # the next token: from max(0, p_n - q_n) after a rejection, from p_k after none
-    p_n = ps[rows, n]
-    q_n = jnp.concatenate([qs, jnp.zeros((B, 1, V))], axis=1)[rows, n]
-    residual = jnp.maximum(p_n - q_n, 0.0)
-    residual = jnp.where(jnp.sum(residual, -1, keepdims=True) > 0, residual, p_n)
-    rkeys = jax.vmap(jax.random.fold_in, (0, None))(keys, k + 2)
-    t = jax.vmap(jax.random.categorical)(rkeys, jnp.log(residual))
-    t = jnp.where(greedy, jnp.argmax(logits[rows, n], -1), t).astype(jnp.int32)
-    j = jnp.arange(k + 1)[None]
-    emitted = jnp.where(j < n[:, None], jnp.pad(ds, ((0, 0), (0, 1))), t[:, None])
-    return emitted, n, t, tcache, dcache
-
-
-@partial(jax.jit, static_argnames=("tgraph", "dgraph", "max_new", "cache_len", "k"))
-def _speculative(
-    tstate,
-    dstate,
-    tokens,
-    lengths,
-    budgets,
-    temperature,
-    top_k,
-    top_p,
-    seeds,
-    eos_id,
-    *,
-    tgraph,
-    dgraph,
-    max_new: int,
-    cache_len: int,
-    k: int,
-):
-    """Draft k tokens with the small model, verify them with one target pass, keep the target's
-    distribution exact (greedy: the target's own tokens). Returns (tokens, count, stats)."""
-    target, draft = nnx.merge(tgraph, tstate), nnx.merge(dgraph, dstate)
-    B = tokens.shape[0]
-    rows = jnp.arange(B)
-    tlogits, tcache = prefill(target, tokens, lengths, init_cache(target.cfg, B, cache_len))
-    _, dcache = prefill(draft, tokens, lengths, init_cache(draft.cfg, B, cache_len))
-    base = jax.vmap(jax.random.PRNGKey)(seeds)
-    keys = jax.vmap(jax.random.fold_in, (0, None))(base, 0)
-    first = sample(tlogits, keys, temperature, top_k, top_p)  # as `generate`'s first token
-    out = jnp.zeros((B, max_new + k + 1), jnp.int32).at[:, 0].set(first)
-    count = jnp.ones((B,), jnp.int32)
-    done = (count >= budgets) | (first == eos_id)
-    sampling = (temperature, top_k, top_p)
-
-    def cond(carry):
-        it, _, _, _, _, _, done, _, _ = carry
-        return (it < max_new) & ~jnp.all(done)
-
-    def body(carry):
-        it, pos, last, out, count, tcache, done, dcache, stats = carry
-        ikeys = jax.vmap(jax.random.fold_in, (0, None))(base, it + 1)  # per iteration
-        emitted, n, t, tcache, dcache = speculate(
-            target, draft, pos, last, tcache, dcache, ikeys, sampling, k
-        )
-        j = jnp.arange(k + 1)[None]
-        valid = (j <= n[:, None]) & ~done[:, None]
-        index = count[:, None] + j
-        current = out[rows[:, None], index]
-        out = out.at[rows[:, None], index].set(jnp.where(valid, emitted, current))
-        produced = jnp.where(done, 0, n + 1)
-        hit_eos = jnp.any(valid & (emitted == eos_id), axis=1)
-        stats = stats + jnp.stack([jnp.sum(jnp.where(done, 0, n)), jnp.sum(jnp.where(done, 0, k))])
-        count = count + produced
-        pos = pos + produced
-        last = jnp.where(done, last, t)
-        done = done | hit_eos | (count >= budgets)
-        return it + 1, pos, last, out, count, tcache, done, dcache, stats
-
-    carry = (0, lengths, first, out, count, tcache, done, dcache, jnp.zeros(2, jnp.int32))
-    it, _, _, out, count, _, _, _, stats = jax.lax.while_loop(cond, body, carry)
-    return out, count, stats, it
-
-
-def speculative_generate(
-    target,
-    draft,
-    prompts: list[list[int]],
-    max_new_tokens: int | list[int],
-    sampling: Sampling | list[Sampling] = Sampling(),
-    eos_id: int = -1,
-    k: int = 4,
-) -> dict:
-    """`generate` with a draft model proposing k tokens per target pass.
-
-    The draft must share the target's vocabulary. Greedy output equals the target's alone; with
-    sampling, the standard accept/reject rule keeps the target's distribution exactly. Caches
-    need no rollback: slot s holds position s, and a position past the accepted tokens is
-    written again before any query can see it.
-    """
-    if draft.cfg.vocab_size != target.cfg.vocab_size:
-        raise ValueError(
-            f"the draft's vocabulary ({draft.cfg.vocab_size}) differs from the target's "
-            f"({target.cfg.vocab_size})"
-        )
-    if k < 1:
-        raise ValueError(f"k (draft tokens per step) must be at least 1, got {k}")
-    context = min(target.cfg.max_seq_len, draft.cfg.max_seq_len)
-    batch = make_batch(prompts, max_new_tokens, sampling, context)
-    P, max_new = batch.tokens.shape[1], batch.max_new
-    tgraph, tstate = nnx.split(target)
-    dgraph, dstate = nnx.split(draft)
-    args = (
-        tstate,
-        dstate,
-        batch.tokens,
-        batch.lengths,
-        jnp.asarray(batch.budgets),
-        *batch.sampling,
-        jnp.int32(eos_id),
-    )
-    static = {"tgraph": tgraph, "dgraph": dgraph, "max_new": max_new, "k": k}
-    compiled_before = PROGRAMS.seconds
-    fn = PROGRAMS.get(_speculative, "speculative", args, cache_len=P + max_new + k + 1, **static)
-    start = time.perf_counter()
-    out, count, stats, iterations = fn(*args)
-    out = np.asarray(out)
-    seconds = time.perf_counter() - start
-    rows = trim_rows(out, np.minimum(np.asarray(count), batch.budgets), eos_id)
-    accepted, proposed = (int(x) for x in np.asarray(stats))
-    generated = sum(len(r) for r in rows)
-    return {
-        "tokens": rows,
-        "seconds": seconds,
-        "tokens_per_sec": generated / seconds if seconds > 0 else 0.0,
-        "acceptance": accepted / proposed if proposed else 0.0,
-        "iterations": int(iterations),
-        "compile_s": PROGRAMS.seconds - compiled_before,
-    }

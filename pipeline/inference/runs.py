@@ -9,6 +9,7 @@ optimizer state. LoRA runs hold adapters (PEFT files) on top of the run named by
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import jax
@@ -21,6 +22,7 @@ from pipeline.checkpoint import has_checkpoints, read_params
 from pipeline.config import Config, ConfigError, dump_config, load_config
 from pipeline.lora import ADAPTER_CONFIG, load_adapter
 from pipeline.model import Transformer, abstract_model
+from pipeline.quantize import quantize_model
 from pipeline.tokenizer import Tokenizer
 
 MODEL_DIR = "model"
@@ -47,6 +49,39 @@ def load_model(
     params = load_params(run_dir, shapes, key)
     model = nnx.merge(graphdef, jax.tree.map(jnp.asarray, params))
     return cfg, model, Tokenizer.load(run_dir)
+
+
+@dataclass
+class Loaded:
+    """A run ready for inference: its config, model (quantised if asked), tokenizer, draft."""
+
+    cfg: Config
+    model: Transformer
+    tokenizer: Tokenizer
+    draft: Transformer | None = None
+
+
+def load_for_inference(
+    run_dir: str | Path,
+    quantize: str | None = None,
+    draft: str | Path | None = None,
+    key: str = "--run",
+) -> Loaded:
+    """The one way generation, serving, export and benchmarks load a run.
+
+    The run's weights (plus its LoRA adapter, for a LoRA run), quantised in place when
+    `quantize` names a mode ("none" and None leave float weights), and a draft model for
+    speculative decoding, which must share the run's tokenizer.
+    """
+    cfg, model, tokenizer = load_model(run_dir, key)
+    if quantize and quantize != "none":
+        quantize_model(model, quantize, embeddings=True)
+    draft_model = None
+    if draft:
+        _, draft_model, draft_tokenizer = load_model(draft, key="--draft")
+        if draft_tokenizer.fingerprint() != tokenizer.fingerprint():
+            raise ConfigError(f"--draft: {draft} has another tokenizer than {key} {run_dir}")
+    return Loaded(cfg, model, tokenizer, draft_model)
 
 
 def load_params(run_dir: Path, like, key: str = "init.from"):

@@ -29,17 +29,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pipeline.inference.generate import (
-    MIN_BUCKET,
+from pipeline.inference.generate import buckets, check_request, decode_step, prefill
+from pipeline.inference.sampling import (
     Sampling,
-    check_request,
     check_sampling,
-    decode_step,
-    prefill,
+    request_keys,
     sample,
     sampling_arrays,
-    speculate,
 )
+from pipeline.inference.speculative import speculate
 from pipeline.model import init_cache
 
 log = logging.getLogger(__name__)
@@ -61,14 +59,6 @@ class Request:
     generated: int = 0
     last_token_at: float = 0.0
     cancelled: bool = False
-
-
-def _buckets(max_len: int) -> list[int]:
-    sizes, size = [], MIN_BUCKET
-    while not sizes or sizes[-1] < max_len:
-        sizes.append(min(size, max_len))
-        size *= 2
-    return sizes
 
 
 def _write_rows(cache, small, slot_ids):
@@ -94,7 +84,7 @@ def _insert(
     n, P = tokens.shape
     logits, small = prefill(model, tokens, lengths, init_cache(model.cfg, n, P))
     temperature, top_k, top_p, seed = sampling
-    keys = jax.vmap(lambda s: jax.random.fold_in(jax.random.PRNGKey(s), 0))(seed)
+    keys = request_keys(seed, 0)
     first = sample(logits, keys, temperature, top_k, top_p)
     cache = _write_rows(cache, small, slot_ids)
     if dgraph is not None:
@@ -124,9 +114,7 @@ def _speculative_step(params, dparams, slots, cache, dcache, *, graphdef, dgraph
     (n + 1) each slot produced."""
     target, draft = nnx.merge(graphdef, params), nnx.merge(dgraph, dparams)
     part = jax.tree.map(lambda x: x[:rows], slots)
-    keys = jax.vmap(lambda s, n: jax.random.fold_in(jax.random.PRNGKey(s), n))(
-        part["seed"], part["step"]
-    )
+    keys = request_keys(part["seed"], part["step"])
     max_pos = cache[0]["k"].shape[2] - k - 1
     positions = jnp.minimum(part["position"], max_pos)  # idle slots must stay in range
     emitted, n, t, cache, dcache = speculate(
@@ -160,9 +148,7 @@ def _step(params, slots, cache, *, graphdef, rows: int):
     positions = jnp.minimum(part["position"], max_pos)  # idle slots must stay in range
     # The model writes rows 0..rows-1 of the whole cache in place and attends over those rows.
     logits, cache = decode_step(model, part["token"], positions, cache)
-    keys = jax.vmap(lambda s, n: jax.random.fold_in(jax.random.PRNGKey(s), n))(
-        part["seed"], part["step"]
-    )
+    keys = request_keys(part["seed"], part["step"])
     tokens = sample(logits, keys, part["temperature"], part["top_k"], part["top_p"])
     part = {**part, "token": tokens, "position": part["position"] + 1, "step": part["step"] + 1}
     slots = jax.tree.map(
@@ -175,13 +161,6 @@ def _step(params, slots, cache, *, graphdef, rows: int):
 def _move(slots, cache, src, dst):
     """Copy slot `src` (its keys/values and its sampling state) into slot `dst`."""
     return jax.tree.map(lambda x: x.at[dst].set(x[src]), (slots, cache))
-
-
-def _row_buckets(slots: int) -> list[int]:
-    sizes = [1]
-    while sizes[-1] < slots:
-        sizes.append(min(2 * sizes[-1], slots))
-    return sizes
 
 
 class Engine:
@@ -205,8 +184,8 @@ class Engine:
         self.max_len = min(max_len or cfg.max_seq_len, cfg.max_seq_len)
         self.num_slots = slots
         self.max_queue = max_queue
-        self.buckets = _buckets(self.max_len)
-        self.row_buckets = _row_buckets(slots)
+        self.buckets = buckets(self.max_len)
+        self.row_buckets = buckets(slots, smallest=1)
         # Requests admitted together share one prefill call (padded to one of these sizes).
         self.admit_sizes = sorted({1, min(4, slots), min(16, slots)})
         self.graphdef, self.params = nnx.split(model)

@@ -4,7 +4,8 @@
 as Server-Sent Events in OpenAI's chunk format, ending with `data: [DONE]`), `GET /health` and
 `GET /metrics` (Prometheus text). Every client mistake is a 4xx with an OpenAI-style
 `{"error": {...}}` body; a full queue is 429 with `Retry-After`; a client that goes away frees
-its slot. This module knows requests, text and tokens; the model lives behind `Engine`.
+its slot. This module knows requests, text and tokens; the model lives behind `Engine`, the
+wire format in `protocol.py`.
 """
 
 from __future__ import annotations
@@ -12,81 +13,38 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import json
 import logging
 import signal
 import threading
 import time
 import uuid
+from pathlib import Path
 from signal import SIGINT, SIGTERM
-from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from pipeline.inference.generate import Sampling
+from pipeline.config import ServeConfig
+from pipeline.inference.sampling import Sampling
 from pipeline.serving.engine import Engine, QueueFullError
 from pipeline.serving.engine import Request as EngineRequest
+from pipeline.serving.protocol import (
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    SamplingRequest,
+    completion_body,
+    error_body,
+    response_meta,
+    sse_events,
+    validation_message,
+)
+from pipeline.tokenizer import prompt_ids
 
 log = logging.getLogger(__name__)
-MAX_STOP_SEQUENCES = 4
-
-
-class APIError(Exception):
-    def __init__(
-        self, status: int, message: str, param: str | None = None, code: str | None = None
-    ):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-        self.headers: dict[str, str] = {}
-
-
-def error_body(message: str, status: int, param: str | None = None, code: str | None = None):
-    kind = {
-        401: "authentication_error",
-        404: "not_found_error",
-        429: "rate_limit_error",
-    }.get(status, "invalid_request_error" if status < 500 else "server_error")
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
-
-
-class _Sampling(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-    model: str
-    max_tokens: StrictInt | None = None
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: StrictInt = Field(0, ge=0)  # an extension (as in vLLM); 0: off
-    seed: StrictInt | None = None
-    stop: str | list[str] | None = None
-    stream: StrictBool = False
-    stream_options: dict[str, Any] | None = None
-    n: StrictInt = 1
-    best_of: StrictInt | None = None
-    logprobs: Any = None
-    echo: StrictBool = False
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: dict[str, float] | None = None
-
-
-class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[StrictInt]
-
-
-class Message(BaseModel):
-    role: Literal["system", "user", "assistant"]
-    content: str
-
-
-class ChatRequest(_Sampling):
-    messages: list[Message] = Field(min_length=1)
-    logprobs: StrictBool | None = None
 
 
 class Metrics:
@@ -172,270 +130,198 @@ class TextStream:
         return out
 
 
-def create_app(
-    engine: Engine,
-    tokenizer,
-    model_name: str,
-    api_key: str | None = None,
-    max_tokens_limit: int | None = None,
-    default_max_tokens: int = 16,
-    max_body_bytes: int = 1 << 20,
-) -> FastAPI:
+def create_app(engine: Engine, tokenizer, model_name: str, cfg: ServeConfig | None = None):
     """The ASGI app. The engine must be started (and warmed up) by the caller."""
-    from pipeline.tokenizer import prompt_ids
-
+    routes = Routes(engine, tokenizer, model_name, cfg or ServeConfig())
     app = FastAPI(title="pipeline", docs_url=None, redoc_url=None, openapi_url=None)
-    metrics = Metrics(engine)
-    engine.observe = metrics.observe
-    limit = min(max_tokens_limit or engine.max_len, engine.max_len)
-    state = {"accepting": True}
-    app.state.metrics, app.state.serving = metrics, state
+    app.state.metrics, app.state.routes = routes.metrics, routes
+    app.add_exception_handler(APIError, _api_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected)
+    app.middleware("http")(routes.guard)
+    app.get("/health")(routes.health)
+    app.get("/metrics")(routes.prometheus)
+    app.get("/v1/models")(routes.models)
+    app.post("/v1/completions")(routes.completions)
+    app.post("/v1/chat/completions")(routes.chat_completions)
+    return app
 
-    def respond_error(err: APIError) -> JSONResponse:
-        return JSONResponse(
-            error_body(err.message, err.status, err.param, err.code),
-            status_code=err.status,
-            headers=err.headers,
-        )
 
-    @app.exception_handler(APIError)
-    async def _api_error(request, err: APIError):
-        return respond_error(err)
+def _respond(err: APIError) -> JSONResponse:
+    body = error_body(err.message, err.status, err.param, err.code)
+    return JSONResponse(body, status_code=err.status, headers=err.headers)
 
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(request, err: RequestValidationError):
-        first = err.errors()[0] if err.errors() else {"msg": "invalid request", "loc": ()}
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-        if first.get("type") == "json_invalid":
-            message = f"the body is not valid JSON: {first.get('ctx', {}).get('error', '')}"
-        else:
-            message = f"{'.'.join(loc) or 'body'}: {first['msg']}"
-        return respond_error(APIError(400, message, ".".join(loc) or None))
 
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request, err: StarletteHTTPException):
-        return respond_error(APIError(err.status_code, str(err.detail)))
+async def _api_error(request, err: APIError):
+    return _respond(err)
 
-    @app.exception_handler(Exception)
-    async def _unexpected(request, err: Exception):
-        log.exception("unexpected error")
-        return respond_error(APIError(500, f"internal error: {type(err).__name__}"))
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
+async def _validation_error(request, err: RequestValidationError):
+    message, param = validation_message(err.errors())
+    return _respond(APIError(400, message, param))
+
+
+async def _http_error(request, err: StarletteHTTPException):
+    return _respond(APIError(err.status_code, str(err.detail)))
+
+
+async def _unexpected(request, err: Exception):
+    log.exception("unexpected error")
+    return _respond(APIError(500, f"internal error: {type(err).__name__}"))
+
+
+class Routes:
+    """One method per route, over one engine and tokenizer."""
+
+    def __init__(self, engine: Engine, tokenizer, model_name: str, cfg: ServeConfig):
+        self.engine, self.tokenizer, self.model_name, self.cfg = engine, tokenizer, model_name, cfg
+        self.metrics = Metrics(engine)
+        engine.observe = self.metrics.observe
+        self.max_tokens = min(cfg.max_tokens or engine.max_len, engine.max_len)
+        self.accepting = True  # False once the server drains for shutdown
+
+    async def guard(self, request: Request, call_next):
+        """The API key and the body size, for every /v1 route; request counts."""
         path = request.url.path
-        if path.startswith("/v1"):
-            if api_key and not _authorised(request, api_key):
-                return respond_error(
-                    APIError(
-                        401,
-                        "missing or wrong API key (Authorization: Bearer KEY)",
-                        code="invalid_api_key",
-                    )
-                )
-            length = request.headers.get("content-length")
-            if length and length.isdigit() and int(length) > max_body_bytes:
-                return respond_error(
-                    APIError(413, f"the body is {length} bytes; the limit is {max_body_bytes}")
-                )
+        if not path.startswith("/v1"):
+            return await call_next(request)
+        if self.cfg.api_key and not _authorised(request, self.cfg.api_key):
+            message = "missing or wrong API key (Authorization: Bearer KEY)"
+            return _respond(APIError(401, message, code="invalid_api_key"))
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > self.cfg.max_body_bytes:
+            limit = self.cfg.max_body_bytes
+            return _respond(APIError(413, f"the body is {length} bytes; the limit is {limit}"))
         response = await call_next(request)
-        if path.startswith("/v1"):
-            metrics.requests.labels(path, str(response.status_code)).inc()
+        self.metrics.requests.labels(path, str(response.status_code)).inc()
         return response
 
-    @app.get("/health")
-    async def health():
-        if not state["accepting"]:
+    async def health(self):
+        if not self.accepting:
             return JSONResponse({"status": "shutting down"}, status_code=503)
+        engine = self.engine
         return {"status": "ok", "busy_slots": engine.busy_slots, "queue_depth": engine.queue_depth}
 
-    @app.get("/metrics")
-    async def prometheus():
-        return PlainTextResponse(generate_latest(metrics.registry).decode())
+    async def prometheus(self):
+        return PlainTextResponse(generate_latest(self.metrics.registry).decode())
 
-    @app.get("/v1/models")
-    async def models():
-        return {
-            "object": "list",
-            "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "pipeline"}],
-        }
+    async def models(self):
+        card = {"id": self.model_name, "object": "model", "created": 0, "owned_by": "pipeline"}
+        return {"object": "list", "data": [card]}
 
-    def check(body: _Sampling) -> tuple[int, Sampling, list[str]]:
-        if body.model != model_name:
-            raise APIError(
-                404,
-                f"model {body.model!r} does not exist; this server has {model_name!r}",
-                "model",
-                "model_not_found",
-            )
-        if body.n != 1 or (body.best_of or 1) != 1:
-            raise APIError(400, "only n=1 (and best_of=1) is supported", "n")
-        for name in ("echo", "presence_penalty", "frequency_penalty", "logit_bias"):
-            if getattr(body, name):
-                raise APIError(400, f"{name} is not supported", name)
-        if body.logprobs:
-            raise APIError(400, "logprobs is not supported", "logprobs")
-        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        if len(stop) > MAX_STOP_SEQUENCES:
-            raise APIError(400, f"at most {MAX_STOP_SEQUENCES} stop sequences", "stop")
-        max_tokens = default_max_tokens if body.max_tokens is None else body.max_tokens
-        if not 1 <= max_tokens <= limit:
-            raise APIError(400, f"max_tokens must be 1..{limit}, got {max_tokens}", "max_tokens")
-        seed = body.seed if body.seed is not None else uuid.uuid4().int % (1 << 31)
-        if not 0 <= seed < 1 << 32:
-            raise APIError(400, "seed must be in [0, 2**32)", "seed")
-        return max_tokens, Sampling(body.temperature, body.top_k, body.top_p, seed), stop
+    async def completions(self, body: CompletionRequest):
+        if isinstance(body.prompt, str):
+            ids = self.tokenizer.encode(body.prompt)
+        else:
+            vocab = self.tokenizer.vocab_size
+            if any(not 0 <= t < vocab for t in body.prompt):
+                raise APIError(400, f"token ids must be in [0, {vocab})", "prompt")
+            ids = list(body.prompt)
+        return await self._complete(body, ids, chat=False)
 
-    async def run(request: Request, body: _Sampling, ids: list[int], chat: bool):
-        if not state["accepting"]:
+    async def chat_completions(self, body: ChatRequest):
+        messages = [m.model_dump() for m in body.messages]
+        return await self._complete(body, prompt_ids(self.tokenizer, messages), chat=True)
+
+    def _check(self, body: SamplingRequest, ids: list[int], chat: bool) -> int:
+        """The rules that depend on this server; returns max_tokens."""
+        if not self.accepting:
             raise APIError(503, "the server is shutting down")
-        max_tokens, sampling, stop = check(body)
+        if body.model != self.model_name:
+            message = f"model {body.model!r} does not exist; this server has {self.model_name!r}"
+            raise APIError(404, message, "model", "model_not_found")
+        max_tokens = self.cfg.default_max_tokens if body.max_tokens is None else body.max_tokens
+        if not 1 <= max_tokens <= self.max_tokens:
+            message = f"max_tokens must be 1..{self.max_tokens}, got {max_tokens}"
+            raise APIError(400, message, "max_tokens")
+        prompt_field = "messages" if chat else "prompt"
         if not ids:
-            raise APIError(400, "the prompt is empty", "messages" if chat else "prompt")
-        if len(ids) + max_tokens > engine.max_len:
+            raise APIError(400, "the prompt is empty", prompt_field)
+        context = self.engine.max_len
+        if len(ids) + max_tokens > context:
             raise APIError(
                 400,
                 f"the prompt ({len(ids)} tokens) plus max_tokens ({max_tokens}) exceeds the "
-                f"context of {engine.max_len} tokens",
-                "max_tokens" if len(ids) < engine.max_len else ("messages" if chat else "prompt"),
+                f"context of {context} tokens",
+                "max_tokens" if len(ids) < context else prompt_field,
                 "context_length_exceeded",
             )
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        stop_ids = ({tokenizer.eos_id} | ({tokenizer.end_id} if chat else set())) - {None}
+        return max_tokens
+
+    def _submit(self, body: SamplingRequest, ids: list[int], chat: bool, max_tokens: int):
+        """Hand the request to the engine: (the engine's request, its token queue)."""
+        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+        seed = body.seed if body.seed is not None else uuid.uuid4().int % (1 << 31)
+        stop_ids = {self.tokenizer.eos_id} | ({self.tokenizer.end_id} if chat else set())
         job = EngineRequest(
             prompt=ids,
             max_tokens=max_tokens,
-            sampling=sampling,
-            stop_ids=frozenset(stop_ids),
+            sampling=Sampling(body.temperature, body.top_k, body.top_p, seed),
+            stop_ids=frozenset(stop_ids - {None}),
             emit=lambda token, reason: loop.call_soon_threadsafe(queue.put_nowait, (token, reason)),
         )
         try:
-            engine.submit(job)
+            self.engine.submit(job)
         except QueueFullError as err:
             error = APIError(429, f"the server is busy ({err}); retry shortly")
             error.headers["Retry-After"] = "1"
             raise error from None
         except ValueError as err:
             raise APIError(400, str(err)) from None
-        meta = {
-            "id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24],
-            "created": int(time.time()),
-            "model": model_name,
-        }
-        text = TextStream(tokenizer, stop)
+        return job, queue
 
-        async def tokens():
-            """(text delta, finish reason or None) until the request ends; cancels on exit."""
-            finished = False
-            try:
-                while True:
-                    token, reason = await queue.get()
-                    if reason is not None:
-                        finished = True
-                        tail = text.push(None if reason == "stop" else token, final=True)
-                        yield tail, "length" if reason == "length" else "stop"
-                        return
-                    delta = text.push(token)
-                    if text.stopped:
-                        engine.cancel(job)
-                        finished = True
-                        yield delta, "stop"
-                        return
-                    yield delta, None  # one chunk per token, even while text is held back
-            finally:
-                if not finished:
-                    engine.cancel(job)
+    async def _complete(self, body: SamplingRequest, ids: list[int], chat: bool):
+        max_tokens = self._check(body, ids, chat)
+        job, queue = self._submit(body, ids, chat, max_tokens)
+        meta = response_meta(chat, self.model_name, int(time.time()))
+        pieces = self._pieces(job, queue, TextStream(self.tokenizer, body.stop))
 
-        usage = lambda: {  # noqa: E731
-            "prompt_tokens": len(ids),
-            "completion_tokens": job.generated,
-            "total_tokens": len(ids) + job.generated,
-        }
-        if body.stream:
-            include_usage = bool((body.stream_options or {}).get("include_usage"))
-            return StreamingResponse(
-                _sse(tokens(), meta, chat, include_usage, usage),
-                media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache"},
-            )
-        pieces, finish = [], "stop"
-        async for delta, reason in tokens():
-            pieces.append(delta)
-            finish = reason or finish
-        content = "".join(pieces)
-        if chat:
-            choice = {
-                "index": 0,
-                "message": {"role": "assistant", "content": content},
-                "finish_reason": finish,
-                "logprobs": None,
+        def usage() -> dict:
+            done = job.generated
+            return {
+                "prompt_tokens": len(ids),
+                "completion_tokens": done,
+                "total_tokens": len(ids) + done,
             }
-        else:
-            choice = {"index": 0, "text": content, "finish_reason": finish, "logprobs": None}
-        return {
-            **meta,
-            "object": "chat.completion" if chat else "text_completion",
-            "choices": [choice],
-            "usage": usage(),
-        }
 
-    @app.post("/v1/completions")
-    async def completions(request: Request, body: CompletionRequest):
-        prompt = body.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
-            if len(prompt) != 1:
-                raise APIError(400, "one prompt per request (a list of one string)", "prompt")
-            prompt = prompt[0]
-        if isinstance(prompt, str):
-            ids = tokenizer.encode(prompt)
-        else:
-            if any(not 0 <= t < tokenizer.vocab_size for t in prompt):
-                raise APIError(400, f"token ids must be in [0, {tokenizer.vocab_size})", "prompt")
-            ids = list(prompt)
-        return await run(request, body, ids, chat=False)
+        if body.stream:
+            events = sse_events(pieces, meta, chat, body.include_usage, usage)
+            headers = {"Cache-Control": "no-cache"}
+            return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+        texts, finish = [], "stop"
+        async for delta, reason in pieces:
+            texts.append(delta)
+            finish = reason or finish
+        return completion_body(meta, chat, "".join(texts), finish, usage())
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request, body: ChatRequest):
-        messages = [m.model_dump() for m in body.messages]
-        return await run(request, body, prompt_ids(tokenizer, messages), chat=True)
-
-    return app
+    async def _pieces(self, job: EngineRequest, queue: asyncio.Queue, text: TextStream):
+        """(text delta, finish reason or None) until the request ends; cancels it on exit."""
+        finished = False
+        try:
+            while True:
+                token, reason = await queue.get()
+                if reason is not None:
+                    finished = True
+                    tail = text.push(None if reason == "stop" else token, final=True)
+                    yield tail, "length" if reason == "length" else "stop"
+                    return
+                delta = text.push(token)
+                if text.stopped:
+                    self.engine.cancel(job)
+                    finished = True
+                    yield delta, "stop"
+                    return
+                yield delta, None  # one chunk per token, even while text is held back
+        finally:
+            if not finished:
+                self.engine.cancel(job)
 
 
 def _authorised(request: Request, api_key: str) -> bool:
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     return scheme.lower() == "bearer" and hmac.compare_digest(token.strip(), api_key)
-
-
-async def _sse(tokens, meta: dict, chat: bool, include_usage: bool, usage):
-    """OpenAI's streaming chunks as Server-Sent Events, then `data: [DONE]`."""
-    kind = "chat.completion.chunk" if chat else "text_completion"
-
-    def chunk(delta: str | None, finish: str | None, first: bool = False) -> str:
-        if chat:
-            body = {"content": delta} if delta is not None else {}
-            if first:
-                body = {"role": "assistant", "content": ""}
-            choice = {"index": 0, "delta": body, "finish_reason": finish, "logprobs": None}
-        else:
-            choice = {"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}
-        out = {**meta, "object": kind, "choices": [choice]}
-        if include_usage:
-            out["usage"] = None
-        return f"data: {json.dumps(out)}\n\n"
-
-    if chat:
-        yield chunk(None, None, first=True)
-    async for delta, finish in tokens:
-        if delta or not finish:
-            yield chunk(delta, None)
-        if finish:
-            yield chunk(None if chat else "", finish)
-    if include_usage:
-        yield f"data: {json.dumps({**meta, 'object': kind, 'choices': [], 'usage': usage()})}\n\n"
-    yield "data: [DONE]\n\n"
 
 
 def _server_class():
@@ -460,67 +346,36 @@ def _server_class():
     return Server
 
 
-def serve(
-    run_dir: str,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    api_key: str | None = None,
-    quantize: str | None = None,
-    slots: int = 8,
-    max_len: int | None = None,
-    max_queue: int = 64,
-    max_tokens: int | None = None,
-    default_max_tokens: int = 16,
-    max_body_bytes: int = 1 << 20,
-    model_name: str | None = None,
-    graceful_seconds: float = 60.0,
-    draft: str | None = None,
-    draft_k: int = 4,
-) -> None:
+def serve(run_dir: str, cfg: ServeConfig) -> None:
     """Load a run, compile everything, then serve until SIGTERM / SIGINT (which drains)."""
-    from pathlib import Path
-
     import uvicorn
 
-    from pipeline.inference.runs import load_model
+    from pipeline.inference.runs import load_for_inference
 
-    _, model, tokenizer = load_model(run_dir, key="--run")
-    if quantize:
-        from pipeline.quantize import quantize_model
-
-        quantize_model(model, quantize, embeddings=True)
-    draft_model = None
-    if draft:
-        from pipeline.config import ConfigError
-
-        _, draft_model, draft_tokenizer = load_model(draft, key="--draft")
-        if draft_tokenizer.fingerprint() != tokenizer.fingerprint():
-            raise ConfigError(f"--draft: {draft} has another tokenizer than --run")
+    loaded = load_for_inference(run_dir, cfg.quantize, cfg.draft)
     engine = Engine(
-        model,
-        slots=slots,
-        max_len=max_len,
-        max_queue=max_queue,
-        draft=draft_model,
-        draft_k=draft_k,
+        loaded.model,
+        slots=cfg.slots,
+        max_len=cfg.max_len,
+        max_queue=cfg.max_queue,
+        draft=loaded.draft,
+        draft_k=cfg.draft_k,
     )
     engine.warmup()
     engine.start()
-    name = model_name or Path(run_dir).resolve().name
-    app = create_app(
-        engine, tokenizer, name, api_key, max_tokens, default_max_tokens, max_body_bytes
-    )
+    name = cfg.model_name or Path(run_dir).resolve().name
+    app = create_app(engine, loaded.tokenizer, name, cfg)
     config = uvicorn.Config(
         app,
-        host=host,
-        port=port,
+        host=cfg.host,
+        port=cfg.port,
         log_level="info",
-        timeout_graceful_shutdown=graceful_seconds,
+        timeout_graceful_shutdown=cfg.graceful_seconds,
     )
     server = _server_class()(config)
-    log.info("serving %s as %r on http://%s:%d", run_dir, name, host, port)
+    log.info("serving %s as %r on http://%s:%d", run_dir, name, cfg.host, cfg.port)
     try:
         server.run()  # SIGTERM: stop accepting, finish in-flight requests, return
     finally:
-        app.state.serving["accepting"] = False
-        engine.stop(drain=True, timeout=graceful_seconds)
+        app.state.routes.accepting = False
+        engine.stop(drain=True, timeout=cfg.graceful_seconds)

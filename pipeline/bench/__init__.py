@@ -1,0 +1,116 @@
+"""`pipeline bench train|finetune|generate|quantize|serve|distill`: speed, memory, quality.
+
+Each case prints one line (or one JSON object with --json, whose fields are a contract:
+scripts compare them across commits). The cases live in `training.py` and `inference.py`
+(and `pipeline/serving/loadgen.py` for serving); the lines in `report.py`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.bench.report import emit
+from pipeline.config import ConfigError, load_config
+
+CONFIGS = Path(__file__).resolve().parent.parent.parent / "configs"
+DEFAULT_TRAIN_CASES = ("small", "gpt2-124m")
+# A CPU-sized batch for the large preset (its own config asks for 32 x 1024 tokens a step);
+# command-line overrides come after these and win.
+CASE_OVERRIDES = {"gpt2-124m": ["train.batch_size=2"]}
+FINETUNE_METHODS = ("lora", "qlora", "full")
+
+
+def run_bench(
+    target: str,
+    config: str | None,
+    overrides: list[str],
+    cases: list[str] | None,
+    steps: int,
+    as_json: bool,
+    run: str | None = None,
+) -> list[dict]:
+    """Run the cases of `target`, printing each result as it comes; returns them all."""
+    cases_of = {
+        "train": _train,
+        "finetune": _finetune,
+        "generate": _generate,
+        "quantize": _quantize,
+        "serve": _serve,
+        "distill": _distill,
+    }
+    results = []
+    for result in cases_of[target](config, overrides, cases, steps, run):
+        emit(result, as_json)
+        results.append(result)
+    return results
+
+
+def _preset(config: str | None, default: str, overrides: list[str]):
+    """(name, config): the file given, else a preset from configs/ with its CPU overrides."""
+    if config:
+        return Path(config).stem, load_config(config, overrides)
+    base = CASE_OVERRIDES.get(default, [])
+    return default, load_config(CONFIGS / f"{default}.yaml", [*base, *overrides])
+
+
+def _train(config, overrides, cases, steps, run):
+    from pipeline.bench.training import bench_matmul, bench_train
+
+    yield bench_matmul()
+    names = [config] if config else list(cases or DEFAULT_TRAIN_CASES)
+    for name in names:
+        label, cfg = _preset(config, name, overrides)
+        yield bench_train(cfg, label, steps=steps)
+
+
+def _finetune(config, overrides, cases, steps, run):
+    from pipeline.bench.training import bench_finetune, bench_matmul
+
+    yield bench_matmul()
+    name, cfg = _preset(config, "gpt2-124m", overrides)
+    for method in cases or FINETUNE_METHODS:
+        yield bench_finetune(cfg, name, method, steps=steps)
+
+
+def _generate(config, overrides, cases, steps, run):
+    from pipeline.bench.inference import GENERATE_CASES, bench_generate, bench_recompute
+    from pipeline.bench.training import bench_matmul
+
+    unknown = [c for c in cases or () if c not in GENERATE_CASES]
+    if unknown:
+        valid = ", ".join(GENERATE_CASES)
+        raise ConfigError(f"bench generate: unknown case {unknown[0]!r}; valid: {valid}")
+    yield bench_matmul()
+    for case in cases or GENERATE_CASES:
+        if case == "recompute":
+            # 64 + 512 tokens: the preset's context is lengthened (random weights anyway)
+            name, cfg = _preset(config, "small", ["model.max_seq_len=1024", *overrides])
+            yield bench_recompute(cfg, f"{name}/{case}")
+        else:
+            name, cfg = _preset(config, "small", overrides)
+            batch = int(case[1:]) if case.startswith("b") else 1
+            quantize = case if case.startswith("int") else None
+            yield bench_generate(cfg, f"{name}/{case}", batch=batch, quantize=quantize)
+
+
+def _quantize(config, overrides, cases, steps, run):
+    from pipeline.bench.inference import bench_quantize
+
+    if not run:
+        raise ConfigError("bench quantize needs --run DIR (a trained run)")
+    yield from bench_quantize(run, list(cases or ["int8", "int4"]))
+
+
+def _serve(config, overrides, cases, steps, run):
+    from pipeline.serving.loadgen import bench_serve
+
+    name, cfg = _preset(config, "small", overrides)
+    yield from bench_serve(cfg, name, tuple(int(c) for c in cases) if cases else (1, 8, 32))
+
+
+def _distill(config, overrides, cases, steps, run):
+    from pipeline.bench.inference import bench_distill
+
+    if not run:
+        raise ConfigError("bench distill needs --run DIR (a distillation run)")
+    yield from bench_distill(run)

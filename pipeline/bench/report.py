@@ -1,0 +1,97 @@
+"""One human-readable line per benchmark result (or, with --json, the result as JSON)."""
+
+from __future__ import annotations
+
+import json
+
+
+def emit(result: dict, as_json: bool) -> None:
+    print(json.dumps(result) if as_json else format_result(result), flush=True)
+
+
+def format_result(r: dict) -> str:
+    """The line for a result, chosen by the fields its benchmark measures."""
+    if r["case"].startswith("distill/"):
+        return _speculative(r) if "k" in r else _distilled(r)
+    for field, line in (
+        ("concurrency", _serving),
+        ("eval_loss", _quantized),
+        ("speedup", _recompute),
+        ("ttft_ms", _generation),
+        ("flops_per_sec", _matmul),
+    ):
+        if field in r:
+            return line(r)
+    return _training(r)
+
+
+def _speculative(r: dict) -> str:
+    return (
+        f"{r['case']:<24} {r['tokens_per_sec']:8,.0f} tokens/s  "
+        f"speed-up {r['speedup']:.2f}x  acceptance {r['acceptance']:.1%}  "
+        f"same tokens as the teacher: {r['same_tokens']}"
+    )
+
+
+def _distilled(r: dict) -> str:
+    loss = r["eval_loss"]
+    return (
+        f"{r['case']:<24} {r['tokens_per_sec']:8,.0f} tokens/s  "
+        f"eval loss {loss if loss is None else round(loss, 4)}  "
+        f"({r['params'] / 1e6:.2f}M params, {r['allocator']})"
+    )
+
+
+def _serving(r: dict) -> str:
+    return (
+        f"{r['case']:<32} {r['requests_per_sec']:6.2f} req/s  "
+        f"{r['tokens_per_sec']:8,.0f} tokens/s  TTFT p50 {r['ttft_p50_ms']:7.1f} "
+        f"p99 {r['ttft_p99_ms']:7.1f} ms  latency p50 {r['latency_p50_ms']:7.0f} "
+        f"p99 {r['latency_p99_ms']:7.0f} ms  ({r['requests']} requests, "
+        f"{r['slots']} slots, prompt {r['prompt_len']}, "
+        f"{r['max_tokens']} tokens, {r['allocator']})"
+    )
+
+
+def _quantized(r: dict) -> str:
+    return (
+        f"{r['case']:<22} weights {r['weight_bytes'] / 2**20:8.2f} MiB "
+        f"({r['bytes_ratio']:.3f}x)  eval loss {r['eval_loss']:.4f} "
+        f"({r['eval_loss_delta']:+.4f})  next-token agreement "
+        f"{r['next_token_agreement']:.1%}  greedy agreement {r['greedy_agreement']:.1%}"
+    )
+
+
+def _recompute(r: dict) -> str:
+    return (
+        f"{r['case']:<22} {r['recompute_tokens_per_sec']:10,.1f} tokens/s without "
+        f"a cache, {r['tokens_per_sec']:,.1f} with: {r['speedup']:.1f}x  "
+        f"(prompt {r['prompt_len']}, {r['new_tokens']} new tokens, {r['allocator']})"
+    )
+
+
+def _generation(r: dict) -> str:
+    return (
+        f"{r['case']:<22} {r['tokens_per_sec']:10,.0f} tokens/s  "
+        f"(decode {r['decode_tokens_per_sec']:,.0f})  "
+        f"TTFT {r['ttft_ms']:7.1f} ms  compile {r['compile_s']:.1f} s  "
+        f"weights {r['weight_bytes'] / 2**20:.1f} MiB  "
+        f"(batch {r['batch']}, prompt {r['prompt_len']}, "
+        f"{r['new_tokens']} new tokens, {r['allocator']})"
+    )
+
+
+def _matmul(r: dict) -> str:
+    gflops = r["flops_per_sec"] / 1e9
+    return f"{r['case']:<22} {gflops:8.1f} GFLOP/s  ({r['device']}, {r['allocator']})"
+
+
+def _training(r: dict) -> str:
+    return (
+        f"{r['case']:<22} {r['tokens_per_sec']:10,.0f} tokens/s  "
+        f"step {r['step_time_s'] * 1e3:8.1f} ms  MFU {r['mfu']:.3f}  "
+        f"compile {r['compile_s']:.1f} s  memory {r['peak_bytes'] / 2**20:,.0f} MiB "
+        f"(state {r['state_bytes'] / 2**20:,.0f})  ({r['params'] / 1e6:.1f}M params, "
+        f"batch {r['batch']}x{r['seq_len']}, {r['devices']} device(s), "
+        f"{r['compute_dtype']}, {r['allocator']})"
+    )

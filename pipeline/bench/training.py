@@ -1,0 +1,104 @@
+"""Training benchmarks: the pre-training and fine-tuning steps, and the matmul peak.
+
+Each case reports tokens/s, step time, MFU against the measured peak (a jitted 2048x2048
+matmul in the compute dtype), compile time, XLA's memory figures and the allocator. The data
+are random tokens: this measures the step, not I/O.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import numpy as np
+
+from pipeline.config import Config, with_overrides
+from pipeline.data import Dataset
+from pipeline.model import count_params, create_model
+from pipeline.runtime import aggregate_peak_flops, allocator, measure_matmul_peak
+from pipeline.tokenizer import byte_tokenizer
+from pipeline.training.finetune import stage_for_model
+from pipeline.training.instruct import Examples
+from pipeline.training.parallel import make_strategy
+from pipeline.training.pretrain import build_stage
+from pipeline.training.train import build_steps, create_train_state, make_optimizer
+
+
+def bench_train(cfg: Config, case: str, steps: int = 5, warmup: int = 3) -> dict:
+    """Compile and time the pre-training step of `cfg` on every local device."""
+
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, cfg.model.vocab_size, 200_000).astype(np.int32)
+    stage = build_stage(cfg, Dataset(byte_tokenizer(), tokens, tokens[:10_000], {}))
+    return {"case": f"train/{case}", **time_stage(cfg, stage, steps, warmup)}
+
+
+def bench_finetune(cfg: Config, case: str, method: str, steps: int = 3, warmup: int = 2) -> dict:
+    """Time LoRA, QLoRA (int8 base) or full fine-tuning of a randomly initialised `cfg` model."""
+
+    cfg = with_overrides(
+        cfg,
+        finetune={"method": "full" if method == "full" else "lora"},
+        lora={"base_quantize": "int8" if method == "qlora" else "none"},
+    )
+    rng = np.random.default_rng(0)
+    shape = (4 * cfg.train.batch_size, cfg.data.seq_len + 1)
+    tokens = rng.integers(0, cfg.model.vocab_size, shape).astype(np.int32)
+    examples = Examples(tokens, np.ones((shape[0], shape[1] - 1), np.float32))
+    stage = stage_for_model(cfg, create_model(cfg.model), byte_tokenizer(), examples, examples)
+    return {"case": f"finetune/{case}/{method}", **time_stage(cfg, stage, steps, warmup)}
+
+
+def time_stage(cfg: Config, stage, steps: int, warmup: int) -> dict:
+    """Steady-state time of a stage's pmapped step, and XLA's memory figures for it."""
+
+    tx, schedule = make_optimizer(cfg.optimizer, max(cfg.train.steps, warmup + steps), stage.params)
+    strategy = make_strategy(cfg.train)
+    state = create_train_state(stage, tx, cfg.train.seed)
+    train_fn, _ = build_steps(stage, cfg, tx, schedule, strategy, state)
+    state = strategy.replicate(state)
+    state_bytes = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(state))
+    batches = [strategy.shard_batch(stage.train_batch(i)) for i in range(warmup + steps)]
+    start = time.perf_counter()
+    compiled = train_fn.lower(state, batches[0]).compile()
+    compile_s = time.perf_counter() - start
+    temp_bytes = int(getattr(compiled.memory_analysis(), "temp_size_in_bytes", 0) or 0)
+    for i in range(warmup):
+        state, metrics = compiled(state, batches[i])
+    jax.block_until_ready(metrics)
+    start = time.perf_counter()
+    for i in range(warmup, warmup + steps):
+        state, metrics = compiled(state, batches[i])
+    jax.block_until_ready(metrics)
+    step_s = (time.perf_counter() - start) / steps
+    tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
+    peak = aggregate_peak_flops(cfg.train.peak_flops, cfg.model.compute_dtype)
+    return {
+        "params": count_params(cfg.model),
+        "trained_params": sum(int(np.size(x)) for x in jax.tree.leaves(stage.params)),
+        "batch": cfg.train.batch_size,
+        "seq_len": cfg.data.seq_len,
+        "devices": strategy.num_devices,
+        "tokens_per_sec": tokens_per_step / step_s,
+        "step_time_s": step_s,
+        "mfu": tokens_per_step / step_s * stage.flops_per_token / peak,
+        "compile_s": compile_s,
+        # per device: the training state (weights, adapters, optimizer) and XLA's temporaries
+        "state_bytes": state_bytes,
+        "temp_bytes": temp_bytes,
+        "peak_bytes": state_bytes + temp_bytes,
+        "peak_flops": peak,
+        "compute_dtype": cfg.model.compute_dtype,
+        "device": jax.devices()[0].device_kind,
+        "allocator": allocator(),
+    }
+
+
+def bench_matmul(dtype: str = "float32") -> dict:
+    peak = measure_matmul_peak(dtype)
+    return {
+        "case": f"matmul/2048/{dtype}",
+        "flops_per_sec": peak,
+        "device": jax.devices()[0].device_kind,
+        "allocator": allocator(),
+    }
