@@ -48,7 +48,7 @@ class SamplingRequest(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: StrictInt = Field(0, ge=0)  # an extension (as in vLLM); 0: off
     seed: StrictInt | None = Field(None, ge=0, lt=1 << 32)
-    stop: str | list[str] | None = None
+    stop: str | list[str] | None = Field(None, validate_default=True)  # -> list[str]
     stream: StrictBool = False
     stream_options: dict[str, Any] | None = None
     n: StrictInt = 1

@@ -13,13 +13,18 @@ from __future__ import annotations
 from functools import partial
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from pipeline.config import Config
 from pipeline.model import abstract_model, flops_per_token
 from pipeline.training.parallel import Strategy, make_strategy
-from pipeline.training.train import Stage, build_steps, lm_loss, make_optimizer
+from pipeline.training.train import (
+    Stage,
+    build_steps,
+    create_train_state,
+    lm_loss,
+    make_optimizer,
+)
 
 
 def _abstract_stage(cfg: Config) -> Stage:
@@ -42,15 +47,7 @@ def _abstract_stage(cfg: Config) -> Stage:
 
 
 def _compile(cfg: Config, stage: Stage, tx, schedule, strategy: Strategy, rows_per_shard: int):
-    state = jax.eval_shape(
-        lambda: {
-            "step": jnp.zeros((), jnp.int32),
-            "params": stage.params,
-            "opt_state": tx.init(stage.params),
-            "rng": jax.random.PRNGKey(0),
-            "frozen": {},
-        }
-    )
+    state = jax.eval_shape(lambda: create_train_state(stage, tx, seed=0))
     train_fn, _ = build_steps(stage, cfg, tx, schedule, strategy, state)
     args = strategy.abstract(state, rows_per_shard, cfg.data.seq_len + 1)
     return train_fn.lower(*args).compile()
