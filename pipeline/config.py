@@ -28,24 +28,54 @@ class ConfigError(ValueError):
     """A user-facing configuration mistake; the message is the whole story."""
 
 
+FAMILIES = ("gpt2", "llama", "qwen2", "qwen3", "mistral", "gemma")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
-    """The decoder-only Transformer; `family` fills in the architecture options left unset."""
+    """The decoder-only Transformer; `family` fills in the architecture options left unset.
 
-    family: Literal["gpt2", "llama"] = "gpt2"
+    gpt2: learned positions, LayerNorm, GELU, biases, tied embeddings. llama: RoPE, RMSNorm,
+    SwiGLU, no biases, an untied head. qwen2: llama with q/k/v biases. qwen3: llama with a
+    per-head RMSNorm of q and k. mistral: llama (with `sliding_window` when it has one). gemma:
+    RoPE, RMSNorm scaled by (1 + w), GeGLU, embeddings scaled by sqrt(width), tied embeddings.
+    """
+
+    family: Literal["gpt2", "llama", "qwen2", "qwen3", "mistral", "gemma"] = "gpt2"
     vocab_size: int = 320
     num_layers: int = 2
     embed_dim: int = 32
     num_heads: int = 4
     num_kv_heads: int | None = None  # None: equal to num_heads (no grouped-query attention)
-    mlp_dim: int | None = None  # None: 4*embed_dim (gpt2) or ~8/3*embed_dim rounded to 64 (llama)
+    head_dim: int | None = None  # None: embed_dim / num_heads (Qwen3 and Gemma set their own)
+    mlp_dim: int | None = None  # None: 4*embed_dim (gpt2) or ~8/3*embed_dim rounded to 64
     max_seq_len: int = 64
     positions: Literal["learned", "rope"] | None = None
-    norm: Literal["layernorm", "rmsnorm"] | None = None
-    mlp: Literal["gelu", "swiglu"] | None = None
+    norm: Literal["layernorm", "rmsnorm", "gemma_rmsnorm"] | None = None
+    mlp: Literal["gelu", "swiglu", "geglu"] | None = None
     use_bias: bool | None = None
+    qkv_bias: bool | None = None  # biases on q, k and v alone (Qwen2); None: use_bias
+    qk_norm: bool | None = None  # RMSNorm of each head's q and k before RoPE (Qwen3)
+    embed_scale: bool | None = None  # embeddings multiplied by sqrt(embed_dim) (Gemma)
     tied_embeddings: bool | None = None
     rope_theta: float = 10000.0
+    # Context extension of RoPE, as transformers' rope_scaling / rope_parameters: linear,
+    # dynamic (NTK), yarn or llama3 (Llama 3.1+), with their parameters.
+    rope_scaling: Literal["none", "linear", "dynamic", "yarn", "llama3"] = "none"
+    rope_factor: float = 1.0
+    rope_original_max_len: int | None = (
+        None  # llama3, yarn: pre-training context; None: max_seq_len
+    )
+    rope_low_freq_factor: float = 1.0  # llama3
+    rope_high_freq_factor: float = 4.0  # llama3
+    rope_beta_fast: float = 32.0  # yarn
+    rope_beta_slow: float = 1.0  # yarn
+    rope_attention_factor: float | None = None  # yarn; None: from the factor (and mscale)
+    rope_mscale: float | None = None  # yarn
+    rope_mscale_all_dim: float | None = None  # yarn
+    rope_truncate: bool = True  # yarn: round the correction range to whole dimensions
+    sliding_window: int | None = None  # a query sees the last `sliding_window` positions
+    sliding_window_from: int = 0  # the first layer with the window (Qwen2's max_window_layers)
     norm_eps: float = 1e-5
     init_std: float = 0.02
     param_dtype: DTYPES = "float32"
@@ -53,23 +83,29 @@ class ModelConfig:
     remat: Literal["none", "block", "dots"] = "none"  # rematerialisation; never changes parameters
 
     def __post_init__(self):
-        llama = self.family == "llama"
+        gpt2, gemma = self.family == "gpt2", self.family == "gemma"
+        mlp = "gelu" if gpt2 else "geglu" if gemma else "swiglu"
         defaults = {
             "num_kv_heads": self.num_heads,
-            "mlp_dim": _round_up(int(8 * self.embed_dim / 3), 64) if llama else 4 * self.embed_dim,
-            "positions": "rope" if llama else "learned",
-            "norm": "rmsnorm" if llama else "layernorm",
-            "mlp": "swiglu" if llama else "gelu",
-            "use_bias": not llama,
-            "tied_embeddings": not llama,
+            "head_dim": self.embed_dim // max(self.num_heads, 1),
+            "mlp_dim": 4 * self.embed_dim if gpt2 else _round_up(int(8 * self.embed_dim / 3), 64),
+            "positions": "learned" if gpt2 else "rope",
+            "norm": "layernorm" if gpt2 else "gemma_rmsnorm" if gemma else "rmsnorm",
+            "mlp": mlp,
+            "use_bias": gpt2,
+            "qkv_bias": self.family == "qwen2"
+            or (self.use_bias if self.use_bias is not None else gpt2),
+            "qk_norm": self.family == "qwen3",
+            "embed_scale": gemma,
+            "tied_embeddings": gpt2 or gemma,
         }
         for name, value in defaults.items():
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)
 
-    @property
-    def head_dim(self) -> int:
-        return self.embed_dim // self.num_heads
+    def uses_window(self, layer: int) -> bool:
+        """Whether layer `layer` attends within the sliding window."""
+        return self.sliding_window is not None and layer >= self.sliding_window_from
 
 
 @dataclass(frozen=True)
@@ -451,9 +487,10 @@ def _check_values(cfg: Config, origins: dict) -> None:
         ("model.num_heads", m.num_heads > 0, "must be positive"),
         (
             "model.num_heads",
-            m.embed_dim % max(m.num_heads, 1) == 0,
-            f"{m.num_heads} does not divide model.embed_dim={m.embed_dim}",
+            "model.head_dim" in origins or m.embed_dim % max(m.num_heads, 1) == 0,
+            f"{m.num_heads} does not divide model.embed_dim={m.embed_dim} (or set model.head_dim)",
         ),
+        ("model.head_dim", m.head_dim > 0, "must be positive"),
         (
             "model.num_kv_heads",
             m.num_kv_heads > 0 and m.num_heads % max(m.num_kv_heads, 1) == 0,
@@ -465,6 +502,17 @@ def _check_values(cfg: Config, origins: dict) -> None:
             "model.positions",
             m.positions == "learned" or m.head_dim % 2 == 0,
             f"rope needs an even head dim, got {m.head_dim}",
+        ),
+        ("model.rope_factor", m.rope_factor > 0, "must be positive"),
+        (
+            "model.rope_high_freq_factor",
+            m.rope_scaling != "llama3" or m.rope_high_freq_factor > m.rope_low_freq_factor,
+            "must exceed model.rope_low_freq_factor",
+        ),
+        (
+            "model.sliding_window",
+            m.sliding_window is None or m.sliding_window > 0,
+            "must be positive",
         ),
         (
             "data.seq_len",

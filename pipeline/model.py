@@ -1,8 +1,10 @@
 """The one decoder-only Transformer, shared by pre-training, fine-tuning, distillation and serving.
 
 `Transformer(cfg)(tokens, positions, cache) -> (logits, cache)` covers the GPT-2 family (learned
-positions, LayerNorm, GELU, biases, tied embeddings) and the Llama family (RoPE, RMSNorm, SwiGLU,
-grouped-query attention, untied head), chosen by `ModelConfig`.
+positions, LayerNorm, GELU, biases, tied embeddings), the Llama family (RoPE with its scaling
+schemes, RMSNorm, SwiGLU, grouped-query attention, untied head) and its relatives: Qwen2 (q/k/v
+biases), Qwen3 (per-head q/k RMSNorm, its own head dim), Mistral (sliding-window attention) and
+Gemma (GeGLU, (1 + w) RMSNorm, embeddings scaled by sqrt(D)), chosen by `ModelConfig`.
 
 Dimensions, named once: B batch, T query length, S key length (cache length), D model width,
 N query heads, K key/value heads, H head dim, F mlp width, V vocabulary.
@@ -20,6 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pipeline.config import ModelConfig
+from pipeline.rope import apply_rope, rope_tables
 
 Cache = list[dict[str, jax.Array]]
 
@@ -29,30 +32,39 @@ def dtype_of(name: str) -> jnp.dtype:
 
 
 class Attention(nnx.Module):
-    """Multi-head / grouped-query self-attention with an optional KV cache."""
+    """Multi-head / grouped-query self-attention with an optional KV cache.
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        self.cfg = cfg
+    `window`: a query at position p sees keys at positions p - window + 1 .. p (Mistral's
+    sliding window); None: every earlier position.
+    """
+
+    def __init__(self, cfg: ModelConfig, window: int | None = None, *, rngs: nnx.Rngs):
+        self.cfg, self.window = cfg, window
         N, K, H, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.embed_dim
-        self.q = _linear(cfg, D, N * H, rngs)
-        self.k = _linear(cfg, D, K * H, rngs)
-        self.v = _linear(cfg, D, K * H, rngs)
+        self.q = _linear(cfg, D, N * H, rngs, bias=cfg.qkv_bias)
+        self.k = _linear(cfg, D, K * H, rngs, bias=cfg.qkv_bias)
+        self.v = _linear(cfg, D, K * H, rngs, bias=cfg.qkv_bias)
         self.o = _linear(cfg, N * H, D, rngs, residual=True)
+        if cfg.qk_norm:
+            self.q_norm = _norm(cfg, rngs, H)
+            self.k_norm = _norm(cfg, rngs, H)
 
-    def __call__(self, x: jax.Array, positions: jax.Array, cache: dict | None):
+    def __call__(self, x: jax.Array, positions: jax.Array, cache: dict | None, rope=None):
         cfg = self.cfg
         B, T, _ = x.shape
         q = self.q(x).reshape(B, T, cfg.num_heads, cfg.head_dim)  # (B, T, N, H)
         k = self.k(x).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)  # (B, T, K, H)
         v = self.v(x).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
-        if cfg.positions == "rope":
-            q, k = (
-                apply_rope(q, positions, cfg.rope_theta),
-                apply_rope(k, positions, cfg.rope_theta),
-            )
+        if cfg.qk_norm:  # per head, before the rotation (Qwen3)
+            q, k = self.q_norm(q).astype(q.dtype), self.k_norm(k).astype(k.dtype)
+        if rope is not None:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
         if cache is None:
             # Training: keys are this sequence; is_causal lets GPUs use flash attention.
-            out = attention(q, k, v, mask=None)
+            mask = None
+            if self.window is not None:
+                mask = _visible(positions, positions, self.window)
+            out = attention(q, k, v, mask=mask)
         else:
             rows = jnp.arange(B)[:, None]
             # Write each token at its own position; positions past the cache are dropped.
@@ -64,9 +76,18 @@ class Attention(nnx.Module):
             }
             # A cache may hold more rows than this batch (a server's slots): rows 0..B-1 are ours.
             k, v = (cache[name][:B].astype(q.dtype) for name in ("k", "v"))
-            mask = jnp.arange(k.shape[2])[None, None, :] <= positions[:, :, None]  # (B, T, S)
-            out = cached_attention(q, k, v, mask)
+            slots = jnp.broadcast_to(jnp.arange(k.shape[2]), (B, k.shape[2]))
+            out = cached_attention(q, k, v, _visible(positions, slots, self.window))
         return self.o(out.reshape(B, T, -1)), cache
+
+
+def _visible(q_positions: jax.Array, k_positions: jax.Array, window: int | None) -> jax.Array:
+    """(B, T, S): which keys each query sees, causally and within the window if there is one."""
+    q_pos, k_pos = q_positions[:, :, None], k_positions[:, None, :]
+    mask = k_pos <= q_pos
+    if window is not None:
+        mask &= k_pos > q_pos - window
+    return mask
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
@@ -119,32 +140,34 @@ def einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array |
 
 
 class MLP(nnx.Module):
-    """GELU (GPT-2) or SwiGLU (Llama) feed-forward block."""
+    """GELU (GPT-2), SwiGLU (Llama) or GeGLU (Gemma) feed-forward block."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        self.swiglu = cfg.mlp == "swiglu"
-        if self.swiglu:
+        self.kind = cfg.mlp
+        if self.kind != "gelu":
             self.gate = _linear(cfg, cfg.embed_dim, cfg.mlp_dim, rngs)
         self.up = _linear(cfg, cfg.embed_dim, cfg.mlp_dim, rngs)
         self.down = _linear(cfg, cfg.mlp_dim, cfg.embed_dim, rngs, residual=True)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        if self.swiglu:
+        if self.kind == "swiglu":
             return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+        if self.kind == "geglu":  # tanh GELU on the gate, as Gemma's gelu_pytorch_tanh
+            return self.down(jax.nn.gelu(self.gate(x), approximate=True) * self.up(x))
         return self.down(jax.nn.gelu(self.up(x), approximate=True))  # GPT-2's tanh GELU
 
 
 class Block(nnx.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, window: int | None = None, *, rngs: nnx.Rngs):
         self.attn_norm = _norm(cfg, rngs)
-        self.attn = Attention(cfg, rngs=rngs)
+        self.attn = Attention(cfg, window, rngs=rngs)
         self.mlp_norm = _norm(cfg, rngs)
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x, positions, cache):
-        h, cache = self.attn(self.attn_norm(x), positions, cache)
+    def __call__(self, x, positions, cache, rope=None):
+        h, cache = self.attn(self.attn_norm(x), positions, cache, rope)
         x = x + h
         return x + self.mlp(self.mlp_norm(x)), cache
 
@@ -162,7 +185,12 @@ class Transformer(nnx.Module):
             self.pos_embed = nnx.Embed(
                 cfg.max_seq_len, cfg.embed_dim, embedding_init=init, rngs=rngs, **_dtypes(cfg)
             )
-        self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.blocks = nnx.List(
+            [
+                Block(cfg, cfg.sliding_window if cfg.uses_window(i) else None, rngs=rngs)
+                for i in range(cfg.num_layers)
+            ]
+        )
         self.final_norm = _norm(cfg, rngs)
         if not cfg.tied_embeddings:
             self.lm_head = nnx.Linear(
@@ -190,12 +218,20 @@ class Transformer(nnx.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
         x = self.embed(tokens)  # (B, T, D)
+        if cfg.embed_scale:  # Gemma: sqrt(D) in the compute dtype, as transformers rounds it
+            x = x * jnp.asarray(cfg.embed_dim**0.5, x.dtype)
+        rope = None
         if cfg.positions == "learned":
             x = x + self.pos_embed(positions)
+        else:  # once per forward, shared by every layer
+            # a prefill's rows are right-padded: its real length ends at the `only` positions
+            real = None if only is None else jnp.take_along_axis(positions, only[:, None], 1)
+            rope = rope_tables(cfg, positions, None if real is None else jnp.max(real) + 1)
         step = _remat(_block_step, cfg.remat)
         new_cache = []
         for i, block in enumerate(self.blocks):
-            x, layer_cache = step(block, x, positions, None if cache is None else cache[i])
+            layer_cache = None if cache is None else cache[i]
+            x, layer_cache = step(block, x, positions, layer_cache, rope)
             new_cache.append(layer_cache)
         if only is not None:
             x = x[jnp.arange(x.shape[0]), only][:, None]
@@ -204,8 +240,8 @@ class Transformer(nnx.Module):
         return logits.astype(jnp.float32), (None if cache is None else new_cache)
 
 
-def _block_step(block: Block, x, positions, cache):
-    return block(x, positions, cache)
+def _block_step(block: Block, x, positions, cache, rope):
+    return block(x, positions, cache, rope)
 
 
 def _remat(fn, policy: str):
@@ -221,36 +257,43 @@ def _dtypes(cfg: ModelConfig) -> dict:
     return {"dtype": dtype_of(cfg.compute_dtype), "param_dtype": dtype_of(cfg.param_dtype)}
 
 
-def _linear(cfg: ModelConfig, d_in: int, d_out: int, rngs, residual: bool = False) -> nnx.Linear:
+def _linear(
+    cfg: ModelConfig, d_in: int, d_out: int, rngs, residual: bool = False, bias: bool | None = None
+) -> nnx.Linear:
     # GPT-2 scales the init of projections that write into the residual stream by 1/sqrt(2L).
     std = cfg.init_std / (2 * cfg.num_layers) ** 0.5 if residual else cfg.init_std
     return nnx.Linear(
         d_in,
         d_out,
-        use_bias=cfg.use_bias,
+        use_bias=cfg.use_bias if bias is None else bias,
         kernel_init=nnx.initializers.normal(std),
         rngs=rngs,
         **_dtypes(cfg),
     )
 
 
-def _norm(cfg: ModelConfig, rngs) -> nnx.Module:
+def _norm(cfg: ModelConfig, rngs, features: int | None = None) -> nnx.Module:
     # Normalisation statistics always in float32, whatever the compute dtype.
+    features = features or cfg.embed_dim
     kw = {"epsilon": cfg.norm_eps, "param_dtype": dtype_of(cfg.param_dtype), "rngs": rngs}
+    if cfg.norm == "gemma_rmsnorm":
+        return GemmaRMSNorm(features, cfg.norm_eps, dtype_of(cfg.param_dtype))
     if cfg.norm == "rmsnorm":
-        return nnx.RMSNorm(cfg.embed_dim, dtype=jnp.float32, **kw)
-    return nnx.LayerNorm(cfg.embed_dim, use_bias=cfg.use_bias, dtype=jnp.float32, **kw)
+        return nnx.RMSNorm(features, dtype=jnp.float32, **kw)
+    return nnx.LayerNorm(features, use_bias=cfg.use_bias, dtype=jnp.float32, **kw)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-    """Rotary position embedding, half-split layout (as Hugging Face Llama). x: (B, T, *, H)."""
-    H = x.shape[-1]
-    freqs = theta ** (-jnp.arange(0, H, 2, dtype=jnp.float32) / H)  # (H/2,)
-    angles = positions[..., None].astype(jnp.float32) * freqs  # (B, T, H/2)
-    cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
-    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return rotated.astype(x.dtype)
+class GemmaRMSNorm(nnx.Module):
+    """Gemma's RMSNorm: x / rms(x) * (1 + scale), scale starting at zero, all in float32."""
+
+    def __init__(self, features: int, epsilon: float, param_dtype):
+        self.epsilon = epsilon
+        self.scale = nnx.Param(jnp.zeros((features,), param_dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.astype(jnp.float32)
+        normed = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.epsilon)
+        return normed * (1.0 + self.scale[...].astype(jnp.float32))
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int | None = None, dtype=None) -> Cache:

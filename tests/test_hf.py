@@ -122,12 +122,12 @@ def test_bad_checkpoints_and_unsupported_options_are_clear_errors(tmp_path):
     weights.write_bytes(data)
     config_file = tmp_path / "hf" / "config.json"
     config = json.loads(config_file.read_text())
-    config["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0}
+    config["rope_scaling"] = {"rope_type": "longrope", "factor": 4.0}
     config_file.write_text(json.dumps(config))
-    with pytest.raises(ConfigError, match="rope_type='yarn' is not supported"):
+    with pytest.raises(ConfigError, match="rope_type='longrope' is not supported"):
         import_hf(tmp_path / "hf", tmp_path / "run")
-    config_file.write_text(json.dumps({**config, "model_type": "mistral"}))
-    with pytest.raises(ConfigError, match="model_type='mistral' is not supported"):
+    config_file.write_text(json.dumps({**config, "model_type": "gemma2"}))
+    with pytest.raises(ConfigError, match="model_type='gemma2' is not supported"):
         import_hf(tmp_path / "hf", tmp_path / "run")
 
 

@@ -21,128 +21,277 @@ import jax
 import numpy as np
 from flax import nnx
 
-from pipeline.config import Config, ConfigError, ModelConfig, config_from_dict
+from pipeline.config import Config, ConfigError, DataConfig, ModelConfig, config_from_dict
 from pipeline.inference.export import weight_name
 
-SUPPORTED = ("gpt2", "llama")
+SUPPORTED = ("gpt2", "llama", "qwen2", "qwen3", "mistral", "gemma")
 ADAPTER_DIR = "adapter"  # export-hf of a LoRA run: the base in DST, the adapter in DST/adapter
+ROPE_TYPES = ("linear", "dynamic", "yarn", "llama3")
+ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "gemma": "GemmaForCausalLM",
+}
 
 
-# --- configs --------------------------------------------------------------------------------
+class _Unsupported:
+    """Builds the one error line that names an unsupported field of a config.json."""
+
+    def __init__(self, source: str):
+        self.source = source
+
+    def __call__(self, field: str, value, why: str = "") -> ConfigError:
+        return ConfigError(f"{self.source}: {field}={value!r} is not supported{why}")
 
 
 def model_config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
     """Our model config for a transformers `config.json`; unsupported options name the field."""
-
-    def unsupported(field: str, value, why: str = "") -> ConfigError:
-        return ConfigError(f"{source}: {field}={value!r} is not supported{why}")
-
+    unsupported = _Unsupported(source)
     kind = hf.get("model_type")
     if kind not in SUPPORTED:
         raise unsupported("model_type", kind, f" (supported: {', '.join(SUPPORTED)})")
     if kind == "gpt2":
-        act = hf.get("activation_function", "gelu_new")
-        if act not in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
-            raise unsupported("activation_function", act, " (GPT-2's tanh GELU only)")
-        for field, ok in (("scale_attn_by_inverse_layer_idx", False), ("scale_attn_weights", True)):
-            if hf.get(field, ok) != ok:
-                raise unsupported(field, hf[field])
-        if hf.get("tie_word_embeddings", True) is not True:
-            raise unsupported("tie_word_embeddings", False)
-        D = hf["n_embd"]
-        return ModelConfig(
-            family="gpt2",
-            vocab_size=hf["vocab_size"],
-            num_layers=hf["n_layer"],
-            embed_dim=D,
-            num_heads=hf["n_head"],
-            mlp_dim=hf.get("n_inner") or 4 * D,
-            max_seq_len=hf["n_positions"],
-            norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-        )
-    if hf.get("hidden_act", "silu") != "silu":
-        raise unsupported("hidden_act", hf["hidden_act"], " (SwiGLU with SiLU only)")
-    rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
-        field = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
-        raise unsupported(f"{field}.rope_type", rope_type, " (plain RoPE only)")
-    for field in ("attention_bias", "mlp_bias"):
-        if hf.get(field):
-            raise unsupported(field, True)
-    D, N = hf["hidden_size"], hf["num_attention_heads"]
-    if hf.get("head_dim") not in (None, D // N):
-        raise unsupported("head_dim", hf["head_dim"], f" (must be hidden_size / heads = {D // N})")
+        return _gpt2_config(hf, unsupported)
+    return _llama_like_config(hf, kind, unsupported)
+
+
+def _gpt2_config(hf: dict, unsupported: _Unsupported) -> ModelConfig:
+    act = hf.get("activation_function", "gelu_new")
+    if act not in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
+        raise unsupported("activation_function", act, " (GPT-2's tanh GELU only)")
+    for field, ok in (("scale_attn_by_inverse_layer_idx", False), ("scale_attn_weights", True)):
+        if hf.get(field, ok) != ok:
+            raise unsupported(field, hf[field])
+    if hf.get("tie_word_embeddings", True) is not True:
+        raise unsupported("tie_word_embeddings", False)
+    D = hf["n_embd"]
     return ModelConfig(
-        family="llama",
+        family="gpt2",
+        vocab_size=hf["vocab_size"],
+        num_layers=hf["n_layer"],
+        embed_dim=D,
+        num_heads=hf["n_head"],
+        mlp_dim=hf.get("n_inner") or 4 * D,
+        max_seq_len=hf["n_positions"],
+        norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+    )
+
+
+def _llama_like_config(hf: dict, kind: str, unsupported: _Unsupported) -> ModelConfig:
+    """Llama and its relatives: one layout, a few options each."""
+    act_field = "hidden_activation" if hf.get("hidden_activation") else "hidden_act"
+    act = hf.get(act_field, "gelu_pytorch_tanh" if kind == "gemma" else "silu")
+    wanted = ("gelu_pytorch_tanh", "gelu_fast", "gelu_new") if kind == "gemma" else ("silu",)
+    if act not in wanted:
+        raise unsupported(act_field, act, f" ({kind}: {' or '.join(wanted)})")
+    if hf.get("mlp_bias"):
+        raise unsupported("mlp_bias", True)
+    if hf.get("attention_bias") and kind != "qwen2":
+        raise unsupported("attention_bias", True, " (biases on q, k, v and o)")
+    for field in ("final_logit_softcapping", "attn_logit_softcapping"):
+        if hf.get(field):
+            raise unsupported(field, hf[field], " (Gemma 2/3 soft-capping)")
+    D, N = hf["hidden_size"], hf["num_attention_heads"]
+    return ModelConfig(
+        family=kind,
         vocab_size=hf["vocab_size"],
         num_layers=hf["num_hidden_layers"],
         embed_dim=D,
         num_heads=N,
         num_kv_heads=hf.get("num_key_value_heads") or N,
+        head_dim=hf.get("head_dim") or D // N,
         mlp_dim=hf["intermediate_size"],
-        max_seq_len=hf["max_position_embeddings"],
         norm_eps=hf.get("rms_norm_eps", 1e-6),
-        rope_theta=float(hf.get("rope_theta", rope.get("rope_theta", 10000.0))),
-        tied_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        tied_embeddings=bool(hf.get("tie_word_embeddings", kind == "gemma")),
+        **{"max_seq_len": hf["max_position_embeddings"], **_rope_fields(hf, unsupported)},
+        **_window_fields(hf, kind, unsupported),
     )
+
+
+def _rope_fields(hf: dict, unsupported: _Unsupported) -> dict:
+    """RoPE's base and scaling, from `rope_parameters` (transformers 5) or `rope_scaling`."""
+    field = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
+    rope = hf.get(field) or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    out = {"rope_theta": float(hf.get("rope_theta") or rope.get("rope_theta", 10000.0))}
+    if rope.get("partial_rotary_factor", 1.0) != 1.0:
+        raise unsupported(f"{field}.partial_rotary_factor", rope["partial_rotary_factor"])
+    if rope_type == "default":
+        return out
+    if rope_type not in ROPE_TYPES:
+        raise unsupported(f"{field}.rope_type", rope_type, f" (supported: {', '.join(ROPE_TYPES)})")
+    original = rope.get("original_max_position_embeddings")
+    factor = rope.get("factor")
+    if factor is None and rope_type == "yarn" and original:
+        factor = hf["max_position_embeddings"] / original
+    out.update(rope_scaling=rope_type, rope_factor=float(factor))
+    if rope_type == "dynamic":  # max_position_embeddings is the context it extends
+        context = hf["max_position_embeddings"]
+        out.update(rope_original_max_len=context, max_seq_len=int(context * factor))
+    elif rope_type == "llama3":
+        out.update(
+            rope_original_max_len=int(original),
+            rope_low_freq_factor=float(rope["low_freq_factor"]),
+            rope_high_freq_factor=float(rope["high_freq_factor"]),
+        )
+    elif rope_type == "yarn":
+        out.update(
+            rope_original_max_len=int(original or hf["max_position_embeddings"]),
+            rope_beta_fast=float(rope.get("beta_fast") or 32.0),
+            rope_beta_slow=float(rope.get("beta_slow") or 1.0),
+            rope_attention_factor=rope.get("attention_factor"),
+            rope_mscale=rope.get("mscale"),
+            rope_mscale_all_dim=rope.get("mscale_all_dim"),
+            rope_truncate=bool(rope.get("truncate", True)),
+        )
+    return out
+
+
+def _window_fields(hf: dict, kind: str, unsupported: _Unsupported) -> dict:
+    """Sliding-window attention: Mistral's on every layer; Qwen2/3's (when `use_sliding_window`)
+    on the layers from `max_window_layers` on, as their `layer_types` say."""
+    window = hf.get("sliding_window")
+    if kind in ("qwen2", "qwen3") and not hf.get("use_sliding_window"):
+        window = None
+    if kind in ("llama", "gemma") or window is None:
+        return {}
+    L = hf["num_hidden_layers"]
+    start = hf.get("max_window_layers", 0) if kind in ("qwen2", "qwen3") else 0
+    types = hf.get("layer_types")
+    if types is not None:
+        sliding = [i for i, name in enumerate(types) if name == "sliding_attention"]
+        start = sliding[0] if sliding else L
+        if sliding != list(range(start, L)):
+            raise unsupported("layer_types", types, " (sliding layers must be the last ones)")
+    return {"sliding_window": int(window), "sliding_window_from": int(start)}
 
 
 def hf_config(cfg: ModelConfig, tokenizer) -> dict:
-    """transformers' `config.json` for our model config (GPT-2 or Llama layout)."""
-    gpt2 = (
-        cfg.positions == "learned"
-        and cfg.norm == "layernorm"
-        and cfg.mlp == "gelu"
-        and cfg.use_bias
-        and cfg.tied_embeddings
-        and cfg.num_kv_heads == cfg.num_heads
-    )
-    llama = cfg.positions == "rope" and cfg.norm == "rmsnorm" and cfg.mlp == "swiglu"
-    if not (gpt2 or llama) or (llama and cfg.use_bias):
-        raise ConfigError(
-            "export-hf: this model's options match neither GPT-2 (learned positions, LayerNorm, "
-            "GELU, biases, tied embeddings) nor Llama (RoPE, RMSNorm, SwiGLU, no biases)"
-        )
+    """transformers' `config.json` for our model config (GPT-2, or Llama and its relatives)."""
     ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id}
-    if gpt2:
-        return {
-            "architectures": ["GPT2LMHeadModel"],
-            "model_type": "gpt2",
-            "vocab_size": cfg.vocab_size,
-            "n_positions": cfg.max_seq_len,
-            "n_embd": cfg.embed_dim,
-            "n_layer": cfg.num_layers,
-            "n_head": cfg.num_heads,
-            "n_inner": cfg.mlp_dim,
-            "activation_function": "gelu_new",
-            "layer_norm_epsilon": cfg.norm_eps,
-            "resid_pdrop": 0.0,
-            "embd_pdrop": 0.0,
-            "attn_pdrop": 0.0,
-            "tie_word_embeddings": True,
-            "torch_dtype": "float32",
-            **ids,
-        }
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+    if cfg.family == "gpt2" and _is_gpt2(cfg):
+        return _gpt2_hf_config(cfg, ids)
+    if cfg.family == "gpt2" or not _matches_family(cfg):
+        raise ConfigError(
+            f"export-hf: this model's options do not match its family {cfg.family!r} as "
+            "transformers builds it (gpt2: learned positions, LayerNorm, GELU, biases, tied "
+            "embeddings; llama and its relatives: RoPE, their norm and MLP, no other biases)"
+        )
+    out = {
+        "architectures": [ARCHITECTURES[cfg.family]],
+        "model_type": cfg.family,
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.embed_dim,
         "intermediate_size": cfg.mlp_dim,
         "num_hidden_layers": cfg.num_layers,
         "num_attention_heads": cfg.num_heads,
         "num_key_value_heads": cfg.num_kv_heads,
-        "max_position_embeddings": cfg.max_seq_len,
+        "head_dim": cfg.head_dim,
+        "max_position_embeddings": cfg.rope_original_max_len
+        if cfg.rope_scaling == "dynamic"
+        else cfg.max_seq_len,
         "rms_norm_eps": cfg.norm_eps,
         "rope_theta": cfg.rope_theta,
-        "hidden_act": "silu",
-        "attention_bias": False,
-        "mlp_bias": False,
+        "rope_parameters": _hf_rope(cfg),
+        "hidden_act": "gelu_pytorch_tanh" if cfg.family == "gemma" else "silu",
+        "attention_bias": bool(cfg.qkv_bias),
         "tie_word_embeddings": bool(cfg.tied_embeddings),
         "torch_dtype": "float32",
         **ids,
     }
+    if cfg.family != "qwen2":
+        out["attention_bias"] = False
+    if cfg.family in ("llama", "mistral", "qwen2", "qwen3"):
+        out["mlp_bias"] = False
+    if cfg.sliding_window is not None:
+        out["sliding_window"] = cfg.sliding_window
+        if cfg.family in ("qwen2", "qwen3"):
+            out.update(use_sliding_window=True, max_window_layers=cfg.sliding_window_from)
+    elif cfg.family == "mistral":
+        out["sliding_window"] = None
+    return out
+
+
+def _gpt2_hf_config(cfg: ModelConfig, ids: dict) -> dict:
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": cfg.vocab_size,
+        "n_positions": cfg.max_seq_len,
+        "n_embd": cfg.embed_dim,
+        "n_layer": cfg.num_layers,
+        "n_head": cfg.num_heads,
+        "n_inner": cfg.mlp_dim,
+        "activation_function": "gelu_new",
+        "layer_norm_epsilon": cfg.norm_eps,
+        "resid_pdrop": 0.0,
+        "embd_pdrop": 0.0,
+        "attn_pdrop": 0.0,
+        "tie_word_embeddings": True,
+        "torch_dtype": "float32",
+        **ids,
+    }
+
+
+def _is_gpt2(cfg: ModelConfig) -> bool:
+    return (
+        cfg.positions == "learned"
+        and cfg.norm == "layernorm"
+        and cfg.mlp == "gelu"
+        and cfg.use_bias
+        and cfg.qkv_bias
+        and cfg.tied_embeddings
+        and cfg.num_kv_heads == cfg.num_heads
+        and cfg.head_dim * cfg.num_heads == cfg.embed_dim
+    )
+
+
+def _matches_family(cfg: ModelConfig) -> bool:
+    """Whether transformers' class for `cfg.family` computes what our options say."""
+    gemma = cfg.family == "gemma"
+    return (
+        cfg.positions == "rope"
+        and cfg.norm == ("gemma_rmsnorm" if gemma else "rmsnorm")
+        and cfg.mlp == ("geglu" if gemma else "swiglu")
+        and not cfg.use_bias
+        and bool(cfg.qkv_bias) == (cfg.family == "qwen2")
+        and bool(cfg.qk_norm) == (cfg.family == "qwen3")
+        and bool(cfg.embed_scale) == gemma
+        and (cfg.sliding_window is None or cfg.family in ("mistral", "qwen2", "qwen3"))
+        and (cfg.sliding_window_from == 0 or cfg.family in ("qwen2", "qwen3"))
+    )
+
+
+def _hf_rope(cfg: ModelConfig) -> dict:
+    out = {"rope_type": "default" if cfg.rope_scaling == "none" else cfg.rope_scaling}
+    out["rope_theta"] = cfg.rope_theta
+    if cfg.rope_scaling == "none":
+        return out
+    out["factor"] = cfg.rope_factor
+    original = cfg.rope_original_max_len or cfg.max_seq_len
+    if cfg.rope_scaling == "llama3":
+        out.update(
+            low_freq_factor=cfg.rope_low_freq_factor,
+            high_freq_factor=cfg.rope_high_freq_factor,
+            original_max_position_embeddings=original,
+        )
+    elif cfg.rope_scaling == "yarn":
+        out.update(
+            original_max_position_embeddings=original,
+            beta_fast=cfg.rope_beta_fast,
+            beta_slow=cfg.rope_beta_slow,
+            truncate=cfg.rope_truncate,
+        )
+        for key, value in (
+            ("attention_factor", cfg.rope_attention_factor),
+            ("mscale", cfg.rope_mscale),
+            ("mscale_all_dim", cfg.rope_mscale_all_dim),
+        ):
+            if value is not None:
+                out[key] = value
+    return out
 
 
 # --- weights --------------------------------------------------------------------------------
@@ -184,6 +333,18 @@ LLAMA_MODULES = {
 GPT2_MODULES = {"o": "attn.c_proj", "up": "mlp.c_fc", "down": "mlp.c_proj"}
 
 
+def _llama_layer(cfg: ModelConfig) -> dict[str, tuple[str, str]]:
+    """The per-layer names of a Llama-layout model with `cfg`'s options."""
+    names = dict(_LLAMA_LAYER)
+    if cfg.qkv_bias:
+        for n in "qkv":
+            names[f"attn.{n}.bias"] = (f"self_attn.{n}_proj.bias", "")
+    if cfg.qk_norm:
+        names["attn.q_norm.scale"] = ("self_attn.q_norm.weight", "")
+        names["attn.k_norm.scale"] = ("self_attn.k_norm.weight", "")
+    return names
+
+
 def to_hf(cfg: ModelConfig, ours: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Our parameters (by `weight_name`) -> transformers' state dict."""
     out = {}
@@ -209,7 +370,7 @@ def to_hf(cfg: ModelConfig, ours: dict[str, np.ndarray]) -> dict[str, np.ndarray
         out["lm_head.weight"] = ours["lm_head.kernel"].T
     for i in range(cfg.num_layers):
         b, h = f"blocks.{i}.", f"model.layers.{i}."
-        for name, (theirs, how) in _LLAMA_LAYER.items():
+        for name, (theirs, how) in _llama_layer(cfg).items():
             out[h + theirs] = ours[b + name].T if how == "T" else ours[b + name]
     return {k: np.ascontiguousarray(v, np.float32) for k, v in out.items()}
 
@@ -245,7 +406,7 @@ def from_hf(cfg: ModelConfig, theirs: dict[str, np.ndarray], source: str) -> dic
         ours["lm_head.kernel"] = get("lm_head.weight").T
     for i in range(cfg.num_layers):
         b, h = f"blocks.{i}.", f"model.layers.{i}."
-        for name, (hf_name, how) in _LLAMA_LAYER.items():
+        for name, (hf_name, how) in _llama_layer(cfg).items():
             value = get(h + hf_name)
             ours[b + name] = value.T if how == "T" else value
     return ours
@@ -310,6 +471,7 @@ def import_hf(src: str | Path, out: str | Path) -> Path:
         {
             "model": {k: v for k, v in Config(model=model_cfg).to_dict()["model"].items()},
             "tokenizer": {"kind": "bpe", "path": str(Path(out).absolute() / "tokenizer.json")},
+            "data": {"seq_len": min(DataConfig().seq_len, model_cfg.max_seq_len)},
             "run": {"name": Path(out).name, "dir": str(out)},
         },
         origin=str(config_file),
@@ -334,7 +496,6 @@ def _load_named(model, ours: dict[str, np.ndarray], source: str) -> None:
 
 def export_hf(run_dir: str | Path, dst: str | Path) -> Path:
     """A run directory -> a transformers directory (plus a PEFT adapter for a LoRA run)."""
-    from safetensors.numpy import save_file
 
     from pipeline.inference.runs import load_model
     from pipeline.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
@@ -350,7 +511,8 @@ def export_hf(run_dir: str | Path, dst: str | Path) -> Path:
     }
     dst.mkdir(parents=True, exist_ok=True)
     (dst / "config.json").write_text(json.dumps(hf_config(cfg.model, tokenizer), indent=2))
-    save_file(to_hf(cfg.model, ours), str(dst / "model.safetensors"), metadata={"format": "pt"})
+    (dst / "generation_config.json").write_text(json.dumps(generation_config(tokenizer), indent=2))
+    _save_readable(to_hf(cfg.model, ours), dst / "model.safetensors")
     tokenizer.hf.save(str(dst / "tokenizer.json"))
     special = {
         "eos_token": tokenizer.hf.id_to_token(tokenizer.eos_id),
@@ -370,9 +532,31 @@ def export_hf(run_dir: str | Path, dst: str | Path) -> Path:
             cfg.model, load_file(str(run_dir / ADAPTER_WEIGHTS)), peft_config, str(dst.absolute())
         )
         (dst / ADAPTER_DIR).mkdir(exist_ok=True)
-        save_file(tensors, str(dst / ADAPTER_DIR / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        _save_readable(tensors, dst / ADAPTER_DIR / ADAPTER_WEIGHTS)
         (dst / ADAPTER_DIR / ADAPTER_CONFIG).write_text(json.dumps(peft_config, indent=2))
     return dst
+
+
+def generation_config(tokenizer) -> dict:
+    """`generation_config.json`: sampling on, so a client's temperature and top_p take effect
+    (without it transformers decodes greedily whatever the request asks); nothing truncated."""
+    return {
+        "bos_token_id": tokenizer.bos_id,
+        "eos_token_id": tokenizer.eos_id,
+        "pad_token_id": tokenizer.pad_id,
+        "do_sample": True,
+        "temperature": 1.0,
+        "top_k": 0,
+        "top_p": 1.0,
+    }
+
+
+def _save_readable(tensors: dict, path: Path) -> None:
+    """A safetensors file readable like the rest of the directory (the library writes 0600)."""
+    from safetensors.numpy import save_file
+
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    path.chmod(0o644)
 
 
 def adapter_to_hf(cfg: ModelConfig, ours: dict, peft_config: dict, base: str):

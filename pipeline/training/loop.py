@@ -171,7 +171,10 @@ def prepare_run_dir(cfg: Config, stage: Stage, fresh: bool, main: bool) -> None:
 
 def model_differences(old: dict, new: dict) -> str:
     """'model.key: old -> new, ...' for the keys that change parameters; '' when none do."""
-    changed = sorted(k for k in new if k not in RESUMABLE_MODEL_KEYS and old.get(k) != new[k])
+    # A key the old config lacks predates that option: the run used its default behaviour.
+    changed = sorted(
+        k for k in new if k not in RESUMABLE_MODEL_KEYS and k in old and old[k] != new[k]
+    )
     return ", ".join(f"model.{k}: {old.get(k)!r} -> {new[k]!r}" for k in changed)
 
 

@@ -1,0 +1,191 @@
+"""Each model family against transformers: Llama 3 (RoPE scaling), Qwen2, Qwen3, Mistral, Gemma.
+
+Tiny random models that transformers builds here (nothing downloaded): imported logits match
+over a sequence longer than the sliding window and the scaling's original context, greedy
+generation through our KV cache equals `generate(do_sample=False)`, the exported directory
+loads in transformers with our logits, and a LoRA fine-tune's adapter loads in peft.
+
+Run: pytest tests/test_hf_families.py
+"""
+
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from conftest import ROOT  # noqa: E402
+
+from pipeline.config import ConfigError, load_config  # noqa: E402
+from pipeline.inference.generate import generate  # noqa: E402
+from pipeline.inference.runs import load_model  # noqa: E402
+from pipeline.interop.hf import export_hf, import_hf  # noqa: E402
+from pipeline.tokenizer import byte_tokenizer  # noqa: E402
+
+pytestmark = pytest.mark.e2e  # parity against transformers: whole models, torch alongside
+
+VOCAB = 263  # the byte tokenizer's
+SIZES = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    initializer_range=0.2,  # peaked distributions: greedy choices are not near-ties
+)
+LLAMA3 = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 16,
+}
+CASES = {
+    "llama3": ("LlamaConfig", "LlamaForCausalLM", {"rope_parameters": LLAMA3}),
+    "llama-linear": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        {"rope_parameters": {"rope_type": "linear", "factor": 4.0}},
+    ),
+    "llama-dynamic": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        {"rope_parameters": {"rope_type": "dynamic", "factor": 4.0}, "max_position_embeddings": 24},
+    ),
+    "llama-yarn": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        {
+            "rope_parameters": {
+                "rope_type": "yarn",
+                "factor": 4.0,
+                "original_max_position_embeddings": 16,
+            }
+        },
+    ),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 8}),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", {"head_dim": 16}),
+}
+
+
+def _hf_model(case: str, eos: int):
+    config_class, model_class, extra = CASES[case]
+    torch.manual_seed(0)
+    config = getattr(transformers, config_class)(
+        **{**SIZES, **extra}, bos_token_id=eos, eos_token_id=eos
+    )
+    model = getattr(transformers, model_class)(config).eval()
+    with torch.no_grad():  # norms and biases away from their initial 1 / 0, so they count
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(torch.randn_like(p) * 0.1 + (0.0 if case == "gemma" else 1.0))
+            elif name.endswith("bias"):
+                p.copy_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def _save(case: str, path):
+    tok = byte_tokenizer()
+    model = _hf_model(case, tok.eos_id)
+    model.save_pretrained(path)
+    tok.hf.save(str(path / "tokenizer.json"))
+    return model, tok
+
+
+def _logits(model, tokens: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.tensor(tokens)).logits.numpy()
+
+
+def _ours(model, tokens: np.ndarray) -> np.ndarray:
+    return np.asarray(model(jnp.asarray(tokens))[0])
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_import_generate_and_export_match_transformers(tmp_path, case):
+    hf, tok = _save(case, tmp_path / "hf")
+    import_hf(tmp_path / "hf", tmp_path / "run")
+    cfg, model, _ = load_model(tmp_path / "run")
+    assert cfg.model.family == ("llama" if case.startswith("llama") else case)
+    # 48 positions: beyond the window (8), the scaled context (16) and dynamic's context (24)
+    x = np.random.default_rng(0).integers(0, VOCAB, (2, 48))
+    theirs = _logits(hf, x)
+    assert np.abs(theirs - _ours(model, x)).max() < 1e-4
+    prompt = [int(t) for t in x[0, :20]]
+    hf.generation_config.eos_token_id = None  # all 32 tokens, whatever they are
+    with torch.no_grad():
+        expected = hf.generate(
+            torch.tensor([prompt]), max_new_tokens=32, do_sample=False, pad_token_id=0
+        )[0, len(prompt) :].tolist()
+    assert len(expected) == 32
+    assert generate(model, [prompt], 32)["tokens"][0] == expected
+
+    export_hf(tmp_path / "run", tmp_path / "out")
+    assert oct((tmp_path / "out" / "model.safetensors").stat().st_mode & 0o777) == "0o644"
+    generation = json.loads((tmp_path / "out" / "generation_config.json").read_text())
+    assert generation["do_sample"] is True and generation["eos_token_id"] == tok.eos_id
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert type(back).__name__ == CASES[case][1]
+    assert np.abs(_logits(back, x) - theirs).max() < 1e-4
+
+
+@pytest.mark.parametrize("case", ["llama3", "qwen2", "qwen3", "mistral", "gemma"])
+def test_a_lora_fine_tune_of_an_imported_model_loads_in_peft(tmp_path, case):
+    peft = pytest.importorskip("peft")
+    from pipeline.training.finetune import finetune
+
+    _save(case, tmp_path / "hf")
+    import_hf(tmp_path / "hf", tmp_path / "run")
+    import yaml
+
+    model_section = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["model"]
+    cfg = load_config(
+        os.path.join(ROOT, "configs", "finetune_tiny.yaml"),
+        [
+            f"init.from={tmp_path / 'run'}",
+            f"run.dir={tmp_path / 'ft'}",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            "data.seq_len=256",
+            "run.progress=false",
+            "train.steps=2",
+            "train.eval_every=2",
+            "train.checkpoint_every=2",
+            "train.eval_batches=1",
+            "finetune.max_examples=50",
+            "optimizer.lr=0.05",  # two steps that visibly move the adapters
+            *(f"model.{k}={v}" for k, v in model_section.items() if v is not None),
+        ],
+    )
+    finetune(cfg)
+    export_hf(tmp_path / "ft", tmp_path / "out")
+    base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    adapted = peft.PeftModel.from_pretrained(base, tmp_path / "out" / "adapter").eval()
+    _, ours, _ = load_model(tmp_path / "ft")
+    _, plain, _ = load_model(tmp_path / "run")
+    x = np.random.default_rng(1).integers(0, VOCAB, (2, 40))
+    ours_logits = _ours(ours, x)
+    assert np.abs(ours_logits - _ours(plain, x)).max() > 1e-5  # the adapter changes the output
+    assert np.abs(_logits(adapted, x) - ours_logits).max() < 1e-4
+
+
+def test_unsupported_options_are_one_line_naming_the_field(tmp_path):
+    _save("qwen3", tmp_path / "hf")
+    config_file = tmp_path / "hf" / "config.json"
+    config = json.loads(config_file.read_text())
+    for change, words in (
+        ({"rope_parameters": {"rope_type": "longrope"}}, "rope_parameters.rope_type='longrope'"),
+        ({"attention_bias": True}, "attention_bias=True"),
+        ({"model_type": "gemma2"}, "model_type='gemma2'"),
+        ({"hidden_act": "relu"}, "hidden_act='relu'"),
+    ):
+        config_file.write_text(json.dumps({**config, **change}))
+        with pytest.raises(ConfigError, match=words):
+            import_hf(tmp_path / "hf", tmp_path / "run")
