@@ -4,6 +4,7 @@ Run: make test   (or .venv/bin/pytest -q tests/)
 """
 
 import os
+from pathlib import Path
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
@@ -91,3 +92,27 @@ def make_tiny_runs(tmp_path, overrides: tuple[str, ...] = ()) -> tuple[str, str]
         )
     )
     return base, lora
+
+
+def imported_finetune_config(run, tmp_path, *overrides: str) -> Config:
+    """A 2-step LoRA fine-tune (finetune_tiny) of an imported run, repeating its model section
+    as a fine-tune's config must; writes to tmp_path / "ft"."""
+    import yaml
+
+    model = yaml.safe_load((Path(run) / "config.yaml").read_text())["model"]
+    return load_config(
+        os.path.join(ROOT, "configs", "finetune_tiny.yaml"),
+        [
+            f"init.from={run}",
+            f"run.dir={tmp_path / 'ft'}",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            "data.seq_len=256",
+            "run.progress=false",
+            "train.steps=2",
+            "train.eval_every=2",
+            "train.checkpoint_every=2",
+            "train.eval_batches=1",
+            *(f"model.{k}={v}" for k, v in model.items() if v is not None),
+            *overrides,
+        ],
+    )

@@ -12,7 +12,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from conftest import make_tiny_runs  # noqa: E402
+from conftest import imported_finetune_config, make_tiny_runs  # noqa: E402
 
 from pipeline.config import ConfigError  # noqa: E402
 from pipeline.inference.generate import generate  # noqa: E402
@@ -132,12 +132,8 @@ def test_bad_checkpoints_and_unsupported_options_are_clear_errors(tmp_path):
 
 
 def test_an_imported_run_generates_and_fine_tunes_like_any_other(tmp_path, capsys):
-    import os
-
-    from conftest import ROOT
 
     from pipeline.cli import main
-    from pipeline.config import load_config
     from pipeline.training.finetune import finetune
 
     tok = byte_tokenizer()
@@ -148,28 +144,6 @@ def test_an_imported_run_generates_and_fine_tunes_like_any_other(tmp_path, capsy
     args = ["generate", "--run", str(tmp_path / "run"), "--prompt", "def", "--max-new-tokens", "8"]
     assert main([*args, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["tokens"]
-    cfg = load_config(
-        os.path.join(ROOT, "configs", "finetune_tiny.yaml"),
-        [
-            f"init.from={tmp_path / 'run'}",
-            f"run.dir={tmp_path / 'ft'}",
-            f"data.cache_dir={tmp_path / 'cache'}",
-            "data.seq_len=256",
-            "run.progress=false",
-            "train.steps=2",
-            "train.eval_every=2",
-            "train.checkpoint_every=2",
-            "train.eval_batches=1",
-            *(f"model.{k}={v}" for k, v in _model_overrides(tmp_path / "run").items()),
-        ],
-    )
+    cfg = imported_finetune_config(tmp_path / "run", tmp_path)
     result = finetune(cfg)
     assert result["status"] == "finished" and (tmp_path / "ft" / "adapter_config.json").is_file()
-
-
-def _model_overrides(run) -> dict:
-    """The imported run's model section, as a fine-tune's config must repeat it."""
-    import yaml
-
-    model = yaml.safe_load((run / "config.yaml").read_text())["model"]
-    return {k: v for k, v in model.items() if v is not None}

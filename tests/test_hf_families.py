@@ -9,7 +9,6 @@ Run: pytest tests/test_hf_families.py
 """
 
 import json
-import os
 
 import jax.numpy as jnp
 import numpy as np
@@ -18,9 +17,9 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from conftest import ROOT  # noqa: E402
+from conftest import imported_finetune_config  # noqa: E402
 
-from pipeline.config import ConfigError, load_config  # noqa: E402
+from pipeline.config import ConfigError  # noqa: E402
 from pipeline.inference.generate import generate  # noqa: E402
 from pipeline.inference.runs import load_model  # noqa: E402
 from pipeline.interop.hf import export_hf, import_hf  # noqa: E402
@@ -144,25 +143,11 @@ def test_a_lora_fine_tune_of_an_imported_model_loads_in_peft(tmp_path, case):
 
     _save(case, tmp_path / "hf")
     import_hf(tmp_path / "hf", tmp_path / "run")
-    import yaml
-
-    model_section = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["model"]
-    cfg = load_config(
-        os.path.join(ROOT, "configs", "finetune_tiny.yaml"),
-        [
-            f"init.from={tmp_path / 'run'}",
-            f"run.dir={tmp_path / 'ft'}",
-            f"data.cache_dir={tmp_path / 'cache'}",
-            "data.seq_len=256",
-            "run.progress=false",
-            "train.steps=2",
-            "train.eval_every=2",
-            "train.checkpoint_every=2",
-            "train.eval_batches=1",
-            "finetune.max_examples=50",
-            "optimizer.lr=0.05",  # two steps that visibly move the adapters
-            *(f"model.{k}={v}" for k, v in model_section.items() if v is not None),
-        ],
+    cfg = imported_finetune_config(
+        tmp_path / "run",
+        tmp_path,
+        "finetune.max_examples=50",
+        "optimizer.lr=0.05",  # two steps that visibly move the adapters
     )
     finetune(cfg)
     export_hf(tmp_path / "ft", tmp_path / "out")
