@@ -209,7 +209,7 @@ def cmd_import_hf(args) -> int:
     """A local Hugging Face GPT-2 / Llama directory -> a run directory."""
     from pipeline.interop.hf import import_hf
 
-    out = import_hf(args.src, args.out)
+    out = import_hf(args.src, args.out, args.dtype)
     print(f"imported {args.src} into {out}")
     return 0
 
@@ -405,9 +405,17 @@ def _add_experiment_commands(sub) -> None:
 
 
 def _add_interop_commands(sub) -> None:
-    imp = sub.add_parser("import-hf", help="import a local Hugging Face GPT-2 / Llama model")
+    imp = sub.add_parser(
+        "import-hf", help="import a local Hugging Face model (GPT-2, Llama, Qwen, Mistral, Gemma)"
+    )
     imp.add_argument("src", help="a directory with config.json, *.safetensors, tokenizer.json")
     imp.add_argument("--out", required=True, help="the run directory to write")
+    imp.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="the parameters' and computation's dtype (each tensor converted as it is read)",
+    )
     imp.set_defaults(func=cmd_import_hf)
     exp = sub.add_parser("export-hf", help="write a run as a Hugging Face model (and adapter)")
     exp.add_argument("run", help="a run directory")

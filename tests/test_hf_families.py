@@ -174,3 +174,24 @@ def test_unsupported_options_are_one_line_naming_the_field(tmp_path):
         config_file.write_text(json.dumps({**config, **change}))
         with pytest.raises(ConfigError, match=words):
             import_hf(tmp_path / "hf", tmp_path / "run")
+
+
+def test_a_sharded_checkpoint_imports_tensor_by_tensor_in_bfloat16(tmp_path):
+    import jax
+    from flax import nnx
+
+    tok = byte_tokenizer()
+    hf = _hf_model("qwen3", tok.eos_id)
+    hf.save_pretrained(tmp_path / "hf", max_shard_size="40KB")
+    tok.hf.save(str(tmp_path / "hf" / "tokenizer.json"))
+    assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
+    assert len(list((tmp_path / "hf").glob("*.safetensors"))) > 1
+    import_hf(tmp_path / "hf", tmp_path / "run", dtype="bfloat16")
+    cfg, model, _ = load_model(tmp_path / "run")
+    assert cfg.model.param_dtype == cfg.model.compute_dtype == "bfloat16"
+    assert {x.dtype for x in jax.tree.leaves(nnx.state(model))} == {jnp.dtype("bfloat16")}
+    x = np.random.default_rng(0).integers(0, VOCAB, (2, 48))
+    theirs = _logits(hf, x)
+    # bfloat16 keeps 8 bits of mantissa: close to float32, and the same next-token choices
+    assert np.abs(theirs - _ours(model, x)).max() < 0.05 * np.abs(theirs).max()
+    assert (theirs.argmax(-1) == _ours(model, x).argmax(-1)).mean() > 0.9

@@ -14,14 +14,24 @@ stores (in, out) and fuses q, k and v into `c_attn` (in, 3 x out).
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
 from flax import nnx
 
-from pipeline.config import Config, ConfigError, DataConfig, ModelConfig, config_from_dict
+from pipeline.config import (
+    Config,
+    ConfigError,
+    DataConfig,
+    ModelConfig,
+    config_from_dict,
+    dump_config,
+)
 from pipeline.inference.export import weight_name
 
 SUPPORTED = ("gpt2", "llama", "qwen2", "qwen3", "mistral", "gemma")
@@ -375,82 +385,145 @@ def to_hf(cfg: ModelConfig, ours: dict[str, np.ndarray]) -> dict[str, np.ndarray
     return {k: np.ascontiguousarray(v, np.float32) for k, v in out.items()}
 
 
-def from_hf(cfg: ModelConfig, theirs: dict[str, np.ndarray], source: str) -> dict:
-    """transformers' state dict -> our parameters (by `weight_name`); missing names are named."""
-
-    def get(name: str, *alternatives: str) -> np.ndarray:
-        for key in (name, *alternatives):
-            if key in theirs:
-                return np.asarray(theirs[key], np.float32)
-        raise ConfigError(f"{source}: tensor {name!r} is missing")
-
-    ours = {}
+def hf_sources(cfg: ModelConfig) -> dict[str, tuple[str, Callable]]:
+    """Our parameter name -> (the transformers tensor it comes from, how to turn one into the
+    other): a transpose for torch Linear weights, a slice of GPT-2's fused c_attn."""
+    same, transpose = (lambda x: x), (lambda x: x.T)
+    out = {}
     if _layout(cfg) == "gpt2":
-        t = lambda n: get(f"transformer.{n}", n)  # noqa: E731  (saved with or without prefix)
-        ours["embed.embedding"] = t("wte.weight")
-        ours["pos_embed.embedding"] = t("wpe.weight")
-        ours["final_norm.scale"], ours["final_norm.bias"] = t("ln_f.weight"), t("ln_f.bias")
+        out["embed.embedding"] = ("transformer.wte.weight", same)
+        out["pos_embed.embedding"] = ("transformer.wpe.weight", same)
+        out["final_norm.scale"] = ("transformer.ln_f.weight", same)
+        out["final_norm.bias"] = ("transformer.ln_f.bias", same)
         D = cfg.embed_dim
         for i in range(cfg.num_layers):
-            b, h = f"blocks.{i}.", f"h.{i}."
-            w, bias = t(h + "attn.c_attn.weight"), t(h + "attn.c_attn.bias")
+            b, h = f"blocks.{i}.", f"transformer.h.{i}."
             for j, n in enumerate("qkv"):
-                ours[b + f"attn.{n}.kernel"] = w[:, j * D : (j + 1) * D]
-                ours[b + f"attn.{n}.bias"] = bias[j * D : (j + 1) * D]
-            for name, (hf_name, _) in _GPT2_LAYER.items():
-                ours[b + name] = t(h + hf_name)
-        return ours
-    ours["embed.embedding"] = get("model.embed_tokens.weight")
-    ours["final_norm.scale"] = get("model.norm.weight")
+                part = slice(j * D, (j + 1) * D)
+                out[b + f"attn.{n}.kernel"] = (h + "attn.c_attn.weight", lambda x, s=part: x[:, s])
+                out[b + f"attn.{n}.bias"] = (h + "attn.c_attn.bias", lambda x, s=part: x[s])
+            for name, (theirs, _) in _GPT2_LAYER.items():
+                out[b + name] = (h + theirs, same)
+        return out
+    out["embed.embedding"] = ("model.embed_tokens.weight", same)
+    out["final_norm.scale"] = ("model.norm.weight", same)
     if not cfg.tied_embeddings:
-        ours["lm_head.kernel"] = get("lm_head.weight").T
+        out["lm_head.kernel"] = ("lm_head.weight", transpose)
     for i in range(cfg.num_layers):
         b, h = f"blocks.{i}.", f"model.layers.{i}."
-        for name, (hf_name, how) in _llama_layer(cfg).items():
-            value = get(h + hf_name)
-            ours[b + name] = value.T if how == "T" else value
-    return ours
+        for name, (theirs, how) in _llama_layer(cfg).items():
+            out[b + name] = (h + theirs, transpose if how == "T" else same)
+    return out
+
+
+class SafetensorsReader:
+    """The tensors of a model directory, read one at a time: a single file or the shards that
+    `model.safetensors.index.json` lists (names with or without GPT-2's `transformer.`)."""
+
+    def __init__(self, src: Path):
+        from safetensors import SafetensorError, safe_open
+
+        index = src / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted({src / f for f in weight_map.values()})
+        else:
+            files = [
+                f for f in sorted(src.glob("*.safetensors")) if not f.name.startswith("adapter")
+            ]
+        if not files:
+            raise ConfigError(f"{src}: no *.safetensors file (a .bin checkpoint needs converting)")
+        self.handles, self.where = [], {}
+        for file in files:
+            try:
+                handle = safe_open(str(file), framework="flax")
+            except (SafetensorError, OSError, ValueError) as err:
+                raise ConfigError(f"{file}: not a readable safetensors file ({err})") from None
+            self.handles.append(handle)
+            for key in handle.keys():  # noqa: SIM118 - a safetensors handle, not a dict
+                self.where[key] = handle
+        self.source = str(src)
+
+    def get(self, name: str):
+        for key in (name, name.removeprefix("transformer.")):
+            if key in self.where:
+                return self.where[key].get_tensor(key)
+        raise ConfigError(f"{self.source}: tensor {name!r} is missing")
+
+
+def read_params(cfg: ModelConfig, reader: SafetensorsReader, like) -> Any:
+    """Our parameters (the structure of `like`), converted tensor by tensor into their dtype:
+    one model's worth of memory plus one tensor, never two copies of the model."""
+    sources = hf_sources(cfg)
+    paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(like)
+    leaves = []
+    for path, leaf in paths_leaves:
+        name = weight_name(path)
+        if name not in sources:
+            raise ConfigError(f"{reader.source}: no weight for {name}")
+        hf_name, convert = sources[name]
+        value = convert(reader.get(hf_name)).astype(leaf.dtype)
+        if value.shape != leaf.shape:
+            raise ConfigError(
+                f"{reader.source}: {hf_name} gives {name} the shape {value.shape}, "
+                f"expected {leaf.shape}"
+            )
+        leaves.append(np.ascontiguousarray(np.asarray(value)))
+        del value
+    return jax.tree.unflatten(treedef, leaves)
 
 
 def _layout(cfg: ModelConfig) -> str:
     return "gpt2" if cfg.positions == "learned" else "llama"
 
 
-def read_safetensors(src: Path) -> dict[str, np.ndarray]:
-    """Every tensor of a model directory (one file or shards), with clear errors."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
-
-    files = sorted(src.glob("*.safetensors"))
-    files = [f for f in files if not f.name.startswith("adapter_")]
-    if not files:
-        raise ConfigError(f"{src}: no *.safetensors file (a .bin checkpoint needs converting)")
-    tensors = {}
-    for file in files:
-        try:
-            tensors.update(load_file(str(file)))
-        except (SafetensorError, OSError, ValueError) as err:
-            raise ConfigError(f"{file}: not a readable safetensors file ({err})") from None
-    return tensors
-
-
 # --- whole directories ----------------------------------------------------------------------
 
 
-def import_hf(src: str | Path, out: str | Path) -> Path:
-    """A transformers model directory -> a run directory (`model/`, config.yaml, tokenizer)."""
-    from tokenizers import Tokenizer as HFTokenizer
+def import_hf(src: str | Path, out: str | Path, dtype: str = "float32") -> Path:
+    """A transformers model directory -> a run directory (`model/`, config.yaml, tokenizer).
 
-    from pipeline.inference.runs import save_model
-    from pipeline.model import create_model
-    from pipeline.tokenizer import Tokenizer
+    `dtype` (float32 or bfloat16) is the parameters' and the computation's: each tensor is
+    converted as it is read.
+    """
+    from pipeline.inference.runs import save_params
+    from pipeline.model import abstract_model
 
     src = Path(src)
     config_file = src / "config.json"
     if not config_file.is_file():
         raise ConfigError(f"{src}: no config.json (not a Hugging Face model directory)")
+    if dtype not in ("float32", "bfloat16"):
+        raise ConfigError(f"--dtype: {dtype!r} is not one of float32, bfloat16")
     hf = json.loads(config_file.read_text())
     model_cfg = model_config_from_hf(hf, str(config_file))
+    model_cfg = dataclasses.replace(model_cfg, param_dtype=dtype, compute_dtype=dtype)
+    tokenizer = _imported_tokenizer(src, hf)
+    _, like = nnx.split(abstract_model(model_cfg))
+    params = read_params(model_cfg, SafetensorsReader(src), like)
+    cfg = config_from_dict(
+        {
+            "model": Config(model=model_cfg).to_dict()["model"],
+            "tokenizer": {"kind": "bpe", "path": str(Path(out).absolute() / "tokenizer.json")},
+            "data": {"seq_len": min(DataConfig().seq_len, model_cfg.max_seq_len)},
+            "run": {"name": Path(out).name, "dir": str(out)},
+        },
+        origin=str(config_file),
+    )
+    out = Path(out).absolute()
+    out.mkdir(parents=True, exist_ok=True)
+    dump_config(cfg, out / "config.yaml")
+    tokenizer.save(out)
+    save_params(params, out)
+    return out
+
+
+def _imported_tokenizer(src: Path, hf: dict):
+    """The model's own tokenizer.json, with its special tokens and chat template."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from pipeline.tokenizer import Tokenizer
+
     tokenizer_file = src / "tokenizer.json"
     if not tokenizer_file.is_file():
         raise ConfigError(f"{src}: no tokenizer.json (the fast tokenizer file is needed)")
@@ -463,35 +536,7 @@ def import_hf(src: str | Path, out: str | Path) -> Path:
         if key not in names and isinstance(token_id, int):
             names[key] = hf_tok.id_to_token(token_id)
     imported = {k: v for k, v in names.items() if k.endswith("_token") or k == "chat_template"}
-    tokenizer = Tokenizer(hf_tok, imported=imported)
-    model = create_model(model_cfg)
-    ours = from_hf(model_cfg, read_safetensors(src), str(src))
-    _load_named(model, ours, str(src))
-    cfg = config_from_dict(
-        {
-            "model": {k: v for k, v in Config(model=model_cfg).to_dict()["model"].items()},
-            "tokenizer": {"kind": "bpe", "path": str(Path(out).absolute() / "tokenizer.json")},
-            "data": {"seq_len": min(DataConfig().seq_len, model_cfg.max_seq_len)},
-            "run": {"name": Path(out).name, "dir": str(out)},
-        },
-        origin=str(config_file),
-    )
-    return save_model(cfg, model, tokenizer, out)
-
-
-def _load_named(model, ours: dict[str, np.ndarray], source: str) -> None:
-    state = nnx.state(model)
-    paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(state)
-    leaves = []
-    for path, leaf in paths_leaves:
-        name = weight_name(path)
-        value = ours.get(name)
-        if value is None:
-            raise ConfigError(f"{source}: no weight for {name}")
-        if value.shape != leaf.shape:
-            raise ConfigError(f"{source}: {name} has shape {value.shape}, expected {leaf.shape}")
-        leaves.append(value.astype(leaf.dtype))
-    nnx.update(model, jax.tree.unflatten(treedef, leaves))
+    return Tokenizer(hf_tok, imported=imported)
 
 
 def export_hf(run_dir: str | Path, dst: str | Path) -> Path:
