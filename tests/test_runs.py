@@ -11,6 +11,7 @@ import orbax.checkpoint as ocp
 import pytest
 from conftest import restore_final_state
 from flax import nnx
+from safetensors import safe_open
 
 from pipeline.config import ConfigError, with_overrides
 from pipeline.inference.runs import load_for_inference, load_model
@@ -59,11 +60,13 @@ def test_a_checkpoint_is_read_for_its_parameters_alone_then_model_dir(tiny_confi
     _assert_same_params(model, restore_final_state(cfg)["params"])
 
     pretrain(with_overrides(cfg, train={"stop_at": None}))  # finishes: writes model/
-    assert (run_dir / "model").is_dir()
+    assert (run_dir / "model" / "model.safetensors").is_file()
     reads.clear()
     _, model, _ = load_model(run_dir)
-    assert reads and not any(name.startswith(("params.", "opt_state")) for name in reads)
+    assert reads == []  # model/model.safetensors alone: no checkpoint is opened
     _assert_same_params(model, restore_final_state(cfg)["params"])
+    with safe_open(str(run_dir / "model" / "model.safetensors"), framework="numpy") as f:
+        assert "blocks.0.attn.q.kernel" in set(f.keys())  # a standard file, our names
 
 
 def test_a_run_without_weights_is_a_clear_error(tmp_path):

@@ -23,17 +23,9 @@ from safetensors.numpy import save as save_safetensors
 from pipeline.inference.generate import buckets, decode_step, prefill
 from pipeline.inference.sampling import sample
 from pipeline.model import init_cache
+from pipeline.weights import weight_name
 
 FORMAT = "pipeline-export/1"
-
-
-def weight_name(path) -> str:
-    """`blocks.0.attn.q.kernel` for the pytree path of a parameter."""
-    parts = []
-    for key in path:
-        part = getattr(key, "key", getattr(key, "idx", getattr(key, "name", None)))
-        parts.append(str(part))
-    return ".".join(parts[:-1] if parts and parts[-1] == "value" else parts)
 
 
 def export_model(model, tokenizer, out: str | Path, platforms: tuple[str, ...] | None = None):

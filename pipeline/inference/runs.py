@@ -1,6 +1,6 @@
 """Reading and writing the model held by a run directory, for inference.
 
-A run directory holds `config.yaml`, `tokenizer.json` and its final weights (`model/`, written
+A run directory holds `config.yaml`, `tokenizer.json` and its final weights (`model/model.safetensors`, written
 when a training stage finishes, by `merge` and by `import-hf`), or, while a run is unfinished,
 training checkpoints (`checkpoints/`; the latest is used). Loading reads parameters only:
 `model/`, else the `params` item of the latest checkpoint restored on its own, never the
@@ -9,12 +9,12 @@ optimizer state. LoRA runs hold adapters (PEFT files) on top of the run named by
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -24,8 +24,10 @@ from pipeline.lora import ADAPTER_CONFIG, load_adapter
 from pipeline.model import Transformer, abstract_model
 from pipeline.quantize import quantize_model
 from pipeline.tokenizer import Tokenizer
+from pipeline.weights import load_state, save_state
 
 MODEL_DIR = "model"
+WEIGHTS_FILE = "model.safetensors"
 
 
 def load_run_config(run_dir: str | Path, key: str = "init.from") -> Config:
@@ -86,7 +88,10 @@ def load_for_inference(
 
 def load_params(run_dir: Path, like, key: str = "init.from"):
     """A run's parameters (host arrays shaped like `like`): `model/`, else the last checkpoint."""
-    if (run_dir / MODEL_DIR).is_dir():
+    weights = run_dir / MODEL_DIR / WEIGHTS_FILE
+    if weights.is_file():
+        return load_state(weights, like)
+    if (run_dir / MODEL_DIR).is_dir():  # written by an earlier version: an orbax checkpoint
         target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), like)
         with ocp.StandardCheckpointer() as checkpointer:
             return checkpointer.restore((run_dir / MODEL_DIR).absolute(), target)
@@ -97,10 +102,12 @@ def load_params(run_dir: Path, like, key: str = "init.from"):
 
 
 def save_params(params, run_dir: str | Path) -> Path:
-    """Write `model/` (parameters only) into a run directory."""
+    """Write `model/model.safetensors` (the parameters alone, our names) into a run directory,
+    a tensor at a time (an earlier `model/` is replaced)."""
     out = Path(run_dir).absolute() / MODEL_DIR
-    with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(out, jax.tree.map(np.asarray, params), force=True)
+    if out.is_dir() and not (out / WEIGHTS_FILE).is_file():
+        shutil.rmtree(out)  # an earlier version's orbax checkpoint
+    save_state(params, out / WEIGHTS_FILE)
     return out
 
 

@@ -32,7 +32,7 @@ from pipeline.config import (
     config_from_dict,
     dump_config,
 )
-from pipeline.inference.export import weight_name
+from pipeline.weights import SafetensorsReader, weight_name, write_safetensors
 
 SUPPORTED = ("gpt2", "llama", "qwen2", "qwen3", "mistral", "gemma")
 ADAPTER_DIR = "adapter"  # export-hf of a LoRA run: the base in DST, the adapter in DST/adapter
@@ -416,39 +416,16 @@ def hf_sources(cfg: ModelConfig) -> dict[str, tuple[str, Callable]]:
     return out
 
 
-class SafetensorsReader:
-    """The tensors of a model directory, read one at a time: a single file or the shards that
-    `model.safetensors.index.json` lists (names with or without GPT-2's `transformer.`)."""
-
-    def __init__(self, src: Path):
-        from safetensors import SafetensorError, safe_open
-
-        index = src / "model.safetensors.index.json"
-        if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            files = sorted({src / f for f in weight_map.values()})
-        else:
-            files = [
-                f for f in sorted(src.glob("*.safetensors")) if not f.name.startswith("adapter")
-            ]
-        if not files:
-            raise ConfigError(f"{src}: no *.safetensors file (a .bin checkpoint needs converting)")
-        self.handles, self.where = [], {}
-        for file in files:
-            try:
-                handle = safe_open(str(file), framework="flax")
-            except (SafetensorError, OSError, ValueError) as err:
-                raise ConfigError(f"{file}: not a readable safetensors file ({err})") from None
-            self.handles.append(handle)
-            for key in handle.keys():  # noqa: SIM118 - a safetensors handle, not a dict
-                self.where[key] = handle
-        self.source = str(src)
-
-    def get(self, name: str):
-        for key in (name, name.removeprefix("transformer.")):
-            if key in self.where:
-                return self.where[key].get_tensor(key)
-        raise ConfigError(f"{self.source}: tensor {name!r} is missing")
+def hf_reader(src: Path) -> SafetensorsReader:
+    """The tensors of a model directory: one file, or the shards its index lists."""
+    index = src / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted({src / f for f in json.loads(index.read_text())["weight_map"].values()})
+    else:
+        files = [f for f in sorted(src.glob("*.safetensors")) if not f.name.startswith("adapter")]
+    if not files:
+        raise ConfigError(f"{src}: no *.safetensors file (a .bin checkpoint needs converting)")
+    return SafetensorsReader(files, str(src))
 
 
 def read_params(cfg: ModelConfig, reader: SafetensorsReader, like) -> Any:
@@ -462,13 +439,15 @@ def read_params(cfg: ModelConfig, reader: SafetensorsReader, like) -> Any:
         if name not in sources:
             raise ConfigError(f"{reader.source}: no weight for {name}")
         hf_name, convert = sources[name]
-        value = convert(reader.get(hf_name)).astype(leaf.dtype)
+        if hf_name not in reader and hf_name.removeprefix("transformer.") in reader:
+            hf_name = hf_name.removeprefix("transformer.")  # GPT-2 saved without its prefix
+        value = convert(reader.get(hf_name))  # a view: transposed or sliced
         if value.shape != leaf.shape:
             raise ConfigError(
                 f"{reader.source}: {hf_name} gives {name} the shape {value.shape}, "
                 f"expected {leaf.shape}"
             )
-        leaves.append(np.ascontiguousarray(np.asarray(value)))
+        leaves.append(np.ascontiguousarray(value, dtype=leaf.dtype))
         del value
     return jax.tree.unflatten(treedef, leaves)
 
@@ -500,7 +479,7 @@ def import_hf(src: str | Path, out: str | Path, dtype: str = "float32") -> Path:
     model_cfg = dataclasses.replace(model_cfg, param_dtype=dtype, compute_dtype=dtype)
     tokenizer = _imported_tokenizer(src, hf)
     _, like = nnx.split(abstract_model(model_cfg))
-    params = read_params(model_cfg, SafetensorsReader(src), like)
+    params = read_params(model_cfg, hf_reader(src), like)
     cfg = config_from_dict(
         {
             "model": Config(model=model_cfg).to_dict()["model"],
@@ -597,11 +576,7 @@ def generation_config(tokenizer) -> dict:
 
 
 def _save_readable(tensors: dict, path: Path) -> None:
-    """A safetensors file readable like the rest of the directory (the library writes 0600)."""
-    from safetensors.numpy import save_file
-
-    save_file(tensors, str(path), metadata={"format": "pt"})
-    path.chmod(0o644)
+    write_safetensors(path, tensors.items())
 
 
 def adapter_to_hf(cfg: ModelConfig, ours: dict, peft_config: dict, base: str):
