@@ -1,10 +1,11 @@
 """Reading and writing the model held by a run directory, for inference.
 
-A run directory holds `config.yaml`, `tokenizer.json` and its final weights (`model/model.safetensors`, written
-when a training stage finishes, by `merge` and by `import-hf`), or, while a run is unfinished,
-training checkpoints (`checkpoints/`; the latest is used). Loading reads parameters only:
-`model/`, else the `params` item of the latest checkpoint restored on its own, never the
-optimizer state. LoRA runs hold adapters (PEFT files) on top of the run named by `init.from`.
+A run directory holds `config.yaml`, `tokenizer.json` and its final weights
+(`model/model.safetensors`, written when a training stage finishes, by `merge` and by
+`import-hf`), or, while a run is unfinished, training checkpoints (`checkpoints/`; the latest
+is used). Loading reads parameters only: `model/`, else the `params` item of the latest
+checkpoint restored on its own, never the optimizer state. LoRA runs hold adapters (PEFT
+files) on top of the run named by `init.from`.
 """
 
 from __future__ import annotations
