@@ -124,12 +124,12 @@ def cmd_generate(args) -> int:
     enable_compilation_cache(args.compilation_cache)
     loaded = load_for_inference(args.run, args.quantize, args.draft)
     tokenizer = loaded.tokenizer
-    if args.chat:
-        ids = prompt_ids(tokenizer, [{"role": "user", "content": args.prompt}])
-        stop = tokenizer.end_id
-    else:
-        ids, stop = tokenizer.encode(args.prompt), tokenizer.eos_id
     try:
+        if args.chat:
+            ids = prompt_ids(tokenizer, [{"role": "user", "content": args.prompt}])
+            stop = tokenizer.end_id
+        else:
+            ids, stop = tokenizer.encode(args.prompt), tokenizer.eos_id
         result = _generate(loaded, ids, sampling, -1 if stop is None else stop, args)
     except ValueError as err:
         raise ConfigError(str(err)) from None

@@ -225,17 +225,37 @@ def prompt_ids(tokenizer: Tokenizer, messages: list[dict]) -> list[int]:
 
 
 def render_template(tokenizer: Tokenizer, template: str, messages: list[dict]) -> str:
+    """Render a Hugging Face chat template as transformers' `apply_chat_template` does: the
+    same sandboxed Jinja environment (loop controls, its `tojson`, `strftime_now`,
+    `raise_exception`) and the tokenizer's special tokens as variables."""
+    import datetime
+
+    import jinja2.ext
+    from jinja2.exceptions import TemplateError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def raise_exception(message):
-        raise ValueError(message)
+        raise TemplateError(message)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.globals["raise_exception"] = raise_exception
-    token = lambda i: tokenizer.hf.id_to_token(i) if i is not None else ""  # noqa: E731
-    return env.from_string(template).render(
-        messages=messages,
-        add_generation_prompt=True,
-        bos_token=token(tokenizer.bos_id),
-        eos_token=token(tokenizer.eos_id),
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(
+            x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+        )
+
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
     )
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+    token = lambda i: tokenizer.hf.id_to_token(i) if i is not None else ""  # noqa: E731
+    special = {"bos_token": token(tokenizer.bos_id), "eos_token": token(tokenizer.eos_id)}
+    for name, value in (tokenizer.imported or {}).items():
+        if name.endswith("_token") and value is not None:  # a string, or an AddedToken's dict
+            special[name] = value["content"] if isinstance(value, dict) else value
+    try:
+        return env.from_string(template).render(
+            messages=messages, add_generation_prompt=True, **special
+        )
+    except TemplateError as err:
+        raise ValueError(f"the chat template refused this conversation: {err}") from None

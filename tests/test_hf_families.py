@@ -195,3 +195,94 @@ def test_a_sharded_checkpoint_imports_tensor_by_tensor_in_bfloat16(tmp_path):
     # bfloat16 keeps 8 bits of mantissa: close to float32, and the same next-token choices
     assert np.abs(theirs - _ours(model, x)).max() < 0.05 * np.abs(theirs).max()
     assert (theirs.argmax(-1) == _ours(model, x).argmax(-1)).mean() > 0.9
+
+
+# Chat templates in each family's style (written here: nothing is downloaded), exercising what
+# real ones use: a default system prompt, namespace(), loop controls, strftime_now, tojson,
+# raise_exception, the special tokens as variables.
+TEMPLATES = {
+    "llama3": (
+        "{{- bos_token }}{%- if not date_string is defined %}"
+        "{%- set date_string = strftime_now('%d %b %Y') %}{%- endif %}"
+        "{%- if messages[0]['role'] == 'system' %}{%- set system = messages[0]['content'] | trim %}"
+        "{%- set messages = messages[1:] %}{%- else %}{%- set system = '' %}{%- endif %}"
+        "{{- '<|start_header_id|>system<|end_header_id|>\\n\\nToday Date: ' + date_string + "
+        "'\\n\\n' + system + '<|eot_id|>' }}"
+        "{%- for message in messages %}{{- '<|start_header_id|>' + message['role'] + "
+        "'<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}{%- endfor %}"
+        "{%- if add_generation_prompt %}"
+        "{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
+    ),
+    "qwen2": (
+        "{%- if messages[0]['role'] == 'system' %}"
+        "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+        "{%- else %}{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
+        "{%- endif %}{%- for message in messages %}"
+        "{%- if not (message.role == 'system' and loop.first) %}"
+        "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}"
+        "{%- endif %}{%- endfor %}"
+        "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+    ),
+    "qwen3": (
+        "{%- set ns = namespace(last_user=0) %}{%- for message in messages %}"
+        "{%- if message.role == 'user' %}{%- set ns.last_user = loop.index0 %}{%- endif %}"
+        "{%- endfor %}{%- for message in messages %}"
+        "{%- if message.role == 'assistant' and loop.index0 < ns.last_user %}"
+        "{{- '<|im_start|>assistant\\n' + message.content + '<|im_end|>\\n' }}{%- continue %}"
+        "{%- endif %}{{- '<|im_start|>' + message.role + '\\n' + message.content "
+        "+ '<|im_end|>\\n' }}{%- endfor %}{{- {'meta': 'é'} | tojson }}"
+        "{%- if add_generation_prompt %}"
+        "{{- '<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n' }}{%- endif %}"
+    ),
+    "mistral": (
+        "{%- if messages[0]['role'] == 'system' %}{%- set system = messages[0]['content'] %}"
+        "{%- set loop_messages = messages[1:] %}{%- else %}{%- set loop_messages = messages %}"
+        "{%- endif %}{{- bos_token }}{%- for message in loop_messages %}"
+        "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+        "{{- raise_exception('roles must alternate user/assistant') }}{%- endif %}"
+        "{%- if message['role'] == 'user' %}{%- if loop.last and system is defined %}"
+        "{{- '[INST] ' + system + '\\n\\n' + message['content'] + '[/INST]' }}{%- else %}"
+        "{{- '[INST] ' + message['content'] + '[/INST]' }}{%- endif %}"
+        "{%- else %}{{- ' ' + message['content'] + eos_token }}{%- endif %}{%- endfor %}"
+    ),
+    "gemma": (
+        "{{ bos_token }}{%- if messages[0]['role'] == 'system' %}"
+        "{%- set first = messages[0]['content'] + '\\n\\n' %}"
+        "{%- set loop_messages = messages[1:] %}"
+        "{%- else %}{%- set first = '' %}{%- set loop_messages = messages %}{%- endif %}"
+        "{%- for message in loop_messages %}{%- set role = 'model' if message['role'] == "
+        "'assistant' else message['role'] %}{{ '<start_of_turn>' + role + '\\n' + "
+        "(first if loop.first else '') + message['content'] | trim + '<end_of_turn>\\n' }}"
+        "{%- endfor %}{%- if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{%- endif %}"
+    ),
+}
+CONVERSATION = [
+    {"role": "system", "content": "You answer in one line."},
+    {"role": "user", "content": "What is 2 + 2?"},
+    {"role": "assistant", "content": "4"},
+    {"role": "user", "content": "And 3 + 3, ünïcode?"},
+]
+
+
+@pytest.mark.parametrize("family", list(TEMPLATES))
+def test_chat_templates_render_as_transformers_renders_them(tmp_path, family):
+    from pipeline.tokenizer import prompt_ids
+
+    _save(family, tmp_path / "hf")
+    special = {"bos_token": "<|bos|>", "eos_token": "<|eos|>", "unk_token": "<|pad|>"}
+    (tmp_path / "hf" / "tokenizer_config.json").write_text(
+        json.dumps({**special, "chat_template": TEMPLATES[family]})
+    )
+    import_hf(tmp_path / "hf", tmp_path / "run")
+    _, _, ours = load_model(tmp_path / "run")
+    theirs = transformers.PreTrainedTokenizerFast(
+        tokenizer_file=str(tmp_path / "hf" / "tokenizer.json"),
+        chat_template=TEMPLATES[family],
+        **special,
+    )
+    expected = theirs.apply_chat_template(CONVERSATION, add_generation_prompt=True, tokenize=False)
+    ids = theirs(expected, add_special_tokens=False)["input_ids"]
+    assert prompt_ids(ours, CONVERSATION) == ids
+    if family == "mistral":  # a conversation the template refuses is one clear error
+        with pytest.raises(ValueError, match="roles must alternate"):
+            prompt_ids(ours, [CONVERSATION[1], CONVERSATION[1]])

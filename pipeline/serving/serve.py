@@ -222,7 +222,11 @@ class Routes:
 
     async def chat_completions(self, body: ChatRequest):
         messages = [m.model_dump() for m in body.messages]
-        return await self._complete(body, prompt_ids(self.tokenizer, messages), chat=True)
+        try:
+            ids = prompt_ids(self.tokenizer, messages)
+        except ValueError as err:  # the model's chat template refused the conversation
+            raise APIError(400, str(err), "messages") from None
+        return await self._complete(body, ids, chat=True)
 
     def _check(self, body: SamplingRequest, ids: list[int], chat: bool) -> int:
         """The rules that depend on this server; returns max_tokens."""
