@@ -194,7 +194,14 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 def render(tokenizer: Tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
-    """Token ids of a conversation and, per id, 1 where the loss counts it."""
+    """Token ids of a conversation and, per id, 1 where the loss counts it (assistant turns).
+
+    A tokenizer imported with a chat template renders the conversation with it (see
+    `render_with_template`); ours writes role markers, contents and end markers.
+    """
+    template = (tokenizer.imported or {}).get("chat_template")
+    if template:
+        return render_with_template(tokenizer, template, messages)
     ids, trained = ([tokenizer.bos_id], [0]) if tokenizer.bos_id is not None else ([], [])
     for message in messages:
         assistant = message["role"] == "assistant"
@@ -224,7 +231,39 @@ def prompt_ids(tokenizer: Tokenizer, messages: list[dict]) -> list[int]:
     return ids[:-1] + role_marker(tokenizer, "assistant")
 
 
-def render_template(tokenizer: Tokenizer, template: str, messages: list[dict]) -> str:
+def render_with_template(
+    tokenizer: Tokenizer, template: str, messages: list[dict]
+) -> tuple[list[int], list[int]]:
+    """A conversation as the model's own template lays it out, the assistant turns trained.
+
+    Each assistant turn is what the template adds between the conversation before it (with the
+    generation prompt: what the model is given) and the conversation through it, its end marker
+    included; the tokens whose text lies inside such a span count for the loss.
+    """
+    text = render_template(tokenizer, template, messages, add_generation_prompt=False)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        given = render_template(tokenizer, template, messages[:i], add_generation_prompt=True)
+        through = render_template(tokenizer, template, messages[: i + 1], False)
+        if not (through.startswith(given) and text.startswith(through)):
+            raise ValueError(
+                "the chat template does not render a conversation as the prefixes of its turns, "
+                "so the assistant turns cannot be located for the loss"
+            )
+        spans.append((len(given), len(through)))
+    encoding = tokenizer.hf.encode(text, add_special_tokens=False)
+    trained = [
+        int(any(start <= begin and end <= stop for start, stop in spans) and end > begin)
+        for begin, end in encoding.offsets
+    ]
+    return list(encoding.ids), trained
+
+
+def render_template(
+    tokenizer: Tokenizer, template: str, messages: list[dict], add_generation_prompt: bool = True
+) -> str:
     """Render a Hugging Face chat template as transformers' `apply_chat_template` does: the
     same sandboxed Jinja environment (loop controls, its `tojson`, `strftime_now`,
     `raise_exception`) and the tokenizer's special tokens as variables."""
@@ -255,7 +294,7 @@ def render_template(tokenizer: Tokenizer, template: str, messages: list[dict]) -
             special[name] = value["content"] if isinstance(value, dict) else value
     try:
         return env.from_string(template).render(
-            messages=messages, add_generation_prompt=True, **special
+            messages=messages, add_generation_prompt=add_generation_prompt, **special
         )
     except TemplateError as err:
         raise ValueError(f"the chat template refused this conversation: {err}") from None

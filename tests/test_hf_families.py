@@ -286,3 +286,36 @@ def test_chat_templates_render_as_transformers_renders_them(tmp_path, family):
     if family == "mistral":  # a conversation the template refuses is one clear error
         with pytest.raises(ValueError, match="roles must alternate"):
             prompt_ids(ours, [CONVERSATION[1], CONVERSATION[1]])
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama3", "gemma"])
+def test_fine_tuning_data_follows_the_models_template_and_trains_assistant_turns(tmp_path, family):
+    from pipeline.tokenizer import render
+    from pipeline.training.instruct import build_examples
+
+    _save(family, tmp_path / "hf")
+    special = {"bos_token": "<|bos|>", "eos_token": "<|eos|>"}
+    (tmp_path / "hf" / "tokenizer_config.json").write_text(
+        json.dumps({**special, "chat_template": TEMPLATES[family]})
+    )
+    import_hf(tmp_path / "hf", tmp_path / "run")
+    _, _, tokenizer = load_model(tmp_path / "run")
+    conversation = [*CONVERSATION, {"role": "assistant", "content": "6"}]
+    ids, trained = render(tokenizer, conversation)
+    theirs = transformers.PreTrainedTokenizerFast(
+        tokenizer_file=str(tmp_path / "hf" / "tokenizer.json"), **special
+    )
+    text = theirs.apply_chat_template(conversation, chat_template=TEMPLATES[family], tokenize=False)
+    assert ids == theirs(text, add_special_tokens=False)["input_ids"]  # the template's layout
+    # trained: exactly the two assistant turns, each with what the template closes it with
+    runs, current = [], []
+    for token, flag in zip(ids, trained, strict=True):
+        if flag:
+            current.append(token)
+        elif current:
+            runs, current = [*runs, current], []
+    runs = [tokenizer.decode(r, skip_special=False) for r in [*runs, current] if r]
+    assert len(runs) == 2 and runs[0].startswith("4") and runs[1].startswith("6"), runs
+    assert "user" not in "".join(runs) and "2 + 2" not in "".join(runs)
+    examples = build_examples(tokenizer, [{"messages": conversation}], seq_len=len(ids))
+    assert examples.mask.sum() == sum(trained[1:])

@@ -121,7 +121,10 @@ def build_examples(
     """
     rows, masks = [], []
     for example in examples:
-        ids, trained = render(tokenizer, example["messages"])
+        try:
+            ids, trained = render(tokenizer, example["messages"])
+        except ValueError as err:  # the model's chat template refused or could not be split
+            raise ConfigError(f"{example.get('where', 'an example')}: {err}") from None
         if drop_long and len(ids) > seq_len + 1:
             continue
         ids, trained = ids[: seq_len + 1], trained[: seq_len + 1]
