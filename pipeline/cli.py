@@ -229,7 +229,7 @@ def cmd_fit(args) -> int:
 
     cfg = _config(args)
     budget = int(args.budget_gb * 2**30) if args.budget_gb else device_budget()
-    result = fit(cfg, budget)
+    result = fit(cfg, budget, stage=args.stage)
     print(json.dumps(result) if args.json else format_fit(result))
     if result.get("fits") is False:
         print("warning: this config will not fit the memory budget", file=sys.stderr)
@@ -379,6 +379,12 @@ def _add_experiment_commands(sub) -> None:
     fitp = sub.add_parser("fit", help="per-device memory of a training config, before running")
     _add_config_args(fitp)
     fitp.add_argument("--budget-gb", type=float, help="memory per device (default: the device's)")
+    fitp.add_argument(
+        "--stage",
+        default="pretrain",
+        choices=["pretrain", "finetune"],
+        help="finetune: as finetune.method says (lora: adapters trained, the base frozen)",
+    )
     fitp.add_argument("--json", action="store_true")
     fitp.set_defaults(func=cmd_fit)
     runs = sub.add_parser("runs", help="a table of run directories")

@@ -127,3 +127,16 @@ def test_eight_devices_mesh_equals_pmap_and_checkpoints_move_between_4_and_8(tmp
     run("switch", "train.num_devices=4", "train.stop_at=3")
     mesh8 = ["train.parallelism=mesh", "train.mesh_data=2", "train.mesh_fsdp=4"]
     np.testing.assert_allclose(run("switch", *mesh8), one, atol=1e-5)
+
+
+@pytest.mark.e2e
+def test_fit_models_lora_fine_tuning_with_the_base_frozen(tiny_config):
+    from pipeline.config import with_overrides
+    from pipeline.training.fit import fit
+
+    full = fit(tiny_config)
+    lora = fit(with_overrides(tiny_config, finetune={"method": "lora"}), stage="finetune")
+    assert lora["stage"] == "finetune" and full["frozen_bytes"] == 0
+    assert lora["frozen_bytes"] >= full["param_bytes"]  # the whole base rides along, frozen
+    assert lora["param_bytes"] < full["param_bytes"] / 3  # only the adapters train
+    assert lora["optimizer_bytes"] < full["optimizer_bytes"] / 3

@@ -1,11 +1,12 @@
-"""`pipeline fit`: will this pre-training config fit, per device, before anything runs?
+"""`pipeline fit`: will this training config fit, per device, before anything runs?
 
 The training step is compiled ahead of time for the configured strategy from shapes alone: the
 model is built abstractly (`nnx.eval_shape`), no parameter is allocated and no data is read.
 Reported per device: parameter and optimizer-state bytes (from the shardings), and XLA's memory
 analysis of the compiled step (arguments, outputs, temporaries: the activations, which
 `model.remat` trades for recomputation). With a budget, the largest per-device batch that fits
-is searched by compiling a few batch sizes.
+is searched by compiling a few batch sizes. `--stage finetune` models fine-tuning as
+`finetune.method` says: full, or LoRA (adapters trained, the base frozen).
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from functools import partial
 import jax
 from flax import nnx
 
-from pipeline.config import Config
-from pipeline.model import abstract_model, flops_per_token
+from pipeline.config import Config, ConfigError
+from pipeline.lora import add_lora, set_dropout_keys
+from pipeline.model import create_model, flops_per_token
 from pipeline.training.parallel import Strategy, make_strategy
 from pipeline.training.train import (
     Stage,
@@ -27,21 +29,39 @@ from pipeline.training.train import (
 )
 
 
-def _abstract_stage(cfg: Config) -> Stage:
-    graphdef, params = nnx.split(abstract_model(cfg.model))
+def _abstract_stage(cfg: Config, stage: str = "pretrain") -> Stage:
+    """The stage's parameters as shapes: the whole model, or (fine-tuning with LoRA) the
+    adapters trained and the base frozen."""
+    lora = stage == "finetune" and cfg.finetune.method == "lora"
+    if lora and cfg.lora.base_quantize != "none":
+        raise ConfigError("fit: QLoRA (lora.base_quantize) is not modelled; use LoRA's figures")
+
+    def build():
+        model = create_model(cfg.model)
+        return add_lora(model, cfg.lora) if lora else model
+
+    model = nnx.eval_shape(build)
+    if lora:
+        graphdef, params, frozen = nnx.split(model, nnx.LoRAParam, ...)
+    else:
+        (graphdef, params), frozen = nnx.split(model), {}
 
     def apply(params, frozen, tokens, rng=None):
-        return nnx.merge(graphdef, params)(tokens)[0]
+        model = nnx.merge(graphdef, params, frozen) if lora else nnx.merge(graphdef, params)
+        if lora:
+            set_dropout_keys(model, rng)
+        return model(tokens)[0]
 
+    flops = flops_per_token(cfg.model, cfg.data.seq_len)
     return Stage(
-        name="fit",
+        name=f"fit-{stage}",
         graphdef=graphdef,
         params=params,
-        frozen={},
+        frozen=frozen,
         loss_fn=partial(lm_loss, apply),
         train_batch=None,
         eval_batch=None,
-        flops_per_token=flops_per_token(cfg.model, cfg.data.seq_len),
+        flops_per_token=flops * 2 / 3 if lora else flops,
         tokens_per_example=cfg.data.seq_len,
     )
 
@@ -53,16 +73,19 @@ def _compile(cfg: Config, stage: Stage, tx, schedule, strategy: Strategy, rows_p
     return train_fn.lower(*args).compile()
 
 
-def fit(cfg: Config, budget_bytes: int | None = None, max_rows: int = 4096) -> dict:
-    """Per-device memory of `cfg`'s pre-training step, and the largest batch within budget."""
+def fit(
+    cfg: Config, budget_bytes: int | None = None, max_rows: int = 4096, stage: str = "pretrain"
+) -> dict:
+    """Per-device memory of `cfg`'s training step (pre-training, or fine-tuning as
+    `finetune.method` says), and the largest batch within budget."""
     strategy = make_strategy(cfg.train)
-    stage = _abstract_stage(cfg)
-    tx, schedule = make_optimizer(cfg.optimizer, cfg.train.steps, stage.params)
-    opt_state = jax.eval_shape(tx.init, stage.params)
+    abstract = _abstract_stage(cfg, stage)
+    tx, schedule = make_optimizer(cfg.optimizer, cfg.train.steps, abstract.params)
+    opt_state = jax.eval_shape(tx.init, abstract.params)
     rows = max(cfg.train.batch_size // max(strategy.batch_shards, 1), 1)
 
     def analyse(rows_per_device: int) -> dict:
-        memory = _compile(cfg, stage, tx, schedule, strategy, rows_per_device).memory_analysis()
+        memory = _compile(cfg, abstract, tx, schedule, strategy, rows_per_device).memory_analysis()
         figures = {
             name: int(getattr(memory, f"{name}_size_in_bytes", 0) or 0)
             for name in ("argument", "output", "temp", "alias", "generated_code")
@@ -79,7 +102,9 @@ def fit(cfg: Config, budget_bytes: int | None = None, max_rows: int = 4096) -> d
         "device_kind": jax.devices()[0].device_kind,
         "remat": cfg.model.remat,
         "rows_per_device": rows,
-        "param_bytes": strategy.per_device_bytes(stage.params),
+        "stage": stage,
+        "param_bytes": strategy.per_device_bytes(abstract.params),
+        "frozen_bytes": strategy.per_device_bytes(abstract.frozen),
         "optimizer_bytes": strategy.per_device_bytes(opt_state),
         "xla": analyse(rows),
         "budget_bytes": budget_bytes,
@@ -110,7 +135,8 @@ def format_fit(r: dict) -> str:
         + (f" mesh (data, fsdp, tensor) = {tuple(r['mesh'])}" if r["mesh"] else "")
         + f" on {r['devices']} {r['device_kind']} device(s), remat {r['remat']}",
         f"per device, {r['rows_per_device']} rows of the batch:",
-        f"  parameters        {mib(r['param_bytes'])}",
+        f"  parameters        {mib(r['param_bytes'])} trained"
+        + (f", {mib(r['frozen_bytes'])} frozen" if r.get("frozen_bytes") else ""),
         f"  optimizer state   {mib(r['optimizer_bytes'])}",
         f"  XLA arguments     {mib(x['argument'])}",
         f"  XLA temporaries   {mib(x['temp'])}   (activations, gradients in flight)",
