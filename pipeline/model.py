@@ -245,12 +245,23 @@ def _block_step(block: Block, x, positions, cache, rope):
 
 
 def _remat(fn, policy: str):
+    """`fn(block, *arrays)` recomputed in the backward pass instead of keeping its activations.
+
+    The block goes in as (graph, state) and is merged again inside `jax.checkpoint`, a pure
+    function of arrays: `nnx.remat` would update the block's variables in place, which fails
+    when they come from an outer transform (LoRA's frozen base under `jax.grad`).
+    """
     if policy == "none":
         return fn
-    if policy == "dots":
-        # Keep matmul outputs, recompute the cheap elementwise work in the backward pass.
-        return nnx.remat(fn, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
-    return nnx.remat(fn)
+    # "dots": keep matmul outputs, recompute the cheap elementwise work in the backward pass.
+    kept = jax.checkpoint_policies.dots_with_no_batch_dims_saveable if policy == "dots" else None
+
+    def step(block, *args):
+        graphdef, state = nnx.split(block)
+        inner = lambda state, *args: fn(nnx.merge(graphdef, state), *args)  # noqa: E731
+        return jax.checkpoint(inner, policy=kept)(state, *args)
+
+    return step
 
 
 def _dtypes(cfg: ModelConfig) -> dict:

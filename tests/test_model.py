@@ -199,3 +199,24 @@ def test_cpu_attention_equals_dot_product_attention(kv_heads):
     masked = einsum_attention(q, k, v, mask)
     expected = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None])
     np.testing.assert_allclose(masked, expected, atol=1e-5)
+
+
+def test_remat_under_lora_gives_the_same_adapter_gradients():
+    """The base is frozen state from outside the gradient; remat must not try to update it."""
+    from pipeline.config import LoraConfig
+    from pipeline.lora import add_lora
+
+    grads = {}
+    for remat in ("none", "block"):
+        cfg = ModelConfig(family="llama", vocab_size=64, remat=remat)
+        model = add_lora(create_model(cfg, seed=1), LoraConfig(rank=2, dropout=0.0), seed=2)
+        graphdef, lora, frozen = nnx.split(model, nnx.LoRAParam, ...)
+        lora = jax.tree.map(lambda x: x + 0.1, lora)  # B = 0 would make A's gradient zero
+
+        def loss(lora, frozen, tokens, graphdef=graphdef):
+            return jnp.sum(nnx.merge(graphdef, lora, frozen)(tokens)[0] ** 2)
+
+        tokens = jnp.arange(16).reshape(2, 8) % 64
+        grads[remat] = jax.grad(loss)(lora, frozen, tokens)
+    for a, b in zip(jax.tree.leaves(grads["none"]), jax.tree.leaves(grads["block"]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
