@@ -196,3 +196,16 @@ def test_full_finetune_writes_a_loadable_model(base_run, tmp_path):
     _, model, _ = load_model(cfg.run.dir)
     _, base, _ = load_model(base_run)
     assert float(jnp.max(jnp.abs(model(TOKENS)[0] - base(TOKENS)[0]))) > 1e-4
+
+
+@pytest.mark.e2e
+def test_a_lora_fine_tune_under_the_mesh_matches_pmap(base_run, tmp_path):
+    """The base arrives as host arrays and is placed shard by shard (fsdp 4)."""
+    _, model, _ = load_model(base_run, host=True)
+    assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves(nnx.state(model)))
+    pmap = finetune(_ft_config(base_run, tmp_path / "pmap"))
+    mesh = finetune(
+        _ft_config(base_run, tmp_path / "mesh", "train.parallelism=mesh", "train.mesh_fsdp=4")
+    )
+    assert mesh["status"] == "finished"
+    assert mesh["eval_loss"] == pytest.approx(pmap["eval_loss"], abs=1e-4)

@@ -39,18 +39,24 @@ def load_run_config(run_dir: str | Path, key: str = "init.from") -> Config:
 
 
 def load_model(
-    run_dir: str | Path, key: str = "init.from"
+    run_dir: str | Path, key: str = "init.from", host: bool = False
 ) -> tuple[Config, Transformer, Tokenizer]:
-    """The model of a run: its final weights, or its latest checkpoint's, plus any adapter."""
+    """The model of a run: its final weights, or its latest checkpoint's, plus any adapter.
+
+    `host`: keep the weights as host arrays (training places each one straight onto its own
+    devices and sharding: a model larger than one device never has to fit on the first);
+    otherwise they go to the default device, ready for inference.
+    """
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir, key)
     if (run_dir / ADAPTER_CONFIG).is_file() and cfg.init.from_run:
-        _, model, tokenizer = load_model(cfg.init.from_run, f"{run_dir}/config.yaml init.from")
+        base = cfg.init.from_run
+        _, model, tokenizer = load_model(base, f"{run_dir}/config.yaml init.from", host)
         return cfg, load_adapter(model, run_dir), tokenizer
     # The structure alone (nothing allocated), then the stored arrays put in its place.
     graphdef, shapes = nnx.split(abstract_model(cfg.model))
     params = load_params(run_dir, shapes, key)
-    model = nnx.merge(graphdef, jax.tree.map(jnp.asarray, params))
+    model = nnx.merge(graphdef, params if host else jax.tree.map(jnp.asarray, params))
     return cfg, model, Tokenizer.load(run_dir)
 
 

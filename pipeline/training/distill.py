@@ -43,7 +43,7 @@ def build_stage(cfg: Config) -> Stage:
     d = cfg.distill
     if not d.teacher:
         raise ConfigError("distill.teacher: set it to the teacher's run directory")
-    teacher_cfg, teacher_model, tokenizer = load_model(d.teacher, key="distill.teacher")
+    teacher_cfg, teacher_model, tokenizer = load_model(d.teacher, "distill.teacher", host=True)
     if teacher_cfg.tokenizer != cfg.tokenizer:
         raise ConfigError(
             f"tokenizer: the student's ({cfg.tokenizer}) differs from the teacher's "

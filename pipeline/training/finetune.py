@@ -33,7 +33,7 @@ def check_same_model(cfg: Config, base: Config) -> None:
 def build_stage(cfg: Config) -> Stage:
     if not cfg.init.from_run:
         raise ConfigError("init.from: fine-tuning needs a base run directory (init.from=runs/X)")
-    base_cfg, model, tokenizer = load_model(cfg.init.from_run)
+    base_cfg, model, tokenizer = load_model(cfg.init.from_run, host=True)
     check_same_model(cfg, base_cfg)
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(
