@@ -475,12 +475,15 @@ def _describe(options: tuple) -> str:
 
 
 def _check_values(cfg: Config, origins: dict) -> None:
-    """Cross-field checks: each names the offending key and where it was set.
+    """Cross-field checks: each names the offending key and where it was set."""
+    for key, ok, message in [*_model_rules(cfg.model, origins), *_run_rules(cfg)]:
+        if not ok:
+            raise ConfigError(f"{key} ({origins.get(key, 'default')}): {message}")
 
-    Longer than our usual function: it is one table, a rule per line, read top to bottom.
-    """
-    m, d, t = cfg.model, cfg.data, cfg.train
-    rules = [
+
+def _model_rules(m: ModelConfig, origins: dict) -> list[tuple[str, bool, str]]:
+    """(key, holds, message) for the model section, a rule per line."""
+    return [
         ("model.vocab_size", m.vocab_size > 0, "must be positive"),
         ("model.num_layers", m.num_layers > 0, "must be positive"),
         ("model.embed_dim", m.embed_dim > 0, "must be positive"),
@@ -514,6 +517,13 @@ def _check_values(cfg: Config, origins: dict) -> None:
             m.sliding_window is None or m.sliding_window > 0,
             "must be positive",
         ),
+    ]
+
+
+def _run_rules(cfg: Config) -> list[tuple[str, bool, str]]:
+    """(key, holds, message) for the data, training, fine-tuning and serving sections."""
+    m, d, t = cfg.model, cfg.data, cfg.train
+    return [
         (
             "data.seq_len",
             0 < d.seq_len <= m.max_seq_len,
@@ -556,9 +566,6 @@ def _check_values(cfg: Config, origins: dict) -> None:
             for name in ("slots", "max_queue", "default_max_tokens", "max_body_bytes")
         ),
     ]
-    for key, ok, message in rules:
-        if not ok:
-            raise ConfigError(f"{key} ({origins.get(key, 'default')}): {message}")
 
 
 def with_overrides(cfg: Config, **sections: dict[str, Any]) -> Config:

@@ -58,18 +58,7 @@ def stage_for_model(cfg: Config, model, tokenizer, train: Examples, held_out: Ex
     lora = cfg.finetune.method == "lora"
     if lora:
         add_lora(model, cfg.lora, seed=cfg.train.seed)
-        graphdef, params, frozen = nnx.split(model, nnx.LoRAParam, ...)
-    else:
-        graphdef, params = nnx.split(model)
-        frozen = {}
-
-    def apply(params, frozen, tokens, rng=None):
-        model = nnx.merge(graphdef, params, frozen) if lora else nnx.merge(graphdef, params)
-        if lora:
-            set_dropout_keys(model, rng)
-        logits, _ = model(tokens)
-        return logits
-
+    graphdef, params, frozen, apply = trainable_split(model, lora)
     train_sampler = ExampleSampler(train, cfg.train.batch_size, cfg.train.seed)
     eval_sampler = ExampleSampler(held_out, cfg.train.batch_size, 0, shuffle=False)
     flops = flops_per_token(cfg.model, cfg.data.seq_len)
@@ -88,6 +77,24 @@ def stage_for_model(cfg: Config, model, tokenizer, train: Examples, held_out: Ex
         # the loop writes model/ (the trained parameters); a LoRA run adds PEFT's files
         export=partial(_export, cfg, graphdef, frozen) if lora else None,
     )
+
+
+def trainable_split(model, lora: bool):
+    """(graphdef, trained params, frozen state, apply(params, frozen, tokens, rng) -> logits):
+    with LoRA the adapters train and everything else is frozen; otherwise the whole model."""
+    if lora:
+        graphdef, params, frozen = nnx.split(model, nnx.LoRAParam, ...)
+    else:
+        (graphdef, params), frozen = nnx.split(model), {}
+
+    def apply(params, frozen, tokens, rng=None):
+        if not lora:
+            return nnx.merge(graphdef, params)(tokens)[0]
+        model = nnx.merge(graphdef, params, frozen)
+        set_dropout_keys(model, rng)
+        return model(tokens)[0]
+
+    return graphdef, params, frozen, apply
 
 
 def _batch(sampler: ExampleSampler, step: int) -> dict:

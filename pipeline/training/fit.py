@@ -17,8 +17,9 @@ import jax
 from flax import nnx
 
 from pipeline.config import Config, ConfigError
-from pipeline.lora import add_lora, set_dropout_keys
+from pipeline.lora import add_lora
 from pipeline.model import create_model, flops_per_token
+from pipeline.training.finetune import trainable_split
 from pipeline.training.parallel import Strategy, make_strategy
 from pipeline.training.train import (
     Stage,
@@ -40,18 +41,7 @@ def _abstract_stage(cfg: Config, stage: str = "pretrain") -> Stage:
         model = create_model(cfg.model)
         return add_lora(model, cfg.lora) if lora else model
 
-    model = nnx.eval_shape(build)
-    if lora:
-        graphdef, params, frozen = nnx.split(model, nnx.LoRAParam, ...)
-    else:
-        (graphdef, params), frozen = nnx.split(model), {}
-
-    def apply(params, frozen, tokens, rng=None):
-        model = nnx.merge(graphdef, params, frozen) if lora else nnx.merge(graphdef, params)
-        if lora:
-            set_dropout_keys(model, rng)
-        return model(tokens)[0]
-
+    graphdef, params, frozen, apply = trainable_split(nnx.eval_shape(build), lora)
     flops = flops_per_token(cfg.model, cfg.data.seq_len)
     return Stage(
         name=f"fit-{stage}",

@@ -76,12 +76,11 @@ def run_training(cfg: Config, stage: Stage, fresh: bool = False) -> dict:
     finally:
         ckpt.close()
         logger.close()
-    finished = result["status"] == "finished" and loop.last_saved is not None
-    if finished:  # model/, what inference reads; every process joins orbax's collective save
-        save_params(loop.last_saved["params"], run_dir)
     if main:
-        if finished and stage.export:
-            stage.export(loop.last_saved["params"], run_dir)
+        if result["status"] == "finished" and loop.last_saved is not None:
+            save_params(loop.last_saved["params"], run_dir)  # model/: what inference reads
+            if stage.export:
+                stage.export(loop.last_saved["params"], run_dir)
         write_state(
             run_dir,
             status=result["status"],
