@@ -81,6 +81,10 @@ class ModelConfig:
     param_dtype: DTYPES = "float32"
     compute_dtype: DTYPES = "float32"
     remat: Literal["none", "block", "dots"] = "none"  # rematerialisation; never changes parameters
+    # Training attention: auto (einsum on CPU, cuDNN flash attention on GPUs in bfloat16/float16,
+    # XLA's jax.nn.dot_product_attention otherwise), or one of them by name. Never changes results
+    # beyond rounding; decoding with a KV cache always reads the cache in place (einsum).
+    attention: Literal["auto", "einsum", "xla", "cudnn"] = "auto"
 
     def __post_init__(self):
         gpt2, gemma = self.family == "gpt2", self.family == "gemma"

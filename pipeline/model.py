@@ -59,12 +59,9 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q).astype(q.dtype), self.k_norm(k).astype(k.dtype)
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
-        if cache is None:
-            # Training: keys are this sequence; is_causal lets GPUs use flash attention.
-            mask = None
-            if self.window is not None:
-                mask = _visible(positions, positions, self.window)
-            out = attention(q, k, v, mask=mask)
+        if cache is None:  # training and evaluation: keys are this sequence, causal
+            impl = attention_impl(cfg.attention, q.dtype)
+            out = attention(q, k, v, positions, self.window, impl)
         else:
             rows = jnp.arange(B)[:, None]
             # Write each token at its own position; positions past the cache are dropped.
@@ -90,31 +87,66 @@ def _visible(q_positions: jax.Array, k_positions: jax.Array, window: int | None)
     return mask
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
-    """Softmax attention. q (B, T, N, H), k/v (B, S, K, H), mask (B, T, S) or None for causal.
+def attention_impl(name: str, dtype, backend: str | None = None) -> str:
+    """The training attention to use: `model.attention`, with "auto" resolved for the backend.
 
-    On GPUs and TPUs this is `jax.nn.dot_product_attention` (cuDNN flash attention where it
-    applies). On CPU an explicit grouped einsum is faster than that function's XLA path (forward
-    plus backward at the small model's shape: 74 ms against 105 ms a layer), so CPU runs use
-    it; both compute the same thing (tested).
+    auto: on CPU an explicit grouped einsum (faster there than XLA's dot_product_attention:
+    forward plus backward at the small model's shape, 74 ms against 105 ms a layer); on GPUs in
+    bfloat16 or float16, cuDNN's flash attention (fused, skips the masked blocks); otherwise
+    (TPUs, float32 on GPUs) XLA's `jax.nn.dot_product_attention`.
     """
-    if jax.default_backend() != "cpu":
-        if mask is None:
-            return jax.nn.dot_product_attention(q, k, v, is_causal=True)
-        return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None])
-    return einsum_attention(q, k, v, mask)
+    backend = backend or jax.default_backend()
+    if name == "cudnn" and backend not in ("gpu", "cuda", "rocm"):
+        raise ValueError(f"model.attention=cudnn needs an NVIDIA GPU; this backend is {backend}")
+    if name != "auto":
+        return name
+    if backend == "cpu":
+        return "einsum"
+    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    return "cudnn" if backend in ("gpu", "cuda") and half else "xla"
+
+
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    positions: jax.Array,
+    window: int | None = None,
+    impl: str = "einsum",
+) -> jax.Array:
+    """Causal softmax attention of a sequence over itself. q (B, T, N, H), k/v (B, T, K, H),
+    positions (B, T) consecutive; `window`: each query sees only the last `window` keys.
+
+    impl "einsum": `einsum_attention`; "xla" / "cudnn": `jax.nn.dot_product_attention` with that
+    implementation, causal and windowed by its own arguments (no mask array, so cuDNN's flash
+    kernel skips the blocks above the diagonal). All compute the same thing (tested).
+    """
+    if impl == "einsum":
+        mask = None if window is None else _visible(positions, positions, window)
+        return einsum_attention(q, k, v, mask)
+    local = None if window is None else (window - 1, 0)
+    call = lambda impl: jax.nn.dot_product_attention(  # noqa: E731
+        q, k, v, is_causal=True, local_window_size=local, implementation=impl
+    )
+    if impl == "cudnn":
+        try:
+            return call("cudnn")
+        except (ValueError, NotImplementedError, TypeError):
+            # a shape or dtype cuDNN's kernel does not take (e.g. an odd head dim): XLA's
+            return call("xla")
+    return call(impl)
 
 
 def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Attention over the cache. q (B, T, N, H), k/v (B, K, S, H) (the cache's layout), mask
-    (B, T, S).
+    """Attention over the KV cache, read in place. q (B, T, N, H), k/v (B, K, S, H) (the cache's
+    layout), mask (B, T, S).
 
-    The cache keeps K before S so that, on CPU, both batched matmuls read it in place: with S
-    before K, XLA transposes the whole cache in every layer of every decode step (at batch 32
-    and 512 slots that was 25x slower than the matmuls).
+    The same grouped einsum on every backend: both batched matmuls read the cache where it lies
+    (batch dims B, K leading), so decoding never transposes it. With S before K, XLA transposed
+    the whole cache in every layer of every decode step (at batch 32 and 512 slots on CPU that
+    was 25x slower than the matmuls); dot_product_attention wants (B, S, K, H) and would need
+    that transpose too.
     """
-    if jax.default_backend() != "cpu":
-        return attention(q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), mask)
     B, T, N, H = q.shape
     K = k.shape[1]
     q = q.reshape(B, T, K, N // K, H) * jnp.asarray(H**-0.5, q.dtype)

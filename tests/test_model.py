@@ -1,5 +1,7 @@
 """The Transformer: causality, KV cache, dtypes, sizes. Run: pytest tests/test_model.py"""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,9 +10,12 @@ from flax import nnx
 
 from pipeline.config import ModelConfig
 from pipeline.model import (
+    _visible,
+    attention,
+    attention_impl,
+    cached_attention,
     count_params,
     create_model,
-    einsum_attention,
     flops_per_token,
     init_cache,
 )
@@ -185,20 +190,116 @@ def test_param_count_and_flops():
     assert flops_per_token(cfg, 16) == 6 * matmul + 12 * L * D * 16
 
 
+@pytest.mark.parametrize("window", [None, 3])
 @pytest.mark.parametrize("kv_heads", [4, 2, 1])
-def test_cpu_attention_equals_dot_product_attention(kv_heads):
-    """The CPU einsum path computes what jax.nn.dot_product_attention (the GPU path) computes."""
+def test_xla_attention_equals_einsum(kv_heads, window):
+    """jax.nn.dot_product_attention (the accelerator path, causal and windowed by its own
+    arguments) computes what the einsum path computes, values and gradients."""
+    q = jax.random.normal(jax.random.key(0), (2, 7, 4, 8))
+    k = jax.random.normal(jax.random.key(1), (2, 7, kv_heads, 8))
+    v = jax.random.normal(jax.random.key(2), (2, 7, kv_heads, 8))
+    positions = jnp.broadcast_to(jnp.arange(7), (2, 7))
+
+    def loss(impl, q, k, v):
+        out = attention(q, k, v, positions, window, impl)
+        return (out * jnp.cos(jnp.arange(out.size).reshape(out.shape))).sum(), out
+
+    (_, ref), ref_grads = jax.value_and_grad(lambda *a: loss("einsum", *a), (0, 1, 2), True)(
+        q, k, v
+    )
+    (_, out), grads = jax.value_and_grad(lambda *a: loss("xla", *a), (0, 1, 2), True)(q, k, v)
+    np.testing.assert_allclose(out, ref, atol=1e-5)
+    for g, r in zip(grads, ref_grads, strict=True):
+        np.testing.assert_allclose(g, r, atol=1e-5)
+    # and the einsum path is what plain causal masking gives
+    expected = jax.nn.dot_product_attention(
+        q,
+        k,
+        v,
+        is_causal=window is None,
+        mask=None if window is None else _visible(positions, positions, window)[:, None],
+    )
+    np.testing.assert_allclose(ref, expected, atol=1e-5)
+
+
+def test_cached_attention_equals_dot_product_attention():
+    """Attention over a (B, K, S, H) cache, masked per row, is dot_product_attention's."""
     q = jax.random.normal(jax.random.key(0), (2, 6, 4, 8))
-    k = jax.random.normal(jax.random.key(1), (2, 10, kv_heads, 8))
-    v = jax.random.normal(jax.random.key(2), (2, 10, kv_heads, 8))
-    causal = einsum_attention(q, k[:, :6], v[:, :6], None)
-    expected = jax.nn.dot_product_attention(q, k[:, :6], v[:, :6], is_causal=True)
-    np.testing.assert_allclose(causal, expected, atol=1e-5)
+    k = jax.random.normal(jax.random.key(1), (2, 10, 2, 8))
+    v = jax.random.normal(jax.random.key(2), (2, 10, 2, 8))
     positions = jnp.array([[3, 4, 5, 6, 7, 8], [0, 1, 2, 3, 4, 5]])
     mask = jnp.arange(10)[None, None, :] <= positions[:, :, None]
-    masked = einsum_attention(q, k, v, mask)
+    got = cached_attention(q, k.swapaxes(1, 2), v.swapaxes(1, 2), mask)
     expected = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None])
-    np.testing.assert_allclose(masked, expected, atol=1e-5)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "mistral-window"])
+def test_model_with_xla_attention_equals_einsum(name):
+    """model.attention=xla (the TPU / float32 GPU path) gives the einsum path's logits and
+    gradients for the whole model."""
+    cfg = (
+        VARIANTS[name]
+        if name in VARIANTS
+        else ModelConfig(
+            family="mistral",
+            vocab_size=97,
+            embed_dim=32,
+            num_heads=4,
+            num_kv_heads=2,
+            max_seq_len=32,
+            sliding_window=4,
+        )
+    )
+    tokens = jax.random.randint(jax.random.key(3), (2, 12), 0, cfg.vocab_size)
+    results = []
+    for impl in ("einsum", "xla"):
+        model = create_model(dataclasses.replace(cfg, attention=impl), seed=0)
+        graphdef, params = nnx.split(model)
+
+        def loss(params):
+            logits, _ = nnx.merge(graphdef, params)(tokens)
+            return jax.nn.log_softmax(logits).mean(), logits
+
+        (_, logits), grads = jax.value_and_grad(loss, has_aux=True)(params)
+        results.append((logits, grads))
+    np.testing.assert_allclose(results[0][0], results[1][0], atol=1e-5)
+    for a, b in zip(jax.tree.leaves(results[0][1]), jax.tree.leaves(results[1][1]), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_attention_impl_per_backend():
+    assert attention_impl("auto", jnp.float32, "cpu") == "einsum"
+    assert attention_impl("auto", jnp.bfloat16, "gpu") == "cudnn"
+    assert attention_impl("auto", jnp.float32, "gpu") == "xla"
+    assert attention_impl("auto", jnp.bfloat16, "tpu") == "xla"
+    assert attention_impl("xla", jnp.float32, "cpu") == "xla"
+    with pytest.raises(ValueError, match="cudnn needs an NVIDIA GPU"):
+        attention_impl("cudnn", jnp.bfloat16, "cpu")
+
+
+def test_decode_never_transposes_the_cache():
+    """A decode step reads the (B, K, S, H) cache in place whatever model.attention is: its
+    program (the jaxpr, the same for every backend) has no transpose of a cache-sized array."""
+    cfg = dataclasses.replace(VARIANTS["llama-gqa"], attention="xla", max_seq_len=64)
+    graphdef, state = nnx.split(create_model(cfg))
+    cache = init_cache(cfg, 3, max_len=64)
+    step = lambda state, cache: nnx.merge(graphdef, state)(  # noqa: E731
+        jnp.zeros((3, 1), jnp.int32), jnp.full((3, 1), 5), cache
+    )
+    jaxpr = jax.make_jaxpr(step)(state, cache)
+    cache_size = cache[0]["k"].size
+
+    def transposes(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "transpose":
+                yield from (v.aval.shape for v in eqn.invars if v.aval.size >= cache_size)
+            for param in eqn.params.values():
+                inner = getattr(param, "jaxpr", param)
+                if hasattr(inner, "eqns"):
+                    yield from transposes(inner)
+
+    assert list(transposes(jaxpr.jaxpr)) == []
 
 
 def test_remat_under_lora_gives_the_same_adapter_gradients():
