@@ -257,7 +257,7 @@ def test_model_with_xla_attention_equals_einsum(name):
         model = create_model(dataclasses.replace(cfg, attention=impl), seed=0)
         graphdef, params = nnx.split(model)
 
-        def loss(params):
+        def loss(params, graphdef=graphdef):
             logits, _ = nnx.merge(graphdef, params)(tokens)
             return jax.nn.log_softmax(logits).mean(), logits
 
