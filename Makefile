@@ -2,7 +2,12 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+# Which JAX `make install` puts in: auto (the machine's accelerator, else CPU), cpu, cuda12,
+# cuda13, tpu, or system (keep a compatible JAX already installed); see scripts/install.sh.
+JAX ?= auto
+JAX_VERSION ?=
+EXTRAS ?=
+STAMP := $(VENV)/.installed-$(JAX)$(JAX_VERSION)
 
 # XLA's large per-step temporaries make glibc malloc map and unmap pages every step; jemalloc
 # keeps them (see README, "Performance"). Used where installed: apt-get install libjemalloc2.
@@ -12,7 +17,7 @@ export LD_PRELOAD := $(firstword $(JEMALLOC))
 export MALLOC_CONF := oversize_threshold:0,dirty_decay_ms:-1,muzzy_decay_ms:-1
 endif
 
-.PHONY: install test test-fast lint format pretrain finetune distill bench generate serve sweep runs
+.PHONY: install gpu-wheels test test-fast lint format pretrain finetune distill bench generate serve sweep runs
 
 # Extra overrides for the run targets, e.g. make pretrain ARGS="train.steps=50".
 ARGS ?=
@@ -25,11 +30,26 @@ PROMPT ?= def main(
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --upgrade pip
-	$(BIN)/pip install -e '.[dev,interop]'
+$(STAMP): pyproject.toml scripts/install.sh
+	PYTHON=$(PYTHON) VENV=$(VENV) JAX=$(JAX) JAX_VERSION=$(JAX_VERSION) EXTRAS=$(EXTRAS) \
+	  bash scripts/install.sh
+	rm -f $(VENV)/.installed*
 	touch $(STAMP)
+
+# Wheels for scripts/gpu_check.sh on an offline GPU machine whose Python (3.12, x86-64) has JAX
+# but not all of this package's dependencies: what pip resolves for this package with that JAX,
+# less the JAX stack and the large binaries such an image has anyway (jax, jaxlib, numpy, scipy).
+GPU_PYTHON ?= 3.12
+GPU_JAX ?= 0.11.2
+GPU_WHEELS := scripts/wheels
+gpu-wheels:
+	rm -rf $(GPU_WHEELS) && mkdir -p $(GPU_WHEELS)
+	$(PYTHON) -m pip download -q -d $(GPU_WHEELS) --only-binary=:all: --implementation cp \
+	  --python-version $(GPU_PYTHON) $(foreach n,17 24 27 28 31 34 35,--platform manylinux_2_$(n)_x86_64) \
+	  --platform manylinux2014_x86_64 . 'setuptools>=68' jax==$(GPU_JAX)
+	cd $(GPU_WHEELS) && rm -f jax-* jaxlib-* jax_cuda* numpy-* scipy-* ml_dtypes-* tensorstore-* \
+	  pipeline-*
+	du -sh $(GPU_WHEELS)
 
 # The whole suite (what CI runs): ~10 minutes on 2 cores.
 test: install

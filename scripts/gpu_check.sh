@@ -1,15 +1,108 @@
 #!/usr/bin/env bash
-# The GPU checks, in a few minutes: gpt2-124m training step in bfloat16 (tokens/s, MFU against
-# the measured bfloat16 matmul peak), generation throughput, and `fit` for the same config.
-# Needs a machine with an NVIDIA GPU and this package installed (JAX with CUDA).
-# Usage: bash scripts/gpu_check.sh [python]
-set -euo pipefail
+# The GPU check, unattended, in minutes: one JSON line per figure on stdout (and in
+# $GPU_CHECK_OUT, default gpu_check.jsonl), each section in its own process under a time limit,
+# so one failure does not hide the other figures.
+#
+#   env        versions, device, memory
+#   matmul     measured bf16 / f32 matmul peak (8192^3) and the card's data-sheet peak
+#   attention  cuDNN / XLA attention against a float32 einsum reference; forward+backward time
+#   train      gpt2-124m bf16 training tokens/s, MFU (measured and nominal peak), remat none and
+#              dots, and with XLA's attention instead of cuDNN's
+#   fit        per-device bytes of that step (parameters, optimizer, XLA's temporaries)
+#   generate   decode tokens/s at batch 1 and 32
+#   serve      the OpenAI server's throughput at concurrency 1 and 32 (real HTTP on loopback)
+#   torch      the same training step in PyTorch (HF GPT-2, torch.compile, bf16 autocast), when
+#              torch is importable
+#
+# Uses the Python and JAX already installed (PYTHON, default python3): nothing is downloaded.
+# Where that Python lacks a dependency, `make install JAX=system` makes .venv-gpu, which keeps
+# the installed JAX and takes the rest from the wheels in scripts/wheels (made with
+# `make gpu-wheels` on a machine with a network). Refuses to run without a GPU unless
+# GPU_CHECK_ALLOW_CPU=1, which also shrinks every case to a toy model (the CI rehearsal).
+#
+# Usage: bash scripts/gpu_check.sh [SECTION ...]     (default: all, in the order above)
+set -uo pipefail
 cd "$(dirname "$0")/.."
-PY=${1:-python}
-"$PY" -c "import jax; print(jax.devices())"
-"$PY" -m pipeline fit --config configs/gpt2-124m.yaml model.compute_dtype=bfloat16 train.batch_size=16
-"$PY" -m pipeline bench train --cases gpt2-124m --steps 10 --json \
-  model.compute_dtype=bfloat16 train.batch_size=16
-"$PY" -m pipeline bench train --cases gpt2-124m --steps 10 --json \
-  model.compute_dtype=bfloat16 train.batch_size=16 model.remat=dots
-"$PY" -m pipeline bench generate --config configs/gpt2-124m.yaml --cases b1,b32 --json
+PY=${PYTHON:-python3}
+OUT_FILE=${GPU_CHECK_OUT:-gpu_check.jsonl}
+WHEELS=${GPU_CHECK_WHEELS:-scripts/wheels}
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+# Does $PY have this package's dependencies, in the versions pyproject.toml asks for?
+unmet=$("$PY" - <<'EOF' 2>&1
+import tomllib
+from importlib import metadata
+
+from packaging.requirements import Requirement
+
+unmet = []
+for line in tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]:
+    req = Requirement(line)
+    try:
+        if metadata.version(req.name) not in req.specifier:
+            unmet.append(f"{req.name} {metadata.version(req.name)} (wants {req.specifier})")
+    except metadata.PackageNotFoundError:
+        unmet.append(f"{req.name} (missing)")
+print(", ".join(unmet))
+EOF
+)
+if [ -n "$unmet" ]; then
+  # `make install JAX=system`, offline: an environment that sees $PY's packages (its JAX, CUDA
+  # plugin, torch) and takes what is missing from the wheels that `make gpu-wheels` put here.
+  [ -d "$WHEELS" ] || {
+    echo "[gpu_check] $PY lacks: $unmet; and there is no $WHEELS (make gpu-wheels, then copy it here)" >&2
+    exit 1
+  }
+  echo "[gpu_check] $PY lacks: $unmet; installing from $WHEELS" >&2
+  if PIP_NO_INDEX=1 PIP_FIND_LINKS="$PWD/$WHEELS" PYTHON="$PY" VENV=.venv-gpu JAX=system \
+    EXTRAS=none bash scripts/install.sh >&2; then
+    PY=.venv-gpu/bin/python
+  else # no virtual environment here (no venv module, say): the missing wheels beside $PY
+    echo "[gpu_check] make install JAX=system failed; adding the missing wheels to PYTHONPATH" >&2
+    missing=$("$PY" - "$WHEELS" <<'EOF'
+import re, sys
+from importlib import metadata
+from pathlib import Path
+
+norm = lambda name: re.sub(r"[-_.]+", "-", name).lower()
+have = {norm(d.metadata["Name"]) for d in metadata.distributions() if d.metadata["Name"]}
+wheels = sorted(Path(sys.argv[1]).glob("*.whl"))
+print(" ".join(str(w) for w in wheels if norm(w.name.split("-")[0]) not in have))
+EOF
+)
+    site=$(mktemp -d)
+    # shellcheck disable=SC2086
+    [ -z "$missing" ] || "$PY" -m pip install -q --no-index --no-deps --target "$site" $missing >&2
+    export PYTHONPATH="$PYTHONPATH:$site"
+  fi
+fi
+
+backend=$("$PY" -c "import jax; print(jax.default_backend())") || {
+  echo "[gpu_check] JAX does not import with $PY" >&2
+  exit 1
+}
+if [ "$backend" != gpu ]; then
+  if [ "${GPU_CHECK_ALLOW_CPU:-0}" != 1 ]; then
+    echo "[gpu_check] no GPU: JAX's backend is $backend (GPU_CHECK_ALLOW_CPU=1 rehearses on toy sizes)" >&2
+    exit 2
+  fi
+  export GPU_CHECK_SIZE=tiny
+fi
+
+sections=("$@")
+[ ${#sections[@]} -gt 0 ] || sections=(env matmul attention train fit generate serve torch)
+declare -A limit=([train]=240 [torch]=150 [serve]=120 [generate]=90 [fit]=90 [attention]=60 [env]=60 [matmul]=60)
+: >"$OUT_FILE"
+failed=0
+for section in "${sections[@]}"; do
+  start=$(date +%s)
+  echo "[gpu_check] $section" >&2
+  timeout "${limit[$section]:-150}" "$PY" scripts/gpu_check.py "$section" | tee -a "$OUT_FILE"
+  rc=${PIPESTATUS[0]}
+  if [ "$rc" -ne 0 ]; then
+    failed=1
+    [ "$rc" -eq 124 ] && echo "{\"check\": \"$section\", \"error\": \"timed out\"}" | tee -a "$OUT_FILE"
+  fi
+  echo "[gpu_check] $section: $(($(date +%s) - start)) s, exit $rc" >&2
+done
+exit $failed

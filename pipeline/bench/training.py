@@ -14,8 +14,13 @@ import numpy as np
 
 from pipeline.config import Config, with_overrides
 from pipeline.data import Dataset
-from pipeline.model import count_params, create_model
-from pipeline.runtime import aggregate_peak_flops, allocator, measure_matmul_peak
+from pipeline.model import attention_impl, count_params, create_model
+from pipeline.runtime import (
+    aggregate_peak_flops,
+    allocator,
+    measure_matmul_peak,
+    nominal_peak_flops,
+)
 from pipeline.tokenizer import byte_tokenizer
 from pipeline.training.finetune import stage_for_model
 from pipeline.training.instruct import Examples
@@ -73,6 +78,9 @@ def time_stage(cfg: Config, stage, steps: int, warmup: int) -> dict:
     step_s = (time.perf_counter() - start) / steps
     tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
     peak = aggregate_peak_flops(cfg.train.peak_flops, cfg.model.compute_dtype)
+    kind = jax.devices()[0].device_kind
+    nominal = nominal_peak_flops(kind, cfg.model.compute_dtype)
+    flops_per_sec = tokens_per_step / step_s * stage.flops_per_token
     return {
         "params": count_params(cfg.model),
         "trained_params": sum(int(np.size(x)) for x in jax.tree.leaves(stage.params)),
@@ -81,7 +89,9 @@ def time_stage(cfg: Config, stage, steps: int, warmup: int) -> dict:
         "devices": strategy.num_devices,
         "tokens_per_sec": tokens_per_step / step_s,
         "step_time_s": step_s,
-        "mfu": tokens_per_step / step_s * stage.flops_per_token / peak,
+        "mfu": flops_per_sec / peak,
+        # against the card's data-sheet peak (None where unknown, as on CPUs)
+        "mfu_nominal": flops_per_sec / (nominal * strategy.num_devices) if nominal else None,
         "compile_s": compile_s,
         # per device: the training state (weights, adapters, optimizer) and XLA's temporaries
         "state_bytes": state_bytes,
@@ -89,16 +99,20 @@ def time_stage(cfg: Config, stage, steps: int, warmup: int) -> dict:
         "peak_bytes": state_bytes + temp_bytes,
         "peak_flops": peak,
         "compute_dtype": cfg.model.compute_dtype,
-        "device": jax.devices()[0].device_kind,
+        "attention": attention_impl(cfg.model.attention, cfg.model.compute_dtype),
+        "remat": cfg.model.remat,
+        "device": kind,
         "allocator": allocator(),
     }
 
 
 def bench_matmul(dtype: str = "float32") -> dict:
     peak = measure_matmul_peak(dtype)
+    size = 2048 if jax.devices()[0].platform == "cpu" else 8192
     return {
-        "case": f"matmul/2048/{dtype}",
+        "case": f"matmul/{size}/{dtype}",
         "flops_per_sec": peak,
+        "nominal_flops_per_sec": nominal_peak_flops(jax.devices()[0].device_kind, dtype),
         "device": jax.devices()[0].device_kind,
         "allocator": allocator(),
     }

@@ -1,0 +1,168 @@
+"""The PyTorch peer of a training benchmark: the same architecture in transformers, same batch.
+
+`python -m pipeline.bench.torch_peer --config C [key=value ...] --steps N [--compile] --json`
+builds `GPT2LMHeadModel` (family gpt2) or `LlamaForCausalLM` (llama) from our model config,
+trains it with `torch.optim.AdamW` (our optimizer's hyper-parameters, global-norm clipping) on
+random tokens of our batch shape, and prints one JSON line: tokens/s, step time, MFU against
+the card's data-sheet peak, peak memory. bfloat16 compute is autocast over float32 weights, as
+ours keeps float32 master weights. Runs in its own process: torch and JAX never share a device.
+Needs torch and transformers (the `interop` extra; on GPU machines, the image's own).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+
+from pipeline.config import Config, ModelConfig, load_config
+
+
+def build_model(m: ModelConfig):
+    """A transformers model of our architecture, randomly initialised."""
+    import transformers
+
+    if m.family == "gpt2":
+        hf = transformers.GPT2Config(
+            vocab_size=m.vocab_size,
+            n_positions=m.max_seq_len,
+            n_embd=m.embed_dim,
+            n_layer=m.num_layers,
+            n_head=m.num_heads,
+            n_inner=m.mlp_dim,
+            activation_function="gelu_new",
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            layer_norm_epsilon=m.norm_eps,
+            tie_word_embeddings=True,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
+        return transformers.GPT2LMHeadModel(hf)
+    if m.family == "llama":
+        hf = transformers.LlamaConfig(
+            vocab_size=m.vocab_size,
+            hidden_size=m.embed_dim,
+            intermediate_size=m.mlp_dim,
+            num_hidden_layers=m.num_layers,
+            num_attention_heads=m.num_heads,
+            num_key_value_heads=m.num_kv_heads,
+            head_dim=m.head_dim,
+            max_position_embeddings=m.max_seq_len,
+            rms_norm_eps=m.norm_eps,
+            rope_theta=m.rope_theta,
+            tie_word_embeddings=bool(m.tied_embeddings),
+        )
+        return transformers.LlamaForCausalLM(hf)
+    raise ValueError(f"torch peer: family {m.family!r} is not built (gpt2, llama)")
+
+
+def matmul_flops_per_token(model, m: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token, counted as ours counts them (`pipeline.model.flops_per_token`):
+    6 x the parameters used in matmuls (the tied head counted, lookups not) + attention."""
+    params = sum(p.numel() for p in model.parameters())
+    lookups = m.max_seq_len * m.embed_dim if m.family == "gpt2" else 0  # positions
+    if not m.tied_embeddings:
+        lookups += m.vocab_size * m.embed_dim  # the input embedding (the head is a matmul)
+    attention = 12 * m.num_layers * m.num_heads * m.head_dim * seq_len
+    return 6.0 * (params - lookups) + attention
+
+
+def run(cfg: Config, steps: int, warmup: int, compile_model: bool) -> dict:
+    import torch
+
+    from pipeline.runtime import nominal_peak_flops
+
+    torch.manual_seed(cfg.train.seed)
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    m, o = cfg.model, cfg.optimizer
+    model = build_model(m).to(device).train()
+    flops_per_token = matmul_flops_per_token(model, m, cfg.data.seq_len)
+    optimizer = torch.optim.AdamW(
+        model.parameters(),
+        lr=o.lr,
+        betas=(o.b1, o.b2),
+        eps=o.eps,
+        weight_decay=o.weight_decay,
+        **({"fused": True} if cuda else {}),
+    )
+    half = m.compute_dtype in ("bfloat16", "float16")
+    autocast_dtype = getattr(torch, m.compute_dtype) if half else None
+    B, T = cfg.train.batch_size, cfg.data.seq_len
+    gen = torch.Generator().manual_seed(0)
+    batches = [
+        torch.randint(0, m.vocab_size, (B, T + 1), generator=gen).to(device)
+        for _ in range(min(warmup + steps, 8))
+    ]
+
+    def step(batch):
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=half):
+            logits = model(batch[:, :-1]).logits
+        loss = torch.nn.functional.cross_entropy(
+            logits.float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1)
+        )
+        loss.backward()
+        if o.clip_norm:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), o.clip_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    fn = torch.compile(step) if compile_model else step
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    start = time.perf_counter()
+    for i in range(warmup):
+        loss = fn(batches[i % len(batches)])
+    float(loss.detach())
+    sync()
+    warmup_s = time.perf_counter() - start
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for i in range(warmup, warmup + steps):
+        loss = fn(batches[i % len(batches)])
+    float(loss.detach())
+    sync()
+    step_s = (time.perf_counter() - start) / steps
+    kind = torch.cuda.get_device_name() if cuda else "cpu"
+    nominal = nominal_peak_flops(kind, m.compute_dtype)
+    tokens_per_sec = B * T / step_s
+    return {
+        "case": f"train/torch/{m.family}",
+        "peer": "torch",
+        "torch": torch.__version__,
+        "compiled": compile_model,
+        "batch": B,
+        "seq_len": T,
+        "tokens_per_sec": tokens_per_sec,
+        "step_time_s": step_s,
+        "warmup_s": warmup_s,
+        "flops_per_token": flops_per_token,
+        "mfu_nominal": tokens_per_sec * flops_per_token / nominal if nominal else None,
+        "peak_bytes": torch.cuda.max_memory_allocated() if cuda else None,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "compute_dtype": m.compute_dtype,
+        "loss": float(loss.detach()),
+        "device": kind,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.bench.torch_peer")
+    parser.add_argument("--config", required=True)
+    parser.add_argument("overrides", nargs="*", help="key=value, as the pipeline's commands take")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--compile", action="store_true", help="torch.compile the step")
+    args = parser.parse_args(argv)
+    result = run(load_config(args.config, args.overrides), args.steps, args.warmup, args.compile)
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

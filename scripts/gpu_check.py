@@ -1,0 +1,195 @@
+"""The sections of scripts/gpu_check.sh, one per process: `python scripts/gpu_check.py SECTION`.
+
+Each prints one JSON line per figure on stdout ({"check": SECTION, ...}); progress goes to
+stderr. GPU_CHECK_SIZE=tiny shrinks every case to a toy model (the CPU rehearsal that CI runs);
+the default, full, is GPT-2 small (124M) in bfloat16.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+TINY = os.environ.get("GPU_CHECK_SIZE", "full") == "tiny"
+if TINY:
+    CONFIG = ROOT / "configs/tiny.yaml"
+    OVERRIDES = ["train.batch_size=2", "model.compute_dtype=bfloat16"]
+    STEPS, WARMUP = 2, 1
+else:
+    CONFIG = ROOT / "configs/gpt2-124m.yaml"
+    OVERRIDES = ["train.batch_size=16", "model.compute_dtype=bfloat16"]
+    STEPS, WARMUP = 10, 3
+
+
+def emit(check: str, **fields) -> None:
+    print(json.dumps({"check": check, **fields}, default=str), flush=True)
+
+
+def log(message: str) -> None:
+    print(f"[gpu_check] {message}", file=sys.stderr, flush=True)
+
+
+def config(*extra: str):
+    from pipeline.config import load_config
+
+    return load_config(CONFIG, [*OVERRIDES, *extra])
+
+
+def env() -> None:
+    from importlib import metadata
+
+    import jax
+
+    versions = {}
+    for name in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "torch", "transformers"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    device = jax.devices()[0]
+    stats = getattr(device, "memory_stats", lambda: None)() or {}
+    emit(
+        "env",
+        python=sys.version.split()[0],
+        **versions,
+        backend=jax.default_backend(),
+        device=device.device_kind,
+        devices=jax.device_count(),
+        memory_bytes=stats.get("bytes_limit"),
+    )
+
+
+def matmul() -> None:
+    from pipeline.bench.training import bench_matmul
+
+    for dtype in ("bfloat16", "float32"):
+        result = bench_matmul(dtype)
+        emit("matmul", **result)
+
+
+def attention() -> None:
+    """cuDNN (on GPUs) and XLA attention against a float32 einsum reference, then forward plus
+    backward time of each path at the training shape."""
+    import jax
+    import jax.numpy as jnp
+
+    from pipeline.model import attention as attend
+    from pipeline.model import attention_impl
+
+    cfg = config().model
+    B, T = (2, 64) if TINY else (16, 1024)
+    N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    impls = ["einsum", "xla"] + (["cudnn"] if jax.default_backend() == "gpu" else [])
+    keys = jax.random.split(jax.random.key(1), 3)
+    q = jax.random.normal(keys[0], (B, T, N, H), jnp.float32)
+    k = jax.random.normal(keys[1], (B, T, K, H), jnp.float32)
+    v = jax.random.normal(keys[2], (B, T, K, H), jnp.float32)
+    positions = jnp.broadcast_to(jnp.arange(T), (B, T))
+    for window in (None, T // 4):
+        ref = attend(q, k, v, positions, window, "einsum")
+        for impl in impls:
+            half = [x.astype(jnp.bfloat16) for x in (q, k, v)]
+            out = attend(*half, positions, window, impl).astype(jnp.float32)
+            err = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
+
+            def loss(q, k, v, impl=impl, window=window):
+                return attend(q, k, v, positions, window, impl).astype(jnp.float32).sum()
+
+            grad = jax.jit(jax.grad(loss, (0, 1, 2)))
+            jax.block_until_ready(grad(*half))
+            start = time.perf_counter()
+            for _ in range(5):
+                result = grad(*half)
+            jax.block_until_ready(result)
+            emit(
+                "attention",
+                impl=impl,
+                window=window,
+                shape=[B, T, N, H],
+                rel_error_bf16=err,
+                fwd_bwd_ms=(time.perf_counter() - start) / 5 * 1e3,
+                auto=attention_impl("auto", jnp.bfloat16),
+            )
+
+
+def train() -> None:
+    from pipeline.bench.training import bench_train
+
+    variants = [("none", "auto"), ("dots", "auto")]
+    if not TINY:
+        variants.append(("none", "xla"))  # what cuDNN's flash attention gains
+    for remat, impl in variants:
+        log(f"train: remat {remat}, attention {impl}")
+        cfg = config(f"model.remat={remat}", f"model.attention={impl}")
+        result = bench_train(cfg, CONFIG.stem, steps=STEPS, warmup=WARMUP)
+        emit("train", **result)
+
+
+def fit() -> None:
+    from pipeline.training.fit import device_budget
+    from pipeline.training.fit import fit as fit_config
+
+    result = fit_config(config(), device_budget(), max_rows=0)  # one compile, no batch search
+    emit("fit", **result)
+
+
+def generate() -> None:
+    from pipeline.bench.inference import bench_generate
+
+    new_tokens = 16 if TINY else 128
+    for batch in (1, 32):
+        result = bench_generate(
+            config(), f"{CONFIG.stem}/b{batch}", batch=batch, new_tokens=new_tokens
+        )
+        emit("generate", **result)
+
+
+def serve() -> None:
+    from pipeline.serving.loadgen import bench_serve
+
+    levels, max_tokens = ((1, 2), 8) if TINY else ((1, 32), 64)
+    # 256 positions: 32-token prompts and 64 new tokens fit, and the engine compiles fewer buckets
+    cfg = config("model.max_seq_len=256")
+    for result in bench_serve(
+        cfg, CONFIG.stem, levels, max_tokens=max_tokens, baseline_concurrency=0
+    ):
+        emit("serve", **result)
+
+
+def torch() -> None:
+    """The same training step in PyTorch (transformers' GPT-2, AdamW, bf16 autocast,
+    torch.compile on a GPU), in its own process; skipped where torch is not importable."""
+    import importlib.util
+
+    if not importlib.util.find_spec("torch") or not importlib.util.find_spec("transformers"):
+        emit("torch", skipped="torch or transformers is not importable")
+        return
+    import torch as pt
+
+    compiled = pt.cuda.is_available()
+    command = [sys.executable, "-m", "pipeline.bench.torch_peer", "--config", str(CONFIG)]
+    command += [*OVERRIDES, "--steps", str(STEPS), "--warmup", str(WARMUP)]
+    command += ["--compile"] if compiled else []
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}  # torch has the device to itself
+    out = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
+    if out.returncode:
+        raise RuntimeError(out.stderr.strip().splitlines()[-1] if out.stderr else "failed")
+    emit("torch", **json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+SECTIONS = {f.__name__: f for f in (env, matmul, attention, train, fit, generate, serve, torch)}
+
+if __name__ == "__main__":
+    name = sys.argv[1]
+    try:
+        SECTIONS[name]()
+    except Exception as error:  # one section's failure must not hide the others' figures
+        emit(name, error=f"{type(error).__name__}: {error}"[:2000])
+        raise
