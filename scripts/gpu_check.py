@@ -26,6 +26,8 @@ else:
     CONFIG = ROOT / "configs/gpt2-124m.yaml"
     OVERRIDES = ["train.batch_size=16", "model.compute_dtype=bfloat16"]
     STEPS, WARMUP = 10, 3
+# More overrides for every case (e.g. GPU_CHECK_OVERRIDES="train.batch_size=32").
+OVERRIDES += os.environ.get("GPU_CHECK_OVERRIDES", "").split()
 
 
 def emit(check: str, **fields) -> None:
@@ -122,9 +124,9 @@ def attention() -> None:
 def train() -> None:
     from pipeline.bench.training import bench_train
 
-    variants = [("none", "auto"), ("dots", "auto")]
-    if not TINY:
-        variants.append(("none", "xla"))  # what cuDNN's flash attention gains
+    # remat/attention pairs; none/xla: what cuDNN's flash attention gains
+    default = "none/auto,dots/auto" + ("" if TINY else ",none/xla")
+    variants = [v.split("/") for v in os.environ.get("GPU_CHECK_TRAIN", default).split(",")]
     for remat, impl in variants:
         log(f"train: remat {remat}, attention {impl}")
         cfg = config(f"model.remat={remat}", f"model.attention={impl}")
@@ -152,11 +154,16 @@ def generate() -> None:
 
 
 def serve() -> None:
+    import logging
+
     from pipeline.serving.loadgen import bench_serve
+
+    # the engine's start-up (21 programs to compile for these sizes) shows on stderr
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
 
     levels, max_tokens = ((1, 2), 8) if TINY else ((1, 32), 64)
     # 256 positions: 32-token prompts and 64 new tokens fit, and the engine compiles fewer buckets
-    cfg = config("model.max_seq_len=256")
+    cfg = config("model.max_seq_len=256", "data.seq_len=256")
     for result in bench_serve(
         cfg, CONFIG.stem, levels, max_tokens=max_tokens, baseline_concurrency=0
     ):

@@ -91,7 +91,7 @@ fi
 
 sections=("$@")
 [ ${#sections[@]} -gt 0 ] || sections=(env matmul attention train fit generate serve torch)
-declare -A limit=([train]=240 [torch]=150 [serve]=120 [generate]=90 [fit]=90 [attention]=60 [env]=60 [matmul]=60)
+declare -A limit=([train]=240 [torch]=150 [serve]=300 [generate]=90 [fit]=90 [attention]=60 [env]=60 [matmul]=60)
 : >"$OUT_FILE"
 failed=0
 for section in "${sections[@]}"; do

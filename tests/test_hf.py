@@ -4,6 +4,7 @@ Run: pytest tests/test_hf.py
 """
 
 import json
+import os
 
 import jax.numpy as jnp
 import numpy as np
@@ -12,7 +13,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from conftest import imported_finetune_config, make_tiny_runs  # noqa: E402
+from conftest import ROOT, imported_finetune_config, make_tiny_runs  # noqa: E402
 
 from pipeline.config import ConfigError  # noqa: E402
 from pipeline.inference.generate import generate  # noqa: E402
@@ -147,3 +148,26 @@ def test_an_imported_run_generates_and_fine_tunes_like_any_other(tmp_path, capsy
     cfg = imported_finetune_config(tmp_path / "run", tmp_path)
     result = finetune(cfg)
     assert result["status"] == "finished" and (tmp_path / "ft" / "adapter_config.json").is_file()
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_the_torch_peer_builds_our_architecture_and_trains(family):
+    """The PyTorch benchmark peer: transformers' model of our config counts the FLOPs ours
+    counts (so MFU compares like with like) and trains: a finite loss near ln(V) on random
+    tokens, and the fields the GPU check and the README read."""
+    import math
+
+    from pipeline.bench.torch_peer import build_model, matmul_flops_per_token, run
+    from pipeline.config import load_config
+    from pipeline.model import count_params, flops_per_token
+
+    overrides = [f"model.family={family}", "train.batch_size=2"]
+    cfg = load_config(os.path.join(ROOT, "configs", "tiny.yaml"), overrides)
+    model = build_model(cfg.model)
+    assert sum(p.numel() for p in model.parameters()) == count_params(cfg.model)
+    flops = flops_per_token(cfg.model, cfg.data.seq_len)
+    assert matmul_flops_per_token(model, cfg.model, cfg.data.seq_len) == flops
+    result = run(cfg, steps=2, warmup=1, compile_model=False)
+    assert result["flops_per_token"] == flops
+    assert result["tokens_per_sec"] > 0 and result["step_time_s"] > 0
+    assert abs(result["loss"] - math.log(cfg.model.vocab_size)) < 1.0
