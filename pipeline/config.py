@@ -253,6 +253,7 @@ class ServeConfig:
     max_queue: int = 64  # requests waiting for a slot before 429
     max_tokens: int | None = None  # the largest max_tokens accepted; None: max_len
     default_max_tokens: int = 16  # when a request gives none (as OpenAI's completions)
+    max_n: int = 8  # the largest n (choices per request)
     max_body_bytes: int = 1_048_576
     graceful_seconds: float = 60.0  # SIGTERM: how long in-flight requests may take to finish
     draft: str | None = None  # a draft run (e.g. a distilled student): speculative decoding

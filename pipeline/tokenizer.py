@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Iterator
+from functools import cache
 from pathlib import Path
 from typing import Protocol
 
@@ -104,6 +105,32 @@ class Tokenizer:
         ids = [int(i) for i in ids if 0 <= int(i) < self.vocab_size]
         return self.hf.decode(ids, skip_special_tokens=skip_special)
 
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes one token stands for (a special token: its text), whether or not they are
+        valid UTF-8 alone: what logprobs report per token."""
+        piece = self.hf.id_to_token(int(token))
+        if piece is None:
+            return b""
+        decoder = self.hf.decoder
+        if decoder is not None and b'"ByteLevel"' in decoder.__getstate__():
+            alphabet = _byte_alphabet()
+            if all(ch in alphabet for ch in piece):
+                return bytes(alphabet[ch] for ch in piece)
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):  # byte fallback
+            return bytes([int(piece[3:5], 16)])
+        return self.decode([token], skip_special=False).encode("utf-8")
+
+    def token_text(self, token: int) -> str:
+        """One token as text; bytes that are not UTF-8 alone as "bytes:\\xe2\\x80" (as OpenAI
+        writes them), so two tokens never share a text."""
+        if self.hf.id_to_token(int(token)) is None:  # past the vocabulary (a padded embedding)
+            return f"<unused:{int(token)}>"
+        raw = self.token_bytes(token)
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
     def save(self, directory: str | Path) -> Path:
         path = Path(directory) / FILENAME
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -184,6 +211,11 @@ def _bytes_to_unicode() -> list[str]:
             chars[b] = chr(256 + extra)
             extra += 1
     return [chars[b] for b in range(256)]
+
+
+@cache
+def _byte_alphabet() -> dict[str, int]:
+    return {ch: b for b, ch in enumerate(_bytes_to_unicode())}
 
 
 def token_dtype(vocab_size: int) -> np.dtype:

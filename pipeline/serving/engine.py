@@ -39,6 +39,17 @@ from pipeline.inference.sampling import (
 )
 from pipeline.inference.speculative import speculate
 from pipeline.model import init_cache
+from pipeline.serving.controls import (
+    MAX_TOP_LOGPROBS,
+    Controls,
+    adjust,
+    admit_controls,
+    check_controls,
+    control_arrays,
+    init_controls,
+    logprobs,
+    record,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +65,10 @@ class Request:
     sampling: Sampling
     emit: Callable[[int | None, str | None], None]
     stop_ids: frozenset[int] = frozenset()
+    controls: Controls = Controls()
+    # with controls.logprobs: per emitted token (its log-probability, the top ids, their
+    # log-probabilities), appended by the engine thread before the token is emitted
+    logprobs: list = field(default_factory=list)
     id: int = field(default_factory=itertools.count().__next__)
     submitted: float = field(default_factory=time.perf_counter)
     generated: int = 0
@@ -72,20 +87,38 @@ def _write_rows(cache, small, slot_ids):
 @partial(
     jax.jit,
     static_argnames=("graphdef", "dgraph"),
-    donate_argnames=("slots", "cache", "dcache"),
+    donate_argnames=("slots", "ctl", "cache", "dcache"),
 )
 def _insert(
-    params, slots, cache, tokens, lengths, slot_ids, sampling, dparams, dcache, *, graphdef, dgraph
+    params,
+    slots,
+    ctl,
+    cache,
+    tokens,
+    lengths,
+    slot_ids,
+    sampling,
+    controls,
+    dparams,
+    dcache,
+    *,
+    graphdef,
+    dgraph,
 ):
     """Prefill n prompts (n, P) together, write their keys/values into rows `slot_ids` (of the
-    draft's cache too, with a draft) and sample their first tokens: tokens (n,). A slot id past
-    the last slot marks a padding row (its writes are dropped)."""
+    draft's cache too, with a draft) and sample their first tokens: tokens (n,) and their
+    log-probabilities. A slot id past the last slot marks a padding row (its writes are
+    dropped)."""
     model = nnx.merge(graphdef, params)
     n, P = tokens.shape
     logits, small = prefill(model, tokens, lengths, init_cache(model.cfg, n, P))
     temperature, top_k, top_p, seed = sampling
     keys = request_keys(seed, 0)
-    first = sample(logits, keys, temperature, top_k, top_p)
+    ctl, rows = admit_controls(ctl, controls, tokens, lengths, slot_ids)
+    shaped = adjust(logits, rows, jnp.zeros_like(lengths))
+    first = sample(shaped, keys, temperature, top_k, top_p)
+    info = logprobs(logits, first, rows["logprobs"])
+    ctl = record(ctl, first, slot_ids)
     cache = _write_rows(cache, small, slot_ids)
     if dgraph is not None:
         draft = nnx.merge(dgraph, dparams)
@@ -101,7 +134,7 @@ def _insert(
         "seed": seed,
     }
     slots = {k: slots[k].at[slot_ids].set(v, mode="drop") for k, v in values.items()}
-    return first, slots, cache, dcache
+    return first, info, slots, ctl, cache, dcache
 
 
 @partial(
@@ -135,9 +168,10 @@ def _speculative_step(params, dparams, slots, cache, dcache, *, graphdef, dgraph
     return emitted, n + 1, slots, cache, dcache
 
 
-@partial(jax.jit, static_argnames=("graphdef", "rows"), donate_argnames=("slots", "cache"))
-def _step(params, slots, cache, *, graphdef, rows: int):
-    """Feed the last token of slots 0..rows-1, sample their next tokens: tokens (rows,).
+@partial(jax.jit, static_argnames=("graphdef", "rows"), donate_argnames=("slots", "ctl", "cache"))
+def _step(params, slots, ctl, cache, *, graphdef, rows: int):
+    """Feed the last token of slots 0..rows-1, sample their next tokens: tokens (rows,) and
+    their log-probabilities (zeros unless a slot asked for them).
 
     Active requests are kept in the lowest slots, so a step costs what its `rows` (the number
     of active slots rounded up to a power of two) cost, not what every slot would.
@@ -149,18 +183,35 @@ def _step(params, slots, cache, *, graphdef, rows: int):
     # The model writes rows 0..rows-1 of the whole cache in place and attends over those rows.
     logits, cache = decode_step(model, part["token"], positions, cache)
     keys = request_keys(part["seed"], part["step"])
-    tokens = sample(logits, keys, part["temperature"], part["top_k"], part["top_p"])
+    view = {k: v[:rows] for k, v in ctl.items()}
+    shaped = adjust(logits, view, part["step"])  # step: tokens generated so far
+    tokens = sample(shaped, keys, part["temperature"], part["top_k"], part["top_p"])
+    info = logprobs(logits, tokens, view["logprobs"])
+    ctl = record(ctl, tokens, jnp.arange(rows))
     part = {**part, "token": tokens, "position": part["position"] + 1, "step": part["step"] + 1}
     slots = jax.tree.map(
         lambda whole, new: jax.lax.dynamic_update_slice_in_dim(whole, new, 0, axis=0), slots, part
     )
-    return tokens, slots, cache
+    return tokens, info, slots, ctl, cache
 
 
-@partial(jax.jit, donate_argnames=("slots", "cache"))
-def _move(slots, cache, src, dst):
-    """Copy slot `src` (its keys/values and its sampling state) into slot `dst`."""
-    return jax.tree.map(lambda x: x.at[dst].set(x[src]), (slots, cache))
+@partial(jax.jit, static_argnames=("graphdef",))
+def _score(params, tokens, *, graphdef):
+    """Log-probabilities of a prompt's tokens under the model (echo): for position i >= 1, that
+    of token i given tokens 0..i-1 (position 0 gets 0), and the top ones there."""
+    model = nnx.merge(graphdef, params)
+    logits, _ = model(tokens)  # (1, P, V) float32
+    lp = jax.nn.log_softmax(logits[0, :-1], axis=-1)
+    chosen = jnp.take_along_axis(lp, tokens[0, 1:, None], axis=-1)[:, 0]
+    top_lp, top_ids = jax.lax.top_k(lp, min(MAX_TOP_LOGPROBS, lp.shape[-1]))
+    pad = lambda x: jnp.concatenate([jnp.zeros_like(x[:1]), x])  # noqa: E731
+    return pad(chosen), pad(top_ids), pad(top_lp)
+
+
+@partial(jax.jit, donate_argnames=("slots", "ctl", "cache"))
+def _move(slots, ctl, cache, src, dst):
+    """Copy slot `src` (its keys/values, sampling state and controls) into slot `dst`."""
+    return jax.tree.map(lambda x: x.at[dst].set(x[src]), (slots, ctl, cache))
 
 
 class Engine:
@@ -208,6 +259,8 @@ class Engine:
             "top_p": jnp.ones((slots,), jnp.float32),
             "seed": jnp.zeros((slots,), jnp.uint32),
         }
+        self.ctl = init_controls(slots, cfg.vocab_size)
+        self.vocab_size = cfg.vocab_size
         self.active: list[Request | None] = [None] * slots
         self.waiting: deque[Request] = deque()
         self.observe = observe or (lambda name, value: None)
@@ -219,13 +272,21 @@ class Engine:
 
     # --- public, thread-safe ---------------------------------------------------------------
 
-    def check(self, prompt_len: int, max_tokens: int, sampling: Sampling) -> None:
+    def check(
+        self, prompt_len: int, max_tokens: int, sampling: Sampling, controls: Controls = Controls()
+    ) -> None:
         """Raise ValueError (a message for the client) for a request this engine cannot run."""
         check_request(prompt_len, max_tokens, self.max_len)
         check_sampling(sampling)
+        check_controls(controls, self.vocab_size)
+        if self.dgraph is not None and (controls.shapes_logits or controls.logprobs):
+            raise ValueError(
+                "logprobs, penalties, logit_bias and min_tokens are not supported with "
+                "speculative decoding (serve.draft)"
+            )
 
     def submit(self, request: Request) -> Request:
-        self.check(len(request.prompt), request.max_tokens, request.sampling)
+        self.check(len(request.prompt), request.max_tokens, request.sampling, request.controls)
         with self._lock:
             if not self._running:
                 raise QueueFullError("the engine is shutting down")
@@ -240,6 +301,18 @@ class Engine:
         with self._lock:
             request.cancelled = True
             self._lock.notify()
+
+    def score(self, prompt: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The prompt's token log-probabilities (the first is 0: nothing predicts it), the top
+        ids and their log-probabilities at each position, from one forward pass (thread-safe:
+        it runs beside the engine's own programs)."""
+        if not 1 <= len(prompt) <= self.max_len:
+            raise ValueError(f"the prompt must be 1..{self.max_len} tokens, got {len(prompt)}")
+        P = next(b for b in self.buckets if b >= len(prompt))
+        tokens = np.zeros((1, P), np.int32)
+        tokens[0, : len(prompt)] = prompt
+        out = _score(self.params, jnp.asarray(tokens), graphdef=self.graphdef)
+        return tuple(np.asarray(x)[: len(prompt)] for x in out)
 
     @property
     def busy_slots(self) -> int:
@@ -256,9 +329,11 @@ class Engine:
             for n in self.admit_sizes:
                 requests = [Request([0], 1, Sampling(), lambda t, r: None)] * n
                 self._prefill(requests, [self.num_slots] * n, P)  # padding rows only
+        for P in self.buckets:  # echo's prompt scoring
+            _score(self.params, jnp.zeros((1, P), jnp.int32), graphdef=self.graphdef)
         for rows in self.row_buckets:
             tokens = self._run_step(rows)[0]
-        self.slots, self.cache = _move(self.slots, self.cache, jnp.int32(0), jnp.int32(0))
+        self._move(0, 0)
         jax.block_until_ready(tokens)
         self.compile_seconds = time.perf_counter() - start
         log.info(
@@ -339,20 +414,23 @@ class Engine:
         for i, request in enumerate(requests):
             tokens[i, : len(request.prompt)] = request.prompt
         samplings = [r.sampling for r in requests] + [Sampling()] * pad
-        first, self.slots, self.cache, self.dcache = _insert(
+        controls = [r.controls for r in requests] + [Controls()] * pad
+        first, info, self.slots, self.ctl, self.cache, self.dcache = _insert(
             self.params,
             self.slots,
+            self.ctl,
             self.cache,
             jnp.asarray(tokens),
             jnp.asarray([len(r.prompt) for r in requests] + [1] * pad, jnp.int32),
             jnp.asarray(list(slot_ids) + [self.num_slots] * pad, jnp.int32),
             sampling_arrays(samplings),
+            control_arrays(controls),
             self.dparams,
             self.dcache,
             graphdef=self.graphdef,
             dgraph=self.dgraph,
         )
-        return np.asarray(first)[: len(requests)]
+        return np.asarray(first)[: len(requests)], info
 
     def _admit(self, slot_ids: list[int], requests: list[Request]) -> None:
         """Prefill waiting requests into free slots, up to the largest admit size per call."""
@@ -367,11 +445,12 @@ class Engine:
             group, ids = requests[start : start + size], slot_ids[start : start + size]
             start += len(group)
             P = next(b for b in self.buckets if b >= max(len(r.prompt) for r in group))
-            first = self._prefill(group, ids, P)
-            for slot, request, token in zip(ids, group, first, strict=True):
+            first, info = self._prefill(group, ids, P)
+            info = _host_info(info, any(r.controls.logprobs for r in group))
+            for i, (slot, request, token) in enumerate(zip(ids, group, first, strict=False)):
                 self.active[slot] = request
                 self.observe("prompt_tokens", len(request.prompt))
-                self._deliver(slot, int(token))
+                self._deliver(slot, int(token), info and (info[0][i], info[1][i], info[2][i]))
 
     def _compact(self) -> None:
         """Keep the active requests in slots 0..n-1: move the highest into the lowest hole."""
@@ -381,16 +460,22 @@ class Engine:
             if not used or not holes or holes[0] > used[-1]:
                 return
             src, dst = used[-1], holes[0]
-            self.slots, self.cache = _move(self.slots, self.cache, jnp.int32(src), jnp.int32(dst))
+            self._move(src, dst)
             self.active[dst], self.active[src] = self.active[src], None
 
+    def _move(self, src: int, dst: int) -> None:
+        self.slots, self.ctl, self.cache = _move(
+            self.slots, self.ctl, self.cache, jnp.int32(src), jnp.int32(dst)
+        )
+
     def _run_step(self, rows: int):
-        """One jitted step for slots 0..rows-1: (tokens (rows, m), how many of them (rows,))."""
+        """One jitted step for slots 0..rows-1: (tokens (rows, m), how many of them (rows,),
+        their log-probabilities or None)."""
         if self.dgraph is None:
-            tokens, self.slots, self.cache = _step(
-                self.params, self.slots, self.cache, graphdef=self.graphdef, rows=rows
+            tokens, info, self.slots, self.ctl, self.cache = _step(
+                self.params, self.slots, self.ctl, self.cache, graphdef=self.graphdef, rows=rows
             )
-            return tokens[:, None], jnp.ones_like(tokens)
+            return tokens[:, None], jnp.ones_like(tokens), info
         tokens, produced, self.slots, self.cache, self.dcache = _speculative_step(
             self.params,
             self.dparams,
@@ -402,25 +487,31 @@ class Engine:
             rows=rows,
             k=self.draft_k,
         )
-        return tokens, produced
+        return tokens, produced, None
 
     def _decode(self) -> None:
         n = sum(r is not None for r in self.active)  # compact: slots 0..n-1
         rows = next(b for b in self.row_buckets if b >= n)
-        tokens, produced = (np.asarray(x) for x in self._run_step(rows))
+        tokens, produced, info = self._run_step(rows)
+        tokens, produced = np.asarray(tokens), np.asarray(produced)
+        info = _host_info(info, any(r is not None and r.controls.logprobs for r in self.active))
         self.steps += 1
         for slot, request in enumerate(self.active):
             for token in tokens[slot, : produced[slot]] if request is not None else ():
                 if self.active[slot] is not request:  # it ended within this round
                     break
-                self._deliver(slot, int(token))
+                self._deliver(
+                    slot, int(token), info and (info[0][slot], info[1][slot], info[2][slot])
+                )
 
-    def _deliver(self, slot: int, token: int) -> None:
+    def _deliver(self, slot: int, token: int, info=None) -> None:
         request = self.active[slot]
         now = time.perf_counter()
         if request.cancelled:
             self._finish(slot, None, "cancelled")
             return
+        if request.controls.logprobs and info is not None:
+            request.logprobs.append((float(info[0]), info[1].tolist(), info[2].tolist()))
         if request.generated == 0:
             self.observe("ttft", now - request.submitted)
         else:
@@ -438,3 +529,10 @@ class Engine:
         request = self.active[slot]
         self.active[slot] = None
         request.emit(token, reason)
+
+
+def _host_info(info, wanted: bool):
+    """The step's log-probabilities as host arrays, fetched only when a request wants them."""
+    if info is None or not wanted:
+        return None
+    return tuple(np.asarray(x) for x in info)

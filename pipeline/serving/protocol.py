@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
 
 MAX_STOP_SEQUENCES = 4
+MAX_TOP_LOGPROBS = 20
 
 
 class APIError(Exception):
@@ -38,9 +39,10 @@ def error_body(message: str, status: int, param: str | None = None, code: str | 
 
 
 class SamplingRequest(BaseModel):
-    """The fields completions and chat completions share."""
+    """The fields completions and chat completions share. A field this server does not know is
+    refused (400 naming it), never silently dropped."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
     model: str
     max_tokens: StrictInt | None = None
@@ -51,27 +53,36 @@ class SamplingRequest(BaseModel):
     stop: str | list[str] | None = Field(None, validate_default=True)  # -> list[str]
     stream: StrictBool = False
     stream_options: dict[str, Any] | None = None
-    n: StrictInt = 1
+    n: StrictInt = Field(1, ge=1)  # the server's limit: serve.max_n
     best_of: StrictInt | None = None
-    logprobs: Any = None
-    echo: StrictBool = False
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
+    user: str | None = None  # accepted, unused (OpenAI's end-user id)
+    # extensions, as in vLLM
+    repetition_penalty: float = Field(1.0, gt=0.0)
+    min_tokens: StrictInt = Field(0, ge=0)
+    stop_token_ids: list[StrictInt] | None = None
+    ignore_eos: StrictBool = False
 
-    @field_validator("n", "best_of")
+    @field_validator("best_of")
     @classmethod
-    def _one_choice(cls, value):
+    def _best_of(cls, value):
         if value not in (None, 1):
-            raise ValueError("only n=1 (and best_of=1) is supported")
+            raise ValueError("best_of > 1 is not supported (n choices are: use n)")
         return value
 
-    @field_validator("echo", "presence_penalty", "frequency_penalty", "logit_bias", "logprobs")
+    @field_validator("logit_bias")
     @classmethod
-    def _unsupported(cls, value, info):
-        if value:
-            raise ValueError(f"{info.field_name} is not supported")
-        return value
+    def _bias(cls, value):
+        out = {}
+        for key, bias in (value or {}).items():
+            if not key.lstrip("-").isdigit():
+                raise ValueError(f"keys are token ids; got {key!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"{bias} for token {key} is not in [-100, 100]")
+            out[str(int(key))] = bias
+        return out or None
 
     @field_validator("stop")
     @classmethod
@@ -88,6 +99,9 @@ class SamplingRequest(BaseModel):
 
 class CompletionRequest(SamplingRequest):
     prompt: str | list[str] | list[StrictInt]
+    logprobs: StrictInt | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    echo: StrictBool = False
+    suffix: str | None = None
 
     @field_validator("prompt")
     @classmethod
@@ -98,15 +112,42 @@ class CompletionRequest(SamplingRequest):
             return value[0]
         return value
 
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, value):
+        if value:
+            raise ValueError("suffix (insertion) is not supported by this model")
+        return value
+
+    @property
+    def top_logprobs_wanted(self) -> int | None:
+        return self.logprobs
+
 
 class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     role: Literal["system", "user", "assistant"]
     content: str
+    name: str | None = None  # accepted, unused
 
 
 class ChatRequest(SamplingRequest):
     messages: list[Message] = Field(min_length=1)
-    logprobs: StrictBool | None = None
+    logprobs: StrictBool = False
+    top_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    max_completion_tokens: StrictInt | None = None  # OpenAI's newer name for max_tokens
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _needs_logprobs(cls, value, info):
+        if value and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs: true")
+        return value
+
+    @property
+    def top_logprobs_wanted(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 def validation_message(errors: list[dict]) -> tuple[str, str | None]:
@@ -116,6 +157,8 @@ def validation_message(errors: list[dict]) -> tuple[str, str | None]:
     if first.get("type") == "json_invalid":
         return f"the body is not valid JSON: {first.get('ctx', {}).get('error', '')}", None
     message = str(first["msg"]).removeprefix("Value error, ")
+    if first.get("type") == "extra_forbidden":
+        message = "unknown field: this server does not take it (nothing is silently ignored)"
     return f"{loc or 'body'}: {message}", loc or None
 
 
@@ -124,52 +167,88 @@ def response_meta(chat: bool, model_name: str, created: int) -> dict:
     return {"id": prefix + uuid.uuid4().hex[:24], "created": created, "model": model_name}
 
 
-def completion_body(meta: dict, chat: bool, text: str, finish: str, usage: dict) -> dict:
-    """A whole (non-streamed) response."""
+def completion_logprobs(items: list[dict], k: int) -> dict:
+    """OpenAI's completions `logprobs` object from token items (token, logprob or None, top
+    [(token, logprob)] or None, offset)."""
+    return {
+        "tokens": [t["token"] for t in items],
+        "token_logprobs": [t["logprob"] for t in items],
+        "top_logprobs": [None if t["top"] is None else dict(t["top"][:k]) for t in items],
+        "text_offset": [t["offset"] for t in items],
+    }
+
+
+def chat_logprobs(items: list[dict], k: int) -> dict:
+    """OpenAI's chat `logprobs` object: {"content": [{token, logprob, bytes, top_logprobs}]}."""
+
+    def entry(token: str, logprob: float) -> dict:
+        return {"token": token, "logprob": logprob, "bytes": list(_raw(token))}
+
+    return {
+        "content": [
+            {
+                **entry(t["token"], t["logprob"]),
+                "top_logprobs": [entry(tok, lp) for tok, lp in (t["top"] or [])[:k]],
+            }
+            for t in items
+        ]
+    }
+
+
+def _raw(token: str) -> bytes:
+    """The bytes of a token text as `Tokenizer.token_text` writes it."""
+    if token.startswith("bytes:"):
+        return bytes(int(h, 16) for h in token[len("bytes:") :].split("\\x")[1:])
+    return token.encode("utf-8")
+
+
+def choice_body(chat: bool, index: int, text: str, finish: str, logprobs: dict | None) -> dict:
     if chat:
-        choice = {
-            "index": 0,
-            "message": {"role": "assistant", "content": text},
-            "finish_reason": finish,
-            "logprobs": None,
-        }
-    else:
-        choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+        message = {"role": "assistant", "content": text}
+        return {"index": index, "message": message, "finish_reason": finish, "logprobs": logprobs}
+    return {"index": index, "text": text, "finish_reason": finish, "logprobs": logprobs}
+
+
+def completion_body(meta: dict, chat: bool, choices: list[dict], usage: dict) -> dict:
+    """A whole (non-streamed) response."""
     return {
         **meta,
         "object": "chat.completion" if chat else "text_completion",
-        "choices": [choice],
+        "choices": choices,
         "usage": usage,
     }
 
 
-async def sse_events(pieces, meta: dict, chat: bool, include_usage: bool, usage):
+async def sse_events(pieces, meta: dict, chat: bool, n: int, include_usage: bool, usage):
     """OpenAI's streaming chunks as Server-Sent Events, then `data: [DONE]`.
 
-    `pieces` yields (text delta, finish reason or None); `usage()` gives the final counts.
+    `pieces` yields (choice index, text delta, finish reason or None, logprobs object or None),
+    the choices interleaved; `usage()` gives the final counts.
     """
     kind = "chat.completion.chunk" if chat else "text_completion"
 
-    def chunk(delta: str | None, finish: str | None, first: bool = False) -> str:
+    def chunk(index, delta, finish, logprobs=None, first=False) -> str:
         if chat:
             body = {"content": delta} if delta is not None else {}
             if first:
                 body = {"role": "assistant", "content": ""}
-            choice = {"index": 0, "delta": body, "finish_reason": finish, "logprobs": None}
+            choice = {"index": index, "delta": body, "finish_reason": finish, "logprobs": logprobs}
         else:
-            choice = {"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}
+            choice = {"index": index, "text": delta or "", "finish_reason": finish}
+            choice["logprobs"] = logprobs
         out = {**meta, "object": kind, "choices": [choice]}
         if include_usage:
             out["usage"] = None
         return f"data: {json.dumps(out)}\n\n"
 
     if chat:
-        yield chunk(None, None, first=True)
-    async for delta, finish in pieces:
-        if delta or not finish:
-            yield chunk(delta, None)
+        for index in range(n):
+            yield chunk(index, None, None, first=True)
+    async for index, delta, finish, logprobs in pieces:
+        if delta or logprobs or not finish:
+            yield chunk(index, delta, None, logprobs)
         if finish:
-            yield chunk(None if chat else "", finish)
+            yield chunk(index, None if chat else "", finish)
     if include_usage:
         yield f"data: {json.dumps({**meta, 'object': kind, 'choices': [], 'usage': usage()})}\n\n"
     yield "data: [DONE]\n\n"

@@ -29,6 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipeline.config import ServeConfig
 from pipeline.inference.sampling import Sampling
+from pipeline.serving.controls import Controls
 from pipeline.serving.engine import Engine, QueueFullError
 from pipeline.serving.engine import Request as EngineRequest
 from pipeline.serving.protocol import (
@@ -36,7 +37,10 @@ from pipeline.serving.protocol import (
     ChatRequest,
     CompletionRequest,
     SamplingRequest,
+    chat_logprobs,
+    choice_body,
     completion_body,
+    completion_logprobs,
     error_body,
     response_meta,
     sse_events,
@@ -229,16 +233,22 @@ class Routes:
         return await self._complete(body, ids, chat=True)
 
     def _check(self, body: SamplingRequest, ids: list[int], chat: bool) -> int:
-        """The rules that depend on this server; returns max_tokens."""
+        """The rules that depend on this server; returns max_tokens (0: echo scores the prompt
+        and generates nothing)."""
         if not self.accepting:
             raise APIError(503, "the server is shutting down")
         if body.model != self.model_name:
             message = f"model {body.model!r} does not exist; this server has {self.model_name!r}"
             raise APIError(404, message, "model", "model_not_found")
-        max_tokens = self.cfg.default_max_tokens if body.max_tokens is None else body.max_tokens
-        if not 1 <= max_tokens <= self.max_tokens:
-            message = f"max_tokens must be 1..{self.max_tokens}, got {max_tokens}"
+        asked = getattr(body, "max_completion_tokens", None) or body.max_tokens
+        max_tokens = self.cfg.default_max_tokens if asked is None else asked
+        echo = getattr(body, "echo", False)
+        if not (0 if echo else 1) <= max_tokens <= self.max_tokens:
+            low = "0 (with echo)" if echo else "1"
+            message = f"max_tokens must be {low}..{self.max_tokens}, got {max_tokens}"
             raise APIError(400, message, "max_tokens")
+        if body.n > self.cfg.max_n:
+            raise APIError(400, f"n must be 1..{self.cfg.max_n} on this server", "n")
         prompt_field = "messages" if chat else "prompt"
         if not ids:
             raise APIError(400, "the prompt is empty", prompt_field)
@@ -251,18 +261,39 @@ class Routes:
                 "max_tokens" if len(ids) < context else prompt_field,
                 "context_length_exceeded",
             )
+        vocab = self.tokenizer.vocab_size
+        for token in body.stop_token_ids or []:
+            if not 0 <= token < vocab:
+                raise APIError(400, f"stop_token_ids: {token} is not in [0, {vocab})")
         return max_tokens
 
-    def _submit(self, body: SamplingRequest, ids: list[int], chat: bool, max_tokens: int):
-        """Hand the request to the engine: (the engine's request, its token queue)."""
+    def _stop_ids(self, body: SamplingRequest, chat: bool) -> frozenset[int]:
+        ends = set() if body.ignore_eos else {self.tokenizer.eos_id}
+        if chat and not body.ignore_eos:
+            ends.add(self.tokenizer.end_id)
+        return frozenset((ends | set(body.stop_token_ids or [])) - {None})
+
+    def _submit(self, body: SamplingRequest, ids: list[int], chat: bool, max_tokens: int, index):
+        """Hand choice `index` of the request to the engine: (the engine's request, its token
+        queue). Choice i samples with seed + i."""
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
         seed = body.seed if body.seed is not None else uuid.uuid4().int % (1 << 31)
-        stop_ids = {self.tokenizer.eos_id} | ({self.tokenizer.end_id} if chat else set())
+        stop_ids = self._stop_ids(body, chat)
+        controls = Controls(
+            presence=body.presence_penalty,
+            frequency=body.frequency_penalty,
+            repetition=body.repetition_penalty,
+            bias={int(t): v for t, v in (body.logit_bias or {}).items()},
+            min_tokens=body.min_tokens,
+            stop_ids=tuple(sorted(stop_ids)),
+            logprobs=body.top_logprobs_wanted is not None,
+        )
         job = EngineRequest(
             prompt=ids,
             max_tokens=max_tokens,
-            sampling=Sampling(body.temperature, body.top_k, body.top_p, seed),
-            stop_ids=frozenset(stop_ids - {None}),
+            sampling=Sampling(body.temperature, body.top_k, body.top_p, (seed + index) % (1 << 32)),
+            stop_ids=stop_ids,
+            controls=controls,
             emit=lambda token, reason: loop.call_soon_threadsafe(queue.put_nowait, (token, reason)),
         )
         try:
@@ -275,48 +306,165 @@ class Routes:
             raise APIError(400, str(err)) from None
         return job, queue
 
+    def _token(self, token: int) -> str:
+        return self.tokenizer.token_text(token)
+
+    def _items(self, tokens, logprobs, tops, texts_before: list[int]) -> list[dict]:
+        """Per-token logprob items: token text, its log-probability (None for a prompt's first
+        token), the alternatives [(text, logprob)], the text offset."""
+        return [
+            {
+                "token": self._token(t),
+                "logprob": lp,
+                "top": None if top is None else [(self._token(i), v) for i, v in top],
+                "offset": offset,
+            }
+            for t, lp, top, offset in zip(tokens, logprobs, tops, texts_before, strict=True)
+        ]
+
+    async def _prompt_items(self, ids: list[int], scored: bool) -> list[dict]:
+        """echo: the prompt's tokens, with their log-probabilities when asked (one forward)."""
+        offsets = [len(self.tokenizer.decode(ids[:i])) for i in range(len(ids))]
+        if not scored:
+            return []
+        try:
+            lp, top_ids, top_lp = await asyncio.to_thread(self.engine.score, ids)
+        except ValueError as err:
+            raise APIError(400, str(err), "prompt") from None
+        logprobs = [None] + [float(x) for x in lp[1:]]
+        tops = [None] + [
+            list(zip(i.tolist(), v.tolist(), strict=True))
+            for i, v in zip(top_ids[1:], top_lp[1:], strict=True)
+        ]
+        return self._items(ids, logprobs, tops, offsets)
+
+    def _logprobs_object(self, chat: bool, items: list[dict], k: int) -> dict:
+        return chat_logprobs(items, k) if chat else completion_logprobs(items, k)
+
     async def _complete(self, body: SamplingRequest, ids: list[int], chat: bool):
         max_tokens = self._check(body, ids, chat)
-        job, queue = self._submit(body, ids, chat, max_tokens)
+        k = body.top_logprobs_wanted
+        echo = getattr(body, "echo", False)
+        prompt_text = self.tokenizer.decode(ids) if echo else ""
+        prompt_items = await self._prompt_items(ids, echo and k is not None) if echo else []
+        jobs = []
+        try:
+            for index in range(body.n if max_tokens else 0):
+                jobs.append(self._submit(body, ids, chat, max_tokens, index))
+        except APIError:
+            for job, _ in jobs:
+                self.engine.cancel(job)
+            raise
         meta = response_meta(chat, self.model_name, int(time.time()))
-        pieces = self._pieces(job, queue, TextStream(self.tokenizer, body.stop))
+        streams = [
+            self._pieces(job, queue, TextStream(self.tokenizer, body.stop), k, len(prompt_text))
+            for job, queue in jobs
+        ]
 
         def usage() -> dict:
-            done = job.generated
-            return {
-                "prompt_tokens": len(ids),
-                "completion_tokens": done,
-                "total_tokens": len(ids) + done,
-            }
+            done = sum(job.generated for job, _ in jobs)
+            total = len(ids) + done
+            return {"prompt_tokens": len(ids), "completion_tokens": done, "total_tokens": total}
+
+        def logprobs_of(items):
+            return None if k is None else self._logprobs_object(chat, items, k)
 
         if body.stream:
-            events = sse_events(pieces, meta, chat, body.include_usage, usage)
+            events = sse_events(
+                self._merged(streams, prompt_text, prompt_items, logprobs_of, body.n),
+                meta,
+                chat,
+                body.n,
+                body.include_usage,
+                usage,
+            )
             headers = {"Cache-Control": "no-cache"}
             return StreamingResponse(events, media_type="text/event-stream", headers=headers)
-        texts, finish = [], "stop"
-        async for delta, reason in pieces:
-            texts.append(delta)
-            finish = reason or finish
-        return completion_body(meta, chat, "".join(texts), finish, usage())
 
-    async def _pieces(self, job: EngineRequest, queue: asyncio.Queue, text: TextStream):
-        """(text delta, finish reason or None) until the request ends; cancels it on exit."""
+        async def collect(index: int, pieces) -> dict:
+            texts, items, finish = [prompt_text], list(prompt_items), "length"
+            async for delta, reason, token_items in pieces:
+                texts.append(delta)
+                items.extend(token_items)
+                finish = reason or finish
+            return choice_body(chat, index, "".join(texts), finish, logprobs_of(items))
+
+        if not streams:  # echo with max_tokens 0: the prompt, scored
+            choices = [
+                choice_body(chat, i, prompt_text, "length", logprobs_of(prompt_items))
+                for i in range(body.n)
+            ]
+        else:
+            choices = list(await asyncio.gather(*(collect(i, p) for i, p in enumerate(streams))))
+        return completion_body(meta, chat, choices, usage())
+
+    async def _merged(self, streams, prompt_text, prompt_items, logprobs_of, n: int):
+        """The choices' pieces interleaved as they come: (index, delta, finish, logprobs)."""
+        if prompt_text:
+            for index in range(n):
+                yield index, prompt_text, None, logprobs_of(prompt_items) if prompt_items else None
+        if not streams:
+            for index in range(n):
+                yield index, "", "length", None
+            return
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(index, pieces):
+            try:
+                async for delta, reason, items in pieces:
+                    await queue.put((index, delta, reason, logprobs_of(items) if items else None))
+            finally:
+                await queue.put(None)
+
+        tasks = [asyncio.create_task(pump(i, p)) for i, p in enumerate(streams)]
+        try:
+            left = len(tasks)
+            while left:
+                item = await queue.get()
+                if item is None:
+                    left -= 1
+                else:
+                    yield item
+        finally:
+            for task in tasks:
+                task.cancel()
+            for pieces in streams:
+                await pieces.aclose()
+
+    async def _pieces(self, job, queue: asyncio.Queue, text: TextStream, k, offset: int):
+        """(text delta, finish reason or None, logprob items of its tokens) until the request
+        ends; cancels it on exit."""
         finished = False
+        received = 0
+
+        def items_of(token, before: int) -> list[dict]:
+            nonlocal received
+            received += 1
+            if k is None or token is None or received > len(job.logprobs):
+                return []
+            lp, top_ids, top_lp = job.logprobs[received - 1]
+            top = list(zip(top_ids, top_lp, strict=True))
+            return self._items([token], [lp], [top], [offset + before])
+
         try:
             while True:
                 token, reason = await queue.get()
+                before = len(text.text)
                 if reason is not None:
                     finished = True
-                    tail = text.push(None if reason == "stop" else token, final=True)
-                    yield tail, "length" if reason == "length" else "stop"
+                    kept = None if reason == "stop" else token
+                    tail = text.push(kept, final=True)
+                    items = items_of(kept, before) if kept is not None else []
+                    yield tail, "length" if reason == "length" else "stop", items
                     return
                 delta = text.push(token)
+                items = items_of(token, before)
                 if text.stopped:
                     self.engine.cancel(job)
                     finished = True
-                    yield delta, "stop"
+                    yield delta, "stop", items
                     return
-                yield delta, None  # one chunk per token, even while text is held back
+                yield delta, None, items  # one chunk per token, even while text is held back
         finally:
             if not finished:
                 self.engine.cancel(job)
