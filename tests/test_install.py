@@ -8,12 +8,15 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+_SETTINGS = ("JAX", "JAX_VERSION", "EXTRAS", "PYTHON", "VENV")
 
 
 def install(tmp_path, env=None, **settings):
     """Run install.sh with `settings` (JAX=..., PYTHON=...) into a fresh VENV under tmp_path."""
     venv = tmp_path / "venv"
-    environ = {**os.environ, **(env or {}), "VENV": str(venv), **settings}
+    # make passes its command-line variables down (CI's Python 3.12 leg sets JAX_VERSION)
+    inherited = {k: v for k, v in os.environ.items() if k not in _SETTINGS}
+    environ = {**inherited, **(env or {}), "VENV": str(venv), **settings}
     out = subprocess.run(
         ["bash", str(ROOT / "scripts/install.sh")],
         cwd=ROOT,

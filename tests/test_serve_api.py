@@ -121,8 +121,19 @@ def test_n_choices_sample_their_own_streams(server):
         model=NAME, prompt="x = ", max_tokens=12, temperature=1.0, seed=6
     )
     assert six.choices[0].text == texts[1]
-    greedy = client.completions.create(model=NAME, prompt="x = ", max_tokens=12, temperature=0, n=4)
+    prefills = []  # rows of each prefill call: the prompt is prefilled once, then copied
+    engine = server.engine
+    original = engine._prefill
+    engine._prefill = lambda reqs, *a: (prefills.append(len(reqs)), original(reqs, *a))[1]
+    try:
+        greedy = client.completions.create(
+            model=NAME, prompt="x = ", max_tokens=12, temperature=0, n=4
+        )
+    finally:
+        del engine._prefill
+    assert prefills == [1]
     assert len({c.text for c in greedy.choices}) == 1
+    assert greedy.choices[0].text == server.expected("x = ", 12, stop_ids={server.tokenizer.eos_id})
     stream = client.completions.create(
         model=NAME, prompt="x = ", max_tokens=12, temperature=1.0, seed=5, n=4, stream=True
     )
@@ -189,8 +200,9 @@ def test_adjust_matches_numpy_on_a_small_vocabulary():
     counts = np.zeros((3, V), np.int32)
     counts[0, [1, 1, 5]] = [2, 0, 1]
     counts[0, 1] = 2
-    seen = counts > 0
-    seen[0, 3] = True  # a prompt token
+    prompt = np.zeros((3, V), bool)
+    prompt[0, 3] = True  # a prompt token
+    seen = prompt | (counts > 0)
     bias = np.zeros((3, V), np.float32)
     bias[0, 2], bias[0, 7] = 3.0, -100.0
     view = {
@@ -200,7 +212,7 @@ def test_adjust_matches_numpy_on_a_small_vocabulary():
         },
         "bias": jnp.asarray(bias),
         "counts": jnp.asarray(counts),
-        "seen": jnp.asarray(seen),
+        "prompt": jnp.asarray(prompt),
     }
     got = np.asarray(adjust(jnp.asarray(logits), view, jnp.asarray([3, 3, 1])))
     x = logits[0].astype(np.float64) + bias[0]

@@ -80,7 +80,7 @@ def init_controls(slots: int, vocab_size: int) -> dict[str, jax.Array]:
         "active": jnp.zeros((slots,), bool),  # any logit-shaping control at all
         "bias": jnp.zeros((slots, vocab_size), jnp.float32),
         "counts": jnp.zeros((slots, vocab_size), jnp.int32),  # output tokens
-        "seen": jnp.zeros((slots, vocab_size), bool),  # prompt and output tokens
+        "prompt": jnp.zeros((slots, vocab_size), bool),  # the prompt's tokens
     }
 
 
@@ -110,7 +110,7 @@ def control_arrays(controls: list[Controls]) -> dict[str, np.ndarray]:
 
 def admit_controls(ctl: dict, new: dict, tokens, lengths, slot_ids) -> tuple[dict, dict]:
     """Write admitted requests' controls into rows `slot_ids` (past the last slot: dropped),
-    with their prompts (n, P) marked as seen and their output counts reset: (the whole state,
+    with their prompts' (n, P) tokens marked and their output counts reset: (the whole state,
     the n new rows' view of it)."""
     n, P = tokens.shape
     V = ctl["bias"].shape[1]
@@ -118,9 +118,11 @@ def admit_controls(ctl: dict, new: dict, tokens, lengths, slot_ids) -> tuple[dic
     bias_ids = jnp.where(new["bias_ids"] < 0, V, new["bias_ids"])  # V: out of range, dropped
     bias = jnp.zeros((n, V), jnp.float32).at[rows, bias_ids].add(new["bias_values"], mode="drop")
     in_prompt = jnp.arange(P)[None, :] < lengths[:, None]
-    seen = jnp.zeros((n, V), bool).at[rows, jnp.where(in_prompt, tokens, V)].set(True, mode="drop")
+    prompt = (
+        jnp.zeros((n, V), bool).at[rows, jnp.where(in_prompt, tokens, V)].set(True, mode="drop")
+    )
     values = {k: new[k] for k in ("presence", "frequency", "repetition", "min_tokens", "stop_ids")}
-    values |= {"logprobs": new["logprobs"], "active": new["active"], "bias": bias, "seen": seen}
+    values |= {"logprobs": new["logprobs"], "active": new["active"], "bias": bias, "prompt": prompt}
     values["counts"] = jnp.zeros((n, V), jnp.int32)
     return {k: ctl[k].at[slot_ids].set(values[k], mode="drop") for k in ctl}, values
 
@@ -137,8 +139,9 @@ def adjust(logits: jax.Array, c: dict, generated: jax.Array) -> jax.Array:
         stop = jnp.zeros((B, V), bool).at[jnp.arange(B)[:, None], stop_ids].set(True, mode="drop")
         x = jnp.where(early & stop, -jnp.inf, x)
         r = c["repetition"][:, None]
-        x = jnp.where(c["seen"], jnp.where(x > 0, x / r, x * r), x)
         counts = c["counts"].astype(jnp.float32)
+        seen = c["prompt"] | (counts > 0)
+        x = jnp.where(seen, jnp.where(x > 0, x / r, x * r), x)
         x = x - c["frequency"][:, None] * counts - c["presence"][:, None] * (counts > 0)
         return jnp.where(c["active"][:, None], x, logits)
 
@@ -150,7 +153,6 @@ def record(ctl: dict, tokens: jax.Array, rows: jax.Array) -> dict:
     return {
         **ctl,
         "counts": ctl["counts"].at[rows, tokens].add(1, mode="drop"),
-        "seen": ctl["seen"].at[rows, tokens].set(True, mode="drop"),
     }
 
 

@@ -69,6 +69,8 @@ class Request:
     # with controls.logprobs: per emitted token (its log-probability, the top ids, their
     # log-probabilities), appended by the engine thread before the token is emitted
     logprobs: list = field(default_factory=list)
+    # choice i > 0 of an n-choice request: choice 0, whose prefilled prompt it copies
+    parent: Request | None = None
     id: int = field(default_factory=itertools.count().__next__)
     submitted: float = field(default_factory=time.perf_counter)
     generated: int = 0
@@ -209,6 +211,17 @@ def _score(params, tokens, *, graphdef):
 
 
 @partial(jax.jit, donate_argnames=("slots", "ctl", "cache"))
+def _fork(slots, ctl, cache, src, dst, token, position, seed):
+    """Another choice of the request in slot `src`, in slot `dst`: its prompt's keys/values
+    and controls copied, not computed again. It restarts at the prompt's last token (position
+    `position`), so the next step samples its first token from its own seed."""
+    slots, ctl, cache = jax.tree.map(lambda x: x.at[dst].set(x[src]), (slots, ctl, cache))
+    restart = {"token": token, "position": position, "step": jnp.int32(0), "seed": seed}
+    slots = {k: v.at[dst].set(restart[k]) if k in restart else v for k, v in slots.items()}
+    return slots, {**ctl, "counts": ctl["counts"].at[dst].set(0)}, cache
+
+
+@partial(jax.jit, donate_argnames=("slots", "ctl", "cache"))
 def _move(slots, ctl, cache, src, dst):
     """Copy slot `src` (its keys/values, sampling state and controls) into slot `dst`."""
     return jax.tree.map(lambda x: x.at[dst].set(x[src]), (slots, ctl, cache))
@@ -334,6 +347,9 @@ class Engine:
         for rows in self.row_buckets:
             tokens = self._run_step(rows)[0]
         self._move(0, 0)
+        self.slots, self.ctl, self.cache = _fork(
+            self.slots, self.ctl, self.cache, *(jnp.int32(0),) * 4, jnp.uint32(0)
+        )
         jax.block_until_ready(tokens)
         self.compile_seconds = time.perf_counter() - start
         log.info(
@@ -433,6 +449,31 @@ class Engine:
         return np.asarray(first)[: len(requests)], info
 
     def _admit(self, slot_ids: list[int], requests: list[Request]) -> None:
+        """Waiting requests into free slots: prefilled, or (another choice of a request being
+        decoded) forked from their first choice's slot."""
+        pairs = list(zip(slot_ids, requests, strict=True))
+        fresh = [(s, r) for s, r in pairs if r.parent is None]
+        if fresh:
+            self._admit_fresh([s for s, _ in fresh], [r for _, r in fresh])
+        for slot, request in [(s, r) for s, r in pairs if r.parent is not None]:
+            src = next((i for i, a in enumerate(self.active) if a is request.parent), None)
+            if src is None:  # its first choice has ended: prefill it as any request
+                self._admit_fresh([slot], [request])
+                continue
+            prompt = request.prompt
+            self.slots, self.ctl, self.cache = _fork(
+                self.slots,
+                self.ctl,
+                self.cache,
+                jnp.int32(src),
+                jnp.int32(slot),
+                jnp.int32(prompt[-1]),
+                jnp.int32(len(prompt) - 1),
+                jnp.uint32(request.sampling.seed),
+            )
+            self.active[slot] = request
+
+    def _admit_fresh(self, slot_ids: list[int], requests: list[Request]) -> None:
         """Prefill waiting requests into free slots, up to the largest admit size per call."""
         start = 0
         while start < len(requests):

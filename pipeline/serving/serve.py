@@ -273,9 +273,12 @@ class Routes:
             ends.add(self.tokenizer.end_id)
         return frozenset((ends | set(body.stop_token_ids or [])) - {None})
 
-    def _submit(self, body: SamplingRequest, ids: list[int], chat: bool, max_tokens: int, index):
+    def _submit(
+        self, body: SamplingRequest, ids: list[int], chat: bool, max_tokens: int, index, first
+    ):
         """Hand choice `index` of the request to the engine: (the engine's request, its token
-        queue). Choice i samples with seed + i."""
+        queue). Choice i samples with seed + i; choices after the first (`first`, the engine's
+        request of choice 0) copy its prefilled prompt."""
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
         seed = body.seed if body.seed is not None else uuid.uuid4().int % (1 << 31)
         stop_ids = self._stop_ids(body, chat)
@@ -294,6 +297,7 @@ class Routes:
             sampling=Sampling(body.temperature, body.top_k, body.top_p, (seed + index) % (1 << 32)),
             stop_ids=stop_ids,
             controls=controls,
+            parent=first,
             emit=lambda token, reason: loop.call_soon_threadsafe(queue.put_nowait, (token, reason)),
         )
         try:
@@ -350,7 +354,8 @@ class Routes:
         jobs = []
         try:
             for index in range(body.n if max_tokens else 0):
-                jobs.append(self._submit(body, ids, chat, max_tokens, index))
+                first = jobs[0][0] if jobs else None
+                jobs.append(self._submit(body, ids, chat, max_tokens, index, first))
         except APIError:
             for job, _ in jobs:
                 self.engine.cancel(job)
