@@ -297,7 +297,13 @@ def cmd_bench(args) -> int:
     from pipeline.bench import run_bench
 
     cases = args.cases.split(",") if args.cases else None
-    run_bench(args.target, args.config, args.overrides, cases, args.steps, args.json, args.run)
+    try:
+        request = json.loads(args.request) if args.request else None
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"--request is not a JSON object: {err}") from None
+    run_bench(
+        args.target, args.config, args.overrides, cases, args.steps, args.json, args.run, request
+    )
     return 0
 
 
@@ -453,6 +459,10 @@ def _add_bench_command(sub) -> None:
     )
     bench.add_argument("--steps", type=int, default=5, help="timed steps per case")
     bench.add_argument("--json", action="store_true", help="one JSON object per case")
+    bench.add_argument(
+        "--request",
+        help="serve: more fields for every request, as JSON, e.g. '{\"logprobs\": 5}'",
+    )
     bench.set_defaults(func=cmd_bench)
 
 

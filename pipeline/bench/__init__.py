@@ -28,8 +28,10 @@ def run_bench(
     steps: int,
     as_json: bool,
     run: str | None = None,
+    request: dict | None = None,
 ) -> list[dict]:
-    """Run the cases of `target`, printing each result as it comes; returns them all."""
+    """Run the cases of `target`, printing each result as it comes; returns them all.
+    `request` (serve alone): more fields for every request."""
     cases_of = {
         "train": _train,
         "finetune": _finetune,
@@ -38,8 +40,11 @@ def run_bench(
         "serve": _serve,
         "distill": _distill,
     }
+    if request is not None and (target != "serve" or not isinstance(request, dict)):
+        raise ConfigError("--request takes a JSON object, for bench serve alone")
+    extra = {"request": request} if target == "serve" else {}
     results = []
-    for result in cases_of[target](config, overrides, cases, steps, run):
+    for result in cases_of[target](config, overrides, cases, steps, run, **extra):
         emit(result, as_json)
         results.append(result)
     return results
@@ -101,11 +106,12 @@ def _quantize(config, overrides, cases, steps, run):
     yield from bench_quantize(run, list(cases or ["int8", "int4"]))
 
 
-def _serve(config, overrides, cases, steps, run):
+def _serve(config, overrides, cases, steps, run, request=None):
     from pipeline.serving.loadgen import bench_serve
 
     name, cfg = _preset(config, "small", overrides)
-    yield from bench_serve(cfg, name, tuple(int(c) for c in cases) if cases else (1, 8, 32))
+    levels = tuple(int(c) for c in cases) if cases else (1, 8, 32)
+    yield from bench_serve(cfg, name, levels, request=request or {})
 
 
 def _distill(config, overrides, cases, steps, run):

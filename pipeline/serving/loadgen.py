@@ -52,7 +52,9 @@ class _LocalServer:
         self.engine.stop(drain=False, timeout=30)
 
 
-async def _load(url: str, concurrency: int, requests: int, prompt_len: int, max_tokens: int):
+async def _load(
+    url: str, concurrency: int, requests: int, prompt_len: int, max_tokens: int, extra: dict
+):
     import httpx
 
     rng = np.random.default_rng(concurrency)
@@ -69,6 +71,7 @@ async def _load(url: str, concurrency: int, requests: int, prompt_len: int, max_
                 "temperature": 0,
                 "stream": True,
                 "stream_options": {"include_usage": True},
+                **extra,
             }
             start = time.perf_counter()
             first, tokens = None, 0
@@ -115,8 +118,11 @@ def bench_serve(
     prompt_len: int = 32,
     max_tokens: int = 64,
     baseline_concurrency: int = 8,
+    request: dict | None = None,
 ):
-    """Yield one result per concurrency level, then the one-slot baseline's."""
+    """Yield one result per concurrency level, then the one-slot baseline's. `request`: more
+    fields for every request (e.g. {"logprobs": 5})."""
+    extra = dict(request or {})
     import jax
 
     from pipeline.runtime import allocator
@@ -132,15 +138,17 @@ def bench_serve(
         server = _LocalServer(cfg, n_slots)
         try:
             url = f"http://127.0.0.1:{server.port}/v1/completions"
-            clients.apply(_run_load, (url, 1, 2, prompt_len, 4))  # first-request warm-up
+            clients.apply(_run_load, (url, 1, 2, prompt_len, 4, extra))  # first-request warm-up
             for c in concurrencies:
-                figures = clients.apply(_run_load, (url, c, max(8, 4 * c), prompt_len, max_tokens))
+                load = (url, c, max(8, 4 * c), prompt_len, max_tokens, extra)
+                figures = clients.apply(_run_load, load)
                 yield {
                     "case": f"serve/{case}/{label}/c{c}",
                     "concurrency": c,
                     "slots": n_slots,
                     "prompt_len": prompt_len,
                     "max_tokens": max_tokens,
+                    "request": extra,
                     **figures,
                     "compile_s": server.compile_s,
                     "device": jax.devices()[0].device_kind,
