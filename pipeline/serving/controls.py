@@ -13,10 +13,13 @@ What a request may ask beyond temperature / top-k / top-p, as OpenAI and vLLM de
   model's raw distribution (float32 log-softmax of its logits, before any of the above and
   before temperature and truncation: what vLLM reports by default).
 
-In this order (bias and min_tokens, then repetition, frequency, presence), then temperature and
-truncation. Every control is a per-slot device array (token counts per slot included), so one
-compiled step serves any mix of requests: nothing recompiles for a new option, and a batch where
-no request uses a control skips its work (`lax.cond`).
+- a grammar's token mask (structured outputs): tokens it does not allow next are excluded; the
+  mask is a per-slot bitmask array the engine refreshes between steps.
+
+In this order (mask, bias and min_tokens, then repetition, frequency, presence), then
+temperature and truncation. Every control is a per-slot device array (token counts per slot
+included), so one compiled step serves any mix of requests: nothing recompiles for a new option,
+and a batch where no request uses a control skips its work (`lax.cond`).
 """
 
 from __future__ import annotations
@@ -43,12 +46,12 @@ class Controls:
     min_tokens: int = 0
     stop_ids: tuple[int, ...] = ()  # masked while fewer than min_tokens were generated
     logprobs: bool = False
+    constrained: bool = False  # a grammar's token mask applies (structured outputs)
 
     @property
     def shapes_logits(self) -> bool:
-        return bool(self.presence or self.frequency or self.repetition != 1.0 or self.bias) or bool(
-            self.min_tokens and self.stop_ids
-        )
+        penalised = self.presence or self.frequency or self.repetition != 1.0 or self.bias
+        return bool(penalised or (self.min_tokens and self.stop_ids) or self.constrained)
 
 
 def check_controls(c: Controls, vocab_size: int) -> None:
@@ -127,13 +130,22 @@ def admit_controls(ctl: dict, new: dict, tokens, lengths, slot_ids) -> tuple[dic
     return {k: ctl[k].at[slot_ids].set(values[k], mode="drop") for k in ctl}, values
 
 
-def adjust(logits: jax.Array, c: dict, generated: jax.Array) -> jax.Array:
+def mask_words(vocab_size: int) -> int:
+    """int32 words of a token bitmask (bit t % 32 of word t // 32 allows token t)."""
+    return (vocab_size + 31) // 32
+
+
+def adjust(logits: jax.Array, c: dict, generated: jax.Array, mask: jax.Array) -> jax.Array:
     """The logits as the rows' controls shape them. logits (B, V) float32; `c` the B rows'
-    controls; `generated` (B,): tokens each row has produced so far."""
+    controls; `generated` (B,): tokens each row has produced so far; `mask` (B, W) int32: each
+    row's allowed tokens as a bitmask (all ones: every token), a grammar's for constrained rows.
+    """
     B, V = logits.shape
 
     def shaped():
-        x = logits + c["bias"]
+        ids = jnp.arange(V)
+        allowed = (jnp.right_shift(mask[:, ids // 32], ids % 32) & 1).astype(bool)
+        x = jnp.where(allowed, logits + c["bias"], -jnp.inf)
         early = (generated < c["min_tokens"])[:, None]
         stop_ids = jnp.where(c["stop_ids"] < 0, V, c["stop_ids"])
         stop = jnp.zeros((B, V), bool).at[jnp.arange(B)[:, None], stop_ids].set(True, mode="drop")

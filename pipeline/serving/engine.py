@@ -23,6 +23,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -48,6 +49,7 @@ from pipeline.serving.controls import (
     control_arrays,
     init_controls,
     logprobs,
+    mask_words,
     record,
 )
 
@@ -71,6 +73,9 @@ class Request:
     logprobs: list = field(default_factory=list)
     # choice i > 0 of an n-choice request: choice 0, whose prefilled prompt it copies
     parent: Request | None = None
+    # structured outputs: an llguidance LLMatcher; its token mask constrains every step, and
+    # the request ends ("end": its last token kept) once the grammar is complete
+    grammar: Any = None
     id: int = field(default_factory=itertools.count().__next__)
     submitted: float = field(default_factory=time.perf_counter)
     generated: int = 0
@@ -101,6 +106,7 @@ def _insert(
     slot_ids,
     sampling,
     controls,
+    mask,
     dparams,
     dcache,
     *,
@@ -117,7 +123,7 @@ def _insert(
     temperature, top_k, top_p, seed = sampling
     keys = request_keys(seed, 0)
     ctl, rows = admit_controls(ctl, controls, tokens, lengths, slot_ids)
-    shaped = adjust(logits, rows, jnp.zeros_like(lengths))
+    shaped = adjust(logits, rows, jnp.zeros_like(lengths), mask)
     first = sample(shaped, keys, temperature, top_k, top_p)
     info = logprobs(logits, first, rows["logprobs"])
     ctl = record(ctl, first, slot_ids)
@@ -171,7 +177,7 @@ def _speculative_step(params, dparams, slots, cache, dcache, *, graphdef, dgraph
 
 
 @partial(jax.jit, static_argnames=("graphdef", "rows"), donate_argnames=("slots", "ctl", "cache"))
-def _step(params, slots, ctl, cache, *, graphdef, rows: int):
+def _step(params, slots, ctl, cache, mask, *, graphdef, rows: int):
     """Feed the last token of slots 0..rows-1, sample their next tokens: tokens (rows,) and
     their log-probabilities (zeros unless a slot asked for them).
 
@@ -186,7 +192,7 @@ def _step(params, slots, ctl, cache, *, graphdef, rows: int):
     logits, cache = decode_step(model, part["token"], positions, cache)
     keys = request_keys(part["seed"], part["step"])
     view = {k: v[:rows] for k, v in ctl.items()}
-    shaped = adjust(logits, view, part["step"])  # step: tokens generated so far
+    shaped = adjust(logits, view, part["step"], mask)  # step: tokens generated so far
     tokens = sample(shaped, keys, part["temperature"], part["top_k"], part["top_p"])
     info = logprobs(logits, tokens, view["logprobs"])
     ctl = record(ctl, tokens, jnp.arange(rows))
@@ -274,6 +280,13 @@ class Engine:
         }
         self.ctl = init_controls(slots, cfg.vocab_size)
         self.vocab_size = cfg.vocab_size
+        # each slot's allowed next tokens (bitmasks, all ones: every token), refreshed from its
+        # grammar after each of its tokens; sent to the device only while a grammar is active
+        self.masks = np.full((slots, mask_words(cfg.vocab_size)), -1, np.int32)
+        self._allow_all = {
+            rows: jnp.full((rows, self.masks.shape[1]), -1, jnp.int32)
+            for rows in sorted({*self.row_buckets, *self.admit_sizes})
+        }
         self.active: list[Request | None] = [None] * slots
         self.waiting: deque[Request] = deque()
         self.observe = observe or (lambda name, value: None)
@@ -431,6 +444,13 @@ class Engine:
             tokens[i, : len(request.prompt)] = request.prompt
         samplings = [r.sampling for r in requests] + [Sampling()] * pad
         controls = [r.controls for r in requests] + [Controls()] * pad
+        if any(r.grammar is not None for r in requests):
+            mask = np.full((n, self.masks.shape[1]), -1, np.int32)
+            for i, request in enumerate(requests):
+                if request.grammar is not None:
+                    _fill_mask(request.grammar, mask, i)
+        else:
+            mask = self._allow_all[n]
         first, info, self.slots, self.ctl, self.cache, self.dcache = _insert(
             self.params,
             self.slots,
@@ -441,6 +461,7 @@ class Engine:
             jnp.asarray(list(slot_ids) + [self.num_slots] * pad, jnp.int32),
             sampling_arrays(samplings),
             control_arrays(controls),
+            mask,
             self.dparams,
             self.dcache,
             graphdef=self.graphdef,
@@ -472,6 +493,8 @@ class Engine:
                 jnp.uint32(request.sampling.seed),
             )
             self.active[slot] = request
+            if request.grammar is not None:
+                _fill_mask(request.grammar, self.masks, slot)
 
     def _admit_fresh(self, slot_ids: list[int], requests: list[Request]) -> None:
         """Prefill waiting requests into free slots, up to the largest admit size per call."""
@@ -508,13 +531,22 @@ class Engine:
         self.slots, self.ctl, self.cache = _move(
             self.slots, self.ctl, self.cache, jnp.int32(src), jnp.int32(dst)
         )
+        self.masks[dst] = self.masks[src]
 
     def _run_step(self, rows: int):
         """One jitted step for slots 0..rows-1: (tokens (rows, m), how many of them (rows,),
         their log-probabilities or None)."""
         if self.dgraph is None:
+            constrained = any(r is not None and r.grammar is not None for r in self.active[:rows])
+            mask = jnp.asarray(self.masks[:rows]) if constrained else self._allow_all[rows]
             tokens, info, self.slots, self.ctl, self.cache = _step(
-                self.params, self.slots, self.ctl, self.cache, graphdef=self.graphdef, rows=rows
+                self.params,
+                self.slots,
+                self.ctl,
+                self.cache,
+                mask,
+                graphdef=self.graphdef,
+                rows=rows,
             )
             return tokens[:, None], jnp.ones_like(tokens), info
         tokens, produced, self.slots, self.cache, self.dcache = _speculative_step(
@@ -559,6 +591,12 @@ class Engine:
             self.observe("itl", now - request.last_token_at)
         request.generated += 1
         request.last_token_at = now
+        if request.grammar is not None and token not in request.stop_ids:
+            request.grammar.consume_token(token)
+            if request.grammar.is_stopped():  # the grammar is complete: this token ends it
+                self._finish(slot, token, "end")
+                return
+            _fill_mask(request.grammar, self.masks, slot)
         if token in request.stop_ids:
             self._finish(slot, token, "stop")
         elif request.generated >= request.max_tokens:
@@ -569,6 +607,7 @@ class Engine:
     def _finish(self, slot: int, token: int | None, reason: str) -> None:
         request = self.active[slot]
         self.active[slot] = None
+        self.masks[slot] = -1
         request.emit(token, reason)
 
 
@@ -577,3 +616,10 @@ def _host_info(info, wanted: bool):
     if info is None or not wanted:
         return None
     return tuple(np.asarray(x) for x in info)
+
+
+def _fill_mask(grammar, masks: np.ndarray, row: int) -> None:
+    """Row `row` of `masks` := the tokens `grammar` allows next."""
+    from llguidance.numpy import fill_next_token_bitmask
+
+    fill_next_token_bitmask(grammar, masks, row)

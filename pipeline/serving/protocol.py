@@ -38,6 +38,43 @@ def error_body(message: str, status: int, param: str | None = None, code: str | 
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
+class JSONSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: StrictBool | None = None  # the output always follows the schema here
+
+
+class ResponseFormat(BaseModel):
+    """`{"type": "text"}`, `{"type": "json_object"}` (any JSON object) or `{"type":
+    "json_schema", "json_schema": {"name", "schema", "strict"}}`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @field_validator("json_schema")
+    @classmethod
+    def _schema_with_type(cls, value, info):
+        if value is not None and info.data.get("type") != "json_schema":
+            raise ValueError('json_schema goes with type "json_schema"')
+        return value
+
+    @property
+    def schema(self) -> dict | None:
+        """The JSON schema the output must follow; None: free text."""
+        if self.type == "json_object":
+            return {"type": "object"}
+        if self.type == "json_schema":
+            if self.json_schema is None:
+                raise ValueError('type "json_schema" needs json_schema: {"schema": {...}}')
+            return self.json_schema.schema_
+        return None
+
+
 class SamplingRequest(BaseModel):
     """The fields completions and chat completions share. A field this server does not know is
     refused (400 naming it), never silently dropped."""
@@ -59,6 +96,7 @@ class SamplingRequest(BaseModel):
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
     user: str | None = None  # accepted, unused (OpenAI's end-user id)
+    response_format: ResponseFormat | None = None
     # extensions, as in vLLM
     repetition_penalty: float = Field(1.0, gt=0.0)
     min_tokens: StrictInt = Field(0, ge=0)

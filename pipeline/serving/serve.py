@@ -184,6 +184,7 @@ class Routes:
         engine.observe = self.metrics.observe
         self.max_tokens = min(cfg.max_tokens or engine.max_len, engine.max_len)
         self.accepting = True  # False once the server drains for shutdown
+        self._llt = None  # the tokenizer as llguidance sees it (structured outputs), on first use
 
     async def guard(self, request: Request, call_next):
         """The API key and the body size, for every /v1 route; request counts."""
@@ -274,7 +275,14 @@ class Routes:
         return frozenset((ends | set(body.stop_token_ids or [])) - {None})
 
     def _submit(
-        self, body: SamplingRequest, ids: list[int], chat: bool, max_tokens: int, index, first
+        self,
+        body: SamplingRequest,
+        ids: list[int],
+        chat: bool,
+        max_tokens: int,
+        index: int,
+        first,
+        grammar: str | None = None,
     ):
         """Hand choice `index` of the request to the engine: (the engine's request, its token
         queue). Choice i samples with seed + i; choices after the first (`first`, the engine's
@@ -290,6 +298,7 @@ class Routes:
             min_tokens=body.min_tokens,
             stop_ids=tuple(sorted(stop_ids)),
             logprobs=body.top_logprobs_wanted is not None,
+            constrained=grammar is not None,
         )
         job = EngineRequest(
             prompt=ids,
@@ -298,6 +307,7 @@ class Routes:
             stop_ids=stop_ids,
             controls=controls,
             parent=first,
+            grammar=self._matcher(grammar) if grammar else None,
             emit=lambda token, reason: loop.call_soon_threadsafe(queue.put_nowait, (token, reason)),
         )
         try:
@@ -309,6 +319,47 @@ class Routes:
         except ValueError as err:
             raise APIError(400, str(err)) from None
         return job, queue
+
+    def _grammar(self, body: SamplingRequest) -> str | None:
+        """The llguidance grammar of the request's response_format (None: free text); a schema
+        it cannot follow is a 400 naming what."""
+        fmt = body.response_format
+        try:
+            schema = fmt.schema if fmt is not None else None
+        except ValueError as err:
+            raise APIError(400, f"response_format: {err}", "response_format") from None
+        if schema is None:
+            return None
+        from llguidance import LLMatcher
+
+        try:
+            # compact JSON: no free whitespace for the model to spend its tokens on
+            grammar = LLMatcher.grammar_from_json_schema(
+                schema, overrides={"whitespace_flexible": False}
+            )
+        except ValueError as err:
+            raise APIError(400, f"response_format: {err}", "response_format") from None
+        failed, messages = LLMatcher.validate_grammar_with_warnings(grammar, self._lltokenizer())
+        if failed:
+            message = f"response_format: the schema is not supported: {messages[0]}"
+            raise APIError(400, message, "response_format")
+        return grammar
+
+    def _lltokenizer(self):
+        if self._llt is None:
+            from llguidance import LLTokenizer
+
+            self._llt = LLTokenizer(
+                self.tokenizer.hf.to_str(),
+                n_vocab=self.engine.vocab_size,
+                eos_token=self.tokenizer.eos_id,
+            )
+        return self._llt
+
+    def _matcher(self, grammar: str):
+        from llguidance import LLMatcher
+
+        return LLMatcher(self._lltokenizer(), grammar)
 
     def _token(self, token: int) -> str:
         return self.tokenizer.token_text(token)
@@ -347,6 +398,7 @@ class Routes:
 
     async def _complete(self, body: SamplingRequest, ids: list[int], chat: bool):
         max_tokens = self._check(body, ids, chat)
+        grammar = self._grammar(body)
         k = body.top_logprobs_wanted
         echo = getattr(body, "echo", False)
         prompt_text = self.tokenizer.decode(ids) if echo else ""
@@ -355,7 +407,7 @@ class Routes:
         try:
             for index in range(body.n if max_tokens else 0):
                 first = jobs[0][0] if jobs else None
-                jobs.append(self._submit(body, ids, chat, max_tokens, index, first))
+                jobs.append(self._submit(body, ids, chat, max_tokens, index, first, grammar))
         except APIError:
             for job, _ in jobs:
                 self.engine.cancel(job)
@@ -457,7 +509,7 @@ class Routes:
                 before = len(text.text)
                 if reason is not None:
                     finished = True
-                    kept = None if reason == "stop" else token
+                    kept = None if reason == "stop" else token  # "end": a grammar's last token
                     tail = text.push(kept, final=True)
                     items = items_of(kept, before) if kept is not None else []
                     yield tail, "length" if reason == "length" else "stop", items
