@@ -250,7 +250,9 @@ def role_marker(tokenizer: Tokenizer, role: str) -> list[int]:
     return [token] if token is not None else tokenizer.encode(f"<|{role}|>\n")
 
 
-def prompt_ids(tokenizer: Tokenizer, messages: list[dict]) -> list[int]:
+def prompt_ids(
+    tokenizer: Tokenizer, messages: list[dict], tools: list[dict] | None = None
+) -> list[int]:
     """The ids that ask for the next assistant turn (for generation after fine-tuning).
 
     A tokenizer imported with a chat template (Hugging Face's Jinja `chat_template`) uses it,
@@ -258,7 +260,7 @@ def prompt_ids(tokenizer: Tokenizer, messages: list[dict]) -> list[int]:
     """
     template = (tokenizer.imported or {}).get("chat_template")
     if template:
-        return tokenizer.encode(render_template(tokenizer, template, messages))
+        return tokenizer.encode(render_template(tokenizer, template, messages, tools=tools))
     ids, _ = render(tokenizer, messages)
     return ids[:-1] + role_marker(tokenizer, "assistant")
 
@@ -294,7 +296,11 @@ def render_with_template(
 
 
 def render_template(
-    tokenizer: Tokenizer, template: str, messages: list[dict], add_generation_prompt: bool = True
+    tokenizer: Tokenizer,
+    template: str,
+    messages: list[dict],
+    add_generation_prompt: bool = True,
+    tools: list[dict] | None = None,
 ) -> str:
     """Render a Hugging Face chat template as transformers' `apply_chat_template` does: the
     same sandboxed Jinja environment (loop controls, its `tojson`, `strftime_now`,
@@ -326,7 +332,7 @@ def render_template(
             special[name] = value["content"] if isinstance(value, dict) else value
     try:
         return env.from_string(template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt, **special
+            messages=messages, add_generation_prompt=add_generation_prompt, tools=tools, **special
         )
     except TemplateError as err:
         raise ValueError(f"the chat template refused this conversation: {err}") from None

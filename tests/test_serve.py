@@ -45,8 +45,8 @@ def _free_port() -> int:
 class Server:
     """An engine and the app on a real socket, in this process (the engine thread + uvicorn)."""
 
-    def __init__(self, slots=4, max_queue=64, api_key=None, start_engine=True, **app_kw):
-        self.model = create_model(CFG, seed=7)
+    def __init__(self, slots=4, max_queue=64, api_key=None, start_engine=True, cfg=CFG, **app_kw):
+        self.model = create_model(cfg, seed=7)
         self.tokenizer = byte_tokenizer()
         self.engine = Engine(self.model, slots=slots, max_queue=max_queue)
         self.engine.warmup()

@@ -372,3 +372,137 @@ def test_json_mode_and_unsupported_schemas(server):
     )
     assert r.status_code == 400 and "ipv9" in r.json()["error"]["message"]
     assert r.json()["error"]["param"] == "response_format"
+
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The forecast for a city",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string", "maxLength": 8},
+                "days": {"type": "integer", "minimum": 1, "maximum": 7},
+            },
+            "required": ["city", "days"],
+            "additionalProperties": False,
+        },
+    },
+}
+CLOCK = {
+    "type": "function",
+    "function": {
+        "name": "set_alarm",
+        "parameters": {
+            "type": "object",
+            "properties": {"hour": {"type": "integer", "minimum": 0, "maximum": 23}},
+            "required": ["hour"],
+            "additionalProperties": False,
+        },
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def long_server():
+    """Room for the tools' descriptions in the prompt (our convention's system message)."""
+    import dataclasses
+
+    from test_serve import CFG
+
+    s = Server(slots=2, cfg=dataclasses.replace(CFG, max_seq_len=1024))
+    yield s
+    s.close()
+
+
+def test_tool_calls_follow_their_parameters_and_stream_as_openai_streams_them(long_server):
+    server = long_server
+    import json
+
+    import jsonschema
+
+    client = _client(server)
+    ask = {"model": NAME, "messages": [{"role": "user", "content": "weather in Oslo?"}]}
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    out = client.chat.completions.create(
+        **ask, tools=[WEATHER, CLOCK], tool_choice=named, max_tokens=120, temperature=1.0, seed=3
+    )
+    choice = out.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.function.name == "get_weather"
+    jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
+
+    for seed in range(5):  # required: a call to either tool, arguments valid for that tool
+        out = client.chat.completions.create(
+            **ask,
+            tools=[WEATHER, CLOCK],
+            tool_choice="required",
+            max_tokens=120,
+            seed=seed,
+            temperature=1.0,
+        )
+        (call,) = out.choices[0].message.tool_calls
+        schema = {"get_weather": WEATHER, "set_alarm": CLOCK}[call.function.name]
+        jsonschema.validate(json.loads(call.function.arguments), schema["function"]["parameters"])
+
+    stream = client.chat.completions.create(
+        **ask,
+        tools=[WEATHER, CLOCK],
+        tool_choice=named,
+        max_tokens=120,
+        temperature=1.0,
+        seed=3,
+        stream=True,
+    )
+    name, arguments, finish = "", "", None
+    for chunk in stream:
+        for c in chunk.choices:
+            for delta in c.delta.tool_calls or []:
+                name += delta.function.name or ""
+                arguments += delta.function.arguments or ""
+            finish = c.finish_reason or finish
+    assert (name, finish) == ("get_weather", "tool_calls")
+    first = client.chat.completions.create(
+        **ask, tools=[WEATHER, CLOCK], tool_choice=named, max_tokens=120, temperature=1.0, seed=3
+    )
+    assert arguments == first.choices[0].message.tool_calls[0].function.arguments
+
+
+def test_a_tool_conversation_and_auto_and_refusals(long_server):
+    server = long_server
+    client = _client(server)
+    history = [
+        {"role": "user", "content": "weather in Oslo?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Oslo", "days": 1}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"forecast": "rain"}'},
+    ]
+    out = client.chat.completions.create(
+        model=NAME, messages=history, tools=[WEATHER], max_tokens=8, temperature=0
+    )
+    message = out.choices[0].message  # auto: a random model answers in text
+    assert message.tool_calls is None and isinstance(message.content, str)
+    for body, words in (
+        (
+            {"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+            "nope",
+        ),
+        ({"tool_choice": "required"}, "tool_choice needs tools"),
+    ):
+        r = httpx.post(
+            f"{server.url}/v1/chat/completions",
+            json={"model": NAME, "messages": [{"role": "user", "content": "x"}], **body},
+            timeout=30,
+        )
+        assert r.status_code == 400 and words in r.json()["error"]["message"], r.text

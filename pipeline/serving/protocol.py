@@ -165,9 +165,47 @@ class CompletionRequest(SamplingRequest):
 class Message(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    role: Literal["system", "user", "assistant"]
-    content: str
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str | None = None
     name: str | None = None  # accepted, unused
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool's result answers this call
+
+    @field_validator("content")
+    @classmethod
+    def _content(cls, value, info):
+        if value is None and info.data.get("role") != "assistant":
+            raise ValueError("content is required (null only for an assistant's tool calls)")
+        return value
+
+
+class FunctionDef(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema; None: no arguments
+    strict: StrictBool | None = None  # calls always follow the schema when constrained
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatRequest(SamplingRequest):
@@ -175,6 +213,28 @@ class ChatRequest(SamplingRequest):
     logprobs: StrictBool = False
     top_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     max_completion_tokens: StrictInt | None = None  # OpenAI's newer name for max_tokens
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: StrictBool | None = None  # accepted; one call per choice
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _choice_needs_tools(cls, value, info):
+        tools = info.data.get("tools") or []
+        if value not in (None, "none", "auto") and not tools:
+            raise ValueError("tool_choice needs tools")
+        named = isinstance(value, NamedToolChoice)
+        if named and value.function.name not in {t.function.name for t in tools}:
+            raise ValueError(f"no tool is named {value.function.name!r}")
+        return value
+
+    @property
+    def tool_mode(self) -> str | None:
+        """None (no tools offered), "auto", "required", or the function a call must be to."""
+        choice = self.tool_choice or ("auto" if self.tools else "none")
+        if not self.tools or choice == "none":
+            return None
+        return choice.function.name if isinstance(choice, NamedToolChoice) else choice
 
     @field_validator("top_logprobs")
     @classmethod
@@ -240,9 +300,18 @@ def _raw(token: str) -> bytes:
     return token.encode("utf-8")
 
 
-def choice_body(chat: bool, index: int, text: str, finish: str, logprobs: dict | None) -> dict:
+def choice_body(
+    chat: bool,
+    index: int,
+    text: str,
+    finish: str,
+    logprobs: dict | None,
+    tool_calls: list[dict] | None = None,
+) -> dict:
     if chat:
         message = {"role": "assistant", "content": text}
+        if tool_calls:
+            message, finish = {**message, "content": None, "tool_calls": tool_calls}, "tool_calls"
         return {"index": index, "message": message, "finish_reason": finish, "logprobs": logprobs}
     return {"index": index, "text": text, "finish_reason": finish, "logprobs": logprobs}
 
@@ -289,4 +358,32 @@ async def sse_events(pieces, meta: dict, chat: bool, n: int, include_usage: bool
             yield chunk(index, None if chat else "", finish)
     if include_usage:
         yield f"data: {json.dumps({**meta, 'object': kind, 'choices': [], 'usage': usage()})}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+async def sse_whole(choices: list[dict], meta: dict, include_usage: bool, usage: dict):
+    """Chat choices decided as a whole (tool calls: known once the answer is complete) as
+    OpenAI streams them: the role, then per call its id and name and then its arguments (or
+    the content), then the finish reason."""
+    base = {**meta, "object": "chat.completion.chunk"}
+
+    def chunk(index: int, delta: dict, finish: str | None = None) -> str:
+        choice = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}
+        out = {**base, "choices": [choice]} | ({"usage": None} if include_usage else {})
+        return f"data: {json.dumps(out)}\n\n"
+
+    for choice in choices:
+        index, message = choice["index"], choice["message"]
+        yield chunk(index, {"role": "assistant", "content": ""})
+        for j, call in enumerate(message.get("tool_calls") or []):
+            head = {"index": j, "id": call["id"], "type": "function"}
+            head["function"] = {"name": call["function"]["name"], "arguments": ""}
+            yield chunk(index, {"tool_calls": [head]})
+            arguments = {"index": j, "function": {"arguments": call["function"]["arguments"]}}
+            yield chunk(index, {"tool_calls": [arguments]})
+        if message.get("content"):
+            yield chunk(index, {"content": message["content"]})
+        yield chunk(index, {}, choice["finish_reason"])
+    if include_usage:
+        yield f"data: {json.dumps({**base, 'choices': [], 'usage': usage})}\n\n"
     yield "data: [DONE]\n\n"

@@ -44,8 +44,10 @@ from pipeline.serving.protocol import (
     error_body,
     response_meta,
     sse_events,
+    sse_whole,
     validation_message,
 )
+from pipeline.serving.tools import call_schema, parse_call, plain_messages, system_message
 from pipeline.tokenizer import prompt_ids
 
 log = logging.getLogger(__name__)
@@ -226,12 +228,24 @@ class Routes:
         return await self._complete(body, ids, chat=False)
 
     async def chat_completions(self, body: ChatRequest):
-        messages = [m.model_dump() for m in body.messages]
+        messages = [m.model_dump(exclude_none=True) for m in body.messages]
+        mode = body.tool_mode
+        tools = [t.model_dump(exclude_none=True) for t in body.tools or []] if mode else None
+        template = (self.tokenizer.imported or {}).get("chat_template") or ""
         try:
-            ids = prompt_ids(self.tokenizer, messages)
+            if template:  # the model's own layout of tools, calls and results where it has one
+                offered = tools if "tools" in template else None
+                if tools and offered is None:
+                    messages = [system_message(tools), *messages]
+                ids = prompt_ids(self.tokenizer, messages, offered)
+            else:
+                plain = plain_messages(messages)
+                ids = prompt_ids(
+                    self.tokenizer, [system_message(tools), *plain] if tools else plain
+                )
         except ValueError as err:  # the model's chat template refused the conversation
             raise APIError(400, str(err), "messages") from None
-        return await self._complete(body, ids, chat=True)
+        return await self._complete(body, ids, chat=True, tools=tools, mode=mode)
 
     def _check(self, body: SamplingRequest, ids: list[int], chat: bool) -> int:
         """The rules that depend on this server; returns max_tokens (0: echo scores the prompt
@@ -320,12 +334,14 @@ class Routes:
             raise APIError(400, str(err)) from None
         return job, queue
 
-    def _grammar(self, body: SamplingRequest) -> str | None:
-        """The llguidance grammar of the request's response_format (None: free text); a schema
-        it cannot follow is a 400 naming what."""
+    def _grammar(self, body: SamplingRequest, schema: dict | None = None) -> str | None:
+        """The llguidance grammar of the request's response_format, or of `schema` (a tool
+        call's); None: free text. A schema it cannot follow is a 400 naming what."""
         fmt = body.response_format
+        if schema is not None and fmt is not None and fmt.type != "text":
+            raise APIError(400, "response_format and a required tool call exclude each other")
         try:
-            schema = fmt.schema if fmt is not None else None
+            schema = schema or (fmt.schema if fmt is not None else None)
         except ValueError as err:
             raise APIError(400, f"response_format: {err}", "response_format") from None
         if schema is None:
@@ -396,9 +412,20 @@ class Routes:
     def _logprobs_object(self, chat: bool, items: list[dict], k: int) -> dict:
         return chat_logprobs(items, k) if chat else completion_logprobs(items, k)
 
-    async def _complete(self, body: SamplingRequest, ids: list[int], chat: bool):
+    async def _complete(
+        self,
+        body: SamplingRequest,
+        ids: list[int],
+        chat: bool,
+        tools: list[dict] | None = None,
+        mode: str | None = None,
+    ):
+        """Run the request's choices; `tools` offered (mode "auto", "required" or the name of
+        the function to call): answers that are calls come back as `tool_calls`."""
         max_tokens = self._check(body, ids, chat)
-        grammar = self._grammar(body)
+        named = mode if mode not in (None, "auto", "required") else None
+        call = call_schema(tools, named) if mode not in (None, "auto") else None
+        grammar = self._grammar(body, call)
         k = body.top_logprobs_wanted
         echo = getattr(body, "echo", False)
         prompt_text = self.tokenizer.decode(ids) if echo else ""
@@ -426,7 +453,7 @@ class Routes:
         def logprobs_of(items):
             return None if k is None else self._logprobs_object(chat, items, k)
 
-        if body.stream:
+        if body.stream and not tools:
             events = sse_events(
                 self._merged(streams, prompt_text, prompt_items, logprobs_of, body.n),
                 meta,
@@ -444,7 +471,9 @@ class Routes:
                 texts.append(delta)
                 items.extend(token_items)
                 finish = reason or finish
-            return choice_body(chat, index, "".join(texts), finish, logprobs_of(items))
+            text = "".join(texts)
+            calls = parse_call(text, tools) if tools else None
+            return choice_body(chat, index, text, finish, logprobs_of(items), calls)
 
         if not streams:  # echo with max_tokens 0: the prompt, scored
             choices = [
@@ -453,6 +482,10 @@ class Routes:
             ]
         else:
             choices = list(await asyncio.gather(*(collect(i, p) for i, p in enumerate(streams))))
+        if body.stream:  # with tools: whether an answer is a call is known once it is complete
+            events = sse_whole(choices, meta, body.include_usage, usage())
+            headers = {"Cache-Control": "no-cache"}
+            return StreamingResponse(events, media_type="text/event-stream", headers=headers)
         return completion_body(meta, chat, choices, usage())
 
     async def _merged(self, streams, prompt_text, prompt_items, logprobs_of, n: int):
