@@ -17,7 +17,7 @@ export LD_PRELOAD := $(firstword $(JEMALLOC))
 export MALLOC_CONF := oversize_threshold:0,dirty_decay_ms:-1,muzzy_decay_ms:-1
 endif
 
-.PHONY: install gpu-wheels test test-fast lint format pretrain finetune distill bench generate serve sweep runs
+.PHONY: install gpu-wheels eval test test-fast lint format pretrain finetune distill bench generate serve sweep runs
 
 # Extra overrides for the run targets, e.g. make pretrain ARGS="train.steps=50".
 ARGS ?=
@@ -83,6 +83,12 @@ bench: install
 generate: install
 	@test -n "$(RUN)" || { echo "error: no run in runs/: make pretrain first"; exit 2; }
 	$(BIN)/python -m pipeline generate --run $(RUN) --prompt "$(PROMPT)" $(if $(wildcard $(RUN)/adapter_config.json),--chat,) $(ARGS)
+
+# lm-evaluation-harness through the real server on the offline stdlib tasks: make eval [RUN=...]
+LIMIT ?=
+eval: install
+	@test -n "$(RUN)" || { echo "error: no run in runs/: make pretrain first"; exit 2; }
+	$(BIN)/python -m pipeline eval --run $(RUN) $(if $(LIMIT),--limit $(LIMIT),) $(ARGS)
 
 serve: install
 	@test -n "$(RUN)" || { echo "error: no run in runs/: make pretrain first"; exit 2; }

@@ -223,6 +223,20 @@ def cmd_export_hf(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    """lm-evaluation-harness against a local server of the run, on the offline stdlib tasks."""
+    from pipeline.evaluation import run_eval
+
+    tasks = args.tasks.split(",") if args.tasks else None
+    scores = run_eval(args.run, tasks, args.limit, args.examples)
+    if args.json:
+        print(json.dumps(scores))
+    else:
+        for task, metrics in scores.items():
+            print(task + "  " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    return 0
+
+
 def cmd_fit(args) -> int:
     """Compile the training step from shapes alone; per-device memory and the largest batch."""
     from pipeline.training.fit import device_budget, fit, format_fit
@@ -315,6 +329,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_experiment_commands(sub)
     _add_interop_commands(sub)
     _add_bench_command(sub)
+    evalp = sub.add_parser("eval", help="lm-eval on the offline stdlib tasks, through the server")
+    evalp.add_argument("--run", required=True, help="a run directory (as serve takes)")
+    evalp.add_argument("--tasks", help="stdlib_next_line,stdlib_docstring (default both)")
+    evalp.add_argument("--limit", type=int, help="examples per task (default all)")
+    evalp.add_argument("--examples", type=int, default=200, help="examples built per task")
+    evalp.add_argument("--json", action="store_true")
+    evalp.set_defaults(func=cmd_eval)
     return parser
 
 

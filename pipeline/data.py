@@ -9,6 +9,7 @@ tokenizer. The batch for step s is a pure function of (seed, s), so a resumed ru
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import glob
 import hashlib
@@ -35,6 +36,20 @@ def stdlib_files() -> list[Path]:
     return sorted(
         p for p in root.rglob("*.py") if not {"site-packages", "dist-packages"} & set(p.parts)
     )
+
+
+def python_functions(path: Path):
+    """(the file's source lines, a function's `ast` node) for every function of a Python file;
+    nothing for a file that is not UTF-8 or does not parse."""
+    try:
+        source = path.read_text(encoding="utf-8")
+        tree = ast.parse(source)
+    except (SyntaxError, UnicodeDecodeError, ValueError):
+        return
+    lines = source.splitlines()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            yield lines, node
 
 
 def read_documents(cfg: DataConfig) -> list[str]:

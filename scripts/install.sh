@@ -11,8 +11,9 @@
 #                --system-site-packages would see the base interpreter's instead), and pip keeps
 #                that JAX, its plugin and whatever else satisfies this package's ranges
 #   JAX_VERSION=0.11.2   that exact version of JAX (not with system)
-#   EXTRAS=dev,interop   the optional dependencies (default: dev,interop with the CPU build,
-#                dev with an accelerator: `interop` pins the CPU build of torch; none: none)
+#   EXTRAS=dev,interop,eval   the optional dependencies (default: all three with the CPU build,
+#                dev with an accelerator: `interop` pins the CPU build of torch, which `eval`'s
+#                lm-eval needs; none: none)
 # pip's own settings apply: PIP_NO_INDEX=1 PIP_FIND_LINKS=DIR installs offline from wheels.
 #
 # Refuses, with one line and before touching the environment, what cannot work: CUDA without an
@@ -99,7 +100,7 @@ system)
 esac
 
 if [ "$mode" = cpu ]; then
-  EXTRAS=${EXTRAS:-dev,interop}
+  EXTRAS=${EXTRAS:-dev,interop,eval}
   jax_req="jax${JAX_VERSION:+==$JAX_VERSION}"
 elif [ "$mode" = system ]; then
   EXTRAS=${EXTRAS:-dev}

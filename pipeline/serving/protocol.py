@@ -136,7 +136,7 @@ class SamplingRequest(BaseModel):
 
 
 class CompletionRequest(SamplingRequest):
-    prompt: str | list[str] | list[StrictInt]
+    prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]]
     logprobs: StrictInt | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: StrictBool = False
     suffix: str | None = None
@@ -144,9 +144,9 @@ class CompletionRequest(SamplingRequest):
     @field_validator("prompt")
     @classmethod
     def _one_prompt(cls, value):
-        if isinstance(value, list) and value and isinstance(value[0], str):
+        if isinstance(value, list) and value and isinstance(value[0], str | list):
             if len(value) != 1:
-                raise ValueError("one prompt per request (a list of one string)")
+                raise ValueError("one prompt per request (a list of one string or token list)")
             return value[0]
         return value
 

@@ -544,7 +544,9 @@ class Routes:
                     finished = True
                     kept = None if reason == "stop" else token  # "end": a grammar's last token
                     tail = text.push(kept, final=True)
-                    items = items_of(kept, before) if kept is not None else []
+                    # a stop token is not text, but its log-probability is reported (as vLLM
+                    # does: echo + max_tokens 1 scorers drop the last item, whatever it is)
+                    items = items_of(token, before) if token is not None else []
                     yield tail, "length" if reason == "length" else "stop", items
                     return
                 delta = text.push(token)

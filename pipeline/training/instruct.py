@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import ConfigError, FinetuneConfig
-from pipeline.data import stdlib_files
+from pipeline.data import python_functions, stdlib_files
 from pipeline.tokenizer import Tokenizer, render
 
 SUMMARY_PROMPT = "Summarize this function in one line:\n"
@@ -212,14 +212,8 @@ def stdlib_docstring_examples(val_fraction: float, limit: int | None = None):
 
 
 def _docstring_pairs(path: Path):
-    try:
-        source = path.read_text(encoding="utf-8")
-        tree = ast.parse(source)
-    except (SyntaxError, UnicodeDecodeError, ValueError):
-        return
-    lines = source.splitlines()
-    for node in ast.walk(tree):
-        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or len(node.body) < 2:
+    for lines, node in python_functions(path):
+        if len(node.body) < 2:
             continue
         doc = ast.get_docstring(node)
         summary = doc.strip().splitlines()[0].strip() if doc and doc.strip() else ""

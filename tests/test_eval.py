@@ -1,0 +1,60 @@
+"""lm-evaluation-harness against our server on the offline stdlib tasks: lm-eval's numbers
+equal a direct computation with the model. Run: pytest tests/test_eval.py"""
+
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+pytest.importorskip("lm_eval")
+
+from pipeline.config import ServeConfig  # noqa: E402
+from pipeline.evaluation import build_examples  # noqa: E402
+from pipeline.inference.runs import load_for_inference  # noqa: E402
+
+pytestmark = pytest.mark.e2e
+
+
+def test_lm_eval_through_the_server_equals_a_direct_computation(tiny_run, tmp_path):
+    from pipeline.evaluation import run_eval
+
+    run = str(tmp_path / "run")
+    shutil.copytree(tiny_run, run)  # the shared run stays read-only
+    few_slots = ServeConfig(slots=2)  # fewer programs to compile at start-up
+    scores, samples = run_eval(run, limit=6, examples=12, cfg=few_slots, samples=True)
+
+    loaded = load_for_inference(run, "none", None)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    examples = build_examples(12)
+
+    def logprob(context: str, continuation: str) -> float:
+        ctx, whole = tokenizer.encode(context), tokenizer.encode(context + continuation)
+        logits, _ = model(jnp.asarray([whole]))
+        lp = np.asarray(jax.nn.log_softmax(logits[0].astype(jnp.float32)), np.float64)
+        return float(sum(lp[i - 1, whole[i]] for i in range(len(ctx), len(whole))))
+
+    docs = examples["stdlib_next_line"][:6]
+    direct = [[logprob(d["context"], c) for c in d["choices"]] for d in docs]
+    by_doc = {s["doc_id"]: s for s in samples["stdlib_next_line"]}
+    for i, row in enumerate(direct):
+        served = [r[0][0] for r in by_doc[i]["resps"]]  # lm-eval's (loglikelihood, is_greedy)
+        np.testing.assert_allclose(served, row, atol=1e-3)
+    accuracy = np.mean(
+        [int(np.argmax(row)) == d["gold"] for row, d in zip(direct, docs, strict=True)]
+    )
+    assert scores["stdlib_next_line"]["acc"] == pytest.approx(accuracy)
+
+    from pipeline.inference.generate import generate
+    from pipeline.inference.sampling import Sampling
+
+    matches = []
+    for i, d in enumerate(examples["stdlib_docstring"][:6]):
+        ids = generate(model, [tokenizer.encode(d["context"])], 48, Sampling())["tokens"][0]
+        text = tokenizer.decode([t for t in ids if t != tokenizer.eos_id])
+        text = text.split("\n")[0].split('"""')[0]
+        served = {s["doc_id"]: s for s in samples["stdlib_docstring"]}[i]["resps"][0][0]
+        assert served == text
+        matches.append(text == d["target"])
+    assert scores["stdlib_docstring"]["exact_match"] == pytest.approx(np.mean(matches))
