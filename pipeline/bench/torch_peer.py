@@ -71,17 +71,11 @@ def matmul_flops_per_token(model, m: ModelConfig, seq_len: int) -> float:
     return 6.0 * (params - lookups) + attention
 
 
-def run(cfg: Config, steps: int, warmup: int, compile_model: bool) -> dict:
+def make_step(model, o, device, compute_dtype: str, cuda: bool):
+    """One training step (forward under autocast, float32 cross-entropy, backward, clipping,
+    fused AdamW on CUDA): `step(batch (B, T+1)) -> loss`."""
     import torch
 
-    from pipeline.runtime import nominal_peak_flops
-
-    torch.manual_seed(cfg.train.seed)
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
-    m, o = cfg.model, cfg.optimizer
-    model = build_model(m).to(device).train()
-    flops_per_token = matmul_flops_per_token(model, m, cfg.data.seq_len)
     optimizer = torch.optim.AdamW(
         model.parameters(),
         lr=o.lr,
@@ -90,14 +84,8 @@ def run(cfg: Config, steps: int, warmup: int, compile_model: bool) -> dict:
         weight_decay=o.weight_decay,
         **({"fused": True} if cuda else {}),
     )
-    half = m.compute_dtype in ("bfloat16", "float16")
-    autocast_dtype = getattr(torch, m.compute_dtype) if half else None
-    B, T = cfg.train.batch_size, cfg.data.seq_len
-    gen = torch.Generator().manual_seed(0)
-    batches = [
-        torch.randint(0, m.vocab_size, (B, T + 1), generator=gen).to(device)
-        for _ in range(min(warmup + steps, 8))
-    ]
+    half = compute_dtype in ("bfloat16", "float16")
+    autocast_dtype = getattr(torch, compute_dtype) if half else None
 
     def step(batch):
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=half):
@@ -112,22 +100,44 @@ def run(cfg: Config, steps: int, warmup: int, compile_model: bool) -> dict:
         optimizer.zero_grad(set_to_none=True)
         return loss
 
+    return step
+
+
+def _timed(fn, batches, steps: range, sync) -> tuple[float, float]:
+    """(seconds for `steps` steps, synchronised, the last loss)."""
+    start = time.perf_counter()
+    for i in steps:
+        loss = fn(batches[i % len(batches)])
+    loss = float(loss.detach())
+    sync()
+    return time.perf_counter() - start, loss
+
+
+def run(cfg: Config, steps: int, warmup: int, compile_model: bool) -> dict:
+    import torch
+
+    from pipeline.runtime import nominal_peak_flops
+
+    torch.manual_seed(cfg.train.seed)
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    m = cfg.model
+    model = build_model(m).to(device).train()
+    flops_per_token = matmul_flops_per_token(model, m, cfg.data.seq_len)
+    step = make_step(model, cfg.optimizer, device, m.compute_dtype, cuda)
+    B, T = cfg.train.batch_size, cfg.data.seq_len
+    gen = torch.Generator().manual_seed(0)
+    batches = [
+        torch.randint(0, m.vocab_size, (B, T + 1), generator=gen).to(device)
+        for _ in range(min(warmup + steps, 8))
+    ]
     fn = torch.compile(step) if compile_model else step
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    start = time.perf_counter()
-    for i in range(warmup):
-        loss = fn(batches[i % len(batches)])
-    float(loss.detach())
-    sync()
-    warmup_s = time.perf_counter() - start
+    warmup_s, _ = _timed(fn, batches, range(warmup), sync)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    for i in range(warmup, warmup + steps):
-        loss = fn(batches[i % len(batches)])
-    float(loss.detach())
-    sync()
-    step_s = (time.perf_counter() - start) / steps
+    total_s, loss = _timed(fn, batches, range(warmup, warmup + steps), sync)
+    step_s = total_s / steps
     kind = torch.cuda.get_device_name() if cuda else "cpu"
     nominal = nominal_peak_flops(kind, m.compute_dtype)
     tokens_per_sec = B * T / step_s
@@ -146,7 +156,7 @@ def run(cfg: Config, steps: int, warmup: int, compile_model: bool) -> dict:
         "peak_bytes": torch.cuda.max_memory_allocated() if cuda else None,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "compute_dtype": m.compute_dtype,
-        "loss": float(loss.detach()),
+        "loss": loss,
         "device": kind,
     }
 

@@ -430,15 +430,7 @@ class Routes:
         echo = getattr(body, "echo", False)
         prompt_text = self.tokenizer.decode(ids) if echo else ""
         prompt_items = await self._prompt_items(ids, echo and k is not None) if echo else []
-        jobs = []
-        try:
-            for index in range(body.n if max_tokens else 0):
-                first = jobs[0][0] if jobs else None
-                jobs.append(self._submit(body, ids, chat, max_tokens, index, first, grammar))
-        except APIError:
-            for job, _ in jobs:
-                self.engine.cancel(job)
-            raise
+        jobs = self._submit_choices(body, ids, chat, max_tokens, grammar)
         meta = response_meta(chat, self.model_name, int(time.time()))
         streams = [
             self._pieces(job, queue, TextStream(self.tokenizer, body.stop), k, len(prompt_text))
@@ -454,39 +446,41 @@ class Routes:
             return None if k is None else self._logprobs_object(chat, items, k)
 
         if body.stream and not tools:
-            events = sse_events(
-                self._merged(streams, prompt_text, prompt_items, logprobs_of, body.n),
-                meta,
-                chat,
-                body.n,
-                body.include_usage,
-                usage,
-            )
-            headers = {"Cache-Control": "no-cache"}
-            return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+            pieces = self._merged(streams, prompt_text, prompt_items, logprobs_of, body.n)
+            return _sse(sse_events(pieces, meta, chat, body.n, body.include_usage, usage))
 
         async def collect(index: int, pieces) -> dict:
             texts, items, finish = [prompt_text], list(prompt_items), "length"
-            async for delta, reason, token_items in pieces:
-                texts.append(delta)
-                items.extend(token_items)
-                finish = reason or finish
+            if pieces is not None:
+                async for delta, reason, token_items in pieces:
+                    texts.append(delta)
+                    items.extend(token_items)
+                    finish = reason or finish
             text = "".join(texts)
-            calls = parse_call(text, tools) if tools else None
+            calls = parse_call(text, tools) if tools and pieces else None
             return choice_body(chat, index, text, finish, logprobs_of(items), calls)
 
-        if not streams:  # echo with max_tokens 0: the prompt, scored
-            choices = [
-                choice_body(chat, i, prompt_text, "length", logprobs_of(prompt_items))
-                for i in range(body.n)
-            ]
-        else:
-            choices = list(await asyncio.gather(*(collect(i, p) for i, p in enumerate(streams))))
+        # echo with max_tokens 0: no stream; each choice is the prompt, scored
+        choices = await asyncio.gather(
+            *(collect(i, p) for i, p in enumerate(streams or [None] * body.n))
+        )
         if body.stream:  # with tools: whether an answer is a call is known once it is complete
-            events = sse_whole(choices, meta, body.include_usage, usage())
-            headers = {"Cache-Control": "no-cache"}
-            return StreamingResponse(events, media_type="text/event-stream", headers=headers)
-        return completion_body(meta, chat, choices, usage())
+            return _sse(sse_whole(list(choices), meta, body.include_usage, usage()))
+        return completion_body(meta, chat, list(choices), usage())
+
+    def _submit_choices(self, body, ids: list[int], chat: bool, max_tokens: int, grammar):
+        """The request's n choices handed to the engine (none with max_tokens 0); all refused
+        together."""
+        jobs = []
+        try:
+            for index in range(body.n if max_tokens else 0):
+                first = jobs[0][0] if jobs else None
+                jobs.append(self._submit(body, ids, chat, max_tokens, index, first, grammar))
+        except APIError:
+            for job, _ in jobs:
+                self.engine.cancel(job)
+            raise
+        return jobs
 
     async def _merged(self, streams, prompt_text, prompt_items, logprobs_of, n: int):
         """The choices' pieces interleaved as they come: (index, delta, finish, logprobs)."""
@@ -560,6 +554,11 @@ class Routes:
         finally:
             if not finished:
                 self.engine.cancel(job)
+
+
+def _sse(events) -> StreamingResponse:
+    headers = {"Cache-Control": "no-cache"}
+    return StreamingResponse(events, media_type="text/event-stream", headers=headers)
 
 
 def _authorised(request: Request, api_key: str) -> bool:
