@@ -88,7 +88,7 @@ generate: install
 LIMIT ?=
 eval: install
 	@test -n "$(RUN)" || { echo "error: no run in runs/: make pretrain first"; exit 2; }
-	$(BIN)/python -m pipeline eval --run $(RUN) $(if $(LIMIT),--limit $(LIMIT),) $(ARGS)
+	$(BIN)/python -m pipeline eval --run $(RUN) $(if $(LIMIT),--limit $(LIMIT),) $(if $(CHAT),--chat,) $(ARGS)
 
 serve: install
 	@test -n "$(RUN)" || { echo "error: no run in runs/: make pretrain first"; exit 2; }

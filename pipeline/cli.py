@@ -228,7 +228,7 @@ def cmd_eval(args) -> int:
     from pipeline.evaluation import run_eval
 
     tasks = args.tasks.split(",") if args.tasks else None
-    scores = run_eval(args.run, tasks, args.limit, args.examples)
+    scores = run_eval(args.run, tasks, args.limit, args.examples, chat=args.chat)
     if args.json:
         print(json.dumps(scores))
     else:
@@ -316,7 +316,15 @@ def cmd_bench(args) -> int:
     except json.JSONDecodeError as err:
         raise ConfigError(f"--request is not a JSON object: {err}") from None
     run_bench(
-        args.target, args.config, args.overrides, cases, args.steps, args.json, args.run, request
+        args.target,
+        args.config,
+        args.overrides,
+        cases,
+        args.steps,
+        args.json,
+        args.run,
+        request,
+        peer=args.peer,
     )
     return 0
 
@@ -334,6 +342,11 @@ def build_parser() -> argparse.ArgumentParser:
     evalp.add_argument("--tasks", help="stdlib_next_line,stdlib_docstring (default both)")
     evalp.add_argument("--limit", type=int, help="examples per task (default all)")
     evalp.add_argument("--examples", type=int, default=200, help="examples built per task")
+    evalp.add_argument(
+        "--chat",
+        action="store_true",
+        help="lm-eval's local-chat-completions (generate-until tasks) instead of local-completions",
+    )
     evalp.add_argument("--json", action="store_true")
     evalp.set_defaults(func=cmd_eval)
     return parser
@@ -476,13 +489,19 @@ def _add_bench_command(sub) -> None:
         help="train: presets from configs/ (default small,gpt2-124m); "
         "finetune: methods (default lora,qlora,full); "
         "generate: b1,b32,int8,int4,recompute (default all); quantize: int8,int4; "
-        "serve: concurrency levels (default 1,8,32)",
+        "serve: concurrency levels (default 1,8,32) and prefix, long, mixed",
     )
     bench.add_argument("--steps", type=int, default=5, help="timed steps per case")
     bench.add_argument("--json", action="store_true", help="one JSON object per case")
     bench.add_argument(
         "--request",
         help="serve: more fields for every request, as JSON, e.g. '{\"logprobs\": 5}'",
+    )
+    bench.add_argument(
+        "--peer",
+        choices=["transformers"],
+        help="serve: also run `transformers serve --continuous-batching` on the same weights "
+        "at the same concurrency levels, and print our ratio to it",
     )
     bench.set_defaults(func=cmd_bench)
 

@@ -248,8 +248,15 @@ class ServeConfig:
     api_key: str | None = None  # or $PIPELINE_API_KEY; required on every /v1 route when set
     model_name: str | None = None  # the id clients send as "model"; None: the run's folder name
     quantize: Literal["none", "int8", "int4"] = "none"
-    slots: int = 8  # requests decoding together
-    max_len: int | None = None  # positions per slot; None: the model's context
+    slots: int = 64  # requests running together at most (vLLM's max_num_seqs)
+    max_len: int | None = None  # positions per request; None: the model's context
+    # the paged KV cache: blocks of block_size positions, shared by every request; None: sized
+    # by kv_memory_gb, at most every slot at max_len
+    kv_blocks: int | None = None
+    kv_memory_gb: float | None = None  # the pool's size when kv_blocks is None; None: automatic
+    block_size: int = 16
+    prefix_caching: bool = True  # share the full blocks of prompts that start the same way
+    prefill_chunk: int = 256  # prompt tokens per prefill call: longer prompts go in chunks
     max_queue: int = 64  # requests waiting for a slot before 429
     max_tokens: int | None = None  # the largest max_tokens accepted; None: max_len
     default_max_tokens: int = 16  # when a request gives none (as OpenAI's completions)
@@ -568,8 +575,17 @@ def _run_rules(cfg: Config) -> list[tuple[str, bool, str]]:
         ("distill.temperature", cfg.distill.temperature > 0, "must be positive"),
         *(
             (f"serve.{name}", getattr(cfg.serve, name) >= 1, "must be at least 1")
-            for name in ("slots", "max_queue", "default_max_tokens", "max_body_bytes")
+            for name in (
+                "slots",
+                "max_queue",
+                "default_max_tokens",
+                "max_body_bytes",
+                "block_size",
+                "prefill_chunk",
+            )
         ),
+        ("serve.kv_blocks", (cfg.serve.kv_blocks or 1) >= 1, "must be at least 1"),
+        ("serve.kv_memory_gb", (cfg.serve.kv_memory_gb or 1) > 0, "must be positive"),
     ]
 
 

@@ -11,8 +11,11 @@ written as lm-eval task configs over local JSONL files (nothing downloaded):
 
 `pipeline eval --run RUN` serves the run on a free loopback port (the same engine and HTTP layer
 as `pipeline serve`), runs lm-eval's `local-completions` model against it with the run's
-tokenizer written in transformers' layout, and writes `RUN/eval/results.json`. lm-eval itself
-is the `eval` extra.
+tokenizer written in transformers' layout, and writes `RUN/eval/results.json`. With `--chat`,
+lm-eval's `local-chat-completions` instead: each context is a user turn sent to
+`/v1/chat/completions` (rendered by the run's chat template), for the generate-until task alone
+(chat completions return no prompt log-probabilities, so log-likelihood tasks cannot run
+there, in lm-eval as with OpenAI's API). lm-eval itself is the `eval` extra.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from pipeline.config import ConfigError, ServeConfig
 from pipeline.data import python_functions, stdlib_files
 
 TASKS = ("stdlib_next_line", "stdlib_docstring")
+CHAT_TASKS = ("stdlib_docstring",)  # generate-until: what chat completions can answer
 MAX_LINE = 72  # characters: short lines keep the contexts within small models' windows
 
 
@@ -145,10 +149,10 @@ def local_server(run_dir: str, cfg: ServeConfig):
 
     from pipeline.inference.runs import load_for_inference
     from pipeline.serving.engine import Engine
-    from pipeline.serving.serve import create_app
+    from pipeline.serving.serve import create_app, engine_args
 
     loaded = load_for_inference(run_dir, cfg.quantize, None)
-    engine = Engine(loaded.model, slots=cfg.slots, max_len=cfg.max_len, max_queue=cfg.max_queue)
+    engine = Engine(loaded.model, **engine_args(cfg))
     engine.warmup()
     engine.start()
     name = cfg.model_name or Path(run_dir).resolve().name
@@ -176,10 +180,11 @@ def run_eval(
     examples: int = 200,
     cfg: ServeConfig | None = None,
     samples: bool = False,
+    chat: bool = False,
 ):
-    """lm-eval's `local-completions` against a local server of `run_dir`: {task: {metric:
-    value}}, also written to RUN/eval/results.json; with `samples`, also lm-eval's per-example
-    records ({task: [...]})."""
+    """lm-eval's `local-completions` (with `chat`, `local-chat-completions`) against a local
+    server of `run_dir`: {task: {metric: value}}, also written to RUN/eval/results.json (with
+    `chat`, chat_results.json); with `samples`, also lm-eval's per-example records."""
     try:
         import lm_eval
         from lm_eval.tasks import TaskManager
@@ -187,10 +192,7 @@ def run_eval(
         raise ConfigError(
             "pipeline eval needs lm-evaluation-harness: pip install -e '.[eval]'"
         ) from None
-    tasks = list(tasks or TASKS)
-    unknown = [t for t in tasks if t not in TASKS]
-    if unknown:
-        raise ConfigError(f"eval: unknown task {unknown[0]!r}; valid: {', '.join(TASKS)}")
+    tasks = _check_tasks(tasks, chat)
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     out = Path(run_dir) / "eval"
@@ -198,24 +200,24 @@ def run_eval(
     cfg = cfg or ServeConfig(slots=8)
     with local_server(run_dir, cfg) as (url, name, loaded, engine):
         tokenizer_dir = write_hf_tokenizer(loaded.tokenizer, out / "tokenizer", engine.max_len)
-        model_args = ",".join(
-            [
-                f"model={name}",
+        args = [f"model={name}", f"max_length={engine.max_len}", "max_retries=1"]
+        if chat:  # one request per example (lm-eval does not batch chat), 8 at a time
+            args += [f"base_url={url}/v1/chat/completions", "num_concurrent=8"]
+        else:
+            args += [
                 f"base_url={url}/v1/completions",
                 "tokenizer_backend=huggingface",
                 f"tokenizer={tokenizer_dir}",
-                f"max_length={engine.max_len}",
                 "num_concurrent=8",
-                "max_retries=1",
             ]
-        )
         results = lm_eval.simple_evaluate(
-            model="local-completions",
-            model_args=model_args,
+            model="local-chat-completions" if chat else "local-completions",
+            model_args=",".join(args),
             tasks=tasks,
             task_manager=TaskManager(include_path=str(task_dir)),
             limit=limit,
             log_samples=samples,
+            apply_chat_template=chat,
         )
     scores = {
         task: {
@@ -227,5 +229,21 @@ def run_eval(
         }
         for task, metrics in results["results"].items()
     }
-    (out / "results.json").write_text(json.dumps(scores, indent=2))
+    (out / ("chat_results.json" if chat else "results.json")).write_text(
+        json.dumps(scores, indent=2)
+    )
     return (scores, results.get("samples", {})) if samples else scores
+
+
+def _check_tasks(tasks: list[str] | None, chat: bool) -> list[str]:
+    valid = CHAT_TASKS if chat else TASKS
+    tasks = list(tasks or valid)
+    for task in tasks:
+        if task not in TASKS:
+            raise ConfigError(f"eval: unknown task {task!r}; valid: {', '.join(TASKS)}")
+        if task not in valid:
+            raise ConfigError(
+                f"eval --chat: {task} is a log-likelihood task, and chat completions return no "
+                f"prompt log-probabilities; with --chat, valid: {', '.join(valid)}"
+            )
+    return tasks

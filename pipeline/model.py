@@ -62,6 +62,9 @@ class Attention(nnx.Module):
         if cache is None:  # training and evaluation: keys are this sequence, causal
             impl = attention_impl(cfg.attention, q.dtype)
             out = attention(q, k, v, positions, self.window, impl)
+        elif "table" in cache:  # the serving engine's paged cache: a pool of blocks
+            cache = paged_write(cache, positions, k, v)
+            out = paged_attention(q, cache, positions, self.window)
         else:
             rows = jnp.arange(B)[:, None]
             # Write each token at its own position; positions past the cache are dropped.
@@ -156,6 +159,48 @@ def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) 
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bksh->bkgth", probs, v)  # (B, K, G, T, H)
     return out.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
+
+
+def paged_write(cache: dict, positions: jax.Array, k: jax.Array, v: jax.Array) -> dict:
+    """Write keys/values (B, T, K, H) at their positions into a paged cache: a pool
+    {"k", "v": (NB, K, bs, H)} and a block table (B, W) of pool blocks (position p of row b
+    lives at offset p % bs of block table[b, p // bs]). A position outside the table, negative,
+    or in a block numbered NB (none) is dropped."""
+    table = cache["table"]
+    NB, _, bs, _ = cache["k"].shape
+    W = table.shape[1]
+    index = positions // bs
+    block = jnp.take_along_axis(table, jnp.clip(index, 0, W - 1), axis=1)
+    block = jnp.where((positions >= 0) & (index < W), block, NB)
+    offset = positions % bs
+    return {
+        **cache,
+        **{
+            name: cache[name].at[block, :, offset].set(new.astype(cache[name].dtype), mode="drop")
+            for name, new in (("k", k), ("v", v))
+        },
+    }
+
+
+def paged_attention(q: jax.Array, cache: dict, positions: jax.Array, window: int | None):
+    """Attention of q (B, T, N, H) at `positions` (B, T) over the blocks of each row's table:
+    the XLA path (a gather of the rows' blocks, then the grouped einsum), which every backend
+    runs; a row sees the positions up to its query's (and within the window)."""
+    table = cache["table"]
+    B, T, N, H = q.shape
+    _, K, bs, _ = cache["k"].shape
+    W = table.shape[1]
+    # (B, W, K, bs, H): only the table's blocks are read; the table's width bounds the work
+    k, v = (cache[name][table].astype(q.dtype) for name in ("k", "v"))
+    k_pos = jnp.broadcast_to(jnp.arange(W * bs), (B, W * bs))
+    mask = _visible(positions, k_pos, window).reshape(B, T, W, bs)
+    q = q.reshape(B, T, K, N // K, H) * jnp.asarray(H**-0.5, q.dtype)
+    scores = jnp.einsum("btkgh,bwksh->bkgtws", q, k).astype(jnp.float32)
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    shape = scores.shape
+    probs = jax.nn.softmax(scores.reshape(*shape[:4], W * bs), axis=-1).reshape(shape)
+    out = jnp.einsum("bkgtws,bwksh->btkgh", probs.astype(v.dtype), v)
+    return out.reshape(B, T, N, H)
 
 
 def einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None):
@@ -344,6 +389,16 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int | None = None, dtype=N
     S = max_len or cfg.max_seq_len
     dtype = dtype or dtype_of(cfg.compute_dtype)
     shape = (batch, cfg.num_kv_heads, S, cfg.head_dim)
+    return [
+        {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.num_layers)
+    ]
+
+
+def init_paged_cache(cfg: ModelConfig, num_blocks: int, block_size: int, dtype=None) -> Cache:
+    """An empty paged KV cache: per layer a pool {"k", "v": (num_blocks, K, block_size, H)};
+    the caller adds each call's block table ("table": (B, W)) to every layer's dict."""
+    dtype = dtype or dtype_of(cfg.compute_dtype)
+    shape = (num_blocks, cfg.num_kv_heads, block_size, cfg.head_dim)
     return [
         {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.num_layers)
     ]

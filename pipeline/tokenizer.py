@@ -72,6 +72,7 @@ class Tokenizer:
         if self.pad_id is None:
             self.pad_id = self.eos_id if self.eos_id is not None else 0
         self.role_ids = {role: hf.token_to_id(token) for role, token in ROLES.items()}
+        self._texts: dict[int, str] = {}
         self._fast_bytes = self.is_byte_level and all(
             hf.id_to_token(b) == ch for b, ch in enumerate(_bytes_to_unicode())
         )
@@ -122,9 +123,16 @@ class Tokenizer:
 
     def token_text(self, token: int) -> str:
         """One token as text; bytes that are not UTF-8 alone as "bytes:\\xe2\\x80" (as OpenAI
-        writes them), so two tokens never share a text."""
-        if self.hf.id_to_token(int(token)) is None:  # past the vocabulary (a padded embedding)
-            return f"<unused:{int(token)}>"
+        writes them), so two tokens never share a text. Memoised: logprobs ask for many."""
+        token = int(token)
+        text = self._texts.get(token)
+        if text is None:
+            text = self._texts[token] = self._token_text(token)
+        return text
+
+    def _token_text(self, token: int) -> str:
+        if self.hf.id_to_token(token) is None:  # past the vocabulary (a padded embedding)
+            return f"<unused:{token}>"
         raw = self.token_bytes(token)
         try:
             return raw.decode("utf-8")

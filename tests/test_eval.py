@@ -58,3 +58,42 @@ def test_lm_eval_through_the_server_equals_a_direct_computation(tiny_run, tmp_pa
         assert served == text
         matches.append(text == d["target"])
     assert scores["stdlib_docstring"]["exact_match"] == pytest.approx(np.mean(matches))
+
+
+def test_lm_eval_chat_completions_through_the_server(tiny_run, tmp_path):
+    """local-chat-completions: each context a user turn through /v1/chat/completions; the
+    answers equal greedy generation from the run's chat rendering of that turn."""
+    import json
+
+    from pipeline.evaluation import run_eval
+    from pipeline.inference.generate import generate
+    from pipeline.inference.sampling import Sampling
+    from pipeline.tokenizer import prompt_ids
+
+    run = str(tmp_path / "run")
+    shutil.copytree(tiny_run, run)
+    scores, samples = run_eval(
+        run, limit=4, examples=12, cfg=ServeConfig(slots=2), samples=True, chat=True
+    )
+    assert set(scores) == {"stdlib_docstring"}
+    loaded = load_for_inference(run, "none", None)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    examples = build_examples(12)["stdlib_docstring"][:4]
+    by_doc = {s["doc_id"]: s for s in samples["stdlib_docstring"]}
+    matches = []
+    for i, d in enumerate(examples):
+        context = by_doc[i]["arguments"][0][0]  # what lm-eval sent: the messages, as JSON
+        while not isinstance(context, str):
+            context = context[0]
+        messages = json.loads(context)
+        assert messages == [{"role": "user", "content": d["context"]}]
+        ids = generate(model, [prompt_ids(tokenizer, messages)], 48, Sampling())["tokens"][0]
+        ends = {tokenizer.eos_id, tokenizer.end_id}
+        cut = next((j for j, t in enumerate(ids) if t in ends), len(ids))
+        text = tokenizer.decode(ids[:cut]).split("\n")[0].split('"""')[0]
+        assert by_doc[i]["resps"][0][0] == text
+        matches.append(text == d["target"])
+    assert scores["stdlib_docstring"]["exact_match"] == pytest.approx(np.mean(matches))
+
+    with pytest.raises(Exception, match="log-likelihood task"):
+        run_eval(run, ["stdlib_next_line"], limit=1, chat=True)

@@ -123,14 +123,17 @@ def test_n_choices_sample_their_own_streams(server):
     assert six.choices[0].text == texts[1]
     prefills = []  # rows of each prefill call: the prompt is prefilled once, then copied
     engine = server.engine
-    original = engine._prefill
-    engine._prefill = lambda reqs, *a: (prefills.append(len(reqs)), original(reqs, *a))[1]
+    original = engine._prefill_call
+    engine._prefill_call = lambda reqs, *a, **kw: (
+        prefills.append(len(reqs)),
+        original(reqs, *a, **kw),
+    )[1]
     try:
         greedy = client.completions.create(
             model=NAME, prompt="x = ", max_tokens=12, temperature=0, n=4
         )
     finally:
-        del engine._prefill
+        del engine._prefill_call
     assert prefills == [1]
     assert len({c.text for c in greedy.choices}) == 1
     assert greedy.choices[0].text == server.expected("x = ", 12, stop_ids={server.tokenizer.eos_id})

@@ -29,6 +29,7 @@ def run_bench(
     as_json: bool,
     run: str | None = None,
     request: dict | None = None,
+    peer: str | None = None,
 ) -> list[dict]:
     """Run the cases of `target`, printing each result as it comes; returns them all.
     `request` (serve alone): more fields for every request."""
@@ -42,7 +43,9 @@ def run_bench(
     }
     if request is not None and (target != "serve" or not isinstance(request, dict)):
         raise ConfigError("--request takes a JSON object, for bench serve alone")
-    extra = {"request": request} if target == "serve" else {}
+    if peer is not None and target != "serve":
+        raise ConfigError("--peer transformers is for bench serve alone")
+    extra = {"request": request, "peer": peer} if target == "serve" else {}
     results = []
     for result in cases_of[target](config, overrides, cases, steps, run, **extra):
         emit(result, as_json)
@@ -106,12 +109,18 @@ def _quantize(config, overrides, cases, steps, run):
     yield from bench_quantize(run, list(cases or ["int8", "int4"]))
 
 
-def _serve(config, overrides, cases, steps, run, request=None):
-    from pipeline.serving.loadgen import bench_serve
+def _serve(config, overrides, cases, steps, run, request=None, peer=None):
+    from pipeline.serving.loadgen import NAMED_CASES, bench_serve
 
     name, cfg = _preset(config, "small", overrides)
-    levels = tuple(int(c) for c in cases) if cases else (1, 8, 32)
-    yield from bench_serve(cfg, name, levels, request=request or {})
+    levels = tuple(cases) if cases else (1, 8, 32)
+    for c in levels:
+        if c not in NAMED_CASES and not c.isdigit():
+            valid = ", ".join(NAMED_CASES)
+            raise ConfigError(
+                f"bench serve: unknown case {c!r}; valid: concurrency levels, {valid}"
+            )
+    yield from bench_serve(cfg, name, levels, request=request or {}, peer=peer)
 
 
 def _distill(config, overrides, cases, steps, run):

@@ -50,6 +50,20 @@ def _serving(r: dict) -> str:
         f"p99 {r['latency_p99_ms']:7.0f} ms  ({r['requests']} requests, "
         f"{r['slots']} slots, prompt {r['prompt_len']}, "
         f"{r['max_tokens']} tokens, {r['allocator']})"
+        + (
+            f"  ITL p50 {r['itl_p50_ms']:.1f} p99 {r['itl_p99_ms']:.1f} ms  "
+            f"cores busy {r['cores_busy']:.2f}  peak running {r['peak_running']}  "
+            f"preemptions {r['preemptions']}  prefix hits {r['prefix_hit_rate']:.0%}"
+            if "peak_running" in r
+            else ""
+        )
+        + (f"  TTFT {r['ttft_speedup']:.1f}x lower cached" if "ttft_speedup" in r else "")
+        + (
+            f"  ours / this: {r['ours_tokens_per_sec_ratio']:.2f}x tokens/s, "
+            f"{r['ours_ttft_p50_ratio']:.2f}x TTFT p50"
+            if "ours_tokens_per_sec_ratio" in r
+            else ""
+        )
     )
 
 

@@ -259,25 +259,7 @@ def export_hf(run_dir: str | Path, dst: str | Path) -> Path:
     adapter = (run_dir / ADAPTER_CONFIG).is_file()
     if adapter:  # the base alone goes to model.safetensors; the adapter beside it
         _, model, _ = load_model(cfg.init.from_run, key=f"{run_dir}/config.yaml init.from")
-    ours = {
-        weight_name(path): np.asarray(leaf)
-        for path, leaf in jax.tree_util.tree_flatten_with_path(nnx.state(model))[0]
-    }
-    dst.mkdir(parents=True, exist_ok=True)
-    (dst / "config.json").write_text(json.dumps(hf_config(cfg.model, tokenizer), indent=2))
-    (dst / "generation_config.json").write_text(json.dumps(generation_config(tokenizer), indent=2))
-    _save_readable(to_hf(cfg.model, ours), dst / "model.safetensors")
-    tokenizer.hf.save(str(dst / "tokenizer.json"))
-    special = {
-        "eos_token": tokenizer.hf.id_to_token(tokenizer.eos_id),
-        "bos_token": tokenizer.hf.id_to_token(tokenizer.bos_id)
-        if tokenizer.bos_id is not None
-        else None,
-        "pad_token": tokenizer.hf.id_to_token(tokenizer.pad_id),
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "model_max_length": cfg.model.max_seq_len,
-    }
-    (dst / "tokenizer_config.json").write_text(json.dumps(special, indent=2))
+    save_hf(cfg.model, model, tokenizer, dst)
     if adapter:
         from safetensors.numpy import load_file
 
@@ -288,6 +270,30 @@ def export_hf(run_dir: str | Path, dst: str | Path) -> Path:
         (dst / ADAPTER_DIR).mkdir(exist_ok=True)
         _save_readable(tensors, dst / ADAPTER_DIR / ADAPTER_WEIGHTS)
         (dst / ADAPTER_DIR / ADAPTER_CONFIG).write_text(json.dumps(peft_config, indent=2))
+    return dst
+
+
+def save_hf(cfg: ModelConfig, model, tokenizer, dst: Path) -> Path:
+    """A model and its tokenizer as a transformers directory (config, weights, tokenizer)."""
+    ours = {
+        weight_name(path): np.asarray(leaf)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(nnx.state(model))[0]
+    }
+    dst.mkdir(parents=True, exist_ok=True)
+    (dst / "config.json").write_text(json.dumps(hf_config(cfg, tokenizer), indent=2))
+    (dst / "generation_config.json").write_text(json.dumps(generation_config(tokenizer), indent=2))
+    _save_readable(to_hf(cfg, ours), dst / "model.safetensors")
+    tokenizer.hf.save(str(dst / "tokenizer.json"))
+    special = {
+        "eos_token": tokenizer.hf.id_to_token(tokenizer.eos_id),
+        "bos_token": tokenizer.hf.id_to_token(tokenizer.bos_id)
+        if tokenizer.bos_id is not None
+        else None,
+        "pad_token": tokenizer.hf.id_to_token(tokenizer.pad_id),
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": cfg.max_seq_len,
+    }
+    (dst / "tokenizer_config.json").write_text(json.dumps(special, indent=2))
     return dst
 
 

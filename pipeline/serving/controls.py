@@ -111,12 +111,14 @@ def control_arrays(controls: list[Controls]) -> dict[str, np.ndarray]:
     }
 
 
-def admit_controls(ctl: dict, new: dict, tokens, lengths, slot_ids) -> tuple[dict, dict]:
-    """Write admitted requests' controls into rows `slot_ids` (past the last slot: dropped),
-    with their prompts' (n, P) tokens marked and their output counts reset: (the whole state,
-    the n new rows' view of it)."""
+def admit_controls(ctl: dict, new: dict, tokens, lengths, slot_ids, first, fresh) -> tuple:
+    """Write prefilled rows' controls into rows `slot_ids` (past the last slot: dropped): a
+    request's `first` chunk writes its controls and starts its prompt's token set, a later
+    chunk adds its (n, P) tokens to that set; output counts restart where `fresh` (a request
+    resumed after preemption keeps the counts the engine restored). Returns (the whole state,
+    the n rows' view of it)."""
     n, P = tokens.shape
-    V = ctl["bias"].shape[1]
+    S, V = ctl["bias"].shape
     rows = jnp.arange(n)[:, None]
     bias_ids = jnp.where(new["bias_ids"] < 0, V, new["bias_ids"])  # V: out of range, dropped
     bias = jnp.zeros((n, V), jnp.float32).at[rows, bias_ids].add(new["bias_values"], mode="drop")
@@ -125,9 +127,21 @@ def admit_controls(ctl: dict, new: dict, tokens, lengths, slot_ids) -> tuple[dic
         jnp.zeros((n, V), bool).at[rows, jnp.where(in_prompt, tokens, V)].set(True, mode="drop")
     )
     values = {k: new[k] for k in ("presence", "frequency", "repetition", "min_tokens", "stop_ids")}
-    values |= {"logprobs": new["logprobs"], "active": new["active"], "bias": bias, "prompt": prompt}
-    values["counts"] = jnp.zeros((n, V), jnp.int32)
-    return {k: ctl[k].at[slot_ids].set(values[k], mode="drop") for k in ctl}, values
+    values |= {"logprobs": new["logprobs"], "active": new["active"], "bias": bias}
+    old = {k: v[jnp.clip(slot_ids, 0, S - 1)] for k, v in ctl.items()}
+    pick = lambda cond, a, b: jnp.where(cond.reshape(-1, *[1] * (a.ndim - 1)), a, b)  # noqa: E731
+    merged = {k: pick(first, v, old[k]) for k, v in values.items()}
+    merged["prompt"] = prompt | pick(first, jnp.zeros_like(prompt), old["prompt"])
+    merged["counts"] = pick(first & fresh, jnp.zeros_like(old["counts"]), old["counts"])
+    return {k: ctl[k].at[slot_ids].set(merged[k], mode="drop") for k in ctl}, merged
+
+
+def restore_counts(ctl: dict, slot, output) -> dict:
+    """Row `slot`'s output counts := those of `output` (a resumed request's tokens so far; ids
+    past the vocabulary are padding)."""
+    V = ctl["counts"].shape[1]
+    counts = jnp.zeros((V,), jnp.int32).at[output].add(1, mode="drop")
+    return {**ctl, "counts": ctl["counts"].at[slot].set(counts)}
 
 
 def mask_words(vocab_size: int) -> int:

@@ -1,10 +1,22 @@
-"""The serving engine: continuous batching over a fixed number of decode slots.
+"""The serving engine: continuous batching over a paged KV cache.
 
-`slots` requests decode together in one KV cache of `[slots, max_len]` rows. One engine step
-decodes one token for every slot in one jitted call (per-slot positions, sampling values and
-step counters live on the device); a new request is prefilled on its own (prompt length padded
-to a bucket) and its keys and values are copied into a free slot while the other slots keep
-decoding; a slot frees as soon as its request ends. Every program is compiled at start-up
+Up to `slots` requests run together. Their keys and values live in one pool of fixed-size
+blocks per layer (`blocks.py` keeps the books): a request holds the blocks its tokens fill, listed
+in its row of a block table, so memory follows the tokens alive, not slots x context, and a
+prompt's full blocks can be shared with later requests that start the same way (prefix
+caching). Each engine iteration runs, in jitted calls:
+
+- one prefill call: chunks of the prompts being prefilled (at most `prefill_chunk` tokens per
+  prompt and per call, several short prompts together), written into their blocks; a prompt's
+  last chunk samples its first token. A long prompt is spread over iterations, so the requests
+  already decoding keep streaming while it is read (chunked prefill);
+- one decode step: one token for every decoding slot (per-slot positions, sampling values,
+  controls and step counters live on the device); with a draft model, a round of speculative
+  decoding instead.
+
+A request that needs a block when none is free preempts the most recently admitted request,
+whose blocks are freed and which is later recomputed from its prompt and the tokens it had
+produced (nothing is lost, nothing is sent twice). Every program is compiled at start-up
 (`warmup`), so the first request is as fast as the hundredth.
 
 Tokens leave the engine through each request's `emit(token, finish_reason)` callback, called
@@ -30,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pipeline.inference.generate import buckets, check_request, decode_step, prefill
+from pipeline.inference.generate import bucket, buckets, check_request, decode_step
 from pipeline.inference.sampling import (
     Sampling,
     check_sampling,
@@ -39,7 +51,8 @@ from pipeline.inference.sampling import (
     sampling_arrays,
 )
 from pipeline.inference.speculative import speculate
-from pipeline.model import init_cache
+from pipeline.model import init_paged_cache
+from pipeline.serving.blocks import BlockPool, OutOfBlocksError, block_digests
 from pipeline.serving.controls import (
     MAX_TOP_LOGPROBS,
     Controls,
@@ -51,6 +64,7 @@ from pipeline.serving.controls import (
     logprobs,
     mask_words,
     record,
+    restore_counts,
 )
 
 log = logging.getLogger(__name__)
@@ -81,126 +95,164 @@ class Request:
     generated: int = 0
     last_token_at: float = 0.0
     cancelled: bool = False
+    # the engine's own bookkeeping
+    output: list[int] = field(default_factory=list)  # tokens produced (a resume recomputes them)
+    blocks: list[int] = field(default_factory=list)  # its KV blocks, in position order
+    context: list[int] = field(default_factory=list)  # tokens to prefill: prompt (+ output)
+    digests: list[bytes] = field(default_factory=list)  # of the context's full blocks
+    computed: int = 0  # context tokens already in the cache
+    started: int = 0  # where its prefill started (after the blocks the prefix cache gave)
+    position: int = 0  # decoding: the position of the token fed next
+    prefilling: bool = True
+    slot: int = -1  # while admitted
+    scheduled: int = 0  # tokens its dispatched programs sample (some not yet delivered)
+    order: int = 0  # admission order: the latest admitted is preempted first
+    preemptions: int = 0
 
 
-def _write_rows(cache, small, slot_ids):
-    P = small[0]["k"].shape[2]
-    return [
-        {name: big[name].at[slot_ids, :, :P].set(layer[name], mode="drop") for name in ("k", "v")}
-        for big, layer in zip(cache, small, strict=True)
-    ]
+def block_bytes(cfg, block_size: int) -> int:
+    """Bytes of one KV block of `cfg` (keys and values of every layer)."""
+    itemsize = jnp.dtype(cfg.compute_dtype).itemsize
+    return 2 * cfg.num_layers * cfg.num_kv_heads * block_size * cfg.head_dim * itemsize
+
+
+def kv_budget(gigabytes: float | None) -> float:
+    """Bytes for the KV pool: `gigabytes` when given; else, on an accelerator, 70% of its
+    memory left after the weights (vLLM's gpu_memory_utilization spirit); on CPU a quarter
+    of the machine's memory."""
+    if gigabytes:
+        return gigabytes * 2**30
+    stats = jax.devices()[0].memory_stats() or {}
+    if "bytes_limit" in stats:
+        return 0.7 * (stats["bytes_limit"] - stats.get("bytes_in_use", 0))
+    import os
+
+    return 0.25 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _paged(pool, tables):
+    """The model's view of a paged cache: each layer's pool with the call's block table."""
+    return [{**layer, "table": tables} for layer in pool]
+
+
+def _pool(cache):
+    return [{name: layer[name] for name in ("k", "v")} for layer in cache]
+
+
+def _update(slots: dict, values: dict, ids) -> dict:
+    """Rows `ids` of the slot state := values (ids past the last slot: dropped)."""
+    return {
+        k: v.at[ids].set(values[k], mode="drop") if k in values else v for k, v in slots.items()
+    }
 
 
 @partial(
     jax.jit,
     static_argnames=("graphdef", "dgraph"),
-    donate_argnames=("slots", "ctl", "cache", "dcache"),
+    donate_argnames=("slots", "ctl", "pool", "dpool"),
 )
-def _insert(
-    params,
-    slots,
-    ctl,
-    cache,
-    tokens,
-    lengths,
-    slot_ids,
-    sampling,
-    controls,
-    mask,
-    dparams,
-    dcache,
-    *,
-    graphdef,
-    dgraph,
+def _prefill(
+    params, slots, ctl, pool, chunk, sampling, controls, mask, dparams, dpool, *, graphdef, dgraph
 ):
-    """Prefill n prompts (n, P) together, write their keys/values into rows `slot_ids` (of the
-    draft's cache too, with a draft) and sample their first tokens: tokens (n,) and their
-    log-probabilities. A slot id past the last slot marks a padding row (its writes are
-    dropped)."""
+    """Run one chunk of n prompts (tokens (n, P), `lengths` of them real, from positions
+    `starts`) into their blocks (`tables` (n, W)); sample a token for every row and keep it,
+    with the slot's state, where the chunk is its prompt's last (`final`). A slot id past the
+    last slot marks a padding row (its writes are dropped; its table is all "none")."""
     model = nnx.merge(graphdef, params)
-    n, P = tokens.shape
-    logits, small = prefill(model, tokens, lengths, init_cache(model.cfg, n, P))
-    temperature, top_k, top_p, seed = sampling
-    keys = request_keys(seed, 0)
-    ctl, rows = admit_controls(ctl, controls, tokens, lengths, slot_ids)
-    shaped = adjust(logits, rows, jnp.zeros_like(lengths), mask)
-    first = sample(shaped, keys, temperature, top_k, top_p)
-    info = logprobs(logits, first, rows["logprobs"])
-    ctl = record(ctl, first, slot_ids)
-    cache = _write_rows(cache, small, slot_ids)
+    tokens, starts, lengths, tables = (
+        chunk["tokens"],
+        chunk["starts"],
+        chunk["lengths"],
+        chunk["tables"],
+    )
+    slot_ids, final, steps = chunk["slot_ids"], chunk["final"], chunk["steps"]
+    P = tokens.shape[1]
+    offsets = jnp.arange(P)[None]
+    positions = jnp.where(offsets < lengths[:, None], starts[:, None] + offsets, -1)
+    logits, cache = model(tokens, positions, _paged(pool, tables), only=lengths - 1)
+    logits, pool = logits[:, 0], _pool(cache)
     if dgraph is not None:
         draft = nnx.merge(dgraph, dparams)
-        _, dsmall = prefill(draft, tokens, lengths, init_cache(draft.cfg, n, P))
-        dcache = _write_rows(dcache, dsmall, slot_ids)
+        _, dcache = draft(tokens, positions, _paged(dpool, tables), only=lengths - 1)
+        dpool = _pool(dcache)
+    temperature, top_k, top_p, seed = sampling
+    ctl, rows = admit_controls(
+        ctl, controls, tokens, lengths, slot_ids, chunk["first"], chunk["fresh"]
+    )
+    shaped = adjust(logits, rows, steps, mask)
+    token = sample(shaped, request_keys(seed, steps), temperature, top_k, top_p)
+    info = logprobs(logits, token, rows["logprobs"])
+    done = jnp.where(final, slot_ids, slots["token"].shape[0])
+    ctl = record(ctl, token, done)
     values = {
-        "token": first,
-        "position": lengths,
-        "step": jnp.ones_like(lengths),
+        "token": token,
+        "position": starts + lengths,
+        "step": steps + 1,
         "temperature": temperature,
         "top_k": top_k,
         "top_p": top_p,
         "seed": seed,
     }
-    slots = {k: slots[k].at[slot_ids].set(v, mode="drop") for k, v in values.items()}
-    return first, info, slots, ctl, cache, dcache
+    return token, info, _update(slots, values, done), ctl, pool, dpool
+
+
+def _live_update(slots, part, live, rows):
+    """Slots 0..rows-1 := `part` where `live`, unchanged elsewhere."""
+    old = jax.tree.map(lambda x: x[:rows], slots)
+    new = jax.tree.map(lambda n, o: jnp.where(live, n, o), part, old)
+    return jax.tree.map(
+        lambda whole, x: jax.lax.dynamic_update_slice_in_dim(whole, x, 0, axis=0), slots, new
+    )
 
 
 @partial(
     jax.jit,
     static_argnames=("graphdef", "dgraph", "rows", "k"),
-    donate_argnames=("slots", "cache", "dcache"),
+    donate_argnames=("slots", "pool", "dpool"),
 )
-def _speculative_step(params, dparams, slots, cache, dcache, *, graphdef, dgraph, rows, k):
+def _speculative_step(
+    params, dparams, slots, pool, dpool, tables, live, *, graphdef, dgraph, rows, k
+):
     """One speculative round for slots 0..rows-1: candidates (rows, k+1) and how many of them
-    (n + 1) each slot produced."""
+    (n + 1) each slot produced (rows not `live` have "none" tables: nothing is written)."""
     target, draft = nnx.merge(graphdef, params), nnx.merge(dgraph, dparams)
     part = jax.tree.map(lambda x: x[:rows], slots)
     keys = request_keys(part["seed"], part["step"])
-    max_pos = cache[0]["k"].shape[2] - k - 1
-    positions = jnp.minimum(part["position"], max_pos)  # idle slots must stay in range
     emitted, n, t, cache, dcache = speculate(
         target,
         draft,
-        positions,
+        part["position"],
         part["token"],
-        cache,
-        dcache,
+        _paged(pool, tables),
+        _paged(dpool, tables),
         keys,
         (part["temperature"], part["top_k"], part["top_p"]),
         k,
     )
     part = {**part, "token": t, "position": part["position"] + n + 1, "step": part["step"] + 1}
-    slots = jax.tree.map(
-        lambda whole, new: jax.lax.dynamic_update_slice_in_dim(whole, new, 0, axis=0), slots, part
-    )
-    return emitted, n + 1, slots, cache, dcache
+    return emitted, n + 1, _live_update(slots, part, live, rows), _pool(cache), _pool(dcache)
 
 
-@partial(jax.jit, static_argnames=("graphdef", "rows"), donate_argnames=("slots", "ctl", "cache"))
-def _step(params, slots, ctl, cache, mask, *, graphdef, rows: int):
+@partial(jax.jit, static_argnames=("graphdef", "rows"), donate_argnames=("slots", "ctl", "pool"))
+def _step(params, slots, ctl, pool, tables, live, mask, *, graphdef, rows: int):
     """Feed the last token of slots 0..rows-1, sample their next tokens: tokens (rows,) and
-    their log-probabilities (zeros unless a slot asked for them).
+    their log-probabilities (zeros unless a slot asked for them). Rows not `live` (free, or
+    still prefilling) have "none" tables, so they write nothing, and keep their state.
 
-    Active requests are kept in the lowest slots, so a step costs what its `rows` (the number
-    of active slots rounded up to a power of two) cost, not what every slot would.
+    Running requests are kept in the lowest slots, so a step costs what its `rows` (the number
+    of running slots rounded up to a power of two) cost, not what every slot would.
     """
     model = nnx.merge(graphdef, params)
     part = jax.tree.map(lambda x: x[:rows], slots)
-    max_pos = cache[0]["k"].shape[2] - 1
-    positions = jnp.minimum(part["position"], max_pos)  # idle slots must stay in range
-    # The model writes rows 0..rows-1 of the whole cache in place and attends over those rows.
-    logits, cache = decode_step(model, part["token"], positions, cache)
+    logits, cache = decode_step(model, part["token"], part["position"], _paged(pool, tables))
     keys = request_keys(part["seed"], part["step"])
     view = {k: v[:rows] for k, v in ctl.items()}
     shaped = adjust(logits, view, part["step"], mask)  # step: tokens generated so far
     tokens = sample(shaped, keys, part["temperature"], part["top_k"], part["top_p"])
     info = logprobs(logits, tokens, view["logprobs"])
-    ctl = record(ctl, tokens, jnp.arange(rows))
+    ctl = record(ctl, tokens, jnp.where(live, jnp.arange(rows), slots["token"].shape[0]))
     part = {**part, "token": tokens, "position": part["position"] + 1, "step": part["step"] + 1}
-    slots = jax.tree.map(
-        lambda whole, new: jax.lax.dynamic_update_slice_in_dim(whole, new, 0, axis=0), slots, part
-    )
-    return tokens, info, slots, ctl, cache
+    return tokens, info, _live_update(slots, part, live, rows), ctl, _pool(cache)
 
 
 @partial(jax.jit, static_argnames=("graphdef",))
@@ -216,21 +268,31 @@ def _score(params, tokens, *, graphdef):
     return pad(chosen), pad(top_ids), pad(top_lp)
 
 
-@partial(jax.jit, donate_argnames=("slots", "ctl", "cache"))
-def _fork(slots, ctl, cache, src, dst, token, position, seed):
-    """Another choice of the request in slot `src`, in slot `dst`: its prompt's keys/values
-    and controls copied, not computed again. It restarts at the prompt's last token (position
-    `position`), so the next step samples its first token from its own seed."""
-    slots, ctl, cache = jax.tree.map(lambda x: x.at[dst].set(x[src]), (slots, ctl, cache))
+@partial(jax.jit, donate_argnames=("slots", "ctl"))
+def _fork(slots, ctl, src, dst, token, position, seed):
+    """Another choice of the request in slot `src`, in slot `dst`: its state and controls
+    copied (its prompt's blocks are shared or copied by the caller). It restarts at the
+    prompt's last token (position `position`), so the next step samples its first token from
+    its own seed."""
+    slots, ctl = jax.tree.map(lambda x: x.at[dst].set(x[src]), (slots, ctl))
     restart = {"token": token, "position": position, "step": jnp.int32(0), "seed": seed}
     slots = {k: v.at[dst].set(restart[k]) if k in restart else v for k, v in slots.items()}
-    return slots, {**ctl, "counts": ctl["counts"].at[dst].set(0)}, cache
+    return slots, {**ctl, "counts": ctl["counts"].at[dst].set(0)}
 
 
-@partial(jax.jit, donate_argnames=("slots", "ctl", "cache"))
-def _move(slots, ctl, cache, src, dst):
-    """Copy slot `src` (its keys/values, sampling state and controls) into slot `dst`."""
-    return jax.tree.map(lambda x: x.at[dst].set(x[src]), (slots, ctl, cache))
+@partial(jax.jit, donate_argnames=("slots", "ctl"))
+def _move(slots, ctl, src, dst):
+    """Copy slot `src`'s sampling state and controls into slot `dst` (its blocks stay put)."""
+    return jax.tree.map(lambda x: x.at[dst].set(x[src]), (slots, ctl))
+
+
+@partial(jax.jit, donate_argnames=("pools",))
+def _copy_block(pools, src, dst):
+    """Block `dst` := block `src` in every layer of every pool (copy on write)."""
+    return jax.tree.map(lambda x: x.at[dst].set(x[src]), pools)
+
+
+_restore_counts = jax.jit(restore_counts, donate_argnames=("ctl",))
 
 
 class Engine:
@@ -245,30 +307,50 @@ class Engine:
         observe: Callable[[str, float], None] | None = None,
         draft=None,
         draft_k: int = 4,
+        kv_blocks: int | None = None,
+        kv_memory_gb: float | None = None,
+        block_size: int = 16,
+        prefill_chunk: int = 256,
+        prefix_caching: bool = True,
     ):
         """`observe(name, value)` receives, from the engine thread, "prompt_tokens" (per
         admitted request), "ttft" and "itl" (seconds: to a request's first token, between its
         tokens). With a `draft` model (same vocabulary), each step is a round of speculative
-        decoding: up to `draft_k` + 1 tokens per slot, the target's distribution unchanged."""
+        decoding: up to `draft_k` + 1 tokens per slot, the target's distribution unchanged.
+        `kv_blocks` blocks of `block_size` positions hold every request's keys and values
+        (None: as many as `kv_memory_gb` holds, see `kv_budget`, and no more than every slot
+        at full length needs)."""
         cfg = model.cfg
         self.max_len = min(max_len or cfg.max_seq_len, cfg.max_seq_len)
         self.num_slots = slots
         self.max_queue = max_queue
-        self.buckets = buckets(self.max_len)
+        self.block_size = block_size
+        self.chunk = max(b for b in buckets(self.max_len) if b <= max(prefill_chunk, 16))
+        self.buckets = buckets(self.chunk)
         self.row_buckets = buckets(slots, smallest=1)
-        # Requests admitted together share one prefill call (padded to one of these sizes).
+        # Prompts prefilled together share one call (padded to one of these sizes).
         self.admit_sizes = sorted({1, min(4, slots), min(16, slots)})
         self.graphdef, self.params = nnx.split(model)
         self.draft_k = draft_k if draft is not None else 0
         # a speculative round writes up to draft_k positions past a slot's last token
-        length = self.max_len + (draft_k + 1 if draft is not None else 0)
-        self.cache = init_cache(cfg, slots, length)
-        self.dgraph, self.dparams, self.dcache = None, None, None
+        self.lookahead = draft_k + 1 if draft is not None else 0
+        self.width = -(-(self.max_len + self.lookahead) // block_size)  # table entries per slot
+        per_block = block_bytes(cfg, block_size) + (
+            block_bytes(draft.cfg, block_size) if draft is not None else 0
+        )
+        self.kv_blocks = kv_blocks or max(
+            min(slots * self.width, int(kv_budget(kv_memory_gb) // per_block)), self.width
+        )
+        self.blocks = BlockPool(self.kv_blocks, block_size, prefix_caching)
+        self.none = self.kv_blocks  # the table entry of no block
+        self.tables = np.full((slots, self.width), self.none, np.int32)
+        self.pool = init_paged_cache(cfg, self.kv_blocks, block_size)
+        self.dgraph, self.dparams, self.dpool = None, None, None
         if draft is not None:
             if draft.cfg.vocab_size != cfg.vocab_size:
                 raise ValueError("the draft's vocabulary differs from the model's")
             self.dgraph, self.dparams = nnx.split(draft)
-            self.dcache = init_cache(draft.cfg, slots, length)
+            self.dpool = init_paged_cache(draft.cfg, self.kv_blocks, block_size)
         self.slots = {
             "token": jnp.zeros((slots,), jnp.int32),
             "position": jnp.zeros((slots,), jnp.int32),
@@ -291,6 +373,9 @@ class Engine:
         self.waiting: deque[Request] = deque()
         self.observe = observe or (lambda name, value: None)
         self.steps = 0
+        self.preemptions = 0
+        self._inflight = None  # a dispatched decode step whose tokens are not delivered yet
+        self._admitted = itertools.count()
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
         self._running = False
@@ -309,6 +394,12 @@ class Engine:
             raise ValueError(
                 "logprobs, penalties, logit_bias and min_tokens are not supported with "
                 "speculative decoding (serve.draft)"
+            )
+        need = -(-(prompt_len + max_tokens + self.lookahead) // self.block_size)
+        if need > self.kv_blocks:
+            raise ValueError(
+                f"the prompt and max_tokens need {need} KV blocks of {self.block_size} "
+                f"positions; this server has {self.kv_blocks} in all"
             )
 
     def submit(self, request: Request) -> Request:
@@ -334,7 +425,7 @@ class Engine:
         it runs beside the engine's own programs)."""
         if not 1 <= len(prompt) <= self.max_len:
             raise ValueError(f"the prompt must be 1..{self.max_len} tokens, got {len(prompt)}")
-        P = next(b for b in self.buckets if b >= len(prompt))
+        P = bucket(len(prompt), self.max_len)
         tokens = np.zeros((1, P), np.int32)
         tokens[0, : len(prompt)] = prompt
         out = _score(self.params, jnp.asarray(tokens), graphdef=self.graphdef)
@@ -349,27 +440,30 @@ class Engine:
         return len(self.waiting)
 
     def warmup(self) -> float:
-        """Compile every program (one prefill per bucket, the decode step) before serving."""
+        """Compile every program (prefill per chunk size and row count, the decode step per
+        row count, prompt scoring per length) before serving."""
         start = time.perf_counter()
         for P in self.buckets:
             for n in self.admit_sizes:
-                requests = [Request([0], 1, Sampling(), lambda t, r: None)] * n
-                self._prefill(requests, [self.num_slots] * n, P)  # padding rows only
-        for P in self.buckets:  # echo's prompt scoring
+                self._prefill_call([], [], P, [], rows=n)  # padding rows only
+        for P in buckets(self.max_len):  # echo's prompt scoring
             _score(self.params, jnp.zeros((1, P), jnp.int32), graphdef=self.graphdef)
         for rows in self.row_buckets:
             tokens = self._run_step(rows)[0]
         self._move(0, 0)
-        self.slots, self.ctl, self.cache = _fork(
-            self.slots, self.ctl, self.cache, *(jnp.int32(0),) * 4, jnp.uint32(0)
-        )
+        self.slots, self.ctl = _fork(self.slots, self.ctl, *(jnp.int32(0),) * 4, jnp.uint32(0))
+        self._copy(self.none, self.none)
+        empty = np.full((self.max_len,), self.vocab_size, np.int32)
+        self.ctl = _restore_counts(self.ctl, jnp.int32(self.num_slots), jnp.asarray(empty))
         jax.block_until_ready(tokens)
         self.compile_seconds = time.perf_counter() - start
         log.info(
-            "engine ready: %d slots x %d positions, prefill buckets %s, decode rows %s, "
-            "compiled in %.1f s",
+            "engine ready: %d slots, %d positions each, %d KV blocks of %d, prefill chunks %s, "
+            "decode rows %s, compiled in %.1f s",
             self.num_slots,
             self.max_len,
+            self.kv_blocks,
+            self.block_size,
             self.buckets,
             self.row_buckets,
             self.compile_seconds,
@@ -406,14 +500,16 @@ class Engine:
                         self._lock.wait()
                     self._free_cancelled()
                     self._compact()
-                    free = [i for i, r in enumerate(self.active) if r is None]
-                    admit = [self.waiting.popleft() for _ in free[: len(self.waiting)]]
-                if admit:
-                    self._admit(free[: len(admit)], admit)
+                    self._admit()
                 self._compact()
-                if any(r is not None for r in self.active):
+                if any(r is not None and r.prefilling for r in self.active):
+                    self._prefill_round()
+                    self._compact()
+                if any(r is not None and not r.prefilling for r in self.active):
                     self._decode()
                     self._compact()
+                elif self._inflight is not None:
+                    self._flush()
         except Exception:  # a bug must not hang every client: end them all, then re-raise
             log.exception("engine loop failed")
             with self._lock:
@@ -425,7 +521,7 @@ class Engine:
             raise
 
     def _has_work(self) -> bool:
-        return bool(self.waiting) or any(r is not None for r in self.active)
+        return bool(self.waiting) or self._running_any() or self._inflight is not None
 
     def _free_cancelled(self) -> None:
         for slot, request in enumerate(self.active):
@@ -435,86 +531,306 @@ class Engine:
             self.waiting.remove(request)
             request.emit(None, "cancelled")
 
-    def _prefill(self, requests: list[Request], slot_ids: list[int], P: int):
-        """One `_insert` call for these requests, padded to an admit size: first tokens."""
-        n = next(size for size in self.admit_sizes if size >= len(requests))
-        pad = n - len(requests)
-        tokens = np.zeros((n, P), np.int32)
-        for i, request in enumerate(requests):
-            tokens[i, : len(request.prompt)] = request.prompt
-        samplings = [r.sampling for r in requests] + [Sampling()] * pad
-        controls = [r.controls for r in requests] + [Controls()] * pad
-        if any(r.grammar is not None for r in requests):
-            mask = np.full((n, self.masks.shape[1]), -1, np.int32)
-            for i, request in enumerate(requests):
-                if request.grammar is not None:
-                    _fill_mask(request.grammar, mask, i)
-        else:
-            mask = self._allow_all[n]
-        first, info, self.slots, self.ctl, self.cache, self.dcache = _insert(
+    # admission: a free slot and the blocks for the whole context --------------------------
+
+    def _admit(self) -> None:
+        """Waiting requests into free slots, first come first served, while the pool has the
+        blocks of their contexts (less what the prefix cache already holds) to spare; another
+        choice of a request that is decoding shares its prompt's blocks instead."""
+        reserve = max(1, self.kv_blocks // 100)  # room for the running requests to grow
+        skipped = []
+        while self.waiting and None in self.active:
+            request = self.waiting.popleft()
+            parent = request.parent
+            if parent is not None and parent in self.active:
+                if parent.prefilling:  # fork once its prompt is in the cache
+                    skipped.append(request)
+                    continue
+                if not self._fork_admit(request, parent, reserve):
+                    self.waiting.appendleft(request)
+                    break
+                continue
+            if not self._fresh_admit(request, reserve):
+                self.waiting.appendleft(request)
+                break
+        self.waiting.extendleft(reversed(skipped))
+
+    def _fresh_admit(self, request: Request, reserve: int) -> bool:
+        request.parent = None
+        request.context = request.prompt + request.output
+        bs = self.block_size
+        if not request.digests:
+            request.digests = block_digests(request.context, bs)
+        cached = self.blocks.lookup(request.digests, (len(request.context) - 1) // bs)
+        need = -(-(len(request.context) + 1) // bs) - len(cached)
+        if self.blocks.available - need < reserve and self._running_any():
+            self.blocks.release(cached)
+            return False
+        try:
+            fresh = [self.blocks.allocate() for _ in range(need)]
+        except OutOfBlocksError:  # only when nothing else runs: it waits for nothing
+            raise RuntimeError("a request needs more KV blocks than the pool has") from None
+        slot = self.active.index(None)
+        request.blocks = cached + fresh
+        request.computed = request.started = len(cached) * bs
+        request.prefilling = True
+        request.order, request.slot = next(self._admitted), slot
+        request.scheduled = len(request.output)
+        self.tables[slot] = self.none
+        self.tables[slot, : len(request.blocks)] = request.blocks
+        self.active[slot] = request
+        if request.output and request.controls.shapes_logits:
+            ids = np.full((self.max_len,), self.vocab_size, np.int32)
+            ids[: len(request.output)] = request.output
+            self.ctl = _restore_counts(self.ctl, jnp.int32(slot), jnp.asarray(ids))
+        return True
+
+    def _fork_admit(self, request: Request, parent: Request, reserve: int) -> bool:
+        """Another choice of `parent`: its prompt's blocks shared, the block of the prompt's
+        last token copied (the choice rewrites that position), its state forked."""
+        if self.blocks.available - 1 < reserve:
+            return False
+        bs, L = self.block_size, len(request.prompt)
+        shared = [self.blocks.share(b) for b in parent.blocks[: (L - 1) // bs]]
+        copy = self.blocks.allocate()
+        self._copy(parent.blocks[(L - 1) // bs], copy)
+        src, slot = self.active.index(parent), self.active.index(None)
+        request.blocks, request.prefilling = [*shared, copy], False
+        request.context, request.position = list(request.prompt), L - 1
+        request.order, request.slot, request.scheduled = next(self._admitted), slot, 0
+        self.tables[slot] = self.none
+        self.tables[slot, : len(request.blocks)] = request.blocks
+        self.slots, self.ctl = _fork(
+            self.slots,
+            self.ctl,
+            jnp.int32(src),
+            jnp.int32(slot),
+            jnp.int32(request.prompt[-1]),
+            jnp.int32(L - 1),
+            jnp.uint32(request.sampling.seed),
+        )
+        self.active[slot] = request
+        if request.grammar is not None:
+            _fill_mask(request.grammar, self.masks, slot)
+        return True
+
+    def _running_any(self) -> bool:
+        return any(r is not None for r in self.active)
+
+    def _copy(self, src: int, dst: int) -> None:
+        pools = (self.pool, self.dpool) if self.dpool is not None else (self.pool,)
+        pools = _copy_block(pools, jnp.int32(src), jnp.int32(dst))
+        self.pool = pools[0]
+        if self.dpool is not None:
+            self.dpool = pools[1]
+
+    # prefill ------------------------------------------------------------------------------
+
+    def _prefill_round(self) -> None:
+        """One prefill call: the next chunk of the earliest admitted prompt, with as many other
+        prompts' chunks of the same length or shorter as fit in `prefill_chunk` tokens."""
+        waiting = sorted(
+            (i for i, r in enumerate(self.active) if r is not None and r.prefilling),
+            key=lambda i: self.active[i].order,
+        )
+        left = lambda i: len(self.active[i].context) - self.active[i].computed  # noqa: E731
+        P = bucket(min(left(waiting[0]), self.chunk), self.chunk)
+        picked = []
+        for slot in waiting:
+            n = next((s for s in self.admit_sizes if s > len(picked)), None)
+            if n is None or (picked and n * P > max(self.chunk, P)):
+                break
+            picked.append(slot)
+        pieces = [min(left(i), P) for i in picked]
+        first, info = self._prefill_call([self.active[i] for i in picked], pieces, P, picked)
+        info = _host_info(info, any(self.active[i].controls.logprobs for i in picked))
+        for row, (slot, piece) in enumerate(zip(picked, pieces, strict=True)):
+            request = self.active[slot]
+            request.computed += piece
+            for b in range(min(request.computed // self.block_size, len(request.digests))):
+                self.blocks.register(request.blocks[b], request.digests[b])
+            if request.computed < len(request.context):
+                continue
+            request.prefilling, request.position = False, len(request.context)
+            request.scheduled += 1
+            if not request.output:
+                self.observe("prompt_tokens", len(request.prompt))
+            self._deliver(slot, int(first[row]), info and tuple(x[row] for x in info))
+
+    def _prefill_call(self, requests: list, pieces: list, P: int, slot_ids: list, rows=None):
+        """One `_prefill` call for these requests' next `pieces` tokens (in slots `slot_ids`),
+        padded to an admit size (or `rows`): the tokens sampled and their log-probabilities."""
+        n = rows or next(size for size in self.admit_sizes if size >= len(requests))
+        chunk = {
+            "tokens": np.zeros((n, P), np.int32),
+            "starts": np.zeros(n, np.int32),
+            "lengths": np.ones(n, np.int32),
+            "tables": np.full((n, self.width), self.none, np.int32),
+            "slot_ids": np.full(n, self.num_slots, np.int32),
+            "first": np.zeros(n, bool),
+            "fresh": np.ones(n, bool),
+            "final": np.zeros(n, bool),
+            "steps": np.zeros(n, np.int32),
+        }
+        mask = None
+        for i, (request, piece, slot) in enumerate(zip(requests, pieces, slot_ids, strict=True)):
+            start = request.computed
+            chunk["tokens"][i, :piece] = request.context[start : start + piece]
+            chunk["starts"][i], chunk["lengths"][i] = start, piece
+            chunk["tables"][i], chunk["slot_ids"][i] = self.tables[slot], slot
+            chunk["first"][i] = start == request.started
+            chunk["fresh"][i] = not request.output
+            chunk["final"][i] = start + piece == len(request.context)
+            chunk["steps"][i] = len(request.output)
+            if request.grammar is not None:
+                if mask is None:
+                    mask = np.full((n, self.masks.shape[1]), -1, np.int32)
+                _fill_mask(request.grammar, mask, i)
+        samplings = [r.sampling for r in requests] + [Sampling()] * (n - len(requests))
+        controls = [r.controls for r in requests] + [Controls()] * (n - len(requests))
+        token, info, self.slots, self.ctl, self.pool, self.dpool = _prefill(
             self.params,
             self.slots,
             self.ctl,
-            self.cache,
-            jnp.asarray(tokens),
-            jnp.asarray([len(r.prompt) for r in requests] + [1] * pad, jnp.int32),
-            jnp.asarray(list(slot_ids) + [self.num_slots] * pad, jnp.int32),
+            self.pool,
+            {k: jnp.asarray(v) for k, v in chunk.items()},
             sampling_arrays(samplings),
             control_arrays(controls),
-            mask,
+            self._allow_all[n] if mask is None else jnp.asarray(mask),
             self.dparams,
-            self.dcache,
+            self.dpool,
             graphdef=self.graphdef,
             dgraph=self.dgraph,
         )
-        return np.asarray(first)[: len(requests)], info
+        return np.asarray(token), info
 
-    def _admit(self, slot_ids: list[int], requests: list[Request]) -> None:
-        """Waiting requests into free slots: prefilled, or (another choice of a request being
-        decoded) forked from their first choice's slot."""
-        pairs = list(zip(slot_ids, requests, strict=True))
-        fresh = [(s, r) for s, r in pairs if r.parent is None]
-        if fresh:
-            self._admit_fresh([s for s, _ in fresh], [r for _, r in fresh])
-        for slot, request in [(s, r) for s, r in pairs if r.parent is not None]:
-            src = next((i for i, a in enumerate(self.active) if a is request.parent), None)
-            if src is None:  # its first choice has ended: prefill it as any request
-                self._admit_fresh([slot], [request])
+    # decode ---------------------------------------------------------------------------------
+
+    def _grow(self) -> None:
+        """Give every decoding request the blocks its next step writes; when the pool is out,
+        preempt the most recently admitted request (it is recomputed later)."""
+        for slot, request in enumerate(self.active):
+            if request is None or request.prefilling:
                 continue
-            prompt = request.prompt
-            self.slots, self.ctl, self.cache = _fork(
+            need = (request.position + self.lookahead) // self.block_size + 1
+            while self.active[slot] is request and len(request.blocks) < need:
+                try:
+                    block = self.blocks.allocate()
+                except OutOfBlocksError:
+                    self._preempt()
+                    continue
+                self.tables[slot, len(request.blocks)] = block
+                request.blocks.append(block)
+
+    def _preempt(self) -> None:
+        """Free the blocks of the latest admitted request and queue it first again: it will be
+        prefilled anew from its prompt and the tokens it produced."""
+        slot = max(
+            (i for i, r in enumerate(self.active) if r is not None),
+            key=lambda i: self.active[i].order,
+        )
+        request = self.active[slot]
+        self._release(slot)
+        request.digests, request.parent = [], None
+        request.preemptions += 1
+        self.preemptions += 1
+        with self._lock:
+            self.waiting.appendleft(request)
+
+    def _run_step(self, rows: int, live=None):
+        """One jitted step for slots 0..rows-1 (those `live`: by default every decoding one):
+        (tokens (rows, m), how many of them (rows,), their log-probabilities or None)."""
+        if live is None:
+            live = np.asarray([r is not None and not r.prefilling for r in self.active[:rows]])
+            live = np.pad(live, (0, rows - len(live)))
+        tables = np.where(live[:, None], self.tables[:rows], self.none)
+        if self.dgraph is None:
+            constrained = any(r is not None and r.grammar is not None for r in self.active[:rows])
+            mask = jnp.asarray(self.masks[:rows]) if constrained else self._allow_all[rows]
+            tokens, info, self.slots, self.ctl, self.pool = _step(
+                self.params,
                 self.slots,
                 self.ctl,
-                self.cache,
-                jnp.int32(src),
-                jnp.int32(slot),
-                jnp.int32(prompt[-1]),
-                jnp.int32(len(prompt) - 1),
-                jnp.uint32(request.sampling.seed),
+                self.pool,
+                jnp.asarray(tables),
+                jnp.asarray(live),
+                mask,
+                graphdef=self.graphdef,
+                rows=rows,
             )
-            self.active[slot] = request
-            if request.grammar is not None:
-                _fill_mask(request.grammar, self.masks, slot)
+            return tokens[:, None], jnp.ones_like(tokens), info
+        tokens, produced, self.slots, self.pool, self.dpool = _speculative_step(
+            self.params,
+            self.dparams,
+            self.slots,
+            self.pool,
+            self.dpool,
+            jnp.asarray(tables),
+            jnp.asarray(live),
+            graphdef=self.graphdef,
+            dgraph=self.dgraph,
+            rows=rows,
+            k=self.draft_k,
+        )
+        return tokens, produced, None
 
-    def _admit_fresh(self, slot_ids: list[int], requests: list[Request]) -> None:
-        """Prefill waiting requests into free slots, up to the largest admit size per call."""
-        start = 0
-        while start < len(requests):
-            left = len(requests) - start
-            # pad up to the next size when that wastes less than half of it, else split
-            up = [s for s in self.admit_sizes if s >= left]
-            size = (
-                up[0] if up and up[0] < 2 * left else max(s for s in self.admit_sizes if s <= left)
-            )
-            group, ids = requests[start : start + size], slot_ids[start : start + size]
-            start += len(group)
-            P = next(b for b in self.buckets if b >= max(len(r.prompt) for r in group))
-            first, info = self._prefill(group, ids, P)
-            info = _host_info(info, any(r.controls.logprobs for r in group))
-            for i, (slot, request, token) in enumerate(zip(ids, group, first, strict=False)):
-                self.active[slot] = request
-                self.observe("prompt_tokens", len(request.prompt))
-                self._deliver(slot, int(token), info and (info[0][i], info[1][i], info[2][i]))
+    def _decode(self) -> None:
+        """Dispatch one decode step, then deliver the previous step's tokens while it runs.
+
+        The step reads each slot's last token from the device, so step t + 1 need not wait for
+        the host to see step t's: the host's work (delivering, detokenising, streaming) overlaps
+        the device's. A request that needs its tokens first (a grammar's next mask, a draft
+        round's count) makes the engine deliver at once. A request ended by step t wastes its
+        row of step t + 1, whose token is dropped; one that reaches max_tokens is not scheduled
+        past it.
+        """
+        self._grow()
+        self._compact()
+        n = sum(r is not None for r in self.active)  # compact: slots 0..n-1
+        rows = next(b for b in self.row_buckets if b >= n)
+        batch = [
+            r if r is not None and not r.prefilling and r.scheduled < r.max_tokens else None
+            for r in self.active[:rows]
+        ]
+        batch += [None] * (rows - len(batch))
+        if not any(batch):
+            self._flush()
+            return
+        tokens, produced, info = self._run_step(rows, np.asarray([r is not None for r in batch]))
+        self.steps += 1
+        for request in filter(None, batch):
+            request.scheduled += 1
+            if self.dgraph is None:
+                request.position += 1  # (a draft round's advance is known once delivered)
+        previous, self._inflight = self._inflight, (tokens, produced, info, batch)
+        if previous is not None:
+            self._deliver_step(previous)
+        if self.dgraph is not None or any(r is not None and r.grammar for r in batch):
+            self._flush()
+
+    def _holds(self, request: Request) -> bool:
+        return request.slot >= 0 and self.active[request.slot] is request
+
+    def _flush(self) -> None:
+        inflight, self._inflight = self._inflight, None
+        if inflight is not None:
+            self._deliver_step(inflight)
+
+    def _deliver_step(self, inflight) -> None:
+        """Deliver a dispatched step's tokens to the requests it ran for that are still on."""
+        tokens, produced, info, batch = inflight
+        tokens, produced = np.asarray(tokens), np.asarray(produced)
+        info = _host_info(info, any(r is not None and r.controls.logprobs for r in batch))
+        for row, request in enumerate(batch):
+            if request is None or not self._holds(request):
+                continue  # ended, cancelled or preempted since
+            if self.dgraph is not None:
+                request.position += int(produced[row])
+            for token in tokens[row, : produced[row]]:
+                if not self._holds(request):  # it ended within this round
+                    break
+                lp = info and (info[0][row], info[1][row], info[2][row])
+                self._deliver(request.slot, int(token), lp)
 
     def _compact(self) -> None:
         """Keep the active requests in slots 0..n-1: move the highest into the lowest hole."""
@@ -526,56 +842,14 @@ class Engine:
             src, dst = used[-1], holes[0]
             self._move(src, dst)
             self.active[dst], self.active[src] = self.active[src], None
+            self.active[dst].slot = dst
 
     def _move(self, src: int, dst: int) -> None:
-        self.slots, self.ctl, self.cache = _move(
-            self.slots, self.ctl, self.cache, jnp.int32(src), jnp.int32(dst)
-        )
+        self.slots, self.ctl = _move(self.slots, self.ctl, jnp.int32(src), jnp.int32(dst))
         self.masks[dst] = self.masks[src]
-
-    def _run_step(self, rows: int):
-        """One jitted step for slots 0..rows-1: (tokens (rows, m), how many of them (rows,),
-        their log-probabilities or None)."""
-        if self.dgraph is None:
-            constrained = any(r is not None and r.grammar is not None for r in self.active[:rows])
-            mask = jnp.asarray(self.masks[:rows]) if constrained else self._allow_all[rows]
-            tokens, info, self.slots, self.ctl, self.cache = _step(
-                self.params,
-                self.slots,
-                self.ctl,
-                self.cache,
-                mask,
-                graphdef=self.graphdef,
-                rows=rows,
-            )
-            return tokens[:, None], jnp.ones_like(tokens), info
-        tokens, produced, self.slots, self.cache, self.dcache = _speculative_step(
-            self.params,
-            self.dparams,
-            self.slots,
-            self.cache,
-            self.dcache,
-            graphdef=self.graphdef,
-            dgraph=self.dgraph,
-            rows=rows,
-            k=self.draft_k,
-        )
-        return tokens, produced, None
-
-    def _decode(self) -> None:
-        n = sum(r is not None for r in self.active)  # compact: slots 0..n-1
-        rows = next(b for b in self.row_buckets if b >= n)
-        tokens, produced, info = self._run_step(rows)
-        tokens, produced = np.asarray(tokens), np.asarray(produced)
-        info = _host_info(info, any(r is not None and r.controls.logprobs for r in self.active))
-        self.steps += 1
-        for slot, request in enumerate(self.active):
-            for token in tokens[slot, : produced[slot]] if request is not None else ():
-                if self.active[slot] is not request:  # it ended within this round
-                    break
-                self._deliver(
-                    slot, int(token), info and (info[0][slot], info[1][slot], info[2][slot])
-                )
+        self.tables[dst] = self.tables[src]
+        if src != dst:
+            self.tables[src] = self.none
 
     def _deliver(self, slot: int, token: int, info=None) -> None:
         request = self.active[slot]
@@ -590,6 +864,7 @@ class Engine:
         else:
             self.observe("itl", now - request.last_token_at)
         request.generated += 1
+        request.output.append(token)
         request.last_token_at = now
         if request.grammar is not None and token not in request.stop_ids:
             request.grammar.consume_token(token)
@@ -604,10 +879,18 @@ class Engine:
         else:
             request.emit(token, None)
 
-    def _finish(self, slot: int, token: int | None, reason: str) -> None:
+    def _release(self, slot: int) -> None:
         request = self.active[slot]
+        self.blocks.release(request.blocks)
+        request.blocks = []
+        self.tables[slot] = self.none
         self.active[slot] = None
         self.masks[slot] = -1
+        request.slot = -1
+
+    def _finish(self, slot: int, token: int | None, reason: str) -> None:
+        request = self.active[slot]
+        self._release(slot)
         request.emit(token, reason)
 
 

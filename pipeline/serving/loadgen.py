@@ -1,12 +1,22 @@
 """`pipeline bench serve`: a bounded load generator against the real server on loopback.
 
 For each concurrency level, `concurrency` clients send streaming completions back to back until
-`requests` have been answered; each records its time to first token and its latency. The
-server runs in this process (uvicorn in a thread, the engine in its own thread) on a random
-free port, with a randomly initialised model of the given config: this measures serving, not
-model quality. The clients run in a separate process, so that parsing their streams does not
-compete with the server for this process's interpreter lock. The baseline is the same server
-with one slot (one request at a time).
+`requests` have been answered; each records its time to first token, the gaps between its
+tokens and its latency. The server runs in this process (uvicorn in a thread, the engine in its
+own thread) on a random free port, with a randomly initialised model of the given config and
+the config's `serve` section: this measures serving, not model quality. The clients run in a
+separate process, so that parsing their streams does not compete with the server for this
+process's interpreter lock; the server's CPU time over the load gives `cores_busy`. The
+baseline is the same server with one slot (one request at a time).
+
+Named cases beside the concurrency levels:
+
+- `prefix`: a 512-token system prompt shared by every request, 32-token user turns, 8 clients;
+  with prefix caching and without (time to first token, and the ratio).
+- `long`: 16 clients streaming while a 2,048-token prompt arrives; their inter-token latency
+  (p50 / p99) shows what the long prefill costs them (chunked prefill bounds it).
+- `mixed`: 64 clients with prompts and budgets of mixed lengths up to the context, in the KV
+  blocks that 16 full-length slots use: how many ran at once, and the preemptions.
 """
 
 from __future__ import annotations
@@ -14,27 +24,36 @@ from __future__ import annotations
 import asyncio
 import json
 import multiprocessing
+import os
 import socket
 import threading
 import time
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 
-from pipeline.config import Config
+from pipeline.config import Config, ServeConfig
+
+NAMED_CASES = ("prefix", "long", "mixed")
 
 
 class _LocalServer:
-    def __init__(self, cfg: Config, slots: int):
+    def __init__(self, cfg: Config, serve: ServeConfig):
         import uvicorn
 
         from pipeline.model import create_model
         from pipeline.serving.engine import Engine
-        from pipeline.serving.serve import create_app
+        from pipeline.serving.serve import create_app, engine_args
         from pipeline.tokenizer import byte_tokenizer
 
-        self.engine = Engine(create_model(cfg.model), slots=slots, max_queue=4096)
+        args = {**engine_args(serve), "max_queue": 4096}
+        self.engine = Engine(create_model(cfg.model), **args)
         self.compile_s = self.engine.warmup()
         self.engine.start()
+        self.peak = 0  # the most requests running at once
+        observe = self.engine.observe
+        self.engine.observe = lambda name, value: self._observe(observe, name, value)
         app = create_app(self.engine, byte_tokenizer(), "bench")
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -46,63 +65,160 @@ class _LocalServer:
         while not self.server.started:
             time.sleep(0.02)
 
+    def _observe(self, observe, name, value):
+        self.peak = max(self.peak, self.engine.busy_slots)
+        observe(name, value)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1/completions"
+
+    def measure(self, clients, load: tuple) -> dict:
+        """Run `load` in the client process; its figures, with the server's cores busy."""
+        cpu, start = os.times(), time.perf_counter()
+        figures = clients.apply(_run_load, load)
+        wall, after = time.perf_counter() - start, os.times()
+        busy = (after.user - cpu.user) + (after.system - cpu.system)
+        return {**figures, "cores_busy": busy / wall}
+
     def close(self):
         self.server.should_exit = True
         self.thread.join(30)
         self.engine.stop(drain=False, timeout=30)
 
 
+class _TransformersServer:
+    """`transformers serve --continuous-batching` on the same weights (saved in transformers'
+    layout), in its own process: the peer a user would run instead."""
+
+    def __init__(self, cfg: Config, workdir: str):
+        import subprocess
+        import sys
+        import urllib.request
+
+        from pipeline.interop.hf import save_hf
+        from pipeline.model import create_model
+        from pipeline.tokenizer import byte_tokenizer
+
+        path = Path(workdir) / "hf"
+        self.model = str(save_hf(cfg.model, create_model(cfg.model), byte_tokenizer(), path))
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        command = [str(Path(sys.executable).with_name("transformers")), "serve"]
+        command += ["--continuous-batching", "--device", "cpu", "--host", "127.0.0.1"]
+        command += ["--port", str(self.port), self.model]
+        start = time.perf_counter()
+        self.log = open(Path(workdir) / "transformers-serve.log", "w")  # noqa: SIM115
+        self.proc = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT)
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"transformers serve exited; see {self.log.name}")
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2)
+                break
+            except OSError:
+                if time.perf_counter() - start > 300:
+                    raise RuntimeError("transformers serve did not start in 300 s") from None
+                time.sleep(0.5)
+        self.compile_s = time.perf_counter() - start
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1/completions"
+
+    def _cpu(self) -> float:
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def measure(self, clients, load: tuple) -> dict:
+        """Run `load` (url, concurrency, prompts, max_tokens, extra) against this server."""
+        cpu, start = self._cpu(), time.perf_counter()
+        figures = clients.apply(_run_load, (*load, None, self.model))
+        wall = time.perf_counter() - start
+        return {**figures, "cores_busy": (self._cpu() - cpu) / wall}
+
+    def close(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except Exception:
+            self.proc.kill()
+        self.log.close()
+
+
+async def _stream(http, url, body) -> tuple[float, float, int, list[float]]:
+    """One streaming request: (time to first token, latency, tokens, gaps between tokens)."""
+    start = time.perf_counter()
+    first, tokens, times = None, 0, []
+    async with http.stream("POST", url, json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            chunk = json.loads(line[6:])
+            if chunk["choices"] and chunk["choices"][0].get("text"):
+                times.append(time.perf_counter())
+                first = first or times[-1]
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    end = time.perf_counter()
+    tokens = tokens or len(times)  # a server that reports no usage: a token per chunk
+    return (first or end) - start, end - start, tokens, list(np.diff(times))
+
+
 async def _load(
-    url: str, concurrency: int, requests: int, prompt_len: int, max_tokens: int, extra: dict
+    url: str, concurrency: int, prompts: list, max_tokens, extra: dict, late=None, model="bench"
 ):
+    """`concurrency` clients send `prompts` (with budgets `max_tokens`: one or one per prompt)
+    back to back; with `late` = (delay s, prompt, budget), one more request arrives after the
+    delay, outside the figures."""
     import httpx
 
-    rng = np.random.default_rng(concurrency)
-    prompts = [rng.integers(0, 256, prompt_len).tolist() for _ in range(requests)]
-    pending = iter(range(requests))
+    budgets = max_tokens if isinstance(max_tokens, list) else [max_tokens] * len(prompts)
+    pending = iter(range(len(prompts)))
     records = []
+
+    def body(prompt, budget):
+        return {
+            "model": model,
+            "prompt": prompt,
+            "max_tokens": budget,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            **extra,
+        }
 
     async def client(http):
         for i in pending:
-            body = {
-                "model": "bench",
-                "prompt": prompts[i],
-                "max_tokens": max_tokens,
-                "temperature": 0,
-                "stream": True,
-                "stream_options": {"include_usage": True},
-                **extra,
-            }
-            start = time.perf_counter()
-            first, tokens = None, 0
-            async with http.stream("POST", url, json=body) as response:
-                response.raise_for_status()
-                async for line in response.aiter_lines():
-                    if not line.startswith("data: {"):
-                        continue
-                    chunk = json.loads(line[6:])
-                    if first is None and chunk["choices"]:
-                        first = time.perf_counter()
-                    if chunk.get("usage"):
-                        tokens = chunk["usage"]["completion_tokens"]
-            end = time.perf_counter()
-            records.append((first - start if first else end - start, end - start, tokens))
+            records.append(await _stream(http, url, body(prompts[i], budgets[i])))
+
+    async def latecomer(http):
+        await asyncio.sleep(late[0])
+        await _stream(http, url, body(late[1], late[2]))
 
     limits = httpx.Limits(max_connections=concurrency + 4)
     async with httpx.AsyncClient(timeout=600, limits=limits) as http:
         start = time.perf_counter()
-        await asyncio.gather(*(client(http) for _ in range(concurrency)))
+        extra_client = [latecomer(http)] if late else []
+        await asyncio.gather(*(client(http) for _ in range(concurrency)), *extra_client)
         wall = time.perf_counter() - start
-    ttft, latency, tokens = (np.array(x) for x in zip(*records, strict=True))
+    ttft, latency, tokens, gaps = zip(*records, strict=True)
+    ttft, latency, tokens = np.array(ttft), np.array(latency), np.array(tokens)
+    gaps = np.concatenate([np.asarray(g) for g in gaps if len(g)] or [np.zeros(1)])
+    pct = lambda x, q: float(np.percentile(x, q)) * 1e3  # noqa: E731
     return {
-        "requests": requests,
+        "requests": len(prompts),
         "wall_s": wall,
-        "requests_per_sec": requests / wall,
+        "requests_per_sec": len(prompts) / wall,
         "tokens_per_sec": float(tokens.sum()) / wall,
-        "ttft_p50_ms": float(np.percentile(ttft, 50)) * 1e3,
-        "ttft_p99_ms": float(np.percentile(ttft, 99)) * 1e3,
-        "latency_p50_ms": float(np.percentile(latency, 50)) * 1e3,
-        "latency_p99_ms": float(np.percentile(latency, 99)) * 1e3,
+        "ttft_p50_ms": pct(ttft, 50),
+        "ttft_p99_ms": pct(ttft, 99),
+        "latency_p50_ms": pct(latency, 50),
+        "latency_p99_ms": pct(latency, 99),
+        "itl_p50_ms": pct(gaps, 50),
+        "itl_p99_ms": pct(gaps, 99),
     }
 
 
@@ -110,50 +226,182 @@ def _run_load(*args) -> dict:
     return asyncio.run(_load(*args))
 
 
+LETTERS = np.array(list("abcdefghijklmnopqrstuvwxyz "))
+
+
+def _prompts(rng, n: int, length: int) -> list[str]:
+    """`n` random texts of `length` characters (one token each for the byte tokenizer)."""
+    return ["".join(rng.choice(LETTERS, length)) for _ in range(n)]
+
+
 def bench_serve(
     cfg: Config,
     case: str,
     levels=(1, 8, 32),
-    slots: int = 32,
     prompt_len: int = 32,
     max_tokens: int = 64,
     baseline_concurrency: int = 8,
     request: dict | None = None,
+    peer: str | None = None,
 ):
-    """Yield one result per concurrency level, then the one-slot baseline's. `request`: more
-    fields for every request (e.g. {"logprobs": 5})."""
+    """Yield one result per concurrency level, then the one-slot baseline's, then (with `peer`
+    "transformers") the peer's at the same levels with our ratio to it, then one per named case
+    in `levels`. `request`: more fields for every request (e.g. {"logprobs": 5})."""
     extra = dict(request or {})
+    named = [c for c in levels if c in NAMED_CASES]
+    levels = [int(c) for c in levels if c not in NAMED_CASES]
+    clients = multiprocessing.get_context("spawn").Pool(1)
+    runs, ours = [("batched", cfg.serve, levels)], {}
+    if baseline_concurrency and levels:
+        runs.append(("one-at-a-time", replace(cfg.serve, slots=1), (baseline_concurrency,)))
+    try:
+        for label, serve, concurrencies in runs:
+            if not concurrencies:
+                continue
+            server = _LocalServer(cfg, serve)
+            try:
+                clients.apply(
+                    _run_load, (server.url, 1, _prompts(np.random.default_rng(9), 2, 4), 4, extra)
+                )
+                for c in concurrencies:
+                    prompts = _prompts(np.random.default_rng(c), max(8, 4 * c), prompt_len)
+                    figures = server.measure(clients, (server.url, c, prompts, max_tokens, extra))
+                    ours.setdefault(c, figures)
+                    yield _row(server, f"serve/{case}/{label}/c{c}", c, serve, figures, extra)
+            finally:
+                server.close()
+        if peer == "transformers" and levels:
+            yield from _peer(cfg, case, clients, levels, prompt_len, max_tokens, extra, ours)
+        for name in named:
+            yield from CASES[name](cfg, case, clients, extra)
+    finally:
+        clients.close()
+
+
+def _row(server, name, concurrency, serve, figures, extra, **more) -> dict:
     import jax
 
     from pipeline.runtime import allocator
 
-    clients = multiprocessing.get_context("spawn").Pool(1)
+    return {
+        "case": name,
+        "concurrency": concurrency,
+        "slots": serve.slots,
+        "kv_blocks": server.engine.kv_blocks,
+        "prompt_len": more.pop("prompt_len", 32),
+        "max_tokens": more.pop("max_tokens", 64),
+        "request": extra,
+        **figures,
+        **more,
+        "peak_running": server.peak,
+        "preemptions": server.engine.preemptions,
+        "prefix_hit_rate": server.engine.blocks.hit_rate,
+        "compile_s": server.compile_s,
+        "device": jax.devices()[0].device_kind,
+        "allocator": allocator(),
+    }
 
-    for label, n_slots, concurrencies in (
-        ("batched", slots, levels),
-        ("one-at-a-time", 1, (baseline_concurrency,) if baseline_concurrency else ()),
-    ):
-        if not concurrencies:
-            continue
-        server = _LocalServer(cfg, n_slots)
+
+def _peer(cfg, case, clients, levels, prompt_len, max_tokens, extra, ours):
+    """transformers serve --continuous-batching at the same levels, on the same prompts."""
+    import tempfile
+
+    import jax
+
+    with tempfile.TemporaryDirectory() as workdir:
+        server = _TransformersServer(cfg, workdir)
         try:
-            url = f"http://127.0.0.1:{server.port}/v1/completions"
-            clients.apply(_run_load, (url, 1, 2, prompt_len, 4, extra))  # first-request warm-up
-            for c in concurrencies:
-                load = (url, c, max(8, 4 * c), prompt_len, max_tokens, extra)
-                figures = clients.apply(_run_load, load)
+            clients.apply(_run_load, (server.url, 1, ["warm up"], 4, extra, None, server.model))
+            for c in levels:
+                prompts = _prompts(np.random.default_rng(c), max(8, 4 * c), prompt_len)
+                figures = server.measure(clients, (server.url, c, prompts, max_tokens, extra))
                 yield {
-                    "case": f"serve/{case}/{label}/c{c}",
+                    "case": f"serve/{case}/transformers/c{c}",
                     "concurrency": c,
-                    "slots": n_slots,
+                    "slots": 0,
                     "prompt_len": prompt_len,
                     "max_tokens": max_tokens,
                     "request": extra,
                     **figures,
+                    "ours_tokens_per_sec_ratio": ours[c]["tokens_per_sec"]
+                    / figures["tokens_per_sec"],
+                    "ours_ttft_p50_ratio": ours[c]["ttft_p50_ms"] / figures["ttft_p50_ms"],
                     "compile_s": server.compile_s,
                     "device": jax.devices()[0].device_kind,
-                    "allocator": allocator(),
+                    "allocator": "glibc (torch)",
                 }
         finally:
             server.close()
-    clients.close()
+
+
+def _long_context(cfg: Config, length: int) -> Config:
+    from pipeline.config import with_overrides
+
+    if cfg.model.max_seq_len >= length:
+        return cfg
+    return with_overrides(cfg, model={"max_seq_len": length}, data={"seq_len": length})
+
+
+def _prefix_case(cfg, case, clients, extra):
+    """8 clients, a shared 512-token system prompt + 32-token turns: with and without
+    prefix caching."""
+    cfg = _long_context(cfg, 1024)
+    rng = np.random.default_rng(0)
+    system = _prompts(rng, 1, 512)[0]
+    prompts = [system + turn for turn in _prompts(rng, 32, 32)]
+    rows = {}
+    for caching in (True, False):
+        serve = replace(cfg.serve, prefix_caching=caching)
+        server = _LocalServer(cfg, serve)
+        try:
+            clients.apply(_run_load, (server.url, 1, _prompts(rng, 2, 4), 4, extra))
+            figures = server.measure(clients, (server.url, 8, prompts, 16, extra))
+            name = f"serve/{case}/prefix/{'cached' if caching else 'uncached'}/c8"
+            rows[caching] = _row(
+                server, name, 8, serve, figures, extra, prompt_len=544, max_tokens=16
+            )
+        finally:
+            server.close()
+    rows[True]["ttft_speedup"] = rows[False]["ttft_p50_ms"] / rows[True]["ttft_p50_ms"]
+    yield from rows.values()
+
+
+def _long_case(cfg, case, clients, extra):
+    """16 clients streaming 32-token prompts while a 2,048-token prompt arrives."""
+    cfg = _long_context(cfg, 2048 + 64)
+    rng = np.random.default_rng(0)
+    server = _LocalServer(cfg, cfg.serve)
+    try:
+        clients.apply(_run_load, (server.url, 1, _prompts(rng, 2, 4), 4, extra))
+        long_prompt = _prompts(rng, 1, 2048)[0]
+        load = (server.url, 16, _prompts(rng, 16, 32), 160, extra, (0.5, long_prompt, 8))
+        figures = server.measure(clients, load)
+        name = f"serve/{case}/long-prompt/c16"
+        yield _row(server, name, 16, cfg.serve, figures, extra, max_tokens=160, long_prompt=2048)
+    finally:
+        server.close()
+
+
+def _mixed_case(cfg, case, clients, extra):
+    """64 clients, prompts and budgets of mixed lengths up to the context, in the KV blocks of
+    16 full-length slots."""
+    rng = np.random.default_rng(0)
+    context = cfg.model.max_seq_len
+    lengths = rng.integers(8, context // 2, 64)
+    prompts = [_prompts(rng, 1, int(n))[0] for n in lengths]
+    budgets = [int(rng.integers(8, context - n)) for n in lengths]
+    width = -(-context // cfg.serve.block_size)
+    serve = replace(cfg.serve, slots=64, kv_blocks=16 * width)
+    server = _LocalServer(cfg, serve)
+    try:
+        clients.apply(_run_load, (server.url, 1, _prompts(rng, 2, 4), 4, extra))
+        figures = server.measure(clients, (server.url, 64, prompts, budgets, extra))
+        name = f"serve/{case}/mixed/c64"
+        yield _row(
+            server, name, 64, serve, figures, extra, prompt_len=int(lengths.mean()), max_tokens=0
+        )
+    finally:
+        server.close()
+
+
+CASES = {"prefix": _prefix_case, "long": _long_case, "mixed": _mixed_case}

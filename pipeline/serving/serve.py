@@ -84,6 +84,19 @@ class Metrics:
         busy = Gauge("pipeline_busy_slots", "Slots decoding a request", registry=r)
         busy.set_function(lambda: engine.busy_slots)
         Gauge("pipeline_slots", "Decode slots", registry=r).set(engine.num_slots)
+        Gauge("pipeline_kv_blocks", "KV cache blocks in the pool", registry=r).set(engine.kv_blocks)
+        used = Gauge("pipeline_kv_blocks_used", "KV cache blocks held by requests", registry=r)
+        used.set_function(lambda: engine.blocks.used)
+        hit = Gauge(
+            "pipeline_prefix_cache_hit_rate",
+            "Prompt tokens found in the prefix cache / prompt tokens looked up",
+            registry=r,
+        )
+        hit.set_function(lambda: engine.blocks.hit_rate)
+        preempted = Gauge(
+            "pipeline_preemptions", "Requests preempted (recomputed) for KV blocks", registry=r
+        )
+        preempted.set_function(lambda: engine.preemptions)
 
     def observe(self, name: str, value: float) -> None:
         """The engine's hook (called from the engine thread)."""
@@ -527,7 +540,7 @@ class Routes:
             if k is None or token is None or received > len(job.logprobs):
                 return []
             lp, top_ids, top_lp = job.logprobs[received - 1]
-            top = list(zip(top_ids, top_lp, strict=True))
+            top = list(zip(top_ids[:k], top_lp[:k], strict=True))
             return self._items([token], [lp], [top], [offset + before])
 
         try:
@@ -589,6 +602,20 @@ def _server_class():
     return Server
 
 
+def engine_args(cfg: ServeConfig) -> dict:
+    """The Engine's keyword arguments from the serve config."""
+    return {
+        "slots": cfg.slots,
+        "max_len": cfg.max_len,
+        "max_queue": cfg.max_queue,
+        "kv_blocks": cfg.kv_blocks,
+        "kv_memory_gb": cfg.kv_memory_gb,
+        "block_size": cfg.block_size,
+        "prefill_chunk": cfg.prefill_chunk,
+        "prefix_caching": cfg.prefix_caching,
+    }
+
+
 def serve(run_dir: str, cfg: ServeConfig) -> None:
     """Load a run, compile everything, then serve until SIGTERM / SIGINT (which drains)."""
     import uvicorn
@@ -596,14 +623,7 @@ def serve(run_dir: str, cfg: ServeConfig) -> None:
     from pipeline.inference.runs import load_for_inference
 
     loaded = load_for_inference(run_dir, cfg.quantize, cfg.draft)
-    engine = Engine(
-        loaded.model,
-        slots=cfg.slots,
-        max_len=cfg.max_len,
-        max_queue=cfg.max_queue,
-        draft=loaded.draft,
-        draft_k=cfg.draft_k,
-    )
+    engine = Engine(loaded.model, draft=loaded.draft, draft_k=cfg.draft_k, **engine_args(cfg))
     engine.warmup()
     engine.start()
     name = cfg.model_name or Path(run_dir).resolve().name

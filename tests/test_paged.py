@@ -1,0 +1,198 @@
+"""The paged serving engine: block bookkeeping, the paged attention, prefix caching, chunked
+prefill and preemption, each checked against generation alone.
+
+Run: pytest tests/test_paged.py
+"""
+
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pipeline.config import ModelConfig
+from pipeline.inference.generate import generate
+from pipeline.inference.sampling import Sampling
+from pipeline.model import create_model, init_cache, init_paged_cache
+from pipeline.serving.blocks import BlockPool, OutOfBlocksError, block_digests
+from pipeline.serving.engine import Engine, Request
+
+CFG = ModelConfig(
+    family="llama",
+    vocab_size=320,
+    num_layers=2,
+    embed_dim=32,
+    num_heads=4,
+    num_kv_heads=2,
+    max_seq_len=128,
+)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return create_model(CFG, seed=3)
+
+
+def test_block_pool_shares_caches_evicts_and_never_leaks():
+    pool = BlockPool(4, 2)
+    tokens = [1, 2, 3, 4, 5]
+    digests = block_digests(tokens, 2)
+    assert len(digests) == 2 and digests != block_digests([1, 2, 3, 9, 5], 2)[:2]
+    assert digests[0] == block_digests([1, 2, 7], 2)[0]  # a digest names its prefix only
+    a = [pool.allocate() for _ in range(3)]
+    for block, digest in zip(a, digests, strict=False):
+        pool.register(block, digest)
+    assert pool.lookup(digests, 2) == a[:2] and pool.refs[a[0]] == 2
+    pool.release(a[:2])  # the second holder ends
+    pool.release(a)  # the first too: its two full blocks stay cached
+    assert pool.available == 4 and len(pool.cached) == 2
+    assert pool.lookup(digests, 1) == a[:1]  # still there, at most `usable` of them
+    pool.release(a[:1])
+    held = [pool.allocate() for _ in range(4)]  # the free ones first, then the cached (LRU)
+    assert sorted(held) == [0, 1, 2, 3] and not pool.by_digest
+    with pytest.raises(OutOfBlocksError):
+        pool.allocate()
+    pool.release(held)
+    assert pool.available == 4 and pool.used == 0
+    assert pool.hits == 6 and pool.hit_rate == pytest.approx(6 / 6)
+
+
+def test_paged_attention_equals_the_contiguous_cache(model):
+    """Prefill then decode through scattered blocks give the contiguous cache's logits."""
+    B, P, bs = 2, 11, 4
+    rng = np.random.default_rng(0)
+    tokens = jnp.asarray(rng.integers(0, CFG.vocab_size, (B, P + 3)), jnp.int32)
+    # each row's blocks in a shuffled order of a pool with spare blocks
+    order = rng.permutation(12)
+    table = jnp.asarray(order[:10].reshape(B, 5), jnp.int32)
+    paged = [{**layer, "table": table} for layer in init_paged_cache(CFG, 12, bs)]
+    flat = init_cache(CFG, B, 20)
+    pos = jnp.broadcast_to(jnp.arange(P), (B, P))
+    want, flat = model(tokens[:, :P], pos, flat)
+    got, paged = model(tokens[:, :P], pos, paged)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    for t in range(P, P + 3):  # decode, each row its own position
+        p = jnp.full((B, 1), t)
+        want, flat = model(tokens[:, t : t + 1], p, flat)
+        got, paged = model(tokens[:, t : t + 1], p, paged)
+        np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def _run(engine: Engine, prompts, budgets, samplings=None, start=True):
+    """Submit every prompt at once; each request's tokens (and finish reasons)."""
+    samplings = samplings or [Sampling()] * len(prompts)
+    out = [[] for _ in prompts]
+    done = threading.Semaphore(0)
+
+    def emitter(i):
+        def emit(token, reason):
+            if token is not None:
+                out[i].append(token)
+            if reason is not None:
+                done.release()
+
+        return emit
+
+    if start:
+        engine.start()
+    for i, (p, n, s) in enumerate(zip(prompts, budgets, samplings, strict=True)):
+        engine.submit(Request(list(p), n, s, emitter(i)))
+    for _ in prompts:
+        assert done.acquire(timeout=300)
+    return out
+
+
+def _alone(model, prompt, n, sampling=Sampling()):
+    return generate(model, [list(prompt)], n, sampling)["tokens"][0][:n]
+
+
+def _mixed(n, seed=0, longest=100):
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(1, longest, n)
+    prompts = [rng.integers(0, CFG.vocab_size, int(L)).tolist() for L in lengths]
+    budgets = [int(rng.integers(1, 128 - L)) for L in lengths]
+    return prompts, [min(b, 24) for b in budgets]
+
+
+def test_32_mixed_requests_with_chunks_and_preemption_equal_generation_alone(model):
+    """32 concurrent requests of mixed lengths, greedy and seeded sampling, through prompts
+    prefilled 16 tokens at a time and a pool too small for the load (preemption): every
+    request's tokens are those of `generate` alone, and no block leaks."""
+    prompts, budgets = _mixed(32)
+    samplings = [
+        Sampling() if i % 2 else Sampling(temperature=0.9, top_k=20, seed=i)
+        for i in range(len(prompts))
+    ]
+    # 24 blocks of 8: about 4 requests at their longest, for 8 slots
+    engine = Engine(model, slots=8, kv_blocks=24, block_size=8, prefill_chunk=16)
+    engine.warmup()
+    out = _run(engine, prompts, budgets, samplings)
+    engine.stop()
+    assert engine.preemptions > 0
+    for got, p, n, s in zip(out, prompts, budgets, samplings, strict=True):
+        assert got == _alone(model, p, n, s)
+    assert engine.blocks.used == 0 and engine.busy_slots == 0
+
+
+def test_prefix_caching_reuses_blocks_and_changes_no_token(model):
+    rng = np.random.default_rng(1)
+    system = rng.integers(0, CFG.vocab_size, 40).tolist()
+    turns = [system + rng.integers(0, CFG.vocab_size, int(n)).tolist() for n in (5, 9, 3, 12)]
+    results = {}
+    for caching in (True, False):
+        engine = Engine(model, slots=4, block_size=8, prefix_caching=caching)
+        engine.warmup()
+        engine.start()
+        first = _run(engine, turns[:1], [8], start=False)  # its blocks then serve the rest
+        rest = _run(engine, turns[1:], [8] * 3, start=False)
+        engine.stop()
+        results[caching] = first + rest
+        hits = engine.blocks.hits
+        assert hits == (3 * 5 * 8 if caching else 0)  # 40 shared tokens = 5 full blocks each
+        assert engine.blocks.used == 0
+    assert results[True] == results[False]
+    assert results[True] == [_alone(model, t, 8) for t in turns]
+
+
+def test_n_choices_share_the_prompt_blocks_and_sample_their_own(model):
+    engine = Engine(model, slots=4, block_size=8)
+    engine.warmup()
+    engine.start()
+    prompt = list(range(21))
+    out, done = [[] for _ in range(4)], threading.Semaphore(0)
+    parent = None
+    for i in range(4):
+        emit = lambda t, r, i=i: (out[i].append(t) if t is not None else None, r and done.release())  # noqa: E731
+        request = Request(prompt, 10, Sampling(temperature=1.0, seed=100 + i), emit, parent=parent)
+        parent = parent or request
+        engine.submit(request)
+    for _ in range(4):
+        assert done.acquire(timeout=120)
+    engine.stop()
+    for i in range(4):
+        assert out[i] == _alone(model, prompt, 10, Sampling(temperature=1.0, seed=100 + i))
+    assert len({tuple(o) for o in out}) == 4
+    assert engine.blocks.used == 0
+
+
+def test_the_memory_of_16_contiguous_slots_holds_64_requests(model):
+    """64 concurrent requests of mixed lengths in the blocks that 16 full-length slots used."""
+    prompts, budgets = _mixed(64, seed=2, longest=60)
+    engine = Engine(model, slots=64, kv_blocks=16 * 128 // 16, block_size=16)
+    engine.warmup()
+    peak = []
+    engine.observe = lambda name, value: peak.append(engine.busy_slots) if name == "ttft" else None
+    out = _run(engine, prompts, budgets)
+    engine.stop()
+    assert max(peak) > 16  # more requests ran at once than 16 slots would have held
+    for got, p, n in zip(out, prompts, budgets, strict=True):
+        assert got == _alone(model, p, n)
+    assert engine.blocks.used == 0
+
+
+def test_a_request_larger_than_the_pool_is_refused(model):
+    engine = Engine(model, slots=2, kv_blocks=4, block_size=8)
+    with pytest.raises(ValueError, match="KV blocks"):
+        engine.check(30, 10, Sampling())
+    jax.block_until_ready(engine.pool[0]["k"])
