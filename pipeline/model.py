@@ -183,24 +183,42 @@ def paged_write(cache: dict, positions: jax.Array, k: jax.Array, v: jax.Array) -
 
 
 def paged_attention(q: jax.Array, cache: dict, positions: jax.Array, window: int | None):
-    """Attention of q (B, T, N, H) at `positions` (B, T) over the blocks of each row's table:
-    the XLA path (a gather of the rows' blocks, then the grouped einsum), which every backend
-    runs; a row sees the positions up to its query's (and within the window)."""
+    """Attention of q (B, T, N, H) at `positions` (B, T) over the blocks of each row's table,
+    the XLA path every backend runs: a loop over block columns (flash-decoding's online
+    softmax), as many as the furthest position needs, each reading one block per row. So a
+    step reads the blocks that are live, not the table's width, and nothing recompiles as
+    requests grow. A row sees the positions up to its query's (and within the window)."""
     table = cache["table"]
     B, T, N, H = q.shape
     _, K, bs, _ = cache["k"].shape
-    W = table.shape[1]
-    # (B, W, K, bs, H): only the table's blocks are read; the table's width bounds the work
-    k, v = (cache[name][table].astype(q.dtype) for name in ("k", "v"))
-    k_pos = jnp.broadcast_to(jnp.arange(W * bs), (B, W * bs))
-    mask = _visible(positions, k_pos, window).reshape(B, T, W, bs)
-    q = q.reshape(B, T, K, N // K, H) * jnp.asarray(H**-0.5, q.dtype)
-    scores = jnp.einsum("btkgh,bwksh->bkgtws", q, k).astype(jnp.float32)
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    shape = scores.shape
-    probs = jax.nn.softmax(scores.reshape(*shape[:4], W * bs), axis=-1).reshape(shape)
-    out = jnp.einsum("bkgtws,bwksh->btkgh", probs.astype(v.dtype), v)
-    return out.reshape(B, T, N, H)
+    G = N // K
+    q = (q.reshape(B, T, K, G, H) * jnp.asarray(H**-0.5, q.dtype)).transpose(0, 2, 3, 1, 4)
+    lowest = jnp.finfo(jnp.float32).min
+
+    def body(j, carry):
+        top, total, acc = carry
+        block = table[:, j]
+        k, v = (cache[name][block].astype(q.dtype) for name in ("k", "v"))  # (B, K, bs, H)
+        scores = jnp.einsum("bkgth,bksh->bkgts", q, k).astype(jnp.float32)
+        k_pos = jnp.broadcast_to(j * bs + jnp.arange(bs), (B, bs))
+        seen = _visible(positions, k_pos, window)[:, None, None]  # (B, 1, 1, T, bs)
+        scores = jnp.where(seen, scores, lowest)
+        new_top = jnp.maximum(top, scores.max(-1))
+        p = jnp.where(seen, jnp.exp(scores - new_top[..., None]), 0.0)
+        rescale = jnp.exp(top - new_top)
+        total = total * rescale + p.sum(-1)
+        acc = acc * rescale[..., None] + jnp.einsum("bkgts,bksh->bkgth", p.astype(v.dtype), v)
+        return new_top, total, acc
+
+    columns = jnp.clip(jnp.max(positions) // bs + 1, 1, table.shape[1])
+    init = (
+        jnp.full((B, K, G, T), lowest, jnp.float32),
+        jnp.zeros((B, K, G, T), jnp.float32),
+        jnp.zeros((B, K, G, T, H), jnp.float32),
+    )
+    _, total, acc = jax.lax.fori_loop(0, columns, body, init)
+    out = acc / jnp.maximum(total, jnp.finfo(jnp.float32).tiny)[..., None]
+    return out.astype(q.dtype).transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
 
 
 def einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None):

@@ -51,10 +51,10 @@ class _LocalServer:
         self.engine = Engine(create_model(cfg.model), **args)
         self.compile_s = self.engine.warmup()
         self.engine.start()
+        app = create_app(self.engine, byte_tokenizer(), "bench")
         self.peak = 0  # the most requests running at once
         observe = self.engine.observe
         self.engine.observe = lambda name, value: self._observe(observe, name, value)
-        app = create_app(self.engine, byte_tokenizer(), "bench")
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -157,7 +157,7 @@ async def _stream(http, url, body) -> tuple[float, float, int, list[float]]:
             if not line.startswith("data: {"):
                 continue
             chunk = json.loads(line[6:])
-            if chunk["choices"] and chunk["choices"][0].get("text"):
+            if chunk["choices"]:  # a token (its text may be held back or empty)
                 times.append(time.perf_counter())
                 first = first or times[-1]
             if chunk.get("usage"):
