@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 from pipeline.config import Config, ConfigError, load_config
 
@@ -201,8 +202,32 @@ def cmd_serve(args) -> int:
     enable_compilation_cache(s.compilation_cache)
     from pipeline.serving.serve import serve
 
-    serve(args.run, s)
+    serve(args.run, s, adapter_runs(args.adapter))
     return 0
+
+
+def adapter_runs(specs: list[str]) -> dict[str, str]:
+    """--adapter NAME=RUN or a directory of LoRA runs -> {name: run}."""
+    from pipeline.lora import ADAPTER_CONFIG
+
+    runs = {}
+    for spec in specs:
+        if "=" in spec:
+            name, run = spec.split("=", 1)
+            found = {name: run}
+        else:
+            found = {
+                p.parent.name: str(p.parent) for p in sorted(Path(spec).glob(f"*/{ADAPTER_CONFIG}"))
+            }
+            if not found:
+                raise ConfigError(
+                    f"--adapter {spec}: no NAME=RUN, and no LoRA run in that directory"
+                )
+        for name, run in found.items():
+            if not name or name in runs:
+                raise ConfigError(f"--adapter {spec}: the name {name!r} is empty or given twice")
+            runs[name] = run
+    return runs
 
 
 def cmd_import_hf(args) -> int:
@@ -412,6 +437,14 @@ def _add_inference_commands(sub) -> None:
     srv.add_argument("--quantize", choices=["none", "int8", "int4"])
     srv.add_argument("--model-name", help="the model id clients use (default: the run's name)")
     srv.add_argument("--draft", help="a draft run: speculative decoding (serve.draft_k tokens)")
+    srv.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="NAME=RUN",
+        help="a LoRA run of the base to serve as model NAME (repeatable); or a directory: each "
+        "LoRA run in it, named by its folder",
+    )
     srv.set_defaults(func=cmd_serve)
 
 

@@ -45,15 +45,26 @@ def _free_port() -> int:
 class Server:
     """An engine and the app on a real socket, in this process (the engine thread + uvicorn)."""
 
-    def __init__(self, slots=4, max_queue=64, api_key=None, start_engine=True, cfg=CFG, **app_kw):
+    def __init__(
+        self,
+        slots=4,
+        max_queue=64,
+        api_key=None,
+        start_engine=True,
+        cfg=CFG,
+        adapters=None,
+        **app_kw,
+    ):
+        """`adapters(model)`: the model's Adapters (wrapped before the engine takes it)."""
         self.model = create_model(cfg, seed=7)
         self.tokenizer = byte_tokenizer()
+        self.adapters = adapters(self.model) if adapters else None
         self.engine = Engine(self.model, slots=slots, max_queue=max_queue)
         self.engine.warmup()
         if start_engine:
             self.engine.start()
         serve_cfg = ServeConfig(api_key=api_key, **app_kw)
-        self.app = create_app(self.engine, self.tokenizer, NAME, serve_cfg)
+        self.app = create_app(self.engine, self.tokenizer, NAME, serve_cfg, self.adapters)
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning")

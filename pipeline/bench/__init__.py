@@ -120,7 +120,16 @@ def _serve(config, overrides, cases, steps, run, request=None, peer=None):
             raise ConfigError(
                 f"bench serve: unknown case {c!r}; valid: concurrency levels, {valid}"
             )
-    yield from bench_serve(cfg, name, levels, request=request or {}, peer=peer)
+    ours = {}
+    for row in bench_serve(cfg, name, levels, request=request or {}):
+        if "/batched/" in row["case"]:
+            ours[row["concurrency"]] = row
+        yield row
+    numbers = [int(c) for c in levels if c.isdigit()]
+    if peer == "transformers" and numbers:
+        from pipeline.bench.serve_peer import peer_rows
+
+        yield from peer_rows(cfg, name, numbers, 32, 64, request or {}, ours)
 
 
 def _distill(config, overrides, cases, steps, run):

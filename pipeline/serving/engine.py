@@ -52,6 +52,7 @@ from pipeline.inference.sampling import (
 )
 from pipeline.inference.speculative import speculate
 from pipeline.model import init_paged_cache
+from pipeline.serving.adapters import has_adapters, set_rows
 from pipeline.serving.blocks import BlockPool, OutOfBlocksError, block_digests
 from pipeline.serving.controls import (
     MAX_TOP_LOGPROBS,
@@ -108,6 +109,10 @@ class Request:
     scheduled: int = 0  # tokens its dispatched programs sample (some not yet delivered)
     order: int = 0  # admission order: the latest admitted is preempted first
     preemptions: int = 0
+    # many-adapter serving: the adapter's index in the stacks (0: the base alone) and the salt
+    # of its prompt's block digests (cached blocks are never shared across adapters)
+    adapter: int = 0
+    salt: str = ""
 
 
 def block_bytes(cfg, block_size: int) -> int:
@@ -128,6 +133,22 @@ def kv_budget(gigabytes: float | None) -> float:
     import os
 
     return 0.25 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def _slot_state(slots: int) -> dict:
+    """Each slot's sampling state on the device: its last token, position, step, sampling
+    values, seed and adapter."""
+    zeros = lambda dtype: jnp.zeros((slots,), dtype)  # noqa: E731
+    return {
+        "token": zeros(jnp.int32),
+        "position": zeros(jnp.int32),
+        "step": zeros(jnp.int32),
+        "temperature": zeros(jnp.float32),
+        "top_k": zeros(jnp.int32),
+        "top_p": jnp.ones((slots,), jnp.float32),
+        "seed": zeros(jnp.uint32),
+        "adapter": zeros(jnp.int32),
+    }
 
 
 def _paged(pool, tables):
@@ -169,6 +190,7 @@ def _prefill(
     P = tokens.shape[1]
     offsets = jnp.arange(P)[None]
     positions = jnp.where(offsets < lengths[:, None], starts[:, None] + offsets, -1)
+    set_rows(model, chunk["adapters"])
     logits, cache = model(tokens, positions, _paged(pool, tables), only=lengths - 1)
     logits, pool = logits[:, 0], _pool(cache)
     if dgraph is not None:
@@ -192,6 +214,7 @@ def _prefill(
         "top_k": top_k,
         "top_p": top_p,
         "seed": seed,
+        "adapter": chunk["adapters"],
     }
     return token, info, _update(slots, values, done), ctl, pool, dpool
 
@@ -244,6 +267,7 @@ def _step(params, slots, ctl, pool, tables, live, mask, *, graphdef, rows: int):
     """
     model = nnx.merge(graphdef, params)
     part = jax.tree.map(lambda x: x[:rows], slots)
+    set_rows(model, part["adapter"])
     logits, cache = decode_step(model, part["token"], part["position"], _paged(pool, tables))
     keys = request_keys(part["seed"], part["step"])
     view = {k: v[:rows] for k, v in ctl.items()}
@@ -256,10 +280,12 @@ def _step(params, slots, ctl, pool, tables, live, mask, *, graphdef, rows: int):
 
 
 @partial(jax.jit, static_argnames=("graphdef",))
-def _score(params, tokens, *, graphdef):
-    """Log-probabilities of a prompt's tokens under the model (echo): for position i >= 1, that
-    of token i given tokens 0..i-1 (position 0 gets 0), and the top ones there."""
+def _score(params, tokens, adapter, *, graphdef):
+    """Log-probabilities of a prompt's tokens under the model (with adapter `adapter`) (echo):
+    for position i >= 1, that of token i given tokens 0..i-1 (position 0 gets 0), and the top
+    ones there."""
     model = nnx.merge(graphdef, params)
+    set_rows(model, adapter[None])
     logits, _ = model(tokens)  # (1, P, V) float32
     lp = jax.nn.log_softmax(logits[0, :-1], axis=-1)
     chosen = jnp.take_along_axis(lp, tokens[0, 1:, None], axis=-1)[:, 0]
@@ -335,31 +361,9 @@ class Engine:
         # a speculative round writes up to draft_k positions past a slot's last token
         self.lookahead = draft_k + 1 if draft is not None else 0
         self.width = -(-(self.max_len + self.lookahead) // block_size)  # table entries per slot
-        per_block = block_bytes(cfg, block_size) + (
-            block_bytes(draft.cfg, block_size) if draft is not None else 0
-        )
-        self.kv_blocks = kv_blocks or max(
-            min(slots * self.width, int(kv_budget(kv_memory_gb) // per_block)), self.width
-        )
-        self.blocks = BlockPool(self.kv_blocks, block_size, prefix_caching)
-        self.none = self.kv_blocks  # the table entry of no block
-        self.tables = np.full((slots, self.width), self.none, np.int32)
-        self.pool = init_paged_cache(cfg, self.kv_blocks, block_size)
-        self.dgraph, self.dparams, self.dpool = None, None, None
-        if draft is not None:
-            if draft.cfg.vocab_size != cfg.vocab_size:
-                raise ValueError("the draft's vocabulary differs from the model's")
-            self.dgraph, self.dparams = nnx.split(draft)
-            self.dpool = init_paged_cache(draft.cfg, self.kv_blocks, block_size)
-        self.slots = {
-            "token": jnp.zeros((slots,), jnp.int32),
-            "position": jnp.zeros((slots,), jnp.int32),
-            "step": jnp.zeros((slots,), jnp.int32),
-            "temperature": jnp.zeros((slots,), jnp.float32),
-            "top_k": jnp.zeros((slots,), jnp.int32),
-            "top_p": jnp.ones((slots,), jnp.float32),
-            "seed": jnp.zeros((slots,), jnp.uint32),
-        }
+        self._init_pools(cfg, draft, kv_blocks, kv_memory_gb, prefix_caching)
+        self.slots = _slot_state(slots)
+        self.lora = has_adapters(model)
         self.ctl = init_controls(slots, cfg.vocab_size)
         self.vocab_size = cfg.vocab_size
         # each slot's allowed next tokens (bitmasks, all ones: every token), refreshed from its
@@ -381,19 +385,44 @@ class Engine:
         self._running = False
         self.compile_seconds = 0.0
 
+    def _init_pools(self, cfg, draft, kv_blocks, kv_memory_gb, prefix_caching) -> None:
+        """The KV pools (the model's, the draft's), their bookkeeping and the block tables."""
+        block_size, slots = self.block_size, self.num_slots
+        per_block = block_bytes(cfg, block_size) + (
+            block_bytes(draft.cfg, block_size) if draft is not None else 0
+        )
+        self.kv_blocks = kv_blocks or max(
+            min(slots * self.width, int(kv_budget(kv_memory_gb) // per_block)), self.width
+        )
+        self.blocks = BlockPool(self.kv_blocks, block_size, prefix_caching)
+        self.none = self.kv_blocks  # the table entry of no block
+        self.tables = np.full((slots, self.width), self.none, np.int32)
+        self.pool = init_paged_cache(cfg, self.kv_blocks, block_size)
+        self.dgraph, self.dparams, self.dpool = None, None, None
+        if draft is not None:
+            if draft.cfg.vocab_size != cfg.vocab_size:
+                raise ValueError("the draft's vocabulary differs from the model's")
+            self.dgraph, self.dparams = nnx.split(draft)
+            self.dpool = init_paged_cache(draft.cfg, self.kv_blocks, block_size)
+
     # --- public, thread-safe ---------------------------------------------------------------
 
     def check(
-        self, prompt_len: int, max_tokens: int, sampling: Sampling, controls: Controls = Controls()
+        self,
+        prompt_len: int,
+        max_tokens: int,
+        sampling: Sampling,
+        controls: Controls = Controls(),
+        adapter: int = 0,
     ) -> None:
         """Raise ValueError (a message for the client) for a request this engine cannot run."""
         check_request(prompt_len, max_tokens, self.max_len)
         check_sampling(sampling)
         check_controls(controls, self.vocab_size)
-        if self.dgraph is not None and (controls.shapes_logits or controls.logprobs):
+        if self.dgraph is not None and (controls.shapes_logits or controls.logprobs or adapter):
             raise ValueError(
-                "logprobs, penalties, logit_bias and min_tokens are not supported with "
-                "speculative decoding (serve.draft)"
+                "logprobs, penalties, logit_bias, min_tokens and adapters are not supported "
+                "with speculative decoding (serve.draft)"
             )
         need = -(-(prompt_len + max_tokens + self.lookahead) // self.block_size)
         if need > self.kv_blocks:
@@ -403,7 +432,13 @@ class Engine:
             )
 
     def submit(self, request: Request) -> Request:
-        self.check(len(request.prompt), request.max_tokens, request.sampling, request.controls)
+        self.check(
+            len(request.prompt),
+            request.max_tokens,
+            request.sampling,
+            request.controls,
+            request.adapter,
+        )
         with self._lock:
             if not self._running:
                 raise QueueFullError("the engine is shutting down")
@@ -419,7 +454,9 @@ class Engine:
             request.cancelled = True
             self._lock.notify()
 
-    def score(self, prompt: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def score(
+        self, prompt: list[int], adapter: int = 0
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The prompt's token log-probabilities (the first is 0: nothing predicts it), the top
         ids and their log-probabilities at each position, from one forward pass (thread-safe:
         it runs beside the engine's own programs)."""
@@ -428,8 +465,13 @@ class Engine:
         P = bucket(len(prompt), self.max_len)
         tokens = np.zeros((1, P), np.int32)
         tokens[0, : len(prompt)] = prompt
-        out = _score(self.params, jnp.asarray(tokens), graphdef=self.graphdef)
+        out = _score(self.params, jnp.asarray(tokens), jnp.int32(adapter), graphdef=self.graphdef)
         return tuple(np.asarray(x)[: len(prompt)] for x in out)
+
+    def uses(self, adapter: int) -> bool:
+        """Whether a running or waiting request uses adapter `adapter`."""
+        with self._lock:
+            return any(r.adapter == adapter for r in [*self.waiting, *filter(None, self.active)])
 
     @property
     def busy_slots(self) -> int:
@@ -447,7 +489,7 @@ class Engine:
             for n in self.admit_sizes:
                 self._prefill_call([], [], P, [], rows=n)  # padding rows only
         for P in buckets(self.max_len):  # echo's prompt scoring
-            _score(self.params, jnp.zeros((1, P), jnp.int32), graphdef=self.graphdef)
+            _score(self.params, jnp.zeros((1, P), jnp.int32), jnp.int32(0), graphdef=self.graphdef)
         for rows in self.row_buckets:
             tokens = self._run_step(rows)[0]
         self._move(0, 0)
@@ -560,7 +602,7 @@ class Engine:
         request.context = request.prompt + request.output
         bs = self.block_size
         if not request.digests:
-            request.digests = block_digests(request.context, bs)
+            request.digests = block_digests(request.context, bs, request.salt)
         cached = self.blocks.lookup(request.digests, (len(request.context) - 1) // bs)
         need = -(-(len(request.context) + 1) // bs) - len(cached)
         if self.blocks.available - need < reserve and self._running_any():
@@ -671,6 +713,7 @@ class Engine:
             "fresh": np.ones(n, bool),
             "final": np.zeros(n, bool),
             "steps": np.zeros(n, np.int32),
+            "adapters": np.zeros(n, np.int32),
         }
         mask = None
         for i, (request, piece, slot) in enumerate(zip(requests, pieces, slot_ids, strict=True)):
@@ -682,6 +725,7 @@ class Engine:
             chunk["fresh"][i] = not request.output
             chunk["final"][i] = start + piece == len(request.context)
             chunk["steps"][i] = len(request.output)
+            chunk["adapters"][i] = request.adapter
             if request.grammar is not None:
                 if mask is None:
                     mask = np.full((n, self.masks.shape[1]), -1, np.int32)

@@ -29,7 +29,6 @@ import socket
 import threading
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 
@@ -76,7 +75,7 @@ class _LocalServer:
     def measure(self, clients, load: tuple) -> dict:
         """Run `load` in the client process; its figures, with the server's cores busy."""
         cpu, start = os.times(), time.perf_counter()
-        figures = clients.apply(_run_load, load)
+        figures = clients.apply(run_load, load)
         wall, after = time.perf_counter() - start, os.times()
         busy = (after.user - cpu.user) + (after.system - cpu.system)
         return {**figures, "cores_busy": busy / wall}
@@ -85,66 +84,6 @@ class _LocalServer:
         self.server.should_exit = True
         self.thread.join(30)
         self.engine.stop(drain=False, timeout=30)
-
-
-class _TransformersServer:
-    """`transformers serve --continuous-batching` on the same weights (saved in transformers'
-    layout), in its own process: the peer a user would run instead."""
-
-    def __init__(self, cfg: Config, workdir: str):
-        import subprocess
-        import sys
-        import urllib.request
-
-        from pipeline.interop.hf import save_hf
-        from pipeline.model import create_model
-        from pipeline.tokenizer import byte_tokenizer
-
-        path = Path(workdir) / "hf"
-        self.model = str(save_hf(cfg.model, create_model(cfg.model), byte_tokenizer(), path))
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        command = [str(Path(sys.executable).with_name("transformers")), "serve"]
-        command += ["--continuous-batching", "--device", "cpu", "--host", "127.0.0.1"]
-        command += ["--port", str(self.port), self.model]
-        start = time.perf_counter()
-        self.log = open(Path(workdir) / "transformers-serve.log", "w")  # noqa: SIM115
-        self.proc = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT)
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"transformers serve exited; see {self.log.name}")
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2)
-                break
-            except OSError:
-                if time.perf_counter() - start > 300:
-                    raise RuntimeError("transformers serve did not start in 300 s") from None
-                time.sleep(0.5)
-        self.compile_s = time.perf_counter() - start
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1/completions"
-
-    def _cpu(self) -> float:
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def measure(self, clients, load: tuple) -> dict:
-        """Run `load` (url, concurrency, prompts, max_tokens, extra) against this server."""
-        cpu, start = self._cpu(), time.perf_counter()
-        figures = clients.apply(_run_load, (*load, None, self.model))
-        wall = time.perf_counter() - start
-        return {**figures, "cores_busy": (self._cpu() - cpu) / wall}
-
-    def close(self):
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except Exception:
-            self.proc.kill()
-        self.log.close()
 
 
 async def _stream(http, url, body) -> tuple[float, float, int, list[float]]:
@@ -222,14 +161,14 @@ async def _load(
     }
 
 
-def _run_load(*args) -> dict:
+def run_load(*args) -> dict:
     return asyncio.run(_load(*args))
 
 
 LETTERS = np.array(list("abcdefghijklmnopqrstuvwxyz "))
 
 
-def _prompts(rng, n: int, length: int) -> list[str]:
+def random_prompts(rng, n: int, length: int) -> list[str]:
     """`n` random texts of `length` characters (one token each for the byte tokenizer)."""
     return ["".join(rng.choice(LETTERS, length)) for _ in range(n)]
 
@@ -242,16 +181,14 @@ def bench_serve(
     max_tokens: int = 64,
     baseline_concurrency: int = 8,
     request: dict | None = None,
-    peer: str | None = None,
 ):
-    """Yield one result per concurrency level, then the one-slot baseline's, then (with `peer`
-    "transformers") the peer's at the same levels with our ratio to it, then one per named case
-    in `levels`. `request`: more fields for every request (e.g. {"logprobs": 5})."""
+    """Yield one result per concurrency level, then the one-slot baseline's, then one per named
+    case in `levels`. `request`: more fields for every request (e.g. {"logprobs": 5})."""
     extra = dict(request or {})
     named = [c for c in levels if c in NAMED_CASES]
     levels = [int(c) for c in levels if c not in NAMED_CASES]
     clients = multiprocessing.get_context("spawn").Pool(1)
-    runs, ours = [("batched", cfg.serve, levels)], {}
+    runs = [("batched", cfg.serve, levels)]
     if baseline_concurrency and levels:
         runs.append(("one-at-a-time", replace(cfg.serve, slots=1), (baseline_concurrency,)))
     try:
@@ -261,17 +198,15 @@ def bench_serve(
             server = _LocalServer(cfg, serve)
             try:
                 clients.apply(
-                    _run_load, (server.url, 1, _prompts(np.random.default_rng(9), 2, 4), 4, extra)
+                    run_load,
+                    (server.url, 1, random_prompts(np.random.default_rng(9), 2, 4), 4, extra),
                 )
                 for c in concurrencies:
-                    prompts = _prompts(np.random.default_rng(c), max(8, 4 * c), prompt_len)
+                    prompts = random_prompts(np.random.default_rng(c), max(8, 4 * c), prompt_len)
                     figures = server.measure(clients, (server.url, c, prompts, max_tokens, extra))
-                    ours.setdefault(c, figures)
                     yield _row(server, f"serve/{case}/{label}/c{c}", c, serve, figures, extra)
             finally:
                 server.close()
-        if peer == "transformers" and levels:
-            yield from _peer(cfg, case, clients, levels, prompt_len, max_tokens, extra, ours)
         for name in named:
             yield from CASES[name](cfg, case, clients, extra)
     finally:
@@ -302,38 +237,6 @@ def _row(server, name, concurrency, serve, figures, extra, **more) -> dict:
     }
 
 
-def _peer(cfg, case, clients, levels, prompt_len, max_tokens, extra, ours):
-    """transformers serve --continuous-batching at the same levels, on the same prompts."""
-    import tempfile
-
-    import jax
-
-    with tempfile.TemporaryDirectory() as workdir:
-        server = _TransformersServer(cfg, workdir)
-        try:
-            clients.apply(_run_load, (server.url, 1, ["warm up"], 4, extra, None, server.model))
-            for c in levels:
-                prompts = _prompts(np.random.default_rng(c), max(8, 4 * c), prompt_len)
-                figures = server.measure(clients, (server.url, c, prompts, max_tokens, extra))
-                yield {
-                    "case": f"serve/{case}/transformers/c{c}",
-                    "concurrency": c,
-                    "slots": 0,
-                    "prompt_len": prompt_len,
-                    "max_tokens": max_tokens,
-                    "request": extra,
-                    **figures,
-                    "ours_tokens_per_sec_ratio": ours[c]["tokens_per_sec"]
-                    / figures["tokens_per_sec"],
-                    "ours_ttft_p50_ratio": ours[c]["ttft_p50_ms"] / figures["ttft_p50_ms"],
-                    "compile_s": server.compile_s,
-                    "device": jax.devices()[0].device_kind,
-                    "allocator": "glibc (torch)",
-                }
-        finally:
-            server.close()
-
-
 def _long_context(cfg: Config, length: int) -> Config:
     from pipeline.config import with_overrides
 
@@ -347,14 +250,14 @@ def _prefix_case(cfg, case, clients, extra):
     prefix caching."""
     cfg = _long_context(cfg, 1024)
     rng = np.random.default_rng(0)
-    system = _prompts(rng, 1, 512)[0]
-    prompts = [system + turn for turn in _prompts(rng, 32, 32)]
+    system = random_prompts(rng, 1, 512)[0]
+    prompts = [system + turn for turn in random_prompts(rng, 32, 32)]
     rows = {}
     for caching in (True, False):
         serve = replace(cfg.serve, prefix_caching=caching)
         server = _LocalServer(cfg, serve)
         try:
-            clients.apply(_run_load, (server.url, 1, _prompts(rng, 2, 4), 4, extra))
+            clients.apply(run_load, (server.url, 1, random_prompts(rng, 2, 4), 4, extra))
             figures = server.measure(clients, (server.url, 8, prompts, 16, extra))
             name = f"serve/{case}/prefix/{'cached' if caching else 'uncached'}/c8"
             rows[caching] = _row(
@@ -372,9 +275,9 @@ def _long_case(cfg, case, clients, extra):
     rng = np.random.default_rng(0)
     server = _LocalServer(cfg, cfg.serve)
     try:
-        clients.apply(_run_load, (server.url, 1, _prompts(rng, 2, 4), 4, extra))
-        long_prompt = _prompts(rng, 1, 2048)[0]
-        load = (server.url, 16, _prompts(rng, 16, 32), 160, extra, (0.5, long_prompt, 8))
+        clients.apply(run_load, (server.url, 1, random_prompts(rng, 2, 4), 4, extra))
+        long_prompt = random_prompts(rng, 1, 2048)[0]
+        load = (server.url, 16, random_prompts(rng, 16, 32), 160, extra, (0.5, long_prompt, 8))
         figures = server.measure(clients, load)
         name = f"serve/{case}/long-prompt/c16"
         yield _row(server, name, 16, cfg.serve, figures, extra, max_tokens=160, long_prompt=2048)
@@ -388,13 +291,13 @@ def _mixed_case(cfg, case, clients, extra):
     rng = np.random.default_rng(0)
     context = cfg.model.max_seq_len
     lengths = rng.integers(8, context // 2, 64)
-    prompts = [_prompts(rng, 1, int(n))[0] for n in lengths]
+    prompts = [random_prompts(rng, 1, int(n))[0] for n in lengths]
     budgets = [int(rng.integers(8, context - n)) for n in lengths]
     width = -(-context // cfg.serve.block_size)
     serve = replace(cfg.serve, slots=64, kv_blocks=16 * width)
     server = _LocalServer(cfg, serve)
     try:
-        clients.apply(_run_load, (server.url, 1, _prompts(rng, 2, 4), 4, extra))
+        clients.apply(run_load, (server.url, 1, random_prompts(rng, 2, 4), 4, extra))
         figures = server.measure(clients, (server.url, 64, prompts, budgets, extra))
         name = f"serve/{case}/mixed/c64"
         yield _row(

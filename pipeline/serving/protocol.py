@@ -387,3 +387,19 @@ async def sse_whole(choices: list[dict], meta: dict, include_usage: bool, usage:
     if include_usage:
         yield f"data: {json.dumps({**base, 'choices': [], 'usage': usage})}\n\n"
     yield "data: [DONE]\n\n"
+
+
+class LoadAdapterRequest(BaseModel):
+    """`POST /v1/load_lora_adapter` (vLLM's admin route)."""
+
+    model_config = ConfigDict(extra="forbid")
+    lora_name: str = Field(min_length=1)
+    lora_path: str = Field(min_length=1)
+
+
+class UnloadAdapterRequest(BaseModel):
+    """`POST /v1/unload_lora_adapter`."""
+
+    model_config = ConfigDict(extra="forbid")
+    lora_name: str = Field(min_length=1)
+    lora_int_id: int | None = None  # vLLM's clients may send it; names are what we key on

@@ -29,6 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipeline.config import ServeConfig
 from pipeline.inference.sampling import Sampling
+from pipeline.serving.adapters import Adapters
 from pipeline.serving.controls import Controls
 from pipeline.serving.engine import Engine, QueueFullError
 from pipeline.serving.engine import Request as EngineRequest
@@ -36,7 +37,9 @@ from pipeline.serving.protocol import (
     APIError,
     ChatRequest,
     CompletionRequest,
+    LoadAdapterRequest,
     SamplingRequest,
+    UnloadAdapterRequest,
     chat_logprobs,
     choice_body,
     completion_body,
@@ -149,9 +152,16 @@ class TextStream:
         return out
 
 
-def create_app(engine: Engine, tokenizer, model_name: str, cfg: ServeConfig | None = None):
-    """The ASGI app. The engine must be started (and warmed up) by the caller."""
-    routes = Routes(engine, tokenizer, model_name, cfg or ServeConfig())
+def create_app(
+    engine: Engine,
+    tokenizer,
+    model_name: str,
+    cfg: ServeConfig | None = None,
+    adapters: Adapters | None = None,
+):
+    """The ASGI app. The engine must be started (and warmed up) by the caller; `adapters`: the
+    LoRA adapters it serves beside its base (the request's `model` picks one)."""
+    routes = Routes(engine, tokenizer, model_name, cfg or ServeConfig(), adapters)
     app = FastAPI(title="pipeline", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.metrics, app.state.routes = routes.metrics, routes
     app.add_exception_handler(APIError, _api_error)
@@ -164,6 +174,8 @@ def create_app(engine: Engine, tokenizer, model_name: str, cfg: ServeConfig | No
     app.get("/v1/models")(routes.models)
     app.post("/v1/completions")(routes.completions)
     app.post("/v1/chat/completions")(routes.chat_completions)
+    app.post("/v1/load_lora_adapter")(routes.load_adapter)
+    app.post("/v1/unload_lora_adapter")(routes.unload_adapter)
     return app
 
 
@@ -193,8 +205,9 @@ async def _unexpected(request, err: Exception):
 class Routes:
     """One method per route, over one engine and tokenizer."""
 
-    def __init__(self, engine: Engine, tokenizer, model_name: str, cfg: ServeConfig):
+    def __init__(self, engine: Engine, tokenizer, model_name: str, cfg: ServeConfig, adapters):
         self.engine, self.tokenizer, self.model_name, self.cfg = engine, tokenizer, model_name, cfg
+        self.adapters = adapters
         self.metrics = Metrics(engine)
         engine.observe = self.metrics.observe
         self.max_tokens = min(cfg.max_tokens or engine.max_len, engine.max_len)
@@ -228,7 +241,49 @@ class Routes:
 
     async def models(self):
         card = {"id": self.model_name, "object": "model", "created": 0, "owned_by": "pipeline"}
-        return {"object": "list", "data": [card]}
+        cards = [{**card, "root": self.model_name, "parent": None}]
+        for name, run in sorted((self.adapters.runs if self.adapters else {}).items()):
+            cards.append({**card, "id": name, "root": run, "parent": self.model_name})
+        return {"object": "list", "data": cards}
+
+    async def load_adapter(self, body: LoadAdapterRequest):
+        """vLLM's admin route: load LoRA run `lora_path` as model `lora_name`."""
+        if self.adapters is None:
+            raise APIError(
+                400, "this server takes no adapters (serve --adapter, serve.max_adapters)"
+            )
+        if body.lora_name == self.model_name:
+            raise APIError(400, f"{body.lora_name!r} is the base model's name", "lora_name")
+        try:
+            await asyncio.to_thread(self.adapters.load, body.lora_name, body.lora_path)
+        except ValueError as err:
+            raise APIError(400, str(err), "lora_path") from None
+        self.engine.params = self.adapters.params()
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+    async def unload_adapter(self, body: UnloadAdapterRequest):
+        """vLLM's admin route: unload adapter `lora_name` (409 while requests use it)."""
+        index = (self.adapters.index if self.adapters else {}).get(body.lora_name)
+        if index is None:
+            message = f"no adapter named {body.lora_name!r} is loaded"
+            raise APIError(404, message, "lora_name", "model_not_found")
+        if self.engine.uses(index):
+            raise APIError(
+                409, f"adapter {body.lora_name!r} is in use; retry when its requests end"
+            )
+        self.adapters.unload(body.lora_name)
+        self.engine.params = self.adapters.params()
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
+
+    def _adapter(self, model: str) -> tuple[int, str]:
+        """The adapter index (0: the base) and prefix-cache salt of the request's `model`."""
+        if model == self.model_name:
+            return 0, ""
+        if self.adapters is not None and model in self.adapters.index:
+            return self.adapters.index[model], self.adapters.salts[model]
+        names = [self.model_name, *sorted(self.adapters.index if self.adapters else ())]
+        message = f"model {model!r} does not exist; this server has {', '.join(map(repr, names))}"
+        raise APIError(404, message, "model", "model_not_found")
 
     async def completions(self, body: CompletionRequest):
         if isinstance(body.prompt, str):
@@ -265,9 +320,7 @@ class Routes:
         and generates nothing)."""
         if not self.accepting:
             raise APIError(503, "the server is shutting down")
-        if body.model != self.model_name:
-            message = f"model {body.model!r} does not exist; this server has {self.model_name!r}"
-            raise APIError(404, message, "model", "model_not_found")
+        self._adapter(body.model)
         asked = getattr(body, "max_completion_tokens", None) or body.max_tokens
         max_tokens = self.cfg.default_max_tokens if asked is None else asked
         echo = getattr(body, "echo", False)
@@ -327,8 +380,11 @@ class Routes:
             logprobs=body.top_logprobs_wanted is not None,
             constrained=grammar is not None,
         )
+        adapter, salt = self._adapter(body.model)
         job = EngineRequest(
             prompt=ids,
+            adapter=adapter,
+            salt=salt,
             max_tokens=max_tokens,
             sampling=Sampling(body.temperature, body.top_k, body.top_p, (seed + index) % (1 << 32)),
             stop_ids=stop_ids,
@@ -406,13 +462,14 @@ class Routes:
             for t, lp, top, offset in zip(tokens, logprobs, tops, texts_before, strict=True)
         ]
 
-    async def _prompt_items(self, ids: list[int], scored: bool) -> list[dict]:
+    async def _prompt_items(self, ids: list[int], scored: bool, model: str) -> list[dict]:
         """echo: the prompt's tokens, with their log-probabilities when asked (one forward)."""
         offsets = [len(self.tokenizer.decode(ids[:i])) for i in range(len(ids))]
         if not scored:
             return []
         try:
-            lp, top_ids, top_lp = await asyncio.to_thread(self.engine.score, ids)
+            adapter = self._adapter(model)[0]
+            lp, top_ids, top_lp = await asyncio.to_thread(self.engine.score, ids, adapter)
         except ValueError as err:
             raise APIError(400, str(err), "prompt") from None
         logprobs = [None] + [float(x) for x in lp[1:]]
@@ -442,9 +499,10 @@ class Routes:
         k = body.top_logprobs_wanted
         echo = getattr(body, "echo", False)
         prompt_text = self.tokenizer.decode(ids) if echo else ""
-        prompt_items = await self._prompt_items(ids, echo and k is not None) if echo else []
+        scored = echo and k is not None
+        prompt_items = await self._prompt_items(ids, scored, body.model) if echo else []
         jobs = self._submit_choices(body, ids, chat, max_tokens, grammar)
-        meta = response_meta(chat, self.model_name, int(time.time()))
+        meta = response_meta(chat, body.model, int(time.time()))
         streams = [
             self._pieces(job, queue, TextStream(self.tokenizer, body.stop), k, len(prompt_text))
             for job, queue in jobs
@@ -616,18 +674,31 @@ def engine_args(cfg: ServeConfig) -> dict:
     }
 
 
-def serve(run_dir: str, cfg: ServeConfig) -> None:
-    """Load a run, compile everything, then serve until SIGTERM / SIGINT (which drains)."""
+def serve(run_dir: str, cfg: ServeConfig, adapter_runs: dict[str, str] | None = None) -> None:
+    """Load a run (and the LoRA adapters to serve beside it), compile everything, then serve
+    until SIGTERM / SIGINT (which drains)."""
     import uvicorn
 
+    from pipeline.config import ConfigError
     from pipeline.inference.runs import load_for_inference
 
     loaded = load_for_inference(run_dir, cfg.quantize, cfg.draft)
+    adapters = None
+    capacity = max(cfg.max_adapters, len(adapter_runs or {}))
+    if capacity:
+        if cfg.draft:
+            raise ConfigError("serve: adapters and a draft model (serve.draft) exclude each other")
+        try:
+            adapters = Adapters(loaded.model, capacity, cfg.max_lora_rank)
+            for adapter, run in (adapter_runs or {}).items():
+                adapters.load(adapter, run)
+        except ValueError as err:
+            raise ConfigError(f"--adapter: {err}") from None
     engine = Engine(loaded.model, draft=loaded.draft, draft_k=cfg.draft_k, **engine_args(cfg))
     engine.warmup()
     engine.start()
     name = cfg.model_name or Path(run_dir).resolve().name
-    app = create_app(engine, loaded.tokenizer, name, cfg)
+    app = create_app(engine, loaded.tokenizer, name, cfg, adapters)
     config = uvicorn.Config(
         app,
         host=cfg.host,
