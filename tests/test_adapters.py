@@ -58,7 +58,6 @@ def test_a_mixed_adapter_batch_gives_each_request_its_adapter_alone(runs):
     adapters = Adapters(model, capacity=2, max_rank=8)
     index = {None: 0, **{name: adapters.load(name, run) for name, run in runs.items()}}
     engine = Engine(model, slots=8, block_size=8)
-    engine.warmup()
     engine.start()
     rng = np.random.default_rng(0)
     jobs = []

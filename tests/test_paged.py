@@ -80,7 +80,8 @@ def test_paged_attention_equals_the_contiguous_cache(model):
 
 
 def _run(engine: Engine, prompts, budgets, samplings=None, start=True):
-    """Submit every prompt at once; each request's tokens (and finish reasons)."""
+    """Submit every prompt at once; each request's tokens. (No warmup: the programs the
+    requests need compile on first use.)"""
     samplings = samplings or [Sampling()] * len(prompts)
     out = [[] for _ in prompts]
     done = threading.Semaphore(0)
@@ -126,7 +127,6 @@ def test_32_mixed_requests_with_chunks_and_preemption_equal_generation_alone(mod
     ]
     # 24 blocks of 8: about 4 requests at their longest, for 8 slots
     engine = Engine(model, slots=8, kv_blocks=24, block_size=8, prefill_chunk=16)
-    engine.warmup()
     out = _run(engine, prompts, budgets, samplings)
     engine.stop()
     assert engine.preemptions > 0
@@ -142,7 +142,6 @@ def test_prefix_caching_reuses_blocks_and_changes_no_token(model):
     results = {}
     for caching in (True, False):
         engine = Engine(model, slots=4, block_size=8, prefix_caching=caching)
-        engine.warmup()
         engine.start()
         first = _run(engine, turns[:1], [8], start=False)  # its blocks then serve the rest
         rest = _run(engine, turns[1:], [8] * 3, start=False)
@@ -157,7 +156,6 @@ def test_prefix_caching_reuses_blocks_and_changes_no_token(model):
 
 def test_n_choices_share_the_prompt_blocks_and_sample_their_own(model):
     engine = Engine(model, slots=4, block_size=8)
-    engine.warmup()
     engine.start()
     prompt = list(range(21))
     out, done = [[] for _ in range(4)], threading.Semaphore(0)
@@ -180,7 +178,6 @@ def test_the_memory_of_16_contiguous_slots_holds_64_requests(model):
     """64 concurrent requests of mixed lengths in the blocks that 16 full-length slots used."""
     prompts, budgets = _mixed(64, seed=2, longest=60)
     engine = Engine(model, slots=64, kv_blocks=16 * 128 // 16, block_size=16)
-    engine.warmup()
     peak = []
     engine.observe = lambda name, value: peak.append(engine.busy_slots) if name == "ttft" else None
     out = _run(engine, prompts, budgets)

@@ -379,6 +379,8 @@ class Engine:
         self.steps = 0
         self.preemptions = 0
         self._inflight = None  # a dispatched decode step whose tokens are not delivered yet
+        self._masks_due: list[Request] = []  # grammars that consumed a token: masks to refresh
+        self._mask_executor = None
         self._admitted = itertools.count()
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -698,6 +700,7 @@ class Engine:
             if not request.output:
                 self.observe("prompt_tokens", len(request.prompt))
             self._deliver(slot, int(first[row]), info and tuple(x[row] for x in info))
+        self._fill_due_masks()
 
     def _prefill_call(self, requests: list, pieces: list, P: int, slot_ids: list, rows=None):
         """One `_prefill` call for these requests' next `pieces` tokens (in slots `slot_ids`),
@@ -852,6 +855,18 @@ class Engine:
         if self.dgraph is not None or any(r is not None and r.grammar for r in batch):
             self._flush()
 
+    def _fill_due_masks(self) -> None:
+        """The next masks of the grammars that just consumed a token, in one parallel call
+        (llguidance computes them on its own threads, without the interpreter lock)."""
+        due = [(r.grammar, r.slot) for r in self._masks_due if self._holds(r)]
+        self._masks_due.clear()
+        if due:
+            from llguidance import LLExecutor
+            from llguidance.numpy import fill_next_token_bitmask_par
+
+            self._mask_executor = self._mask_executor or LLExecutor()
+            fill_next_token_bitmask_par(self._mask_executor, due, self.masks)
+
     def _holds(self, request: Request) -> bool:
         return request.slot >= 0 and self.active[request.slot] is request
 
@@ -875,6 +890,7 @@ class Engine:
                     break
                 lp = info and (info[0][row], info[1][row], info[2][row])
                 self._deliver(request.slot, int(token), lp)
+        self._fill_due_masks()
 
     def _compact(self) -> None:
         """Keep the active requests in slots 0..n-1: move the highest into the lowest hole."""
@@ -915,7 +931,7 @@ class Engine:
             if request.grammar.is_stopped():  # the grammar is complete: this token ends it
                 self._finish(slot, token, "end")
                 return
-            _fill_mask(request.grammar, self.masks, slot)
+            self._masks_due.append(request)  # its next mask: all of a step's at once
         if token in request.stop_ids:
             self._finish(slot, token, "stop")
         elif request.generated >= request.max_tokens:
