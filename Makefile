@@ -51,9 +51,13 @@ gpu-wheels:
 	  pipeline-*
 	du -sh $(GPU_WHEELS)
 
-# The whole suite (what CI runs): ~10 minutes on 2 cores.
+# The whole suite (what CI runs), in two processes: the serving tests (many engines, each
+# compiling its programs) apart from the rest, so neither inherits the other's compiled state.
+SERVING_TESTS := tests/test_adapters.py tests/test_eval.py tests/test_paged.py \
+  tests/test_serve.py tests/test_serve_api.py tests/test_serve_process.py tests/test_speculative.py
 test: install
-	$(BIN)/pytest -q --durations=15
+	$(BIN)/pytest -q --durations=15 $(addprefix --ignore=,$(SERVING_TESTS))
+	$(BIN)/pytest -q --durations=15 $(SERVING_TESTS)
 
 # The in-process unit tests, for the inner loop: under 2 minutes on 2 cores.
 test-fast: install
