@@ -10,23 +10,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_serve import CFG  # the serving tests' tiny Llama-style model
 
-from pipeline.config import ModelConfig
 from pipeline.inference.generate import generate
 from pipeline.inference.sampling import Sampling
 from pipeline.model import create_model, init_cache, init_paged_cache
 from pipeline.serving.blocks import BlockPool, OutOfBlocksError, block_digests
 from pipeline.serving.engine import Engine, Request
-
-CFG = ModelConfig(
-    family="llama",
-    vocab_size=320,
-    num_layers=2,
-    embed_dim=32,
-    num_heads=4,
-    num_kv_heads=2,
-    max_seq_len=128,
-)
 
 
 @pytest.fixture(scope="module")

@@ -63,10 +63,6 @@ def set_rows(model, rows: jax.Array | None) -> None:
             module.rows = rows
 
 
-def has_adapters(model) -> bool:
-    return any(isinstance(m, MultiLoRALinear) for _, m in nnx.iter_graph(model))
-
-
 class Adapters:
     """The adapters a server holds: names, their stack indices and their files."""
 

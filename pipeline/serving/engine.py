@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -52,7 +53,7 @@ from pipeline.inference.sampling import (
 )
 from pipeline.inference.speculative import speculate
 from pipeline.model import init_paged_cache
-from pipeline.serving.adapters import has_adapters, set_rows
+from pipeline.serving.adapters import set_rows
 from pipeline.serving.blocks import BlockPool, OutOfBlocksError, block_digests
 from pipeline.serving.controls import (
     MAX_TOP_LOGPROBS,
@@ -130,8 +131,6 @@ def kv_budget(gigabytes: float | None) -> float:
     stats = jax.devices()[0].memory_stats() or {}
     if "bytes_limit" in stats:
         return 0.7 * (stats["bytes_limit"] - stats.get("bytes_in_use", 0))
-    import os
-
     return 0.25 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
@@ -363,16 +362,9 @@ class Engine:
         self.width = -(-(self.max_len + self.lookahead) // block_size)  # table entries per slot
         self._init_pools(cfg, draft, kv_blocks, kv_memory_gb, prefix_caching)
         self.slots = _slot_state(slots)
-        self.lora = has_adapters(model)
         self.ctl = init_controls(slots, cfg.vocab_size)
         self.vocab_size = cfg.vocab_size
-        # each slot's allowed next tokens (bitmasks, all ones: every token), refreshed from its
-        # grammar after each of its tokens; sent to the device only while a grammar is active
-        self.masks = np.full((slots, mask_words(cfg.vocab_size)), -1, np.int32)
-        self._allow_all = {
-            rows: jnp.full((rows, self.masks.shape[1]), -1, jnp.int32)
-            for rows in sorted({*self.row_buckets, *self.admit_sizes})
-        }
+        self._init_masks()
         self.active: list[Request | None] = [None] * slots
         self.waiting: deque[Request] = deque()
         self.observe = observe or (lambda name, value: None)
@@ -386,6 +378,16 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._running = False
         self.compile_seconds = 0.0
+
+    def _init_masks(self) -> None:
+        """Each slot's allowed next tokens (bitmasks, all ones: every token), refreshed from its
+        grammar after each of its tokens and sent to the device only while a grammar is active;
+        and the all-ones masks of every row count, for the steps without one."""
+        self.masks = np.full((self.num_slots, mask_words(self.vocab_size)), -1, np.int32)
+        self._allow_all = {
+            rows: jnp.full((rows, self.masks.shape[1]), -1, jnp.int32)
+            for rows in sorted({*self.row_buckets, *self.admit_sizes})
+        }
 
     def _init_pools(self, cfg, draft, kv_blocks, kv_memory_gb, prefix_caching) -> None:
         """The KV pools (the model's, the draft's), their bookkeeping and the block tables."""
