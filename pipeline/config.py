@@ -257,6 +257,9 @@ class ServeConfig:
     block_size: int = 16
     prefix_caching: bool = True  # share the full blocks of prompts that start the same way
     prefill_chunk: int = 256  # prompt tokens per prefill call: longer prompts go in chunks
+    # a prompt's tokens per prefill call while other requests decode (each call delays their
+    # next token); None: 32 on CPU, prefill_chunk on accelerators
+    decode_prefill_chunk: int | None = None
     # LoRA adapters served beside the base (serve --adapter NAME=RUN; more can be loaded at run
     # time through /v1/load_lora_adapter): room for max_adapters of rank <= max_lora_rank
     max_adapters: int = 0
@@ -589,6 +592,11 @@ def _run_rules(cfg: Config) -> list[tuple[str, bool, str]]:
             )
         ),
         ("serve.kv_blocks", (cfg.serve.kv_blocks or 1) >= 1, "must be at least 1"),
+        (
+            "serve.decode_prefill_chunk",
+            (cfg.serve.decode_prefill_chunk or 1) >= 1,
+            "must be at least 1",
+        ),
         ("serve.max_adapters", cfg.serve.max_adapters >= 0, "must be >= 0"),
         ("serve.max_lora_rank", cfg.serve.max_lora_rank >= 1, "must be at least 1"),
         ("serve.kv_memory_gb", (cfg.serve.kv_memory_gb or 1) > 0, "must be positive"),

@@ -125,6 +125,26 @@ def test_32_mixed_requests_with_chunks_and_preemption_equal_generation_alone(mod
     assert engine.blocks.used == 0 and engine.busy_slots == 0
 
 
+def test_a_long_request_decodes_in_a_step_of_its_own_and_changes_no_token(model):
+    """Short requests decoding beside a long one: their step does not read the long one's
+    blocks (the long one runs in a second step), and every request gets its tokens alone."""
+    rng = np.random.default_rng(4)
+    prompts = [rng.integers(0, CFG.vocab_size, n).tolist() for n in (3, 110, 5, 7, 4)]
+    engine = Engine(model, slots=8, block_size=8)
+    engine.call_blocks = 4  # a second call is cheap next to 14 blocks per short row
+    groups = []
+    plan = engine._groups
+    engine._groups = lambda ready: groups.append(plan(ready)) or groups[-1]
+    out = _run(engine, prompts, [12] * 5)
+    engine.stop()
+    splits = [step for step in groups if len(step) == 2]
+    assert splits and all(len(step[1]) == 1 for step in splits), groups  # the long one alone
+    assert max(len(step[0]) for step in splits) == 4  # the four short ones together
+    for got, p in zip(out, prompts, strict=True):
+        assert got == _alone(model, p, 12)
+    assert engine.blocks.used == 0
+
+
 def test_prefix_caching_reuses_blocks_and_changes_no_token(model):
     rng = np.random.default_rng(1)
     system = rng.integers(0, CFG.vocab_size, 40).tolist()

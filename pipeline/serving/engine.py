@@ -7,11 +7,13 @@ prompt's full blocks can be shared with later requests that start the same way (
 caching). Each engine iteration runs, in jitted calls:
 
 - one prefill call: chunks of the prompts being prefilled (at most `prefill_chunk` tokens per
-  prompt and per call, several short prompts together), written into their blocks; a prompt's
-  last chunk samples its first token. A long prompt is spread over iterations, so the requests
-  already decoding keep streaming while it is read (chunked prefill);
+  call; a prompt's chunk at most `decode_prefill_chunk` while other requests decode; several
+  short prompts together), written into their blocks; a prompt's last chunk samples its first
+  token. A long prompt is spread over iterations, so the requests already decoding keep
+  streaming while it is read (chunked prefill);
 - one decode step: one token for every decoding slot (per-slot positions, sampling values,
-  controls and step counters live on the device); with a draft model, a round of speculative
+  controls and step counters live on the device), or two when a few long requests would make
+  every row of one step read their blocks; with a draft model, a round of speculative
   decoding instead.
 
 A request that needs a block when none is free preempts the most recently admitted request,
@@ -255,27 +257,28 @@ def _speculative_step(
     return emitted, n + 1, _live_update(slots, part, live, rows), _pool(cache), _pool(dcache)
 
 
-@partial(jax.jit, static_argnames=("graphdef", "rows"), donate_argnames=("slots", "ctl", "pool"))
-def _step(params, slots, ctl, pool, tables, live, mask, *, graphdef, rows: int):
-    """Feed the last token of slots 0..rows-1, sample their next tokens: tokens (rows,) and
-    their log-probabilities (zeros unless a slot asked for them). Rows not `live` (free, or
-    still prefilling) have "none" tables, so they write nothing, and keep their state.
-
-    Running requests are kept in the lowest slots, so a step costs what its `rows` (the number
-    of running slots rounded up to a power of two) cost, not what every slot would.
-    """
+@partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("slots", "ctl", "pool"))
+def _step(params, slots, ctl, pool, tables, ids, live, mask, *, graphdef):
+    """Feed the last token of slots `ids` (rows,), sample their next tokens: tokens (rows,) and
+    their log-probabilities (zeros unless a slot asked for them). Rows not `live` (padding, or
+    a slot still prefilling) have "none" tables, so they write nothing, and keep their state;
+    their position counts as 0, so the attention reads as many block columns as the furthest
+    live row needs, no more."""
     model = nnx.merge(graphdef, params)
-    part = jax.tree.map(lambda x: x[:rows], slots)
+    n = slots["token"].shape[0]
+    rows = jnp.where(live, ids, n)  # where the results go (n: dropped)
+    part = jax.tree.map(lambda x: x[jnp.minimum(ids, n - 1)], slots)
     set_rows(model, part["adapter"])
-    logits, cache = decode_step(model, part["token"], part["position"], _paged(pool, tables))
+    positions = jnp.where(live, part["position"], 0)
+    logits, cache = decode_step(model, part["token"], positions, _paged(pool, tables))
     keys = request_keys(part["seed"], part["step"])
-    view = {k: v[:rows] for k, v in ctl.items()}
+    view = {k: v[jnp.minimum(ids, n - 1)] for k, v in ctl.items()}
     shaped = adjust(logits, view, part["step"], mask)  # step: tokens generated so far
     tokens = sample(shaped, keys, part["temperature"], part["top_k"], part["top_p"])
     info = logprobs(logits, tokens, view["logprobs"])
-    ctl = record(ctl, tokens, jnp.where(live, jnp.arange(rows), slots["token"].shape[0]))
+    ctl = record(ctl, tokens, rows)
     part = {**part, "token": tokens, "position": part["position"] + 1, "step": part["step"] + 1}
-    return tokens, info, _live_update(slots, part, live, rows), ctl, _pool(cache)
+    return tokens, info, _update(slots, part, rows), ctl, _pool(cache)
 
 
 @partial(jax.jit, static_argnames=("graphdef",))
@@ -337,6 +340,7 @@ class Engine:
         block_size: int = 16,
         prefill_chunk: int = 256,
         prefix_caching: bool = True,
+        decode_prefill_chunk: int | None = None,
     ):
         """`observe(name, value)` receives, from the engine thread, "prompt_tokens" (per
         admitted request), "ttft" and "itl" (seconds: to a request's first token, between its
@@ -344,14 +348,15 @@ class Engine:
         decoding: up to `draft_k` + 1 tokens per slot, the target's distribution unchanged.
         `kv_blocks` blocks of `block_size` positions hold every request's keys and values
         (None: as many as `kv_memory_gb` holds, see `kv_budget`, and no more than every slot
-        at full length needs)."""
+        at full length needs). A prefill call takes at most `prefill_chunk` prompt tokens, and
+        of one prompt at most `decode_prefill_chunk` while other requests are decoding (None:
+        32 on CPU, `prefill_chunk` on accelerators)."""
         cfg = model.cfg
         self.max_len = min(max_len or cfg.max_seq_len, cfg.max_seq_len)
         self.num_slots = slots
         self.max_queue = max_queue
         self.block_size = block_size
-        self.chunk = max(b for b in buckets(self.max_len) if b <= max(prefill_chunk, 16))
-        self.buckets = buckets(self.chunk)
+        self._init_chunks(prefill_chunk, decode_prefill_chunk)
         self.row_buckets = buckets(slots, smallest=1)
         # Prompts prefilled together share one call (padded to one of these sizes).
         self.admit_sizes = sorted({1, min(4, slots), min(16, slots)})
@@ -361,6 +366,9 @@ class Engine:
         self.lookahead = draft_k + 1 if draft is not None else 0
         self.width = -(-(self.max_len + self.lookahead) // block_size)  # table entries per slot
         self._init_pools(cfg, draft, kv_blocks, kv_memory_gb, prefix_caching)
+        # a decode call reads the weights once: as many bytes as this many KV blocks
+        weights = sum(x.nbytes for x in jax.tree.leaves(self.params))
+        self.call_blocks = weights // block_bytes(cfg, block_size)
         self.slots = _slot_state(slots)
         self.ctl = init_controls(slots, cfg.vocab_size)
         self.vocab_size = cfg.vocab_size
@@ -370,7 +378,7 @@ class Engine:
         self.observe = observe or (lambda name, value: None)
         self.steps = 0
         self.preemptions = 0
-        self._inflight = None  # a dispatched decode step whose tokens are not delivered yet
+        self._inflight = None  # dispatched decode steps whose tokens are not delivered yet
         self._masks_due: list[Request] = []  # grammars that consumed a token: masks to refresh
         self._mask_executor = None
         self._admitted = itertools.count()
@@ -378,6 +386,16 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._running = False
         self.compile_seconds = 0.0
+
+    def _init_chunks(self, prefill_chunk: int, decode_prefill_chunk: int | None) -> None:
+        """The prefill chunk sizes: at most `prefill_chunk`, and while requests decode at most
+        `decode_prefill_chunk` of one prompt, as each prefill call delays their next token (on
+        CPU a 64-token chunk at a 2,048-token context costs three decode steps of 16 rows)."""
+        self.chunk = max(b for b in buckets(self.max_len) if b <= max(prefill_chunk, 16))
+        if decode_prefill_chunk is None:
+            decode_prefill_chunk = 32 if jax.default_backend() == "cpu" else self.chunk
+        self.buckets = buckets(self.chunk)
+        self.decode_chunk = max(b for b in self.buckets if b <= max(decode_prefill_chunk, 16))
 
     def _init_masks(self) -> None:
         """Each slot's allowed next tokens (bitmasks, all ones: every token), refreshed from its
@@ -495,7 +513,7 @@ class Engine:
         for P in buckets(self.max_len):  # echo's prompt scoring
             _score(self.params, jnp.zeros((1, P), jnp.int32), jnp.int32(0), graphdef=self.graphdef)
         for rows in self.row_buckets:
-            tokens = self._run_step(rows)[0]
+            tokens = self._run_step(np.arange(rows, dtype=np.int32), np.zeros(rows, bool))[0]
         self._move(0, 0)
         self.slots, self.ctl = _fork(self.slots, self.ctl, *(jnp.int32(0),) * 4, jnp.uint32(0))
         self._copy(self.none, self.none)
@@ -673,14 +691,19 @@ class Engine:
     # prefill ------------------------------------------------------------------------------
 
     def _prefill_round(self) -> None:
-        """One prefill call: the next chunk of the earliest admitted prompt, with as many other
-        prompts' chunks of the same length or shorter as fit in `prefill_chunk` tokens."""
+        """One prefill call: the next chunk of the earliest admitted prompt (at most
+        `prefill_chunk` tokens, `decode_prefill_chunk` while requests are decoding: a long
+        prompt's chunk reads its whole context so far, and delays their next token), with as
+        many other prompts' chunks of the same length or shorter as fit in `prefill_chunk`
+        tokens."""
         waiting = sorted(
             (i for i, r in enumerate(self.active) if r is not None and r.prefilling),
             key=lambda i: self.active[i].order,
         )
+        decoding = any(r is not None and not r.prefilling for r in self.active)
+        limit = self.decode_chunk if decoding else self.chunk
         left = lambda i: len(self.active[i].context) - self.active[i].computed  # noqa: E731
-        P = bucket(min(left(waiting[0]), self.chunk), self.chunk)
+        P = bucket(min(left(waiting[0]), limit), limit)
         picked = []
         for slot in waiting:
             n = next((s for s in self.admit_sizes if s > len(picked)), None)
@@ -786,26 +809,28 @@ class Engine:
         with self._lock:
             self.waiting.appendleft(request)
 
-    def _run_step(self, rows: int, live=None):
-        """One jitted step for slots 0..rows-1 (those `live`: by default every decoding one):
-        (tokens (rows, m), how many of them (rows,), their log-probabilities or None)."""
-        if live is None:
-            live = np.asarray([r is not None and not r.prefilling for r in self.active[:rows]])
-            live = np.pad(live, (0, rows - len(live)))
-        tables = np.where(live[:, None], self.tables[:rows], self.none)
+    def _run_step(self, ids: np.ndarray, live: np.ndarray):
+        """One jitted step for slots `ids` (padded with the id past the last slot; only those
+        `live` advance): (tokens (rows, m), how many of them (rows,), their log-probabilities
+        or None). A draft round runs slots 0..rows-1 (ids = arange(rows))."""
+        rows = len(ids)
+        safe = np.minimum(ids, self.num_slots - 1)  # (padding rows read the last slot)
+        tables = np.where(live[:, None], self.tables[safe], self.none)
         if self.dgraph is None:
-            constrained = any(r is not None and r.grammar is not None for r in self.active[:rows])
-            mask = jnp.asarray(self.masks[:rows]) if constrained else self._allow_all[rows]
+            constrained = any(
+                self.active[i] is not None and self.active[i].grammar is not None for i in ids[live]
+            )
+            mask = self.masks[safe]
             tokens, info, self.slots, self.ctl, self.pool = _step(
                 self.params,
                 self.slots,
                 self.ctl,
                 self.pool,
                 jnp.asarray(tables),
+                jnp.asarray(ids, jnp.int32),
                 jnp.asarray(live),
-                mask,
+                jnp.asarray(mask) if constrained else self._allow_all[rows],
                 graphdef=self.graphdef,
-                rows=rows,
             )
             return tokens[:, None], jnp.ones_like(tokens), info
         tokens, produced, self.slots, self.pool, self.dpool = _speculative_step(
@@ -824,9 +849,10 @@ class Engine:
         return tokens, produced, None
 
     def _decode(self) -> None:
-        """Dispatch one decode step, then deliver the previous step's tokens while it runs.
+        """Dispatch this iteration's decode steps, then deliver the previous iteration's tokens
+        while they run.
 
-        The step reads each slot's last token from the device, so step t + 1 need not wait for
+        A step reads each slot's last token from the device, so step t + 1 need not wait for
         the host to see step t's: the host's work (delivering, detokenising, streaming) overlaps
         the device's. A request that needs its tokens first (a grammar's next mask, a draft
         round's count) makes the engine deliver at once. A request ended by step t wastes its
@@ -835,27 +861,53 @@ class Engine:
         """
         self._grow()
         self._compact()
-        n = sum(r is not None for r in self.active)  # compact: slots 0..n-1
-        rows = next(b for b in self.row_buckets if b >= n)
-        batch = [
-            r if r is not None and not r.prefilling and r.scheduled < r.max_tokens else None
-            for r in self.active[:rows]
+        ready = [
+            i
+            for i, r in enumerate(self.active)
+            if r is not None and not r.prefilling and r.scheduled < r.max_tokens
         ]
-        batch += [None] * (rows - len(batch))
-        if not any(batch):
+        if not ready:
             self._flush()
             return
-        tokens, produced, info = self._run_step(rows, np.asarray([r is not None for r in batch]))
+        dispatched = []
+        for group in self._groups(ready):
+            rows = next(b for b in self.row_buckets if b >= len(group))
+            ids = np.full(rows, self.num_slots, np.int32)
+            ids[: len(group)] = group
+            if self.dgraph is not None:  # a draft round runs slots 0..rows-1
+                rows = next(b for b in self.row_buckets if b > group[-1])
+                ids = np.arange(rows, dtype=np.int32)
+            batch = [self.active[i] if i in group else None for i in ids.tolist()]
+            tokens, produced, info = self._run_step(ids, np.asarray([r is not None for r in batch]))
+            dispatched.append((tokens, produced, info, batch))
+            for request in filter(None, batch):
+                request.scheduled += 1
+                if self.dgraph is None:
+                    request.position += 1  # (a draft round's advance is known once delivered)
         self.steps += 1
-        for request in filter(None, batch):
-            request.scheduled += 1
-            if self.dgraph is None:
-                request.position += 1  # (a draft round's advance is known once delivered)
-        previous, self._inflight = self._inflight, (tokens, produced, info, batch)
-        if previous is not None:
-            self._deliver_step(previous)
-        if self.dgraph is not None or any(r is not None and r.grammar for r in batch):
+        previous, self._inflight = self._inflight, dispatched
+        for step in previous or ():
+            self._deliver_step(step)
+        if self.dgraph is not None or any(self.active[i].grammar for i in ready if self.active[i]):
             self._flush()
+
+    def _groups(self, ready: list[int]) -> list[list[int]]:
+        """The decoding slots in one step, or two when that reads fewer bytes: a step's
+        attention reads, for each of its rows, as many KV blocks as its longest row holds, so
+        the few long requests among many short ones go in a step of their own once the blocks
+        that spares outweigh a second read of the weights."""
+        if self.dgraph is not None or len(ready) < 2:
+            return [ready]
+        bs = self.block_size
+        ready = sorted(ready, key=lambda i: self.active[i].position)
+        columns = [self.active[i].position // bs + 1 for i in ready]
+        rows = lambda n: next(b for b in self.row_buckets if b >= n)  # noqa: E731
+        best, split = rows(len(ready)) * columns[-1], None
+        for k in range(1, len(ready)):
+            cost = rows(k) * columns[k - 1] + rows(len(ready) - k) * columns[-1] + self.call_blocks
+            if cost < best:
+                best, split = cost, k
+        return [ready] if split is None else [ready[:split], ready[split:]]
 
     def _fill_due_masks(self) -> None:
         """The next masks of the grammars that just consumed a token, in one parallel call
@@ -874,8 +926,8 @@ class Engine:
 
     def _flush(self) -> None:
         inflight, self._inflight = self._inflight, None
-        if inflight is not None:
-            self._deliver_step(inflight)
+        for step in inflight or ():
+            self._deliver_step(step)
 
     def _deliver_step(self, inflight) -> None:
         """Deliver a dispatched step's tokens to the requests it ran for that are still on."""

@@ -670,6 +670,7 @@ def engine_args(cfg: ServeConfig) -> dict:
         "kv_memory_gb": cfg.kv_memory_gb,
         "block_size": cfg.block_size,
         "prefill_chunk": cfg.prefill_chunk,
+        "decode_prefill_chunk": cfg.decode_prefill_chunk,
         "prefix_caching": cfg.prefix_caching,
     }
 
