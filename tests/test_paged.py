@@ -145,6 +145,29 @@ def test_a_long_request_decodes_in_a_step_of_its_own_and_changes_no_token(model)
     assert engine.blocks.used == 0
 
 
+def test_warmup_compiles_every_program_a_load_runs(model, caplog):
+    """After `warmup` (ahead-of-time compilation, nothing run), a load of mixed prompt
+    lengths, row counts, n choices and chunked prompts compiles nothing more; in the
+    background variant, the programs a first request needs are ready when it returns."""
+    engine = Engine(model, slots=8, block_size=8, prefill_chunk=32)
+    engine.warmup()
+    prompts, budgets = _mixed(12, seed=5)
+    jax.config.update("jax_log_compiles", True)  # (for every thread: the engine's too)
+    try:
+        with caplog.at_level("WARNING"):
+            out = _run(engine, prompts, budgets)
+            engine.stop()
+    finally:
+        jax.config.update("jax_log_compiles", False)
+    compiled = [r.getMessage() for r in caplog.records if "Finished XLA compilation" in r.message]
+    assert compiled == [], compiled
+    assert out[0] == _alone(model, prompts[0], budgets[0])
+    background = Engine(model, slots=8, block_size=8, prefill_chunk=32)
+    background.warmup(background=True)
+    background.stop()  # waits for the background compilation (a process must not exit in it)
+    assert not background._compiler.is_alive()
+
+
 def test_prefix_caching_reuses_blocks_and_changes_no_token(model):
     rng = np.random.default_rng(1)
     system = rng.integers(0, CFG.vocab_size, 40).tolist()

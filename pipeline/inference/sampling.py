@@ -3,7 +3,8 @@
 Every generation path (`generate`, `stream`, speculative decoding, the serving engine, an
 exported artifact) draws step s of a request from `request_keys(seed, s)`, so a request's
 tokens depend on its seed alone: not on the other rows of its batch, nor on how the loop is
-driven. Only JAX is imported here: an exported artifact runs with it and nothing more.
+driven. Only JAX (and the numpy it brings) is imported here: an exported artifact runs with
+it and nothing more.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 @dataclass(frozen=True)
@@ -34,12 +36,14 @@ def check_sampling(sampling: Sampling) -> None:
 
 
 def sampling_arrays(samplings: list[Sampling]) -> tuple:
-    """Per-row temperature, top_k, top_p and seed arrays (the programs take nothing else)."""
+    """Per-row temperature, top_k, top_p and seed arrays (the programs take nothing else), on
+    the host: a jitted program takes them as they are (an eager conversion would compile a
+    program of its own for every new shape)."""
     return (
-        jnp.asarray([s.temperature for s in samplings], jnp.float32),
-        jnp.asarray([s.top_k for s in samplings], jnp.int32),
-        jnp.asarray([s.top_p for s in samplings], jnp.float32),
-        jnp.asarray([s.seed for s in samplings], jnp.uint32),
+        np.asarray([s.temperature for s in samplings], np.float32),
+        np.asarray([s.top_k for s in samplings], np.int32),
+        np.asarray([s.top_p for s in samplings], np.float32),
+        np.asarray([s.seed for s in samplings], np.uint32),
     )
 
 

@@ -386,6 +386,8 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._running = False
         self.compile_seconds = 0.0
+        self._compiler: threading.Thread | None = None  # warmup's background compilation
+        self._stopping = False
 
     def _init_chunks(self, prefill_chunk: int, decode_prefill_chunk: int | None) -> None:
         """The prefill chunk sizes: at most `prefill_chunk`, and while requests decode at most
@@ -487,7 +489,7 @@ class Engine:
         P = bucket(len(prompt), self.max_len)
         tokens = np.zeros((1, P), np.int32)
         tokens[0, : len(prompt)] = prompt
-        out = _score(self.params, jnp.asarray(tokens), jnp.int32(adapter), graphdef=self.graphdef)
+        out = _score(self.params, tokens, np.int32(adapter), graphdef=self.graphdef)
         return tuple(np.asarray(x)[: len(prompt)] for x in out)
 
     def uses(self, adapter: int) -> bool:
@@ -503,27 +505,27 @@ class Engine:
     def queue_depth(self) -> int:
         return len(self.waiting)
 
-    def warmup(self) -> float:
-        """Compile every program (prefill per chunk size and row count, the decode step per
-        row count, prompt scoring per length) before serving."""
+    def warmup(self, background: bool = False) -> float:
+        """Compile every program ahead of time (prefill per chunk size and row count, the
+        decode step per row count, prompt scoring per length, the slot and block moves):
+        lowered and compiled from the shapes alone, never run, so no state is touched. With
+        `background`, only what a first request needs (the one-row prefills and decode step,
+        the moves) before returning, and the rest on a thread of its own while the engine
+        serves (a request needing a program not ready yet compiles it itself). Seconds taken
+        (in the foreground)."""
         start = time.perf_counter()
-        for P in self.buckets:
-            for n in self.admit_sizes:
-                self._prefill_call([], [], P, [], rows=n)  # padding rows only
-        for P in buckets(self.max_len):  # echo's prompt scoring
-            _score(self.params, jnp.zeros((1, P), jnp.int32), jnp.int32(0), graphdef=self.graphdef)
-        for rows in self.row_buckets:
-            tokens = self._run_step(np.arange(rows, dtype=np.int32), np.zeros(rows, bool))[0]
-        self._move(0, 0)
-        self.slots, self.ctl = _fork(self.slots, self.ctl, *(jnp.int32(0),) * 4, jnp.uint32(0))
-        self._copy(self.none, self.none)
-        empty = np.full((self.max_len,), self.vocab_size, np.int32)
-        self.ctl = _restore_counts(self.ctl, jnp.int32(self.num_slots), jnp.asarray(empty))
-        jax.block_until_ready(tokens)
+        first, rest = self._programs()
+        for compile_ in first:
+            compile_()
+        if background:
+            self._compiler = threading.Thread(target=self._compile_all, args=(rest,), daemon=True)
+            self._compiler.start()
+        else:
+            self._compile_all(rest)
         self.compile_seconds = time.perf_counter() - start
         log.info(
             "engine ready: %d slots, %d positions each, %d KV blocks of %d, prefill chunks %s, "
-            "decode rows %s, compiled in %.1f s",
+            "decode rows %s, compiled in %.1f s%s",
             self.num_slots,
             self.max_len,
             self.kv_blocks,
@@ -531,8 +533,70 @@ class Engine:
             self.buckets,
             self.row_buckets,
             self.compile_seconds,
+            f" (and {len(rest)} more programs in the background)" if background else "",
         )
         return self.compile_seconds
+
+    def _compile_all(self, programs: list) -> None:
+        start = time.perf_counter()
+        for compile_ in programs:
+            if self._stopping:  # (a process must not exit while XLA compiles on a thread)
+                return
+            compile_()
+        log.debug("%d programs compiled in %.1f s", len(programs), time.perf_counter() - start)
+
+    def _programs(self) -> tuple[list, list]:
+        """Thunks that compile each program ahead of time: (those a first request needs, the
+        rest). The state's shapes are read here, once, so the thunks can run on another
+        thread while the engine runs (and donates its buffers)."""
+        params, dparams, slots, ctl, pool, dpool = _shapes(
+            (self.params, self.dparams, self.slots, self.ctl, self.pool, self.dpool)
+        )
+        i32, g = np.int32(0), {"graphdef": self.graphdef}
+        first, rest = [], []
+        for P in self.buckets:
+            for n in self.admit_sizes:
+                args = _shapes(self._prefill_args([], [], P, [], n))
+                (first if n == 1 else rest).append(
+                    _aot(
+                        _prefill,
+                        params,
+                        slots,
+                        ctl,
+                        pool,
+                        *args,
+                        dparams,
+                        dpool,
+                        dgraph=self.dgraph,
+                        **g,
+                    )
+                )
+        for P in buckets(self.max_len):  # echo's prompt scoring
+            rest.append(_aot(_score, params, jax.ShapeDtypeStruct((1, P), jnp.int32), i32, **g))
+        for rows in self.row_buckets:
+            tables = jax.ShapeDtypeStruct((rows, self.width), jnp.int32)
+            live = jax.ShapeDtypeStruct((rows,), jnp.bool_)
+            if self.dgraph is None:
+                ids, mask = jax.ShapeDtypeStruct((rows,), jnp.int32), _shapes(self._allow_all[rows])
+                step = _aot(_step, params, slots, ctl, pool, tables, ids, live, mask, **g)
+            else:
+                step = _aot(
+                    _speculative_step,
+                    *(params, dparams, slots, pool, dpool, tables, live),
+                    dgraph=self.dgraph,
+                    rows=rows,
+                    k=self.draft_k,
+                    **g,
+                )
+            (first if rows == 1 else rest).append(step)
+        pools = (pool, dpool) if dpool is not None else (pool,)
+        first += [
+            _aot(_move, slots, ctl, i32, i32),
+            _aot(_fork, slots, ctl, i32, i32, i32, i32, np.uint32(0)),
+            _aot(_copy_block, pools, i32, i32),
+            _aot(_restore_counts, ctl, i32, jax.ShapeDtypeStruct((self.max_len,), jnp.int32)),
+        ]
+        return first, rest
 
     def start(self) -> Engine:
         with self._lock:
@@ -543,6 +607,9 @@ class Engine:
 
     def stop(self, drain: bool = True, timeout: float | None = None) -> None:
         """Stop taking requests; with `drain`, finish the admitted and waiting ones first."""
+        self._stopping = True
+        if self._compiler is not None:
+            self._compiler.join()
         with self._lock:
             self._running = False
             if not drain:
@@ -646,7 +713,7 @@ class Engine:
         if request.output and request.controls.shapes_logits:
             ids = np.full((self.max_len,), self.vocab_size, np.int32)
             ids[: len(request.output)] = request.output
-            self.ctl = _restore_counts(self.ctl, jnp.int32(slot), jnp.asarray(ids))
+            self.ctl = _restore_counts(self.ctl, np.int32(slot), ids)
         return True
 
     def _fork_admit(self, request: Request, parent: Request, reserve: int) -> bool:
@@ -667,11 +734,11 @@ class Engine:
         self.slots, self.ctl = _fork(
             self.slots,
             self.ctl,
-            jnp.int32(src),
-            jnp.int32(slot),
-            jnp.int32(request.prompt[-1]),
-            jnp.int32(L - 1),
-            jnp.uint32(request.sampling.seed),
+            np.int32(src),
+            np.int32(slot),
+            np.int32(request.prompt[-1]),
+            np.int32(L - 1),
+            np.uint32(request.sampling.seed),
         )
         self.active[slot] = request
         if request.grammar is not None:
@@ -683,7 +750,7 @@ class Engine:
 
     def _copy(self, src: int, dst: int) -> None:
         pools = (self.pool, self.dpool) if self.dpool is not None else (self.pool,)
-        pools = _copy_block(pools, jnp.int32(src), jnp.int32(dst))
+        pools = _copy_block(pools, np.int32(src), np.int32(dst))
         self.pool = pools[0]
         if self.dpool is not None:
             self.dpool = pools[1]
@@ -727,10 +794,26 @@ class Engine:
             self._deliver(slot, int(first[row]), info and tuple(x[row] for x in info))
         self._fill_due_masks()
 
-    def _prefill_call(self, requests: list, pieces: list, P: int, slot_ids: list, rows=None):
+    def _prefill_call(self, requests: list, pieces: list, P: int, slot_ids: list):
         """One `_prefill` call for these requests' next `pieces` tokens (in slots `slot_ids`),
-        padded to an admit size (or `rows`): the tokens sampled and their log-probabilities."""
-        n = rows or next(size for size in self.admit_sizes if size >= len(requests))
+        padded to an admit size: the tokens sampled and their log-probabilities."""
+        n = next(size for size in self.admit_sizes if size >= len(requests))
+        token, info, self.slots, self.ctl, self.pool, self.dpool = _prefill(
+            self.params,
+            self.slots,
+            self.ctl,
+            self.pool,
+            *self._prefill_args(requests, pieces, P, slot_ids, n),
+            self.dparams,
+            self.dpool,
+            graphdef=self.graphdef,
+            dgraph=self.dgraph,
+        )
+        return np.asarray(token), info
+
+    def _prefill_args(self, requests: list, pieces: list, P: int, slot_ids: list, n: int):
+        """`_prefill`'s chunk, sampling values, controls and mask for these requests' next
+        `pieces` tokens, in n rows (the rest padding)."""
         chunk = {
             "tokens": np.zeros((n, P), np.int32),
             "starts": np.zeros(n, np.int32),
@@ -760,21 +843,12 @@ class Engine:
                 _fill_mask(request.grammar, mask, i)
         samplings = [r.sampling for r in requests] + [Sampling()] * (n - len(requests))
         controls = [r.controls for r in requests] + [Controls()] * (n - len(requests))
-        token, info, self.slots, self.ctl, self.pool, self.dpool = _prefill(
-            self.params,
-            self.slots,
-            self.ctl,
-            self.pool,
-            {k: jnp.asarray(v) for k, v in chunk.items()},
+        return (
+            chunk,
             sampling_arrays(samplings),
             control_arrays(controls),
-            self._allow_all[n] if mask is None else jnp.asarray(mask),
-            self.dparams,
-            self.dpool,
-            graphdef=self.graphdef,
-            dgraph=self.dgraph,
+            self._allow_all[n] if mask is None else mask,
         )
-        return np.asarray(token), info
 
     # decode ---------------------------------------------------------------------------------
 
@@ -811,8 +885,9 @@ class Engine:
 
     def _run_step(self, ids: np.ndarray, live: np.ndarray):
         """One jitted step for slots `ids` (padded with the id past the last slot; only those
-        `live` advance): (tokens (rows, m), how many of them (rows,), their log-probabilities
-        or None). A draft round runs slots 0..rows-1 (ids = arange(rows))."""
+        `live` advance): (tokens (rows, m), how many of them (rows,) (None: one each, tokens
+        (rows,)), their log-probabilities or None). A draft round runs slots 0..rows-1
+        (ids = arange(rows))."""
         rows = len(ids)
         safe = np.minimum(ids, self.num_slots - 1)  # (padding rows read the last slot)
         tables = np.where(live[:, None], self.tables[safe], self.none)
@@ -826,21 +901,21 @@ class Engine:
                 self.slots,
                 self.ctl,
                 self.pool,
-                jnp.asarray(tables),
-                jnp.asarray(ids, jnp.int32),
-                jnp.asarray(live),
-                jnp.asarray(mask) if constrained else self._allow_all[rows],
+                tables,
+                ids.astype(np.int32),
+                live,
+                mask if constrained else self._allow_all[rows],
                 graphdef=self.graphdef,
             )
-            return tokens[:, None], jnp.ones_like(tokens), info
+            return tokens, None, info
         tokens, produced, self.slots, self.pool, self.dpool = _speculative_step(
             self.params,
             self.dparams,
             self.slots,
             self.pool,
             self.dpool,
-            jnp.asarray(tables),
-            jnp.asarray(live),
+            tables,
+            live,
             graphdef=self.graphdef,
             dgraph=self.dgraph,
             rows=rows,
@@ -932,7 +1007,10 @@ class Engine:
     def _deliver_step(self, inflight) -> None:
         """Deliver a dispatched step's tokens to the requests it ran for that are still on."""
         tokens, produced, info, batch = inflight
-        tokens, produced = np.asarray(tokens), np.asarray(produced)
+        tokens = np.asarray(tokens)
+        if produced is None:  # a decode step: one token per row
+            tokens, produced = tokens[:, None], np.ones(len(tokens), np.int32)
+        produced = np.asarray(produced)
         info = _host_info(info, any(r is not None and r.controls.logprobs for r in batch))
         for row, request in enumerate(batch):
             if request is None or not self._holds(request):
@@ -959,7 +1037,7 @@ class Engine:
             self.active[dst].slot = dst
 
     def _move(self, src: int, dst: int) -> None:
-        self.slots, self.ctl = _move(self.slots, self.ctl, jnp.int32(src), jnp.int32(dst))
+        self.slots, self.ctl = _move(self.slots, self.ctl, np.int32(src), np.int32(dst))
         self.masks[dst] = self.masks[src]
         self.tables[dst] = self.tables[src]
         if src != dst:
@@ -1006,6 +1084,24 @@ class Engine:
         request = self.active[slot]
         self._release(slot)
         request.emit(token, reason)
+
+
+def _aot(program, *args, **static):
+    """A thunk that compiles `program` for these argument shapes ahead of time (a later call
+    with arrays of those shapes finds it compiled)."""
+    return lambda: program.lower(*args, **static).compile()
+
+
+def _shapes(tree):
+    """The shapes and types of a tree's arrays (what compiling ahead of time needs)."""
+    return jax.tree.map(
+        lambda x: (
+            jax.ShapeDtypeStruct(x.shape, x.dtype, weak_type=x.weak_type)
+            if isinstance(x, jax.Array)
+            else x
+        ),
+        tree,
+    )
 
 
 def _host_info(info, wanted: bool):

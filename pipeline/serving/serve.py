@@ -696,7 +696,7 @@ def serve(run_dir: str, cfg: ServeConfig, adapter_runs: dict[str, str] | None = 
         except ValueError as err:
             raise ConfigError(f"--adapter: {err}") from None
     engine = Engine(loaded.model, draft=loaded.draft, draft_k=cfg.draft_k, **engine_args(cfg))
-    engine.warmup()
+    engine.warmup(background=True)  # what a first request needs; the rest while serving
     engine.start()
     name = cfg.model_name or Path(run_dir).resolve().name
     app = create_app(engine, loaded.tokenizer, name, cfg, adapters)
