@@ -532,9 +532,11 @@ def _add_bench_command(sub) -> None:
     )
     bench.add_argument(
         "--peer",
-        choices=["transformers"],
-        help="serve: also run `transformers serve --continuous-batching` on the same weights "
-        "at the same concurrency levels, and print our ratio to it",
+        choices=["transformers", "torch"],
+        help="serve: transformers, i.e. also run `transformers serve --continuous-batching` on "
+        "the same weights at the same concurrency levels; train: torch, i.e. the same model and "
+        "batch in PyTorch (transformers), ours and it alternated, each in its own process; "
+        "both print our ratio to the peer",
     )
     bench.set_defaults(func=cmd_bench)
 

@@ -171,3 +171,25 @@ def test_the_torch_peer_builds_our_architecture_and_trains(family):
     assert result["flops_per_token"] == flops
     assert result["tokens_per_sec"] > 0 and result["step_time_s"] > 0
     assert abs(result["loss"] - math.log(cfg.model.vocab_size)) < 1.0
+
+
+@pytest.mark.e2e
+def test_bench_train_against_the_torch_peer_alternates_and_gives_the_ratios():
+    """`bench train --peer torch`: ours and the peer alternate, each in its own process, on
+    the same batch shape; the last row's ratios are those of the rounds' medians."""
+    import statistics
+
+    from pipeline.bench import run_bench
+
+    config = os.path.join(ROOT, "configs", "tiny.yaml")
+    rows = run_bench("train", config, ["train.batch_size=4"], None, 1, True, peer="torch")
+    cases = [r["case"] for r in rows]
+    assert cases[1:] == ["train/tiny", "train/tiny/torch"] * 2 + ["train/tiny/vs-torch"]
+    ours, peers, result = rows[1:5:2], rows[2:5:2], rows[-1]
+    assert all(r["batch"] == 4 and r["seq_len"] == ours[0]["seq_len"] for r in ours + peers)
+    for field in ("tokens_per_sec", "peak_rss_bytes", "mfu"):
+        want = statistics.median(r[field] for r in ours) / statistics.median(
+            r[field] for r in peers
+        )
+        assert result[f"{field}_ratio"] == pytest.approx(want)
+    assert all(r["peak_rss_bytes"] > 10 * 2**20 for r in ours + peers)  # each its own process

@@ -43,9 +43,12 @@ def run_bench(
     }
     if request is not None and (target != "serve" or not isinstance(request, dict)):
         raise ConfigError("--request takes a JSON object, for bench serve alone")
-    if peer is not None and target != "serve":
-        raise ConfigError("--peer transformers is for bench serve alone")
+    peers = {"serve": "transformers", "train": "torch"}
+    if peer is not None and peers.get(target) != peer:
+        raise ConfigError("--peer: transformers is for bench serve, torch for bench train")
     extra = {"request": request, "peer": peer} if target == "serve" else {}
+    if target == "train":
+        extra = {"peer": peer}
     results = []
     for result in cases_of[target](config, overrides, cases, steps, run, **extra):
         emit(result, as_json)
@@ -61,14 +64,21 @@ def _preset(config: str | None, default: str, overrides: list[str]):
     return default, load_config(CONFIGS / f"{default}.yaml", [*base, *overrides])
 
 
-def _train(config, overrides, cases, steps, run):
+def _train(config, overrides, cases, steps, run, peer=None):
     from pipeline.bench.training import bench_matmul, bench_train
 
     yield bench_matmul()
     names = [config] if config else list(cases or DEFAULT_TRAIN_CASES)
     for name in names:
         label, cfg = _preset(config, name, overrides)
-        yield bench_train(cfg, label, steps=steps)
+        if peer == "torch":  # both sides in processes of their own, alternated
+            from pipeline.bench.peer import train_rows
+
+            path = str(config or CONFIGS / f"{name}.yaml")
+            base = [] if config else CASE_OVERRIDES.get(name, [])
+            yield from train_rows(label, path, [*base, *overrides], steps)
+        else:
+            yield bench_train(cfg, label, steps=steps)
 
 
 def _finetune(config, overrides, cases, steps, run):

@@ -13,6 +13,8 @@ def format_result(r: dict) -> str:
     """The line for a result, chosen by the fields its benchmark measures."""
     if r["case"].startswith("distill/"):
         return _speculative(r) if "k" in r else _distilled(r)
+    if r.get("peer") == "torch":
+        return _versus(r) if "rounds" in r else _torch(r)
     for field, line in (
         ("concurrency", _serving),
         ("eval_loss", _quantized),
@@ -98,6 +100,26 @@ def _generation(r: dict) -> str:
 def _matmul(r: dict) -> str:
     gflops = r["flops_per_sec"] / 1e9
     return f"{r['case']:<22} {gflops:8.1f} GFLOP/s  ({r['device']}, {r['allocator']})"
+
+
+def _torch(r: dict) -> str:
+    return (
+        f"{r['case']:<22} {r['tokens_per_sec']:10,.0f} tokens/s  "
+        f"step {r['step_time_s'] * 1e3:8.1f} ms  MFU {r['mfu']:.3f}  "
+        f"peak RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB  (torch {r['torch']}, "
+        f"batch {r['batch']}x{r['seq_len']}, {r['compute_dtype']}, {r['allocator']})"
+    )
+
+
+def _versus(r: dict) -> str:
+    return (
+        f"{r['case']:<22} ours / torch (medians of {r['rounds']} alternated rounds): "
+        f"{r['tokens_per_sec_ratio']:.2f}x tokens/s "
+        f"({r['ours_tokens_per_sec']:,.0f} vs {r['peer_tokens_per_sec']:,.0f}), "
+        f"MFU {r['ours_mfu']:.3f} vs {r['peer_mfu']:.3f}, "
+        f"peak RSS {r['peak_rss_bytes_ratio']:.2f}x "
+        f"({r['ours_peak_rss_bytes'] / 2**30:.2f} vs {r['peer_peak_rss_bytes'] / 2**30:.2f} GiB)"
+    )
 
 
 def _training(r: dict) -> str:

@@ -7,6 +7,7 @@ are random tokens: this measures the step, not I/O.
 
 from __future__ import annotations
 
+import resource
 import time
 
 import jax
@@ -97,6 +98,7 @@ def time_stage(cfg: Config, stage, steps: int, warmup: int) -> dict:
         "state_bytes": state_bytes,
         "temp_bytes": temp_bytes,
         "peak_bytes": state_bytes + temp_bytes,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # process
         "peak_flops": peak,
         "compute_dtype": cfg.model.compute_dtype,
         "attention": attention_impl(cfg.model.attention, cfg.model.compute_dtype),
