@@ -193,3 +193,24 @@ def test_bench_train_against_the_torch_peer_alternates_and_gives_the_ratios():
         )
         assert result[f"{field}_ratio"] == pytest.approx(want)
     assert all(r["peak_rss_bytes"] > 10 * 2**20 for r in ours + peers)  # each its own process
+
+
+@pytest.mark.e2e
+def test_bench_generate_against_the_torch_peer_gives_both_and_the_ratios():
+    """`bench generate --peer torch`: our generate and transformers' on the same prompt shape,
+    alternated; the last row's ratios are those of the medians."""
+    import statistics
+
+    from pipeline.bench import run_bench
+
+    config = os.path.join(ROOT, "configs", "tiny.yaml")
+    rows = run_bench("generate", config, [], ["b1"], 1, True, peer="torch")
+    want = ["generate/tiny/b1", "generate/tiny/b1/torch"] * 2 + ["generate/tiny/b1/vs-torch"]
+    assert [r["case"] for r in rows[1:]] == want
+    ours, peers, result = rows[1:5:2], rows[2:5:2], rows[-1]
+    assert {(r["batch"], r["prompt_len"], r["new_tokens"]) for r in ours + peers} == {(1, 64, 128)}
+    for field in ("tokens_per_sec", "decode_tokens_per_sec", "ttft_ms"):
+        want = statistics.median(r[field] for r in ours) / statistics.median(
+            r[field] for r in peers
+        )
+        assert result[f"{field}_ratio"] == pytest.approx(want)

@@ -43,11 +43,13 @@ def run_bench(
     }
     if request is not None and (target != "serve" or not isinstance(request, dict)):
         raise ConfigError("--request takes a JSON object, for bench serve alone")
-    peers = {"serve": "transformers", "train": "torch"}
+    peers = {"serve": "transformers", "train": "torch", "generate": "torch"}
     if peer is not None and peers.get(target) != peer:
-        raise ConfigError("--peer: transformers is for bench serve, torch for bench train")
+        raise ConfigError(
+            "--peer: transformers is for bench serve, torch for bench train and generate"
+        )
     extra = {"request": request, "peer": peer} if target == "serve" else {}
-    if target == "train":
+    if target in ("train", "generate"):
         extra = {"peer": peer}
     results = []
     for result in cases_of[target](config, overrides, cases, steps, run, **extra):
@@ -90,7 +92,7 @@ def _finetune(config, overrides, cases, steps, run):
         yield bench_finetune(cfg, name, method, steps=steps)
 
 
-def _generate(config, overrides, cases, steps, run):
+def _generate(config, overrides, cases, steps, run, peer=None):
     from pipeline.bench.inference import GENERATE_CASES, bench_generate, bench_recompute
     from pipeline.bench.training import bench_matmul
 
@@ -99,6 +101,16 @@ def _generate(config, overrides, cases, steps, run):
         valid = ", ".join(GENERATE_CASES)
         raise ConfigError(f"bench generate: unknown case {unknown[0]!r}; valid: {valid}")
     yield bench_matmul()
+    if peer == "torch":  # the batch cases, each side in processes of its own, alternated
+        from pipeline.bench.peer import generate_rows
+
+        batches = [c for c in cases or ("b1", "b32") if c.startswith("b")]
+        if not batches:
+            raise ConfigError("bench generate --peer torch: the batch cases (b1, b32) alone")
+        name = Path(config).stem if config else "small"
+        path = str(config or CONFIGS / "small.yaml")
+        yield from generate_rows(name, path, list(overrides), batches)
+        return
     for case in cases or GENERATE_CASES:
         if case == "recompute":
             # 64 + 512 tokens: the preset's context is lengthened (random weights anyway)

@@ -1,7 +1,8 @@
-"""`pipeline bench train --peer torch`: our training step and the PyTorch peer's
-(`torch_peer.py`: transformers' model of the same config, AdamW, the same batch shape), each in
-a process of its own (peak RSS is the process's; torch and JAX never share one), alternated
-round by round on this machine, then the ratios of the medians.
+"""`pipeline bench train|generate --peer torch`: our training step and the PyTorch peer's
+(`torch_peer.py`: transformers' model of the same config, AdamW, the same batch shape), or our
+generate and transformers' `generate`, each in a process of its own (peak RSS is the process's;
+torch and JAX never share one), alternated round by round on this machine, then the ratios of
+the medians.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import subprocess
 import sys
 
 ROUNDS = 2  # ours, peer, ours, peer: a shared machine drifts, alternation spreads it
+TRAIN_FIELDS = ("tokens_per_sec", "step_time_s", "mfu", "peak_rss_bytes")
 
 
 def train_rows(label: str, config: str, overrides: list[str], steps: int):
@@ -32,18 +34,38 @@ def train_rows(label: str, config: str, overrides: list[str], steps: int):
         peer["allocator"] = row["allocator"]
         peers.append(peer)
         yield peer
-    yield summary(label, ours, peers)
+    yield summary(f"train/{label}", ours, peers, TRAIN_FIELDS)
 
 
-def summary(label: str, ours: list[dict], peers: list[dict]) -> dict:
-    """Medians of each side and ours / peer's ratios (tokens/s above 1 is faster; step time
-    and peak RSS below 1 are shorter and smaller)."""
+def generate_rows(label: str, config: str, overrides: list[str], cases: list[str]):
+    """`bench generate --peer torch` for batch cases (b1, b32): each round ours (our jitted
+    generate) then transformers' `generate`, then `generate/{label}/{case}/vs-torch`."""
+    for case in cases:
+        ours, peers = [], []
+        for round_ in range(ROUNDS):
+            command = ["-m", "pipeline", "bench", "generate", "--config", config, "--json"]
+            rows = _run([*command, "--cases", case, *overrides])
+            row = {**next(r for r in rows if r["case"].startswith("generate/")), "round": round_}
+            row["case"] = f"generate/{label}/{case}"
+            ours.append(row)
+            yield row
+            command = ["-m", "pipeline.bench.torch_peer", "--config", config]
+            peer = {**_run([*command, "--generate", case[1:], *overrides])[0], "round": round_}
+            peer["case"], peer["allocator"] = f"generate/{label}/{case}/torch", row["allocator"]
+            peers.append(peer)
+            yield peer
+        fields = ("tokens_per_sec", "decode_tokens_per_sec", "ttft_ms")
+        yield summary(f"generate/{label}/{case}", ours, peers, fields)
+
+
+def summary(case: str, ours: list[dict], peers: list[dict], fields: tuple) -> dict:
+    """Medians of each side and ours / peer's ratios (tokens/s above 1 is faster; times and
+    peak RSS below 1 are shorter and smaller)."""
 
     def median(rows, field):
         return statistics.median(r[field] for r in rows)
 
-    fields = ("tokens_per_sec", "step_time_s", "mfu", "peak_rss_bytes")
-    result = {"case": f"train/{label}/vs-torch", "peer": "torch", "rounds": len(ours)}
+    result = {"case": f"{case}/vs-torch", "peer": "torch", "rounds": len(ours)}
     for field in fields:
         result[f"ours_{field}"] = median(ours, field)
         result[f"peer_{field}"] = median(peers, field)

@@ -14,7 +14,9 @@ def format_result(r: dict) -> str:
     if r["case"].startswith("distill/"):
         return _speculative(r) if "k" in r else _distilled(r)
     if r.get("peer") == "torch":
-        return _versus(r) if "rounds" in r else _torch(r)
+        if "rounds" in r:
+            return _ratios(r)
+        return _torch_generation(r) if "ttft_ms" in r else _torch(r)
     for field, line in (
         ("concurrency", _serving),
         ("eval_loss", _quantized),
@@ -111,15 +113,26 @@ def _torch(r: dict) -> str:
     )
 
 
-def _versus(r: dict) -> str:
+def _torch_generation(r: dict) -> str:
     return (
-        f"{r['case']:<22} ours / torch (medians of {r['rounds']} alternated rounds): "
-        f"{r['tokens_per_sec_ratio']:.2f}x tokens/s "
-        f"({r['ours_tokens_per_sec']:,.0f} vs {r['peer_tokens_per_sec']:,.0f}), "
-        f"MFU {r['ours_mfu']:.3f} vs {r['peer_mfu']:.3f}, "
-        f"peak RSS {r['peak_rss_bytes_ratio']:.2f}x "
-        f"({r['ours_peak_rss_bytes'] / 2**30:.2f} vs {r['peer_peak_rss_bytes'] / 2**30:.2f} GiB)"
+        f"{r['case']:<22} {r['tokens_per_sec']:10,.0f} tokens/s  "
+        f"(decode {r['decode_tokens_per_sec']:,.0f})  TTFT {r['ttft_ms']:7.1f} ms  "
+        f"(torch {r['torch']}, batch {r['batch']}, prompt {r['prompt_len']}, "
+        f"{r['new_tokens']} new tokens, {r['allocator']})"
     )
+
+
+def _ratios(r: dict) -> str:
+    """ours / torch, medians of the alternated rounds, for each field the row compares."""
+    parts = []
+    for key in [k for k in r if k.endswith("_ratio")]:
+        field = key[: -len("_ratio")]
+        ours, peer, unit = r[f"ours_{field}"], r[f"peer_{field}"], ""
+        if field.endswith("_bytes"):
+            ours, peer, unit = ours / 2**30, peer / 2**30, " GiB"
+        parts.append(f"{field} {r[key]:.2f}x ({ours:,.2f} vs {peer:,.2f}{unit})")
+    rounds = f"ours / torch, medians of {r['rounds']} alternated rounds: "
+    return f"{r['case']:<22} {rounds}" + ", ".join(parts)
 
 
 def _training(r: dict) -> str:

@@ -1,12 +1,14 @@
 """The PyTorch peer of a training benchmark: the same architecture in transformers, same batch.
 
-`python -m pipeline.bench.torch_peer --config C [key=value ...] --steps N [--compile] --json`
+`python -m pipeline.bench.torch_peer --config C [key=value ...] --steps N [--compile]`
 builds `GPT2LMHeadModel` (family gpt2) or `LlamaForCausalLM` (llama) from our model config,
 trains it with `torch.optim.AdamW` (our optimizer's hyper-parameters, global-norm clipping) on
 random tokens of our batch shape, and prints one JSON line: tokens/s, step time, MFU against
-the card's data-sheet peak, peak memory. bfloat16 compute is autocast over float32 weights, as
-ours keeps float32 master weights. Runs in its own process: torch and JAX never share a device.
-Needs torch and transformers (the `interop` extra; on GPU machines, the image's own).
+the card's data-sheet peak, peak memory. With `--generate BATCH`, greedy `generate` (KV cache)
+instead, on `pipeline bench generate`'s prompt shape. bfloat16 compute is autocast over float32
+weights, as ours keeps float32 master weights. Runs in its own process: torch and JAX never
+share a device. Needs torch and transformers (the `interop` extra; on GPU machines, the
+image's own).
 """
 
 from __future__ import annotations
@@ -161,6 +163,46 @@ def run(cfg: Config, steps: int, warmup: int, compile_model: bool) -> dict:
     }
 
 
+def generate_run(cfg: Config, batch: int, prompt_len: int = 64, new_tokens: int = 128) -> dict:
+    """transformers' `generate` (greedy, KV cache) on the same model and prompt shape as
+    `pipeline bench generate`: tokens/s over prefill and decode, the time to first token (a
+    one-token generate), decode tokens/s over the rest."""
+    import torch
+
+    torch.manual_seed(cfg.train.seed)
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    model = build_model(cfg.model).to(device).eval()
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, cfg.model.vocab_size, (batch, prompt_len), generator=gen).to(device)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    def timed(n):
+        args = {"max_new_tokens": n, "min_new_tokens": n, "do_sample": False, "use_cache": True}
+        start = time.perf_counter()
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), pad_token_id=0, **args)
+        sync()
+        assert out.shape[1] == prompt_len + n
+        return time.perf_counter() - start
+
+    with torch.inference_mode():
+        timed(new_tokens)  # warm-up
+        first, total = timed(1), timed(new_tokens)
+    return {
+        "case": f"generate/torch/b{batch}",
+        "peer": "torch",
+        "torch": torch.__version__,
+        "batch": batch,
+        "prompt_len": prompt_len,
+        "new_tokens": new_tokens,
+        "tokens_per_sec": batch * new_tokens / total,
+        "decode_tokens_per_sec": batch * (new_tokens - 1) / max(total - first, 1e-9),
+        "ttft_ms": first * 1e3,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.bench.torch_peer")
     parser.add_argument("--config", required=True)
@@ -168,8 +210,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="torch.compile the step")
+    parser.add_argument(
+        "--generate", type=int, metavar="BATCH", help="time greedy `generate` at this batch"
+    )
     args = parser.parse_args(argv)
-    result = run(load_config(args.config, args.overrides), args.steps, args.warmup, args.compile)
+    cfg = load_config(args.config, args.overrides)
+    if args.generate:
+        result = generate_run(cfg, args.generate)
+    else:
+        result = run(cfg, args.steps, args.warmup, args.compile)
     print(json.dumps(result), flush=True)
     return 0
 
