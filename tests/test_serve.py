@@ -200,6 +200,10 @@ def test_stop_sequences_cut_the_text_and_free_the_slot(server):
         ({"model": NAME, "prompt": "hi", "frobnicate": 1}, 400, "frobnicate: unknown field"),
         ({"model": NAME, "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
         ({"prompt": "hi"}, 400, "model"),
+        # a lone UTF-16 surrogate: JSON carries it, UTF-8 cannot
+        ({"model": NAME, "prompt": "a\ud800b"}, 400, "surrogate"),
+        ({"model": NAME, "prompt": ["\udfff"]}, 400, "prompt.0 holds a lone UTF-16 surrogate"),
+        ({"model": NAME, "prompt": "hi", "stop": ["\ud83d"]}, 400, "stop.0"),
     ],
 )
 def test_bad_requests_get_a_4xx_with_an_openai_error_body(server, body, status, words):
@@ -220,6 +224,9 @@ def test_chat_errors_oversized_bodies_and_unknown_routes(server):
     assert r.status_code == 400 and "messages" in r.json()["error"]["message"]
     r = httpx.post(url, json={"model": NAME, "messages": [{"role": "robot", "content": "x"}]})
     assert r.status_code == 400 and "role" in r.json()["error"]["message"]
+    body = {"model": NAME, "messages": [{"role": "user", "content": "\ud800"}]}
+    r = httpx.post(url, content=json.dumps(body), headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "messages.0.content holds" in r.json()["error"]["message"]
     r = httpx.post(url, content=b"x" * (2 << 20), headers={"content-type": "application/json"})
     assert r.status_code == 413 and "limit" in r.json()["error"]["message"]
     r = httpx.get(server.url + "/v1/nothing")

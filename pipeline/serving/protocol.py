@@ -12,7 +12,15 @@ import json
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    field_validator,
+    model_validator,
+)
 
 MAX_STOP_SEQUENCES = 4
 MAX_TOP_LOGPROBS = 20
@@ -83,6 +91,20 @@ class SamplingRequest(BaseModel):
 
     model: str
     max_tokens: StrictInt | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text(cls, data: Any) -> Any:
+        """JSON strings may hold lone UTF-16 surrogates ("\\ud800"), which are not text: no
+        tokenizer (UTF-8) can read them. Refused, naming the field, wherever they are."""
+        where = _surrogate(data)
+        if where is not None:
+            raise ValueError(
+                f"{where or 'body'} holds a lone UTF-16 surrogate (a half of an escaped pair, "
+                'such as "\\ud800"), which is not text: send the whole pair or the character'
+            )
+        return data
+
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: StrictInt = Field(0, ge=0)  # an extension (as in vLLM); 0: off
@@ -246,6 +268,30 @@ class ChatRequest(SamplingRequest):
     @property
     def top_logprobs_wanted(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
+
+
+def _surrogate(value: Any, path: str = "") -> str | None:
+    """The path of the first string (key or value) in `value` that UTF-8 cannot encode."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path
+        return None
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        where = f"{path}.{key}" if path else str(key)
+        if _surrogate(key) is not None:
+            return where
+        found = _surrogate(item, where)
+        if found is not None:
+            return found
+    return None
 
 
 def validation_message(errors: list[dict]) -> tuple[str, str | None]:
