@@ -5,13 +5,65 @@
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
+import socket
 import time
+from contextlib import contextmanager
 from functools import cache
+from pathlib import Path
 
 import jax
 
-from pipeline.config import RunConfig
+from pipeline.config import ConfigError, RunConfig
+
+LOCK_FILE = ".lock"
+
+
+class RunDirInUseError(ConfigError):
+    """Another process holds the run directory (a second `make pretrain`, say): a user's
+    mistake, one error line."""
+
+
+@contextmanager
+def run_dir_lock(run_dir: str | Path, enabled: bool = True):
+    """Hold `run_dir` exclusively while the block runs: an advisory `flock` on its `.lock`
+    file, which records the holder (pid, host, start). The OS drops the lock when the process
+    ends, however it ends (`kill -9` too), so a lock is never stale. A second process gets
+    `RunDirInUseError` naming the holder. `enabled` False (the other processes of a multi-process
+    job: process 0 holds it for them) does nothing. fcntl's `flock` rather than a library
+    (filelock, say): the holder's record must live in the locked file itself."""
+    if not enabled:
+        yield
+        return
+    path = Path(run_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 4096).decode(errors="replace")
+        os.close(fd)
+        try:
+            who = json.loads(holder)
+            who = f"process {who['pid']} on {who['host']} (since {who['since']})"
+        except (ValueError, KeyError, TypeError):
+            who = "another process"
+        raise RunDirInUseError(
+            f"{path} is in use by {who}: one process trains in a run directory at a time; "
+            "wait for it, stop it, or choose another run.dir"
+        ) from None
+    since = time.strftime("%Y-%m-%d %H:%M:%S")
+    record = {"pid": os.getpid(), "host": socket.gethostname(), "since": since}
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps(record).encode(), 0)
+    try:
+        yield
+    finally:
+        os.ftruncate(fd, 0)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
 
 
 def enable_compilation_cache(path: str | None) -> None:

@@ -3,6 +3,7 @@
 Run: pytest -m slow tests/test_pretrain.py
 """
 
+import json
 import os
 import signal
 import socket
@@ -168,3 +169,30 @@ def test_two_processes_match_one_process_with_four_devices(tmp_path, parallelism
     assert [s for s, _ in one] == [s for s, _ in two] == [2, 4, 6, 8, 10]
     np.testing.assert_allclose([x for _, x in one], [x for _, x in two], atol=1e-5)
     assert Path(tmp_path / "two" / "checkpoints" / "10").is_dir()
+
+
+def test_a_second_process_on_a_run_directory_is_refused_and_kill_9_frees_it(tmp_path):
+    """`make pretrain` started twice: the second process stops at once with one line naming
+    the first's pid and host, and touches nothing; after the first is killed with -9 the lock
+    is gone (the OS dropped it) and the same command resumes the run."""
+    common = ["train.steps=100000", "train.checkpoint_every=5", "train.eval_every=100000"]
+    first = _start(_args(tmp_path, "run", *common))
+    lock = tmp_path / "run" / ".lock"
+    deadline = time.time() + 120
+    while not (tmp_path / "run" / "checkpoints").is_dir() and time.time() < deadline:
+        assert first.poll() is None, first.communicate()[1][-3000:]
+        time.sleep(0.05)
+    config = (tmp_path / "run" / "config.yaml").read_text()
+    second = _start(_args(tmp_path, "run", "train.steps=3", "--fresh"))
+    _, err = second.communicate(timeout=120)
+    assert second.returncode == 2
+    line = [x for x in err.splitlines() if x.startswith("error:")]
+    assert len(line) == 1 and f"process {first.pid} on {socket.gethostname()}" in line[0]
+    assert first.poll() is None  # the first runs on, its files untouched (--fresh did nothing)
+    assert (tmp_path / "run" / "config.yaml").read_text() == config
+    first.send_signal(signal.SIGKILL)
+    first.communicate()
+    assert lock.is_file()  # the file stays; its lock went with the process
+    _run(_args(tmp_path, "run", "train.steps=10", "train.checkpoint_every=5"))
+    state = json.loads((tmp_path / "run" / "state.json").read_text())
+    assert state["status"] == "finished" and state["step"] == 10

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from pipeline.checkpoint import Checkpointer, CheckpointError, has_checkpoints, remove_checkpoints
 from pipeline.config import Config
 from pipeline.inference.runs import save_params
-from pipeline.runtime import aggregate_peak_flops, is_main_process
+from pipeline.runtime import aggregate_peak_flops, is_main_process, run_dir_lock
 from pipeline.training.metrics import (
     METRICS_FILE,
     STATE_FILE,
@@ -46,7 +46,14 @@ RESUMABLE_MODEL_KEYS = {"remat", "compute_dtype"}
 
 
 def run_training(cfg: Config, stage: Stage, fresh: bool = False) -> dict:
-    """Train `stage` for `cfg.train.steps` steps in `cfg.run.dir`, resuming if it holds a run."""
+    """Train `stage` for `cfg.train.steps` steps in `cfg.run.dir`, resuming if it holds a run.
+    The main process holds the run directory's lock throughout (`RunDirInUseError` if another
+    process does), before anything in it is read, removed (`fresh`) or written."""
+    with run_dir_lock(cfg.run.dir, enabled=is_main_process()):
+        return _run_training(cfg, stage, fresh)
+
+
+def _run_training(cfg: Config, stage: Stage, fresh: bool) -> dict:
     run_dir = Path(cfg.run.dir)
     main = is_main_process()
     prepare_run_dir(cfg, stage, fresh, main)
