@@ -577,11 +577,18 @@ def _run_rules(cfg: Config) -> list[tuple[str, bool, str]]:
             (cfg.tokenizer.vocab_size or m.vocab_size) <= m.vocab_size,
             f"{cfg.tokenizer.vocab_size} exceeds model.vocab_size={m.vocab_size}",
         ),
-        ("serve.port", 0 <= cfg.serve.port < 65536, "must be in 0..65535"),
         ("distill.alpha", 0.0 <= cfg.distill.alpha <= 1.0, "must be in [0, 1]"),
         ("distill.temperature", cfg.distill.temperature > 0, "must be positive"),
+        *_serve_rules(cfg.serve),
+    ]
+
+
+def _serve_rules(serve: ServeConfig) -> list[tuple[str, bool, str]]:
+    """(key, holds, message) for the serving section."""
+    return [
+        ("serve.port", 0 <= serve.port < 65536, "must be in 0..65535"),
         *(
-            (f"serve.{name}", getattr(cfg.serve, name) >= 1, "must be at least 1")
+            (f"serve.{name}", getattr(serve, name) >= 1, "must be at least 1")
             for name in (
                 "slots",
                 "max_queue",
@@ -591,15 +598,17 @@ def _run_rules(cfg: Config) -> list[tuple[str, bool, str]]:
                 "prefill_chunk",
             )
         ),
-        ("serve.kv_blocks", (cfg.serve.kv_blocks or 1) >= 1, "must be at least 1"),
-        (
-            "serve.decode_prefill_chunk",
-            (cfg.serve.decode_prefill_chunk or 1) >= 1,
-            "must be at least 1",
+        *(  # None: sized automatically
+            (
+                f"serve.{name}",
+                (v := getattr(serve, name)) is None or v >= 1,
+                "must be at least 1",
+            )
+            for name in ("kv_blocks", "decode_prefill_chunk")
         ),
-        ("serve.max_adapters", cfg.serve.max_adapters >= 0, "must be >= 0"),
-        ("serve.max_lora_rank", cfg.serve.max_lora_rank >= 1, "must be at least 1"),
-        ("serve.kv_memory_gb", (cfg.serve.kv_memory_gb or 1) > 0, "must be positive"),
+        ("serve.max_adapters", serve.max_adapters >= 0, "must be >= 0"),
+        ("serve.max_lora_rank", serve.max_lora_rank >= 1, "must be at least 1"),
+        ("serve.kv_memory_gb", (serve.kv_memory_gb or 1) > 0, "must be positive"),
     ]
 
 

@@ -189,7 +189,7 @@ def paged_attention(q: jax.Array, cache: dict, positions: jax.Array, window: int
     row. So a step reads the blocks that are live, not the table's width, and nothing
     recompiles as requests grow. A row sees the positions up to its query's (and within the
     window). A decode step (T = 1) reads one block per iteration (its rows' lengths differ);
-    a prefill chunk up to 8 (fewer, longer iterations: 1.7-2.4x faster at T = 64-256 here)."""
+    a prefill chunk up to 8 (fewer, longer iterations: 1.7-2.2x faster at T = 64-256 here)."""
     B, T, N, H = q.shape
     NB, K, bs, _ = cache["k"].shape
     G, per = N // K, max(1, min(8, T // 8))

@@ -267,12 +267,13 @@ def _step(params, slots, ctl, pool, tables, ids, live, mask, *, graphdef):
     model = nnx.merge(graphdef, params)
     n = slots["token"].shape[0]
     rows = jnp.where(live, ids, n)  # where the results go (n: dropped)
-    part = jax.tree.map(lambda x: x[jnp.minimum(ids, n - 1)], slots)
+    safe = jnp.minimum(ids, n - 1)  # (padding rows read the last slot)
+    part = jax.tree.map(lambda x: x[safe], slots)
     set_rows(model, part["adapter"])
     positions = jnp.where(live, part["position"], 0)
     logits, cache = decode_step(model, part["token"], positions, _paged(pool, tables))
     keys = request_keys(part["seed"], part["step"])
-    view = {k: v[jnp.minimum(ids, n - 1)] for k, v in ctl.items()}
+    view = {k: v[safe] for k, v in ctl.items()}
     shaped = adjust(logits, view, part["step"], mask)  # step: tokens generated so far
     tokens = sample(shaped, keys, part["temperature"], part["top_k"], part["top_p"])
     info = logprobs(logits, tokens, view["logprobs"])
@@ -366,9 +367,6 @@ class Engine:
         self.lookahead = draft_k + 1 if draft is not None else 0
         self.width = -(-(self.max_len + self.lookahead) // block_size)  # table entries per slot
         self._init_pools(cfg, draft, kv_blocks, kv_memory_gb, prefix_caching)
-        # a decode call reads the weights once: as many bytes as this many KV blocks
-        weights = sum(x.nbytes for x in jax.tree.leaves(self.params))
-        self.call_blocks = weights // block_bytes(cfg, block_size)
         self.slots = _slot_state(slots)
         self.ctl = init_controls(slots, cfg.vocab_size)
         self.vocab_size = cfg.vocab_size
@@ -415,6 +413,9 @@ class Engine:
         per_block = block_bytes(cfg, block_size) + (
             block_bytes(draft.cfg, block_size) if draft is not None else 0
         )
+        # a decode call reads the weights once: as many bytes as this many KV blocks
+        weights = sum(x.nbytes for x in jax.tree.leaves(self.params))
+        self.call_blocks = weights // block_bytes(cfg, block_size)
         self.kv_blocks = kv_blocks or max(
             min(slots * self.width, int(kv_budget(kv_memory_gb) // per_block)), self.width
         )
@@ -946,11 +947,11 @@ class Engine:
             return
         dispatched = []
         for group in self._groups(ready):
-            rows = next(b for b in self.row_buckets if b >= len(group))
+            rows = self._rows(len(group))
             ids = np.full(rows, self.num_slots, np.int32)
             ids[: len(group)] = group
             if self.dgraph is not None:  # a draft round runs slots 0..rows-1
-                rows = next(b for b in self.row_buckets if b > group[-1])
+                rows = self._rows(group[-1] + 1)
                 ids = np.arange(rows, dtype=np.int32)
             batch = [self.active[i] if i in group else None for i in ids.tolist()]
             tokens, produced, info = self._run_step(ids, np.asarray([r is not None for r in batch]))
@@ -966,6 +967,10 @@ class Engine:
         if self.dgraph is not None or any(self.active[i].grammar for i in ready if self.active[i]):
             self._flush()
 
+    def _rows(self, n: int) -> int:
+        """The decode programs' row count for n rows (the next power of two)."""
+        return next(b for b in self.row_buckets if b >= n)
+
     def _groups(self, ready: list[int]) -> list[list[int]]:
         """The decoding slots in one step, or two when that reads fewer bytes: a step's
         attention reads, for each of its rows, as many KV blocks as its longest row holds, so
@@ -976,7 +981,7 @@ class Engine:
         bs = self.block_size
         ready = sorted(ready, key=lambda i: self.active[i].position)
         columns = [self.active[i].position // bs + 1 for i in ready]
-        rows = lambda n: next(b for b in self.row_buckets if b >= n)  # noqa: E731
+        rows = self._rows
         best, split = rows(len(ready)) * columns[-1], None
         for k in range(1, len(ready)):
             cost = rows(k) * columns[k - 1] + rows(len(ready) - k) * columns[-1] + self.call_blocks
