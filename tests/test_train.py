@@ -3,6 +3,8 @@
 Run: pytest tests/test_train.py
 """
 
+import json
+import os
 from pathlib import Path
 
 import jax
@@ -12,7 +14,7 @@ import optax
 import pytest
 from conftest import restore_final_state
 
-from pipeline.checkpoint import CheckpointError
+from pipeline.checkpoint import CheckpointError, checksums, mismatches
 from pipeline.config import with_overrides
 from pipeline.training.loop import run_training
 from pipeline.training.metrics import read_metrics
@@ -198,8 +200,50 @@ def test_refuses_other_model_and_broken_checkpoints(tiny_config):
         if f.is_file():
             f.write_bytes(b"garbage")
     longer = with_overrides(wider, train={"steps": 8})
-    with pytest.raises(CheckpointError, match="cannot be restored"):
+    with pytest.raises(CheckpointError, match="no checkpoint can be restored.*step 4.*--fresh"):
         run_training(longer, build_stage(longer))
+
+
+def _largest_file(folder: Path) -> Path:
+    return max((f for f in folder.rglob("*") if f.is_file()), key=lambda f: f.stat().st_size)
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_a_corrupt_latest_checkpoint_is_set_aside_and_an_intact_one_resumed(
+    tiny_config, tmp_path, caplog, damage
+):
+    whole = with_overrides(_tiny_run(tiny_config), run={"dir": str(tmp_path / "whole")})
+    split = with_overrides(_tiny_run(tiny_config), run={"dir": str(tmp_path / "split")})
+    run_training(whole, build_stage(whole))
+    run_training(with_overrides(split, train={"stop_at": 8}), build_stage(split))
+    data = _largest_file(Path(split.run.dir) / "checkpoints" / "8")
+    raw = bytearray(data.read_bytes())
+    if damage == "flip":  # a few bytes in the middle of the arrays' data: no read error
+        raw[len(raw) // 2 : len(raw) // 2 + 4] = bytes(b ^ 0xFF for b in raw[len(raw) // 2 :][:4])
+    else:
+        raw = raw[: len(raw) // 2]
+    data.write_bytes(bytes(raw))
+    with caplog.at_level("WARNING", logger="pipeline.checkpoint"):
+        assert run_training(split, build_stage(split))["step"] == 12
+    warned = [r.getMessage() for r in caplog.records if "corrupt" in r.getMessage()]
+    assert len(warned) == 1 and "checkpoint 8" in warned[0] and "checkpoint 4" in warned[0]
+    if damage == "flip":  # orbax reads the flipped bytes without a word: the checksums catch it
+        assert "checksum mismatch" in warned[0]
+    assert (Path(split.run.dir) / "corrupt" / "8").is_dir()
+    a, b = restore_final_state(whole), restore_final_state(split)
+    jax.tree.map(np.testing.assert_array_equal, a, b)  # resumed from step 4, the same run
+
+
+def test_checksums_name_the_arrays_that_changed():
+    tree = {"params": {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}, "step": np.int32(3)}
+    recorded = checksums(tree)
+    assert set(recorded) == {"params/w", "step"}
+    assert mismatches(tree, recorded) == []
+    tree["params"]["w"][1, 2] = np.nextafter(np.float32(5), np.float32(6))  # one ulp
+    assert mismatches(tree, recorded) == ["params/w"]
+    assert mismatches(tree["params"], recorded, prefix="params/") == ["params/w"]
+    assert mismatches(tree, {}) == []  # a checkpoint written before checksums: not checked
 
 
 @pytest.mark.e2e
@@ -250,3 +294,42 @@ def test_bfloat16_compute_keeps_float32_state(tiny_config):
     losses, params = _run_steps(cfg, 4, steps=4)
     assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
     assert {x.dtype for x in jax.tree.leaves(params)} == {np.dtype("float32")}
+
+
+@pytest.mark.e2e
+def test_a_checkpoint_write_that_fails_stops_the_run_and_the_last_one_resumes(
+    tiny_config, tmp_path, monkeypatch
+):
+    """An injected ENOSPC on the second save (test_pretrain fills a real tmpfs where the
+    machine allows mounting one): one CheckpointWriteError naming the step, the cause and the
+    last complete checkpoint, which the same command then resumes from."""
+    import errno
+
+    import orbax.checkpoint as ocp
+
+    from pipeline.checkpoint import CheckpointWriteError
+
+    whole = with_overrides(_tiny_run(tiny_config), run={"dir": str(tmp_path / "whole")})
+    split = with_overrides(_tiny_run(tiny_config), run={"dir": str(tmp_path / "split")})
+    run_training(whole, build_stage(whole))
+    real_save, calls = ocp.CheckpointManager.save, []
+
+    def full_disk(self, step, *args, **kwargs):
+        calls.append(step)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.directory))
+        return real_save(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", full_disk)
+    with pytest.raises(CheckpointWriteError) as raised:
+        run_training(split, build_stage(split))
+    message = str(raised.value)
+    assert "checkpoint 8 could not be written" in message and "No space left" in message
+    assert "last complete checkpoint is step 4" in message
+    monkeypatch.setattr(ocp.CheckpointManager, "save", real_save)
+    state = json.loads((Path(split.run.dir) / "state.json").read_text())
+    assert state["status"] == "failed" and state["step"] == 8
+    assert run_training(split, build_stage(split))["step"] == 12
+    jax.tree.map(
+        np.testing.assert_array_equal, restore_final_state(whole), restore_final_state(split)
+    )

@@ -7,6 +7,7 @@ on SIGTERM/SIGINT, and stop loudly on a non-finite loss.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import queue
@@ -71,18 +72,19 @@ def _run_training(cfg: Config, stage: Stage, fresh: bool) -> dict:
         result = loop.run(strategy.replicate(state), start)
     except BaseException as err:
         if main:
-            write_state(
-                run_dir,
-                status="failed",
-                step=loop.step,
-                steps=cfg.train.steps,
-                stage=stage.name,
-                error=str(err)[:500],
-            )
+            with contextlib.suppress(OSError):  # a full disk must not hide the first error
+                write_state(
+                    run_dir,
+                    status="failed",
+                    step=loop.step,
+                    steps=cfg.train.steps,
+                    stage=stage.name,
+                    error=str(err)[:500],
+                )
+        with contextlib.suppress(Exception):  # e.g. a full disk: the first error is the one
+            _close(ckpt, logger)
         raise
-    finally:
-        ckpt.close()
-        logger.close()
+    _close(ckpt, logger)
     if main:
         if result["status"] == "finished" and loop.last_saved is not None:
             save_params(loop.last_saved["params"], run_dir)  # model/: what inference reads
@@ -97,6 +99,13 @@ def _run_training(cfg: Config, stage: Stage, fresh: bool) -> dict:
         )
         plot_losses(run_dir)
     return {**result, "run_dir": str(run_dir)}
+
+
+def _close(ckpt: Checkpointer, logger: MetricsLogger) -> None:
+    try:
+        ckpt.close()
+    finally:
+        logger.close()
 
 
 ENVIRONMENT_FILE = "environment.json"
