@@ -270,6 +270,11 @@ class ServeConfig:
     max_n: int = 8  # the largest n (choices per request)
     max_body_bytes: int = 1_048_576
     graceful_seconds: float = 60.0  # SIGTERM: how long in-flight requests may take to finish
+    # how long an idle keep-alive connection stays open: longer than clients' pools keep theirs
+    # (httpx and the openai package 5 s, aiohttp 15 s), so a client never sends a request on a
+    # connection the server is closing (that race dropped requests without a response)
+    keep_alive_s: float = 75.0
+    max_connections: int = 1024  # open connections + requests at most; beyond: 503 at once
     draft: str | None = None  # a draft run (e.g. a distilled student): speculative decoding
     draft_k: int = 4  # draft tokens per round
     compilation_cache: str | None = None
@@ -596,8 +601,10 @@ def _serve_rules(serve: ServeConfig) -> list[tuple[str, bool, str]]:
                 "max_body_bytes",
                 "block_size",
                 "prefill_chunk",
+                "max_connections",
             )
         ),
+        ("serve.keep_alive_s", serve.keep_alive_s > 0, "must be positive"),
         *(  # None: sized automatically
             (
                 f"serve.{name}",

@@ -638,6 +638,32 @@ def _authorised(request: Request, api_key: str) -> bool:
     return scheme.lower() == "bearer" and hmac.compare_digest(token.strip(), api_key)
 
 
+def uvicorn_config(app, cfg: ServeConfig, log_level: str = "info"):
+    """uvicorn's settings for `app` from the serve config (what `pipeline serve` runs)."""
+    import uvicorn
+
+    return uvicorn.Config(
+        app,
+        host=cfg.host,
+        port=cfg.port,
+        log_level=log_level,
+        timeout_graceful_shutdown=cfg.graceful_seconds,
+        timeout_keep_alive=cfg.keep_alive_s,
+        limit_concurrency=cfg.max_connections,
+    )
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it resolves to whatever it resolves to
+        return False
+
+
 def _server_class():
     import uvicorn
 
@@ -678,7 +704,6 @@ def engine_args(cfg: ServeConfig) -> dict:
 def serve(run_dir: str, cfg: ServeConfig, adapter_runs: dict[str, str] | None = None) -> None:
     """Load a run (and the LoRA adapters to serve beside it), compile everything, then serve
     until SIGTERM / SIGINT (which drains)."""
-    import uvicorn
 
     from pipeline.config import ConfigError
     from pipeline.inference.runs import load_for_inference
@@ -700,13 +725,13 @@ def serve(run_dir: str, cfg: ServeConfig, adapter_runs: dict[str, str] | None = 
     engine.start()
     name = cfg.model_name or Path(run_dir).resolve().name
     app = create_app(engine, loaded.tokenizer, name, cfg, adapters)
-    config = uvicorn.Config(
-        app,
-        host=cfg.host,
-        port=cfg.port,
-        log_level="info",
-        timeout_graceful_shutdown=cfg.graceful_seconds,
-    )
+    config = uvicorn_config(app, cfg)
+    if not cfg.api_key and not _loopback(cfg.host):
+        log.warning(
+            "serving on %s without an API key: anyone who can reach this address can use the "
+            "model; set serve.api_key (or $PIPELINE_API_KEY)",
+            cfg.host,
+        )
     server = _server_class()(config)
     log.info("serving %s as %r on http://%s:%d", run_dir, name, cfg.host, cfg.port)
     try:
