@@ -275,6 +275,9 @@ class ServeConfig:
     # connection the server is closing (that race dropped requests without a response)
     keep_alive_s: float = 75.0
     max_connections: int = 1024  # open connections + requests at most; beyond: 503 at once
+    # a request's wall-clock limit from its arrival, waiting included: when it runs out the
+    # request ends as if its token budget had (what it generated, finish_reason "length")
+    request_timeout_s: float | None = 600.0
     draft: str | None = None  # a draft run (e.g. a distilled student): speculative decoding
     draft_k: int = 4  # draft tokens per round
     compilation_cache: str | None = None
@@ -605,6 +608,7 @@ def _serve_rules(serve: ServeConfig) -> list[tuple[str, bool, str]]:
             )
         ),
         ("serve.keep_alive_s", serve.keep_alive_s > 0, "must be positive"),
+        ("serve.request_timeout_s", (serve.request_timeout_s or 1) > 0, "must be positive"),
         *(  # None: sized automatically
             (
                 f"serve.{name}",

@@ -363,3 +363,28 @@ def test_256_concurrent_requests_on_a_small_queue_each_get_a_200_or_a_429():
 def test_a_non_loopback_address_is_recognised():
     assert all(_loopback(h) for h in ("127.0.0.1", "::1", "localhost", "127.0.0.2"))
     assert not any(_loopback(h) for h in ("0.0.0.0", "::", "10.1.2.3", "example.org"))
+
+
+@pytest.mark.e2e
+def test_a_request_past_its_time_limit_ends_as_length_and_leaves_the_queue():
+    """serve.request_timeout_s: a request still waiting (the engine is stopped here) when its
+    time runs out ends like a spent budget: 200, finish_reason "length", nothing generated, and
+    it is taken out of the queue; the server then serves on."""
+    s = Server(start_engine=False, request_timeout_s=0.5)
+    try:
+        s.engine._running = True  # accepts work but does not run it: the request waits
+        start = time.time()
+        r = httpx.post(s.url + "/v1/completions", json={"model": NAME, "prompt": "hi"}, timeout=30)
+        assert r.status_code == 200 and 0.5 <= time.time() - start < 10
+        choice = r.json()["choices"][0]
+        assert choice["finish_reason"] == "length" and choice["text"] == ""
+        s.engine._running = False
+        s.engine.start()
+        deadline = time.time() + 10
+        while s.engine.queue_depth and time.time() < deadline:
+            time.sleep(0.05)
+        assert s.engine.queue_depth == 0 and s.engine.busy_slots == 0
+        out = _client(s).completions.create(model=NAME, prompt="hi", max_tokens=2)
+        assert out.usage.completion_tokens >= 1
+    finally:
+        s.close()

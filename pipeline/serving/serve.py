@@ -601,9 +601,17 @@ class Routes:
             top = list(zip(top_ids[:k], top_lp[:k], strict=True))
             return self._items([token], [lp], [top], [offset + before])
 
+        limit = self.cfg.request_timeout_s
+        deadline = None if limit is None else asyncio.get_running_loop().time() + limit
         try:
             while True:
-                token, reason = await queue.get()
+                try:
+                    token, reason = await asyncio.wait_for(queue.get(), _left(deadline))
+                except TimeoutError:  # the request's time budget ran out: it ends like "length"
+                    self.engine.cancel(job)
+                    finished = True
+                    yield text.push(None, final=True), "length", []
+                    return
                 before = len(text.text)
                 if reason is not None:
                     finished = True
@@ -625,6 +633,11 @@ class Routes:
         finally:
             if not finished:
                 self.engine.cancel(job)
+
+
+def _left(deadline: float | None) -> float | None:
+    """Seconds until `deadline` (event-loop time), never negative; None: no deadline."""
+    return None if deadline is None else max(deadline - asyncio.get_running_loop().time(), 0.0)
 
 
 def _sse(events) -> StreamingResponse:
