@@ -46,6 +46,19 @@ def error_body(message: str, status: int, param: str | None = None, code: str | 
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """Every refusal's body (OpenAI's error object); described in the OpenAPI document."""
+
+    error: ErrorDetail
+
+
 class JSONSchemaFormat(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 

@@ -37,6 +37,7 @@ from pipeline.serving.protocol import (
     APIError,
     ChatRequest,
     CompletionRequest,
+    ErrorResponse,
     LoadAdapterRequest,
     SamplingRequest,
     UnloadAdapterRequest,
@@ -162,21 +163,44 @@ def create_app(
     """The ASGI app. The engine must be started (and warmed up) by the caller; `adapters`: the
     LoRA adapters it serves beside its base (the request's `model` picks one)."""
     routes = Routes(engine, tokenizer, model_name, cfg or ServeConfig(), adapters)
-    app = FastAPI(title="pipeline", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="pipeline", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     app.state.metrics, app.state.routes = routes.metrics, routes
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected)
     app.middleware("http")(routes.guard)
-    app.get("/health")(routes.health)
-    app.get("/metrics")(routes.prometheus)
-    app.get("/v1/models")(routes.models)
-    app.post("/v1/completions")(routes.completions)
-    app.post("/v1/chat/completions")(routes.chat_completions)
-    app.post("/v1/load_lora_adapter")(routes.load_adapter)
-    app.post("/v1/unload_lora_adapter")(routes.unload_adapter)
+    app.get("/health", responses={503: {"description": "shutting down"}})(routes.health)
+    app.get("/metrics", response_class=PlainTextResponse)(routes.prometheus)
+    app.get("/v1/models", responses=_errors())(routes.models)
+    generation = {**_errors(404, 429), 200: {"content": {"text/event-stream": {}}}}
+    app.post("/v1/completions", responses=generation)(routes.completions)
+    app.post("/v1/chat/completions", responses=generation)(routes.chat_completions)
+    app.post("/v1/load_lora_adapter", responses=_errors(404, 409))(routes.load_adapter)
+    app.post("/v1/unload_lora_adapter", responses=_errors(404, 409))(routes.unload_adapter)
+    app.openapi = lambda: _openapi(app)
     return app
+
+
+def _errors(*statuses: int) -> dict:
+    """The OpenAPI `responses` of the refusals a route can give: each an OpenAI error object.
+    400 (a bad body), 401 (the API key), 413 (the body's size) and 500 on every route."""
+    return {status: {"model": ErrorResponse} for status in sorted({400, 401, 413, 500, *statuses})}
+
+
+def _openapi(app) -> dict:
+    """FastAPI's document, less the 422 it declares for every body: a bad body is a 400 here."""
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        doc = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        for route in doc["paths"].values():
+            for operation in route.values():
+                operation.get("responses", {}).pop("422", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            doc.get("components", {}).get("schemas", {}).pop(name, None)
+        app.openapi_schema = doc
+    return app.openapi_schema
 
 
 def _respond(err: APIError) -> JSONResponse:
