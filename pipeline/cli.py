@@ -350,6 +350,7 @@ def cmd_bench(args) -> int:
         args.run,
         request,
         peer=args.peer,
+        soak={"requests": args.requests, "seconds": args.seconds, "concurrency": args.concurrency},
     )
     return 0
 
@@ -513,7 +514,8 @@ def _add_interop_commands(sub) -> None:
 def _add_bench_command(sub) -> None:
     bench = sub.add_parser("bench", help="benchmarks: bench train [--config FILE] [--json]")
     bench.add_argument(
-        "target", choices=["train", "finetune", "generate", "quantize", "serve", "distill"]
+        "target",
+        choices=["train", "finetune", "generate", "quantize", "serve", "soak", "distill"],
     )
     bench.add_argument("--run", help="quantize: a trained run; distill: a distillation run")
     _add_config_args(bench)
@@ -525,6 +527,9 @@ def _add_bench_command(sub) -> None:
         "serve: concurrency levels (default 1,8,32) and prefix, long, mixed",
     )
     bench.add_argument("--steps", type=int, default=5, help="timed steps per case")
+    bench.add_argument("--requests", type=int, default=5000, help="soak: requests to send")
+    bench.add_argument("--seconds", type=float, default=600.0, help="soak: at most this long")
+    bench.add_argument("--concurrency", type=int, default=32, help="soak: clients at a time")
     bench.add_argument("--json", action="store_true", help="one JSON object per case")
     bench.add_argument(
         "--request",

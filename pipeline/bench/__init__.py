@@ -1,4 +1,4 @@
-"""`pipeline bench train|finetune|generate|quantize|serve|distill`: speed, memory, quality.
+"""`pipeline bench train|finetune|generate|quantize|serve|soak|distill`: speed, memory, quality.
 
 Each case prints one line (or one JSON object with --json, whose fields are a contract:
 scripts compare them across commits). The cases live in `training.py` and `inference.py`
@@ -30,6 +30,7 @@ def run_bench(
     run: str | None = None,
     request: dict | None = None,
     peer: str | None = None,
+    soak: dict | None = None,
 ) -> list[dict]:
     """Run the cases of `target`, printing each result as it comes; returns them all.
     `request` (serve alone): more fields for every request."""
@@ -39,6 +40,7 @@ def run_bench(
         "generate": _generate,
         "quantize": _quantize,
         "serve": _serve,
+        "soak": _soak,
         "distill": _distill,
     }
     if request is not None and (target != "serve" or not isinstance(request, dict)):
@@ -51,6 +53,8 @@ def run_bench(
     extra = {"request": request, "peer": peer} if target == "serve" else {}
     if target in ("train", "generate"):
         extra = {"peer": peer}
+    if target == "soak":
+        extra = dict(soak or {})
     results = []
     for result in cases_of[target](config, overrides, cases, steps, run, **extra):
         emit(result, as_json)
@@ -152,6 +156,15 @@ def _serve(config, overrides, cases, steps, run, request=None, peer=None):
         from pipeline.bench.serve_peer import peer_rows
 
         yield from peer_rows(cfg, name, numbers, 32, 64, request or {}, ours)
+
+
+def _soak(config, overrides, cases, steps, run, requests=5000, seconds=600.0, concurrency=32):
+    from pipeline.serving.soak import bench_soak
+
+    if concurrency < 1 or requests < 1 or seconds <= 0:
+        raise ConfigError("bench soak: --requests, --seconds and --concurrency must be positive")
+    name, cfg = _preset(config, "small", overrides)
+    yield bench_soak(cfg, name, requests, seconds, concurrency)
 
 
 def _distill(config, overrides, cases, steps, run):

@@ -18,6 +18,7 @@ def format_result(r: dict) -> str:
             return _ratios(r)
         return _torch_generation(r) if "ttft_ms" in r else _torch(r)
     for field, line in (
+        ("rss_growth", _soak),
         ("concurrency", _serving),
         ("eval_loss", _quantized),
         ("speedup", _recompute),
@@ -27,6 +28,17 @@ def format_result(r: dict) -> str:
         if field in r:
             return line(r)
     return _training(r)
+
+
+def _soak(r: dict) -> str:
+    return (
+        f"{r['case']:<24} {r['requests']:,} requests in {r['wall_s']:.0f} s: answered "
+        f"{r['answered']:,}, refused {r['refused']:,}, left {r['left']:,}, failed {r['failed']}  "
+        f"latency p50 {r['latency_p50_ms']:.0f} ms p99 {r['latency_p99_ms']:.0f} ms  after: busy "
+        f"slots {r['busy_slots_after']}, KV blocks in use {r['kv_blocks_in_use_after']}  RSS "
+        f"{r['rss_start_bytes'] / 2**20:,.0f} -> {r['rss_end_bytes'] / 2**20:,.0f} MiB "
+        f"({r['rss_growth']:+.1%})"
+    )
 
 
 def _speculative(r: dict) -> str:

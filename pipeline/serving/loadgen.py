@@ -38,26 +38,26 @@ NAMED_CASES = ("prefix", "long", "mixed")
 
 
 class _LocalServer:
-    def __init__(self, cfg: Config, serve: ServeConfig):
+    def __init__(self, cfg: Config, serve: ServeConfig, max_queue: int = 4096):
         import uvicorn
 
         from pipeline.model import create_model
         from pipeline.serving.engine import Engine
-        from pipeline.serving.serve import create_app, engine_args
+        from pipeline.serving.serve import create_app, engine_args, uvicorn_config
         from pipeline.tokenizer import byte_tokenizer
 
-        args = {**engine_args(serve), "max_queue": 4096}
+        args = {**engine_args(serve), "max_queue": max_queue}
         self.engine = Engine(create_model(cfg.model), **args)
         self.compile_s = self.engine.warmup()
         self.engine.start()
-        app = create_app(self.engine, byte_tokenizer(), "bench")
+        app = create_app(self.engine, byte_tokenizer(), "bench", replace(serve, api_key=None))
         self.peak = 0  # the most requests running at once
         observe = self.engine.observe
         self.engine.observe = lambda name, value: self._observe(observe, name, value)
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
+        config = uvicorn_config(app, replace(serve, host="127.0.0.1", port=self.port), "warning")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()

@@ -607,8 +607,11 @@ class Routes:
         finally:
             for task in tasks:
                 task.cancel()
+            # a pump still inside its generator: aclose() now would raise "asynchronous
+            # generator is already running" (found by bench soak: n > 1 streams left mid-way)
+            await asyncio.gather(*tasks, return_exceptions=True)
             for pieces in streams:
-                await pieces.aclose()
+                await pieces.aclose()  # cancels each choice's request (the engine frees it)
 
     async def _pieces(self, job, queue: asyncio.Queue, text: TextStream, k, offset: int):
         """(text delta, finish reason or None, logprob items of its tokens) until the request
