@@ -265,3 +265,35 @@ def test_a_full_disk_stops_the_run_with_one_line_and_the_last_checkpoint_resumes
     )
     assert int(resumed["step"]) == 9
     jax.tree.map(np.testing.assert_array_equal, whole, resumed)
+
+
+def test_three_kill_9s_at_random_moments_then_resume_give_the_uninterrupted_losses(tmp_path):
+    """kill -9 three times at random moments (a seeded draw: before, during or after a
+    checkpoint write), resuming with the same command each time: every logged loss and the
+    final state are bit-identical to an uninterrupted run."""
+    common = ["train.steps=60", "train.checkpoint_every=4", "train.log_every=2"]
+    common += ["train.eval_every=1000"]
+    _run(_args(tmp_path, "whole", *common))
+    rng, reached = np.random.default_rng(3), []
+    for _ in range(3):
+        proc = _start(_args(tmp_path, "killed", *common))
+        deadline, before = time.time() + 120, len(_losses(tmp_path / "killed"))
+        while len(_losses(tmp_path / "killed")) <= before and time.time() < deadline:
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            time.sleep(0.01)  # until this process has trained a step
+        time.sleep(float(rng.uniform(0.0, 1.0)))
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+        assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+        reached.append(max((s for s, _ in _losses(tmp_path / "killed")), default=0))
+    assert reached[-1] > reached[0], reached  # the kills fell at different points of the run
+    _run(_args(tmp_path, "killed", *common))
+    whole, killed = _losses(tmp_path / "whole"), _losses(tmp_path / "killed")
+    # a resumed run drops what was logged after its checkpoint and logs those steps again
+    assert killed == whole and len(whole) == 30
+    cfg = lambda name: load_config(TINY, _args(tmp_path, name, *common))  # noqa: E731
+    jax.tree.map(
+        np.testing.assert_array_equal,
+        restore_final_state(cfg("whole")),
+        restore_final_state(cfg("killed")),
+    )
