@@ -171,8 +171,10 @@ def cmd_export(args) -> int:
     """Serialise a run's prefill and decode programs, with its weights, into one file."""
     from pipeline.inference.export import export_model
     from pipeline.inference.runs import load_for_inference
+    from pipeline.runtime import run_dir_lock
 
-    loaded = load_for_inference(args.run, args.quantize)
+    with run_dir_lock(args.run, shared=True):  # not while a training process writes it
+        loaded = load_for_inference(args.run, args.quantize)
     platforms = tuple(args.platforms.split(",")) if args.platforms else None
     manifest = export_model(loaded.model, loaded.tokenizer, args.out, platforms)
     print(
@@ -242,8 +244,10 @@ def cmd_import_hf(args) -> int:
 def cmd_export_hf(args) -> int:
     """A run directory -> a Hugging Face directory (plus a PEFT adapter for a LoRA run)."""
     from pipeline.interop.hf import export_hf
+    from pipeline.runtime import run_dir_lock
 
-    out = export_hf(args.run, args.out)
+    with run_dir_lock(args.run, shared=True):  # not while a training process writes it
+        out = export_hf(args.run, args.out)
     print(f"exported {args.run} to {out}")
     return 0
 

@@ -27,43 +27,56 @@ class RunDirInUseError(ConfigError):
 
 
 @contextmanager
-def run_dir_lock(run_dir: str | Path, enabled: bool = True):
-    """Hold `run_dir` exclusively while the block runs: an advisory `flock` on its `.lock`
-    file, which records the holder (pid, host, start). The OS drops the lock when the process
-    ends, however it ends (`kill -9` too), so a lock is never stale. A second process gets
-    `RunDirInUseError` naming the holder. `enabled` False (the other processes of a multi-process
-    job: process 0 holds it for them) does nothing. fcntl's `flock` rather than a library
-    (filelock, say): the holder's record must live in the locked file itself."""
+def run_dir_lock(run_dir: str | Path, enabled: bool = True, shared: bool = False):
+    """Hold `run_dir` while the block runs: an advisory `flock` on its `.lock` file. A writer
+    (training: pretrain, finetune, distill, a sweep's points) holds it exclusively and records
+    itself in it (pid, host, start); readers that must not see a run change under them (export,
+    export-hf) hold it `shared`, many at once, none while a writer does. The OS drops the lock
+    when the process ends, however it ends (`kill -9` too), so a lock is never stale. A process
+    that cannot have it gets `RunDirInUseError` naming the holder. `enabled` False (the other
+    processes of a multi-process job: process 0 holds it for them) does nothing. fcntl's `flock`
+    rather than a library (filelock, say): the writer's record lives in the locked file."""
     if not enabled:
         yield
         return
     path = Path(run_dir)
+    if shared and not path.is_dir():
+        yield  # nothing to protect: the reader reports the missing run itself
+        return
     path.mkdir(parents=True, exist_ok=True)
     fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except BlockingIOError:
         holder = os.read(fd, 4096).decode(errors="replace")
         os.close(fd)
-        try:
-            who = json.loads(holder)
-            who = f"process {who['pid']} on {who['host']} (since {who['since']})"
-        except (ValueError, KeyError, TypeError):
-            who = "another process"
-        raise RunDirInUseError(
-            f"{path} is in use by {who}: one process trains in a run directory at a time; "
-            "wait for it, stop it, or choose another run.dir"
-        ) from None
-    since = time.strftime("%Y-%m-%d %H:%M:%S")
-    record = {"pid": os.getpid(), "host": socket.gethostname(), "since": since}
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, json.dumps(record).encode(), 0)
+        raise RunDirInUseError(_in_use(path, holder, shared)) from None
+    if not shared:
+        since = time.strftime("%Y-%m-%d %H:%M:%S")
+        record = {"pid": os.getpid(), "host": socket.gethostname(), "since": since}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(record).encode(), 0)
     try:
         yield
     finally:
-        os.ftruncate(fd, 0)
+        if not shared:
+            os.ftruncate(fd, 0)
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
+
+
+def _in_use(path: Path, holder: str, shared: bool) -> str:
+    try:
+        who = json.loads(holder)
+        who = f"process {who['pid']} on {who['host']} (since {who['since']})"
+    except (ValueError, KeyError, TypeError):
+        who = "another process (an export reading it)"
+    if shared:
+        return f"{path} is in use by {who}, which is training it: export it when it stops"
+    return (
+        f"{path} is in use by {who}: one process trains in a run directory at a time; "
+        "wait for it, stop it, or choose another run.dir"
+    )
 
 
 def enable_compilation_cache(path: str | None) -> None:

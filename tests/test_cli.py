@@ -62,3 +62,29 @@ def test_finetune_without_a_base_run_is_one_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: init.from:") and "not a run directory" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_export_of_a_run_being_trained_is_one_line_and_readers_share(tmp_path):
+    """A training process holds its run exclusively; `pipeline export` / `export-hf` hold it
+    shared: refused (one line) while a trainer holds it, many at once otherwise, and a trainer
+    cannot start under a reader."""
+    import pytest
+
+    from pipeline.runtime import RunDirInUseError, run_dir_lock
+
+    run = tmp_path / "run"
+    with run_dir_lock(run):  # this process "trains" it
+        proc = _run("export", "--run", str(run), "--out", str(tmp_path / "x.zip"))
+        assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1, proc.stderr
+        assert f"process {os.getpid()}" in proc.stderr and "export it when it stops" in proc.stderr
+        proc = _run("export-hf", str(run), "--out", str(tmp_path / "hf"))
+        assert proc.returncode == 2 and "export it when it stops" in proc.stderr
+    with (
+        run_dir_lock(run, shared=True),
+        run_dir_lock(run, shared=True),  # two readers at once
+        pytest.raises(RunDirInUseError, match="an export reading it"),
+        run_dir_lock(run),
+    ):
+        pass
+    with run_dir_lock(run):  # all released
+        pass
