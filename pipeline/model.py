@@ -49,7 +49,9 @@ class Attention(nnx.Module):
             self.q_norm = _norm(cfg, rngs, H)
             self.k_norm = _norm(cfg, rngs, H)
 
-    def __call__(self, x: jax.Array, positions: jax.Array, cache: dict | None, rope=None):
+    def __call__(
+        self, x: jax.Array, positions: jax.Array, cache: dict | None, rope=None, segments=None
+    ):
         cfg = self.cfg
         B, T, _ = x.shape
         q = self.q(x).reshape(B, T, cfg.num_heads, cfg.head_dim)  # (B, T, N, H)
@@ -61,7 +63,7 @@ class Attention(nnx.Module):
             q, k = apply_rope(q, rope), apply_rope(k, rope)
         if cache is None:  # training and evaluation: keys are this sequence, causal
             impl = attention_impl(cfg.attention, q.dtype)
-            out = attention(q, k, v, positions, self.window, impl)
+            out = attention(q, k, v, positions, self.window, impl, segments)
         elif "table" in cache:  # the serving engine's paged cache: a pool of blocks
             cache = paged_write(cache, positions, k, v)
             out = paged_attention(q, cache, positions, self.window)
@@ -116,6 +118,7 @@ def attention(
     positions: jax.Array,
     window: int | None = None,
     impl: str = "einsum",
+    segments: jax.Array | None = None,
 ) -> jax.Array:
     """Causal softmax attention of a sequence over itself. q (B, T, N, H), k/v (B, T, K, H),
     positions (B, T) consecutive; `window`: each query sees only the last `window` keys.
@@ -123,7 +126,17 @@ def attention(
     impl "einsum": `einsum_attention`; "xla" / "cudnn": `jax.nn.dot_product_attention` with that
     implementation, causal and windowed by its own arguments (no mask array, so cuDNN's flash
     kernel skips the blocks above the diagonal). All compute the same thing (tested).
+
+    `segments` (B, T) int: packed rows, several documents each; a query sees only keys of its
+    own segment (positions restart at each segment's start). An explicit mask then, on every
+    path (cuDNN's kernel takes none: XLA's runs).
     """
+    if segments is not None:
+        mask = _visible(positions, positions, window)
+        mask &= segments[:, :, None] == segments[:, None, :]
+        if impl == "einsum":
+            return einsum_attention(q, k, v, mask)
+        return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation="xla")
     if impl == "einsum":
         mask = None if window is None else _visible(positions, positions, window)
         return einsum_attention(q, k, v, mask)
@@ -267,8 +280,8 @@ class Block(nnx.Module):
         self.mlp_norm = _norm(cfg, rngs)
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x, positions, cache, rope=None):
-        h, cache = self.attn(self.attn_norm(x), positions, cache, rope)
+    def __call__(self, x, positions, cache, rope=None, segments=None):
+        h, cache = self.attn(self.attn_norm(x), positions, cache, rope, segments)
         x = x + h
         return x + self.mlp(self.mlp_norm(x)), cache
 
@@ -309,15 +322,20 @@ class Transformer(nnx.Module):
         positions: jax.Array | None = None,
         cache: Cache | None = None,
         only: jax.Array | None = None,
+        segments: jax.Array | None = None,
     ) -> tuple[jax.Array, Cache | None]:
         """tokens (B, T) int, positions (B, T) int -> float32 logits (B, T, V), updated cache.
 
         `only` (B,) int: the logits of that one index per row, (B, 1, V) (a prefill needs the
         last prompt token's alone; the output projection is a large share of the work).
+        `segments` (B, T) int (training, no cache): packed rows; attention stays within a
+        segment and positions (unless given) restart at each segment's start.
         """
         cfg = self.cfg
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+            if segments is not None:
+                positions = segment_positions(segments)
         x = self.embed(tokens)  # (B, T, D)
         if cfg.embed_scale:  # Gemma: sqrt(D) in the compute dtype, as transformers rounds it
             x = x * jnp.asarray(cfg.embed_dim**0.5, x.dtype)
@@ -332,7 +350,7 @@ class Transformer(nnx.Module):
         new_cache = []
         for i, block in enumerate(self.blocks):
             layer_cache = None if cache is None else cache[i]
-            x, layer_cache = step(block, x, positions, layer_cache, rope)
+            x, layer_cache = step(block, x, positions, layer_cache, rope, segments)
             new_cache.append(layer_cache)
         if only is not None:
             x = x[jnp.arange(x.shape[0]), only][:, None]
@@ -341,8 +359,18 @@ class Transformer(nnx.Module):
         return logits.astype(jnp.float32), (None if cache is None else new_cache)
 
 
-def _block_step(block: Block, x, positions, cache, rope):
-    return block(x, positions, cache, rope)
+def _block_step(block: Block, x, positions, cache, rope, segments=None):
+    return block(x, positions, cache, rope, segments)
+
+
+def segment_positions(segments: jax.Array) -> jax.Array:
+    """(B, T) segment ids of packed rows -> each token's position within its segment."""
+    index = jnp.broadcast_to(jnp.arange(segments.shape[1]), segments.shape)
+    new = jnp.concatenate(
+        [jnp.ones_like(segments[:, :1], bool), segments[:, 1:] != segments[:, :-1]], axis=1
+    )
+    starts = jax.lax.cummax(jnp.where(new, index, 0), axis=1)
+    return index - starts
 
 
 def _remat(fn, policy: str):

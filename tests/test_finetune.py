@@ -75,6 +75,9 @@ def test_loss_mask_covers_exactly_the_completion():
     assert tok.decode(counted, skip_special=False) == "yo<|end|>"
     packed = build_examples(tok, [{"messages": messages}] * 3, seq_len=40, packing=True)
     assert len(packed) == 1 and packed.mask.sum() == 3 * 3  # y, o, <|end|> three times
+    n = len(ids)  # each example's tokens carry its own segment id; padding is 0
+    assert packed.segments[0].tolist() == [1] * n + [2] * n + [3] * n + [0] * (41 - 3 * n)
+    assert examples.segments is None  # one example per row: nothing to separate
 
 
 def test_bad_instruction_files_name_file_and_line(tmp_path):

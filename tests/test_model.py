@@ -321,3 +321,64 @@ def test_remat_under_lora_gives_the_same_adapter_gradients():
         grads[remat] = jax.grad(loss)(lora, frozen, tokens)
     for a, b in zip(jax.tree.leaves(grads["none"]), jax.tree.leaves(grads["block"]), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _packed_row(rng, lengths, vocab, pad=3):
+    """Examples of `lengths` end to end, then `pad` padding tokens (segment 0)."""
+    examples = [rng.integers(1, vocab, n) for n in lengths]
+    row = np.concatenate([*examples, np.zeros(pad, np.int64)])
+    segments = np.concatenate(
+        [*(np.full(n, i + 1) for i, n in enumerate(lengths)), np.zeros(pad, np.int64)]
+    )
+    return examples, jnp.asarray(row[None], jnp.int32), jnp.asarray(segments[None], jnp.int32)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("attention", ["einsum", "xla"])
+def test_each_example_of_a_packed_row_gets_its_logits_alone(family, attention):
+    """Segment ids: attention stays within an example and positions restart (learned positions
+    for GPT-2, RoPE for Llama), so an example's logits do not depend on its neighbours."""
+    kv = 2 if family == "llama" else 4
+    cfg = ModelConfig(
+        family=family,
+        vocab_size=64,
+        num_layers=2,
+        embed_dim=32,
+        num_heads=4,
+        num_kv_heads=kv,
+        max_seq_len=32,
+        attention=attention,
+    )
+    model = create_model(cfg, seed=0)
+    examples, row, segments = _packed_row(np.random.default_rng(0), [5, 9, 7], 64)
+    packed, _ = model(row, segments=segments)
+    start = 0
+    for example in examples:
+        alone, _ = model(jnp.asarray(example[None], jnp.int32))
+        got = packed[0, start : start + len(example)]
+        np.testing.assert_allclose(got, alone[0], atol=1e-5, rtol=1e-5)
+        start += len(example)
+    unmasked, _ = model(row)  # without the segments example 2 sees example 1: different
+    assert not np.allclose(unmasked[0, 5:14], packed[0, 5:14], atol=1e-3)
+
+
+def test_the_loss_of_a_packed_row_is_the_token_weighted_loss_of_its_examples():
+    from pipeline.training.train import lm_loss
+
+    cfg = ModelConfig(vocab_size=64, num_layers=2, embed_dim=32, num_heads=4, max_seq_len=32)
+    graphdef, params = nnx.split(create_model(cfg, seed=1))
+
+    def apply(params, frozen, tokens, rng=None, segments=None):
+        return nnx.merge(graphdef, params)(tokens, segments=segments)[0]
+
+    examples, row, segments = _packed_row(np.random.default_rng(1), [6, 10, 8], 64)
+    mask = (segments[:, 1:] > 0).astype(jnp.float32)  # padding targets do not count
+    total, count = lm_loss(
+        apply, params, {}, {"tokens": row, "mask": mask, "segments": segments}, None
+    )
+    alone = [
+        lm_loss(apply, params, {}, {"tokens": jnp.asarray(e[None], jnp.int32)}, None)
+        for e in examples
+    ]
+    assert float(count) == sum(len(e) - 1 for e in examples)  # no target across a boundary
+    np.testing.assert_allclose(float(total), sum(float(t) for t, _ in alone), rtol=1e-5)

@@ -87,12 +87,12 @@ def trainable_split(model, lora: bool):
     else:
         (graphdef, params), frozen = nnx.split(model), {}
 
-    def apply(params, frozen, tokens, rng=None):
+    def apply(params, frozen, tokens, rng=None, segments=None):
         if not lora:
-            return nnx.merge(graphdef, params)(tokens)[0]
+            return nnx.merge(graphdef, params)(tokens, segments=segments)[0]
         model = nnx.merge(graphdef, params, frozen)
         set_dropout_keys(model, rng)
-        return model(tokens)[0]
+        return model(tokens, segments=segments)[0]
 
     return graphdef, params, frozen, apply
 

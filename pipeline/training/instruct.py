@@ -31,10 +31,12 @@ MAX_SOURCE_CHARS = 1200
 
 @dataclass
 class Examples:
-    """Fixed-length rows: tokens (N, seq_len + 1) and a loss mask over targets (N, seq_len)."""
+    """Fixed-length rows: tokens (N, seq_len + 1) and a loss mask over targets (N, seq_len);
+    packed rows also carry segment ids (N, seq_len + 1): 1, 2, ... per example, 0 padding."""
 
     tokens: np.ndarray
     mask: np.ndarray
+    segments: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -138,26 +140,36 @@ def build_examples(
         masks.append(trained)
     if not rows:
         raise ConfigError(f"finetune.data: no example fits data.seq_len={seq_len}")
+    segments = None
     if packing:
-        rows, masks = _pack(rows, masks, seq_len + 1)
+        rows, masks, ids_of = _pack(rows, masks, seq_len + 1)
+        segments = np.zeros((len(rows), seq_len + 1), np.int32)
+        for i, row in enumerate(ids_of):
+            segments[i, : len(row)] = row
     tokens = np.full((len(rows), seq_len + 1), tokenizer.pad_id, np.int32)
     mask = np.zeros((len(rows), seq_len + 1), np.float32)
     for i, (ids, trained) in enumerate(zip(rows, masks, strict=True)):
         tokens[i, : len(ids)] = ids
         mask[i, : len(trained)] = trained
-    return Examples(tokens, mask[:, 1:])  # mask[t] says whether target t (= token t+1) counts
+    # mask[t] says whether target t (= token t+1) counts
+    return Examples(tokens, mask[:, 1:], segments)
 
 
 def _pack(rows, masks, width: int):
-    """Greedy packing: append whole examples to a row while they fit."""
-    packed, packed_masks = [[]], [[]]
+    """Greedy packing: append whole examples to a row while they fit. Returns the rows, their
+    masks and each token's segment id (1, 2, ... within a row): attention and the loss stay
+    within an example (the model masks across segments; positions restart)."""
+    packed, packed_masks, segments = [[]], [[]], [[]]
     for ids, trained in zip(rows, masks, strict=True):
         if packed[-1] and len(packed[-1]) + len(ids) > width:
             packed.append([])
             packed_masks.append([])
+            segments.append([])
+        segment = (segments[-1][-1] if segments[-1] else 0) + 1
         packed[-1] += ids
         packed_masks[-1] += trained
-    return packed, packed_masks
+        segments[-1] += [segment] * len(ids)
+    return packed, packed_masks, segments
 
 
 class ExampleSampler:
@@ -187,7 +199,10 @@ class ExampleSampler:
     def batch(self, step: int, process_index: int = 0, process_count: int = 1) -> dict:
         rows = self.global_batch // process_count
         idx = self.indices(step)[process_index * rows : (process_index + 1) * rows]
-        return {"tokens": self.examples.tokens[idx], "mask": self.examples.mask[idx]}
+        batch = {"tokens": self.examples.tokens[idx], "mask": self.examples.mask[idx]}
+        if self.examples.segments is not None:
+            batch["segments"] = self.examples.segments[idx]
+        return batch
 
 
 def stdlib_docstring_examples(val_fraction: float, limit: int | None = None):

@@ -51,12 +51,18 @@ class Stage:
 
 
 def lm_loss(apply: Callable, params, frozen, batch: dict, rng) -> tuple[jax.Array, jax.Array]:
-    """Next-token cross-entropy summed over the counted tokens. batch["tokens"]: (B, T+1)."""
-    tokens = batch["tokens"]
-    logits = apply(params, frozen, tokens[:, :-1], rng)  # (B, T, V) float32
+    """Next-token cross-entropy summed over the counted tokens. batch["tokens"]: (B, T+1);
+    optional "mask" (B, T) over targets and "segments" (B, T+1) for packed rows."""
+    tokens, segments = batch["tokens"], batch.get("segments")
+    if segments is None:
+        logits = apply(params, frozen, tokens[:, :-1], rng)  # (B, T, V) float32
+    else:  # packed rows: attention within a segment; no target from the previous segment
+        logits = apply(params, frozen, tokens[:, :-1], rng, segments=segments[:, :-1])
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
     mask = batch.get("mask")
     mask = jnp.ones_like(losses) if mask is None else mask.astype(losses.dtype)
+    if segments is not None:
+        mask = mask * (segments[:, 1:] == segments[:, :-1]).astype(losses.dtype)
     return jnp.sum(losses * mask), jnp.sum(mask)
 
 
