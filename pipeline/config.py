@@ -133,6 +133,9 @@ class DataConfig:
     val_fraction: float = 0.05
     cache_dir: str = "data_cache"
     seed: int = 0  # the document split; the sampler uses train.seed
+    # pre-training windows span documents (each ends with EOS): true masks attention across
+    # them, restarts positions and never predicts a document's first token from the one before
+    document_masking: bool = False
 
 
 @dataclass(frozen=True)

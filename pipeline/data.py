@@ -328,9 +328,21 @@ class Sampler:
         return windows.astype(np.int32).reshape(num_devices // process_count, -1, self.seq_len + 1)
 
 
-def lm_batch(sampler: Sampler, step: int) -> dict:
-    """This process's rows of the global batch for `step`: tokens (rows, T+1)."""
+def lm_batch(sampler: Sampler, step: int, eos_id: int | None = None) -> dict:
+    """This process's rows of the global batch for `step`: tokens (rows, T+1). With `eos_id`
+    (data.document_masking) also "segments": the documents a window holds, numbered from 1,
+    a new one after each EOS (which ends the document before it)."""
     import jax
 
     count = jax.process_count()
-    return {"tokens": sampler.batch(step, count, jax.process_index(), count)[0]}
+    tokens = sampler.batch(step, count, jax.process_index(), count)[0]
+    if eos_id is None:
+        return {"tokens": tokens}
+    return {"tokens": tokens, "segments": document_segments(tokens, eos_id)}
+
+
+def document_segments(tokens: np.ndarray, eos_id: int) -> np.ndarray:
+    """(rows, T) token windows -> segment ids: 1 + the EOS tokens before each position."""
+    ends = np.asarray(tokens) == eos_id
+    before = np.concatenate([np.zeros_like(ends[:, :1]), ends[:, :-1]], axis=1)
+    return (1 + np.cumsum(before, axis=1)).astype(np.int32)

@@ -175,3 +175,14 @@ def test_bpe_is_trained_once_and_cached(tmp_path, monkeypatch):
     monkeypatch.setattr(data_mod, "build_tokenizer", lambda *a: pytest.fail("retrained"))
     again = prepare_dataset(cfg)
     assert again.tokenizer.encode("aaaa") == first.tokenizer.encode("aaaa")
+
+
+def test_document_segments_start_a_new_document_after_each_eos():
+    from pipeline.data import document_segments
+
+    eos = 9
+    tokens = np.array([[1, 2, 9, 3, 9, 9, 4], [5, 6, 7, 8, 1, 2, 3]])
+    assert document_segments(tokens, eos).tolist() == [
+        [1, 1, 1, 2, 2, 3, 4],  # an EOS ends its document; the next token starts one
+        [1, 1, 1, 1, 1, 1, 1],
+    ]

@@ -333,3 +333,24 @@ def test_a_checkpoint_write_that_fails_stops_the_run_and_the_last_one_resumes(
     jax.tree.map(
         np.testing.assert_array_equal, restore_final_state(whole), restore_final_state(split)
     )
+
+
+@pytest.mark.e2e
+def test_pretraining_with_document_masking_trains_and_resumes(tiny_config, tmp_path):
+    """data.document_masking: the windows' documents are separated (segment ids from EOS) and
+    the run learns, and resumes bit-identically, as without."""
+    cfg = with_overrides(
+        _tiny_run(tiny_config, steps=8, checkpoint_every=4),
+        data={"document_masking": True},
+        run={"dir": str(tmp_path / "whole")},
+    )
+    stage = build_stage(cfg)
+    batches = [stage.train_batch(step) for step in range(40)]
+    assert all(b["segments"].shape == b["tokens"].shape for b in batches)
+    assert any(b["segments"].max() > 1 for b in batches)  # some windows span two documents
+    assert run_training(cfg, stage)["status"] == "finished"
+    split = with_overrides(cfg, run={"dir": str(tmp_path / "split")})
+    run_training(with_overrides(split, train={"stop_at": 4}), build_stage(split))
+    run_training(split, build_stage(split))
+    losses = lambda c: [r["loss"] for r in read_metrics(c.run.dir) if "loss" in r]  # noqa: E731
+    assert losses(cfg) == losses(split) and all(np.isfinite(losses(cfg)))

@@ -20,9 +20,11 @@ def build_stage(cfg: Config, dataset: Dataset | None = None) -> Stage:
     dataset = dataset or prepare_dataset(cfg)
     graphdef, params = nnx.split(create_model(cfg.model, seed=cfg.train.seed))
 
-    def apply(params, frozen, tokens, rng=None):
-        logits, _ = nnx.merge(graphdef, params)(tokens)
+    def apply(params, frozen, tokens, rng=None, segments=None):
+        logits, _ = nnx.merge(graphdef, params)(tokens, segments=segments)
         return logits
+
+    eos = dataset.tokenizer.eos_id if cfg.data.document_masking else None
 
     seq_len, batch = cfg.data.seq_len, cfg.train.batch_size
     train = Sampler(dataset.train, seq_len, batch, cfg.train.seed)
@@ -35,8 +37,8 @@ def build_stage(cfg: Config, dataset: Dataset | None = None) -> Stage:
         params=params,
         frozen={},
         loss_fn=partial(lm_loss, apply),
-        train_batch=partial(lm_batch, train),
-        eval_batch=partial(lm_batch, evaluate) if evaluate else None,
+        train_batch=partial(lm_batch, train, eos_id=eos),
+        eval_batch=partial(lm_batch, evaluate, eos_id=eos) if evaluate else None,
         flops_per_token=flops_per_token(cfg.model, seq_len),
         tokens_per_example=seq_len,
         bytes_per_token=1.0 if dataset.tokenizer.is_byte_level else None,
