@@ -126,7 +126,9 @@ class TokenizerConfig:
 class DataConfig:
     """Where the text comes from and how it is cut into training windows."""
 
-    source: str = "stdlib"  # "stdlib", a text file, a folder, a glob, or a .jsonl file
+    # "stdlib", a text file, a folder, a glob, a .jsonl(.gz/.zst) file, a Parquet or Arrow file
+    # or folder of them (a datasets.save_to_disk folder too)
+    source: str = "stdlib"
     text_field: str = "text"  # the field read from each JSONL line
     max_docs: int | None = None  # keep only the first N documents (a slice for quick runs)
     seq_len: int = 64

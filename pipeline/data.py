@@ -13,6 +13,9 @@ import ast
 import contextlib
 import glob
 import hashlib
+import importlib
+import io
+import itertools
 import json
 import os
 import shutil
@@ -55,9 +58,12 @@ def python_functions(path: Path):
 def read_documents(cfg: DataConfig) -> list[str]:
     """The corpus as a list of documents (a file each, or a JSONL line each)."""
     source = cfg.source
+    table = _table_source(Path(source))
     if source == "stdlib":
         docs = _read_files(stdlib_files(), cfg.max_docs)
-    elif Path(source).is_file() and source.endswith(".jsonl"):
+    elif table is not None:
+        docs = list(itertools.islice(_table_texts(table, cfg.text_field), cfg.max_docs))
+    elif Path(source).is_file() and source.endswith(JSONL_SUFFIXES):
         docs = _read_jsonl(Path(source), cfg.text_field, cfg.max_docs)
     elif Path(source).is_file():
         docs = _read_files([Path(source)], cfg.max_docs)
@@ -97,9 +103,87 @@ def _read_files(files: list[Path], limit: int | None) -> list[str]:
     return docs
 
 
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
+TABLE_SUFFIXES = (".parquet", ".arrow")
+
+
+def _open_text(path: Path):
+    """A text stream over a .jsonl, .jsonl.gz or .jsonl.zst file, decompressed as it is read."""
+    if path.name.endswith(".gz"):
+        import gzip
+
+        return gzip.open(path, "rt", encoding="utf-8")
+    if path.name.endswith(".zst"):
+        zstd = _optional("zstandard", "a .jsonl.zst source")
+        return io.TextIOWrapper(zstd.ZstdDecompressor().stream_reader(path.open("rb")), "utf-8")
+    return path.open(encoding="utf-8")
+
+
+def _optional(module: str, what: str):
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ConfigError(
+            f"data.source: {what} needs the {module} package: pip install -e '.[data]'"
+        ) from None
+
+
+def _table_source(path: Path) -> list[Path] | None:
+    """The Parquet / Arrow files of a source (a file, a folder of them, or a folder written by
+    `datasets.save_to_disk`); None when the source is not one."""
+    if path.is_file():
+        return [path] if path.name.endswith(TABLE_SUFFIXES) else None
+    if not path.is_dir():
+        return None
+    files = sorted(p for p in path.rglob("*") if p.is_file() and not _hidden(p))
+    tables = [p for p in files if p.name.endswith(TABLE_SUFFIXES)]
+    return tables if tables and len(tables) == len([p for p in files if _data_file(p)]) else None
+
+
+def _data_file(path: Path) -> bool:
+    # a save_to_disk folder also holds dataset_info.json and state.json
+    return path.name not in ("dataset_info.json", "state.json", "dataset_dict.json")
+
+
+def _table_texts(files: list[Path], text_field: str):
+    """The non-empty strings of column `text_field`, a record batch at a time (bounded memory)."""
+    pa = _optional("pyarrow", "a Parquet or Arrow source")
+    for path in files:
+        for batch in _record_batches(pa, path, text_field):
+            if text_field not in batch.schema.names:
+                raise ConfigError(
+                    f"{path}: no column {text_field!r} (data.text_field); it has "
+                    + ", ".join(batch.schema.names)
+                )
+            for text in batch.column(text_field).to_pylist():
+                if not isinstance(text, str):
+                    raise ConfigError(f"{path}: column {text_field!r} holds {type(text).__name__}")
+                if text:
+                    yield text
+
+
+def _record_batches(pa, path: Path, text_field: str):
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        parquet = pq.ParquetFile(path)
+        names = parquet.schema_arrow.names
+        yield from parquet.iter_batches(columns=[text_field] if text_field in names else None)
+        return
+    with path.open("rb") as f:  # Arrow IPC: the stream format (datasets) or the file format
+        try:
+            reader = pa.ipc.open_stream(f)
+        except pa.ArrowInvalid:
+            f.seek(0)
+            file = pa.ipc.open_file(f)
+            yield from (file.get_batch(i) for i in range(file.num_record_batches))
+            return
+        yield from reader
+
+
 def _read_jsonl(path: Path, text_field: str, limit: int | None) -> list[str]:
     docs = []
-    with path.open(encoding="utf-8") as f:
+    with _open_text(path) as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue

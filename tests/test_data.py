@@ -186,3 +186,51 @@ def test_document_segments_start_a_new_document_after_each_eos():
         [1, 1, 1, 2, 2, 3, 4],  # an EOS ends its document; the next token starts one
         [1, 1, 1, 1, 1, 1, 1],
     ]
+
+
+def test_parquet_arrow_and_compressed_jsonl_sources_give_the_plain_files_documents(tmp_path):
+    """The same documents from a plain .jsonl, .jsonl.gz, .jsonl.zst, a Parquet file, an Arrow
+    file and a `datasets.save_to_disk` folder (read a record batch at a time)."""
+    import gzip
+
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    zstd = pytest.importorskip("zstandard")
+    from pipeline.config import DataConfig
+    from pipeline.data import read_documents
+
+    texts = [f"def f{i}():\n    return {i} * 'é'\n" for i in range(50)] + ["", "last"]
+    lines = "".join(json.dumps({"text": t, "id": i}) + "\n" for i, t in enumerate(texts))
+    (tmp_path / "c.jsonl").write_text(lines, encoding="utf-8")
+    with gzip.open(tmp_path / "c.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write(lines)
+    (tmp_path / "c.jsonl.zst").write_bytes(zstd.ZstdCompressor().compress(lines.encode()))
+    table = pa.table({"id": list(range(len(texts))), "text": texts})
+    pq.write_table(table, tmp_path / "c.parquet", row_group_size=7)
+    with (
+        pa.OSFile(str(tmp_path / "c.arrow"), "wb") as sink,
+        pa.ipc.new_file(sink, table.schema) as w,
+    ):
+        w.write_table(table, max_chunksize=9)
+    saved = tmp_path / "saved"  # a `datasets.save_to_disk` folder: Arrow streams + json
+    try:
+        import datasets
+
+        datasets.Dataset.from_dict({"id": list(range(len(texts))), "text": texts}).save_to_disk(
+            str(saved)
+        )
+    except ImportError:  # its layout, written by hand
+        saved.mkdir()
+        stream = pa.OSFile(str(saved / "data-00000-of-00001.arrow"), "wb")
+        with stream as sink, pa.ipc.new_stream(sink, table.schema) as w:
+            w.write_table(table, max_chunksize=11)
+        (saved / "dataset_info.json").write_text("{}")
+        (saved / "state.json").write_text("{}")
+    plain = read_documents(DataConfig(source=str(tmp_path / "c.jsonl")))
+    assert plain == [t for t in texts if t]
+    for name in ("c.jsonl.gz", "c.jsonl.zst", "c.parquet", "c.arrow", "saved"):
+        assert read_documents(DataConfig(source=str(tmp_path / name))) == plain, name
+    assert read_documents(DataConfig(source=str(tmp_path / "c.parquet"), max_docs=3)) == plain[:3]
+    with pytest.raises(ConfigError, match="no column 'body'.*id, text"):
+        read_documents(DataConfig(source=str(tmp_path / "c.parquet"), text_field="body"))
