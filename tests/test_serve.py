@@ -234,6 +234,10 @@ def test_chat_errors_oversized_bodies_and_unknown_routes(server):
     assert r.status_code == 400 and "messages.0.content holds" in r.json()["error"]["message"]
     r = httpx.post(url, content=b"x" * (2 << 20), headers={"content-type": "application/json"})
     assert r.status_code == 413 and "limit" in r.json()["error"]["message"]
+    # an earlier tool call without its function (found by the schema fuzzing: was a 500)
+    history = [{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [{}]}]
+    r = httpx.post(url, json={"model": NAME, "messages": history})
+    assert r.status_code == 400 and "function" in r.json()["error"]["message"]
     r = httpx.get(server.url + "/v1/nothing")
     assert r.status_code == 404 and r.json()["error"]["message"]
 

@@ -197,13 +197,30 @@ class CompletionRequest(SamplingRequest):
         return self.logprobs
 
 
+class CalledFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    arguments: str | dict[str, Any]  # OpenAI sends the arguments as a JSON string
+
+
+class ToolCall(BaseModel):
+    """One of an assistant's earlier calls, as OpenAI's API returned it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     role: Literal["system", "user", "assistant", "tool"]
     content: str | None = None
     name: str | None = None  # accepted, unused
-    tool_calls: list[dict[str, Any]] | None = None  # an assistant's earlier calls
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
     tool_call_id: str | None = None  # a tool's result answers this call
 
     @field_validator("content")
