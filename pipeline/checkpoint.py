@@ -38,23 +38,13 @@ class CheckpointWriteError(CheckpointError):
     """A checkpoint that could not be written (a full disk, a read-only folder)."""
 
 
-def _path_name(path) -> str:
-    parts = []
-    for key in path:
-        for attr in ("key", "idx", "name"):
-            if hasattr(key, attr):
-                parts.append(str(getattr(key, attr)))
-                break
-        else:
-            parts.append(str(key))
-    return "/".join(parts)
-
-
 def checksums(tree: Any) -> dict[str, int]:
     """{array path: CRC-32 of its bytes} for every array of a pytree of host arrays."""
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
     return {
-        _path_name(path): zlib.crc32(np.ascontiguousarray(x).view(np.uint8).reshape(-1))
+        jax.tree_util.keystr(path, simple=True, separator="/"): zlib.crc32(
+            np.ascontiguousarray(x).view(np.uint8).reshape(-1)
+        )
         for path, x in leaves
     }
 
