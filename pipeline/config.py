@@ -81,6 +81,9 @@ class ModelConfig:
     param_dtype: DTYPES = "float32"
     compute_dtype: DTYPES = "float32"
     remat: Literal["none", "block", "dots"] = "none"  # rematerialisation; never changes parameters
+    # Training cross-entropy this many positions at a time (0: all at once); never changes results
+    # beyond rounding. Saves the (batch, sequence, vocabulary) float32 logits and their gradient.
+    loss_chunk: int = 0
     # Training attention: auto (einsum on CPU, cuDNN flash attention on GPUs in bfloat16/float16,
     # XLA's jax.nn.dot_product_attention otherwise), or one of them by name. Never changes results
     # beyond rounding; decoding with a KV cache always reads the cache in place (einsum).
@@ -533,6 +536,7 @@ def _model_rules(m: ModelConfig, origins: dict) -> list[tuple[str, bool, str]]:
         ),
         ("model.mlp_dim", m.mlp_dim > 0, "must be positive"),
         ("model.max_seq_len", m.max_seq_len > 0, "must be positive"),
+        ("model.loss_chunk", m.loss_chunk >= 0, "must be 0 (all at once) or positive"),
         (
             "model.positions",
             m.positions == "learned" or m.head_dim % 2 == 0,

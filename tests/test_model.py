@@ -18,6 +18,7 @@ from pipeline.model import (
     create_model,
     flops_per_token,
     init_cache,
+    segment_positions,
 )
 
 VARIANTS = {
@@ -190,15 +191,16 @@ def test_param_count_and_flops():
     assert flops_per_token(cfg, 16) == 6 * matmul + 12 * L * D * 16
 
 
+@pytest.mark.parametrize("length", [7, 150])  # 150: the einsum path goes by query blocks
 @pytest.mark.parametrize("window", [None, 3])
 @pytest.mark.parametrize("kv_heads", [4, 2, 1])
-def test_xla_attention_equals_einsum(kv_heads, window):
+def test_xla_attention_equals_einsum(kv_heads, window, length):
     """jax.nn.dot_product_attention (the accelerator path, causal and windowed by its own
     arguments) computes what the einsum path computes, values and gradients."""
-    q = jax.random.normal(jax.random.key(0), (2, 7, 4, 8))
-    k = jax.random.normal(jax.random.key(1), (2, 7, kv_heads, 8))
-    v = jax.random.normal(jax.random.key(2), (2, 7, kv_heads, 8))
-    positions = jnp.broadcast_to(jnp.arange(7), (2, 7))
+    q = jax.random.normal(jax.random.key(0), (2, length, 4, 8))
+    k = jax.random.normal(jax.random.key(1), (2, length, kv_heads, 8))
+    v = jax.random.normal(jax.random.key(2), (2, length, kv_heads, 8))
+    positions = jnp.broadcast_to(jnp.arange(length), (2, length))
 
     def loss(impl, q, k, v):
         out = attention(q, k, v, positions, window, impl)
@@ -220,6 +222,17 @@ def test_xla_attention_equals_einsum(kv_heads, window):
         mask=None if window is None else _visible(positions, positions, window)[:, None],
     )
     np.testing.assert_allclose(ref, expected, atol=1e-5)
+
+
+def test_blockwise_einsum_attention_of_packed_rows_equals_the_whole_square():
+    """Segments (packed rows) through the query blocks: what XLA's masked attention gives."""
+    q, k, v = (jax.random.normal(jax.random.key(i), (2, 150, 4, 8)) for i in range(3))
+    positions = jnp.broadcast_to(jnp.arange(150), (2, 150))
+    segments = jnp.asarray(np.repeat([[1, 2, 3], [1, 1, 2]], [40, 70, 40], axis=1))
+    got = attention(q, k, v, segment_positions(segments), segments=segments)
+    mask = _visible(positions, positions, None) & (segments[:, :, None] == segments[:, None, :])
+    expected = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None])
+    np.testing.assert_allclose(got, expected, atol=1e-5)
 
 
 def test_cached_attention_equals_dot_product_attention():
@@ -362,14 +375,22 @@ def test_each_example_of_a_packed_row_gets_its_logits_alone(family, attention):
     assert not np.allclose(unmasked[0, 5:14], packed[0, 5:14], atol=1e-3)
 
 
-def test_the_loss_of_a_packed_row_is_the_token_weighted_loss_of_its_examples():
-    from pipeline.training.train import lm_loss
+@pytest.mark.parametrize("loss_chunk", [0, 4])
+def test_the_loss_of_a_packed_row_is_the_token_weighted_loss_of_its_examples(loss_chunk):
+    from pipeline.training.train import lm_loss, token_losses
 
-    cfg = ModelConfig(vocab_size=64, num_layers=2, embed_dim=32, num_heads=4, max_seq_len=32)
+    cfg = ModelConfig(
+        vocab_size=64,
+        num_layers=2,
+        embed_dim=32,
+        num_heads=4,
+        max_seq_len=32,
+        loss_chunk=loss_chunk,
+    )
     graphdef, params = nnx.split(create_model(cfg, seed=1))
 
-    def apply(params, frozen, tokens, rng=None, segments=None):
-        return nnx.merge(graphdef, params)(tokens, segments=segments)[0]
+    def apply(params, frozen, tokens, rng=None, segments=None, targets=None):
+        return token_losses(nnx.merge(graphdef, params), tokens, targets, segments)
 
     examples, row, segments = _packed_row(np.random.default_rng(1), [6, 10, 8], 64)
     mask = (segments[:, 1:] > 0).astype(jnp.float32)  # padding targets do not count
@@ -382,3 +403,44 @@ def test_the_loss_of_a_packed_row_is_the_token_weighted_loss_of_its_examples():
     ]
     assert float(count) == sum(len(e) - 1 for e in examples)  # no target across a boundary
     np.testing.assert_allclose(float(total), sum(float(t) for t, _ in alone), rtol=1e-5)
+
+
+def test_remat_block_lowers_the_compiled_temporaries():
+    """jax.checkpoint alone saves nothing on XLA's CPU compiler (it merges the recomputation
+    back into the forward pass); the block's own recomputation must."""
+    cfg = ModelConfig(vocab_size=64, num_layers=4, embed_dim=64, num_heads=4, max_seq_len=256)
+    tokens = _tokens((4, 256))
+    temp = {}
+    for remat in ("none", "block"):
+        graphdef, state = nnx.split(create_model(ModelConfig(**{**cfg.__dict__, "remat": remat})))
+
+        def loss(state, graphdef=graphdef):
+            return jnp.mean(nnx.merge(graphdef, state)(tokens)[0] ** 2)
+
+        compiled = jax.jit(jax.grad(loss)).lower(state).compile()
+        temp[remat] = compiled.memory_analysis().temp_size_in_bytes
+    assert temp["block"] < 0.6 * temp["none"], temp
+
+
+@pytest.mark.parametrize("variant", ["gpt2", "llama-gqa"])
+def test_chunked_cross_entropy_equals_the_whole_one_with_its_gradients(variant):
+    """model.loss_chunk: the same per-token losses and parameter gradients, a chunk of
+    positions at a time (7 does not divide 20: the last chunk is padded)."""
+    from pipeline.training.train import token_losses
+
+    tokens = _tokens((2, 21))
+    results = []
+    for chunk in (0, 7):
+        cfg = ModelConfig(**{**VARIANTS[variant].__dict__, "loss_chunk": chunk})
+        graphdef, state = nnx.split(create_model(cfg, seed=3))
+
+        def loss(state, graphdef=graphdef):
+            model = nnx.merge(graphdef, state)
+            losses = token_losses(model, tokens[:, :-1], tokens[:, 1:])
+            return jnp.sum(losses * jnp.arange(20)), losses  # a weight per position
+
+        results.append(jax.grad(loss, has_aux=True)(state))
+    (g0, l0), (g7, l7) = results
+    assert l0.shape == l7.shape == (2, 20)
+    np.testing.assert_allclose(l0, l7, rtol=1e-5, atol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), g0, g7)

@@ -18,7 +18,7 @@ from pipeline.lora import add_lora, save_adapter, set_dropout_keys
 from pipeline.model import flops_per_token
 from pipeline.training.instruct import Examples, ExampleSampler, build_examples, read_examples
 from pipeline.training.loop import model_differences, run_training
-from pipeline.training.train import Stage, lm_loss
+from pipeline.training.train import Stage, lm_loss, token_losses
 
 
 def check_same_model(cfg: Config, base: Config) -> None:
@@ -80,18 +80,22 @@ def stage_for_model(cfg: Config, model, tokenizer, train: Examples, held_out: Ex
 
 
 def trainable_split(model, lora: bool):
-    """(graphdef, trained params, frozen state, apply(params, frozen, tokens, rng) -> logits):
+    """(graphdef, trained params, frozen state, apply(params, frozen, tokens, rng) -> logits, or
+    with targets= the per-token losses):
     with LoRA the adapters train and everything else is frozen; otherwise the whole model."""
     if lora:
         graphdef, params, frozen = nnx.split(model, nnx.LoRAParam, ...)
     else:
         (graphdef, params), frozen = nnx.split(model), {}
 
-    def apply(params, frozen, tokens, rng=None, segments=None):
+    def apply(params, frozen, tokens, rng=None, segments=None, targets=None):
         if not lora:
-            return nnx.merge(graphdef, params)(tokens, segments=segments)[0]
-        model = nnx.merge(graphdef, params, frozen)
-        set_dropout_keys(model, rng)
+            model = nnx.merge(graphdef, params)
+        else:
+            model = nnx.merge(graphdef, params, frozen)
+            set_dropout_keys(model, rng)
+        if targets is not None:  # (B, T) per-token losses
+            return token_losses(model, tokens, targets, segments)
         return model(tokens, segments=segments)[0]
 
     return graphdef, params, frozen, apply

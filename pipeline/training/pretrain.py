@@ -13,16 +13,18 @@ from pipeline.config import Config
 from pipeline.data import Dataset, Sampler, lm_batch, prepare_dataset
 from pipeline.model import create_model, flops_per_token
 from pipeline.training.loop import run_training
-from pipeline.training.train import Stage, lm_loss
+from pipeline.training.train import Stage, lm_loss, token_losses
 
 
 def build_stage(cfg: Config, dataset: Dataset | None = None) -> Stage:
     dataset = dataset or prepare_dataset(cfg)
     graphdef, params = nnx.split(create_model(cfg.model, seed=cfg.train.seed))
 
-    def apply(params, frozen, tokens, rng=None, segments=None):
-        logits, _ = nnx.merge(graphdef, params)(tokens, segments=segments)
-        return logits
+    def apply(params, frozen, tokens, rng=None, segments=None, targets=None):
+        model = nnx.merge(graphdef, params)
+        if targets is not None:
+            return token_losses(model, tokens, targets, segments)
+        return model(tokens, segments=segments)[0]
 
     eos = dataset.tokenizer.eos_id if cfg.data.document_masking else None
 

@@ -52,18 +52,53 @@ class Stage:
 
 def lm_loss(apply: Callable, params, frozen, batch: dict, rng) -> tuple[jax.Array, jax.Array]:
     """Next-token cross-entropy summed over the counted tokens. batch["tokens"]: (B, T+1);
-    optional "mask" (B, T) over targets and "segments" (B, T+1) for packed rows."""
+    optional "mask" (B, T) over targets and "segments" (B, T+1) for packed rows. `apply(...,
+    targets=)` gives the (B, T) per-token losses (`token_losses`)."""
     tokens, segments = batch["tokens"], batch.get("segments")
-    if segments is None:
-        logits = apply(params, frozen, tokens[:, :-1], rng)  # (B, T, V) float32
-    else:  # packed rows: attention within a segment; no target from the previous segment
-        logits = apply(params, frozen, tokens[:, :-1], rng, segments=segments[:, :-1])
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
+    # packed rows: attention within a segment; no target from the previous segment
+    inputs = None if segments is None else segments[:, :-1]
+    losses = apply(params, frozen, tokens[:, :-1], rng, segments=inputs, targets=tokens[:, 1:])
     mask = batch.get("mask")
     mask = jnp.ones_like(losses) if mask is None else mask.astype(losses.dtype)
     if segments is not None:
         mask = mask * (segments[:, 1:] == segments[:, :-1]).astype(losses.dtype)
     return jnp.sum(losses * mask), jnp.sum(mask)
+
+
+def token_losses(model, tokens, targets, segments=None) -> jax.Array:
+    """(B, T) next-token cross-entropies of `targets` given `tokens` under `model` (a
+    `Transformer`), float32.
+
+    With `model.loss_chunk` > 0 the logits are made `loss_chunk` positions at a time and made
+    again in the backward pass: the (B, T, V) float32 logits and their gradient never exist at
+    once (the largest temporaries of a model with a large vocabulary).
+    """
+    x, _ = model.hidden(tokens, segments=segments)
+    chunk = model.cfg.loss_chunk
+    if not chunk or chunk >= x.shape[1]:
+        return optax.softmax_cross_entropy_with_integer_labels(model.head(x), targets)
+    return chunked_cross_entropy(model.head, x, targets, chunk)
+
+
+def chunked_cross_entropy(head: Callable, x: jax.Array, targets: jax.Array, chunk: int):
+    """Cross-entropies of `head(x)` (B, T, V) against `targets` (B, T), `chunk` positions at a
+    time in a loop whose body is recomputed in the backward pass."""
+    b, t, d = x.shape
+    pad = -t % chunk
+    if pad:
+        x = jnp.pad(x, ((0, 0), (0, pad), (0, 0)))
+        targets = jnp.pad(targets, ((0, 0), (0, pad)))
+    n = (t + pad) // chunk
+    xs = x.reshape(b, n, chunk, d).swapaxes(0, 1)
+    ts = targets.reshape(b, n, chunk).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def one(carry, chunk_of):
+        x_c, t_c = chunk_of
+        return carry, optax.softmax_cross_entropy_with_integer_labels(head(x_c), t_c)
+
+    _, losses = jax.lax.scan(one, None, (xs, ts))
+    return losses.swapaxes(0, 1).reshape(b, t + pad)[:, :t]
 
 
 def make_optimizer(
