@@ -25,6 +25,41 @@ def _config(args) -> Config:
     return load_config(args.config, args.overrides)
 
 
+def cmd_tokenize(args) -> int:
+    """Build (or find) the token store of the config's corpus and tokenizer; print its figures."""
+    import resource
+
+    from pipeline.data import prepare_dataset
+
+    cfg = _config(args)
+    dataset = prepare_dataset(cfg)
+    rss = max(
+        resource.getrusage(who).ru_maxrss * 1024
+        for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+    )
+    meta = dataset.meta
+    report = {
+        **dataset.summary(),
+        **{k: meta.get(k) for k in ("shards", "tokenize_workers", "tokenize_seconds")},
+        "mb_per_s_per_core": meta.get("mb_per_s_per_core"),
+        "peak_rss_bytes": rss,  # the largest of this process and its workers
+    }
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    print(
+        f"{report['documents']:,} documents, {report['bytes'] / 1e6:.1f} MB -> "
+        f"train {report['train_tokens']:,} + validation {report['val_tokens']:,} tokens"
+    )
+    print(
+        f"{report['shards']} shards by {report['tokenize_workers']} worker(s) in "
+        f"{report['tokenize_seconds']:.1f} s ({report['mb_per_s_per_core']:.2f} MB/s per core, "
+        f"when built); peak RSS {rss / 2**20:.0f} MiB"
+    )
+    print(f"store: {report['cache']}")
+    return 0
+
+
 def cmd_info(args) -> int:
     """Print the resolved config, model size, FLOPs per token and the data summary."""
     from pipeline.data import prepare_dataset
@@ -388,6 +423,12 @@ def _add_training_commands(sub) -> None:
     info.add_argument("--no-data", action="store_true", help="skip reading the corpus")
     info.add_argument("--json", action="store_true", help="one JSON object instead of text")
     info.set_defaults(func=cmd_info)
+    tok = sub.add_parser(
+        "tokenize", help="tokenize the corpus into the token store (all cores; resumable)"
+    )
+    _add_config_args(tok)
+    tok.add_argument("--json", action="store_true", help="one JSON object instead of text")
+    tok.set_defaults(func=cmd_tokenize)
     pre = sub.add_parser("pretrain", help="pre-train a model (resumes the run in run.dir)")
     _add_config_args(pre)
     pre.add_argument(

@@ -141,6 +141,10 @@ class DataConfig:
     # pre-training windows span documents (each ends with EOS): true masks attention across
     # them, restarts positions and never predicts a document's first token from the one before
     document_masking: bool = False
+    # the token store (`pipeline tokenize`): shards of about this much text, tokenized by this
+    # many worker processes (0: one per core)
+    shard_mb: float = 16.0
+    tokenize_workers: int = 0
 
 
 @dataclass(frozen=True)
@@ -567,6 +571,8 @@ def _run_rules(cfg: Config) -> list[tuple[str, bool, str]]:
         ),
         ("data.val_fraction", 0.0 <= d.val_fraction < 1.0, "must be in [0, 1)"),
         ("data.max_docs", d.max_docs is None or d.max_docs > 0, "must be positive"),
+        ("data.shard_mb", d.shard_mb > 0, "must be positive"),
+        ("data.tokenize_workers", d.tokenize_workers >= 0, "must be 0 (one per core) or more"),
         ("train.steps", t.steps >= 0, "must be >= 0"),
         ("train.batch_size", t.batch_size > 0, "must be positive"),
         ("train.log_every", t.log_every > 0, "must be positive"),

@@ -10,17 +10,14 @@ tokenizer. The batch for step s is a pure function of (seed, s), so a resumed ru
 from __future__ import annotations
 
 import ast
-import contextlib
 import glob
-import hashlib
 import importlib
 import io
 import itertools
 import json
 import os
-import shutil
+import sys
 import sysconfig
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,9 +25,15 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import Config, ConfigError, DataConfig
-from pipeline.tokenizer import SPECIAL_TOKENS, Tokenizer, build_tokenizer, token_dtype
-
-CACHE_VERSION = 2
+from pipeline.store import (
+    STORE_VERSION,
+    atomic_dir,
+    build_store,
+    hash_strings,
+    shard_documents,
+    split_documents,
+)
+from pipeline.tokenizer import SPECIAL_TOKENS, Tokenizer, build_tokenizer
 
 
 def stdlib_files() -> list[Path]:
@@ -56,51 +59,53 @@ def python_functions(path: Path):
 
 
 def read_documents(cfg: DataConfig) -> list[str]:
-    """The corpus as a list of documents (a file each, or a JSONL line each)."""
+    """The corpus as a list of documents (a file each, or a JSONL line or table row each)."""
+    docs = list(iter_documents(cfg))
+    if not docs:
+        raise ConfigError(
+            f"data.source: the corpus {cfg.source!r} is empty (no non-empty text documents)"
+        )
+    return docs
+
+
+def iter_documents(cfg: DataConfig) -> Iterator[str]:
+    """The corpus's documents as a stream (a file or a record batch in memory at a time)."""
     source = cfg.source
     table = _table_source(Path(source))
     if source == "stdlib":
-        docs = _read_files(stdlib_files(), cfg.max_docs)
+        docs = _read_files(stdlib_files())
     elif table is not None:
-        docs = list(itertools.islice(_table_texts(table, cfg.text_field), cfg.max_docs))
+        docs = _table_texts(table, cfg.text_field)
     elif Path(source).is_file() and source.endswith(JSONL_SUFFIXES):
-        docs = _read_jsonl(Path(source), cfg.text_field, cfg.max_docs)
+        docs = _read_jsonl(Path(source), cfg.text_field)
     elif Path(source).is_file():
-        docs = _read_files([Path(source)], cfg.max_docs)
+        docs = _read_files([Path(source)])
     elif Path(source).is_dir():
         files = sorted(p for p in Path(source).rglob("*") if p.is_file() and not _hidden(p))
-        docs = _read_files(files, cfg.max_docs)
+        docs = _read_files(files)
     elif glob.has_magic(source):
         files = sorted(Path(p) for p in glob.glob(source, recursive=True) if Path(p).is_file())
         if not files:
             raise ConfigError(f"data.source: no files match the glob {source!r}")
-        docs = _read_files(files, cfg.max_docs)
+        docs = _read_files(files)
     else:
         raise ConfigError(f"data.source: path not found: {source}")
-    if not docs:
-        raise ConfigError(
-            f"data.source: the corpus {source!r} is empty (no non-empty text documents)"
-        )
-    return docs
+    return itertools.islice(docs, cfg.max_docs)
 
 
 def _hidden(path: Path) -> bool:
     return any(part.startswith(".") for part in path.parts)
 
 
-def _read_files(files: list[Path], limit: int | None) -> list[str]:
-    docs = []
+def _read_files(files: list[Path]) -> Iterator[str]:
     for path in files:
         raw = path.read_bytes()
         if not raw.strip() or b"\0" in raw:
             continue  # empty or binary
         try:
-            docs.append(raw.decode("utf-8"))
+            yield raw.decode("utf-8")
         except UnicodeDecodeError:
             continue  # not UTF-8 text: a few stdlib test files use legacy encodings on purpose
-        if limit is not None and len(docs) >= limit:
-            break
-    return docs
 
 
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
@@ -181,8 +186,7 @@ def _record_batches(pa, path: Path, text_field: str):
         yield from reader
 
 
-def _read_jsonl(path: Path, text_field: str, limit: int | None) -> list[str]:
-    docs = []
+def _read_jsonl(path: Path, text_field: str) -> Iterator[str]:
     with _open_text(path) as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -196,19 +200,7 @@ def _read_jsonl(path: Path, text_field: str, limit: int | None) -> list[str]:
                     f"{path}:{lineno}: no string field {text_field!r} (data.text_field)"
                 )
             if record[text_field]:
-                docs.append(record[text_field])
-            if limit is not None and len(docs) >= limit:
-                break
-    return docs
-
-
-def split_documents(num_docs: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Deterministic train/validation document indices (at least one of each when possible)."""
-    order = np.random.default_rng(seed).permutation(num_docs)
-    num_val = int(round(num_docs * val_fraction))
-    if val_fraction > 0 and num_docs >= 2:
-        num_val = min(max(num_val, 1), num_docs - 1)
-    return np.sort(order[num_val:]), np.sort(order[:num_val])
+                yield record[text_field]
 
 
 @dataclass
@@ -235,36 +227,56 @@ class Dataset:
 
 
 def prepare_dataset(cfg: Config, tokenizer: Tokenizer | None = None) -> Dataset:
-    """Read, split, tokenize (cached) and check the corpus a config names."""
+    """Read, split, tokenize (into the token store, built once) and check the corpus a config
+    names. In a multi-process run process 0 builds the store while the others wait, then
+    they find it complete."""
     dcfg = cfg.data
-    docs = read_documents(dcfg)
-    train_idx, val_idx = split_documents(len(docs), dcfg.val_fraction, dcfg.seed)
-    corpus_hash = _hash_docs(docs)
     if tokenizer is None:
-        tokenizer = _cached_tokenizer(cfg, docs, train_idx, corpus_hash)
+        tokenizer = _cached_tokenizer(cfg)
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(
             f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's "
             f"{tokenizer.vocab_size} tokens; set model.vocab_size >= {tokenizer.vocab_size}"
         )
-    key = _hash_strings(
-        [
-            str(CACHE_VERSION),
-            corpus_hash,
-            tokenizer.fingerprint(),
-            str(dcfg.val_fraction),
-            str(dcfg.seed),
-        ]
+    jax = sys.modules.get("jax")  # imported by every multi-process run, never needed here
+    others = jax is not None and jax.process_count() > 1
+    if others and jax.process_index() != 0:
+        _sync(jax, "token store built")
+    directory = build_store(
+        _documents(dcfg),
+        tokenizer,
+        Path(dcfg.cache_dir),
+        val_fraction=dcfg.val_fraction,
+        seed=dcfg.seed,
+        shard_bytes=int(dcfg.shard_mb * 1e6),
+        workers=dcfg.tokenize_workers or len(os.sched_getaffinity(0)),
+        meta={"source": dcfg.source, "max_docs": dcfg.max_docs},
     )
-    directory = Path(dcfg.cache_dir) / f"tokens-{key[:16]}"
-    if not (directory / "meta.json").is_file():
-        _write_tokens(directory, docs, train_idx, val_idx, tokenizer, dcfg)
+    if others and jax.process_index() == 0:
+        _sync(jax, "token store built")
     meta = json.loads((directory / "meta.json").read_text())
     dtype = np.dtype(meta["dtype"])
     train = _load(directory / "train.bin", dtype)
     val = _load(directory / "val.bin", dtype)
     _check_length(train, dcfg.seq_len, "train")
     return Dataset(tokenizer, train, val, {**meta, "cache": str(directory)})
+
+
+def _sync(jax, name: str) -> None:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(name)
+
+
+def _documents(dcfg: DataConfig) -> Iterator[str]:
+    """`iter_documents`, with a clear error for a corpus with none."""
+    docs = iter_documents(dcfg)
+    first = next(docs, None)
+    if first is None:
+        raise ConfigError(
+            f"data.source: the corpus {dcfg.source!r} is empty (no non-empty text documents)"
+        )
+    return itertools.chain([first], docs)
 
 
 def _load(path: Path, dtype: np.dtype) -> np.ndarray:
@@ -281,29 +293,31 @@ def _check_length(tokens: np.ndarray, seq_len: int, split: str) -> None:
         )
 
 
-def _cached_tokenizer(cfg: Config, docs, train_idx, corpus_hash: str) -> Tokenizer:
+def _cached_tokenizer(cfg: Config) -> Tokenizer:
+    """The configured tokenizer; a BPE trained here is keyed by the text it trains on (the
+    first `tokenizer.train_max_bytes` of the train split) and cached."""
     tcfg = cfg.tokenizer
     if tcfg.path or tcfg.kind == "byte":
         return build_tokenizer(tcfg)
     vocab = tcfg.vocab_size or cfg.model.vocab_size
-    key = _hash_strings(
-        [
-            "bpe",
-            str(CACHE_VERSION),
-            corpus_hash,
-            str(vocab),
-            str(tcfg.train_max_bytes),
-            *SPECIAL_TOKENS,
-        ]
+    texts = list(_take_bytes(_train_texts(cfg.data), tcfg.train_max_bytes))
+    key = hash_strings(
+        ["bpe", str(STORE_VERSION), hash_strings(texts), str(vocab), *SPECIAL_TOKENS]
     )
     path = Path(cfg.data.cache_dir) / f"tokenizer-{key[:16]}" / "tokenizer.json"
     if path.is_file():
         return Tokenizer.load(path)
-    texts = _take_bytes((docs[i] for i in train_idx), tcfg.train_max_bytes)
-    tokenizer = build_tokenizer(tcfg, texts, vocab)
-    with _atomic_dir(path.parent) as tmp:
+    tokenizer = build_tokenizer(tcfg, iter(texts), vocab)
+    with atomic_dir(path.parent) as tmp:
         tokenizer.save(tmp)
     return tokenizer
+
+
+def _train_texts(dcfg: DataConfig) -> Iterator[str]:
+    """The train split's documents in corpus order, as the token store splits them."""
+    for texts in shard_documents(_documents(dcfg), int(dcfg.shard_mb * 1e6)):
+        train, _ = split_documents(len(texts), dcfg.val_fraction, dcfg.seed)
+        yield from (texts[i] for i in train)
 
 
 def _take_bytes(texts, limit: int):
@@ -313,63 +327,6 @@ def _take_bytes(texts, limit: int):
             return
         total += len(text)
         yield text
-
-
-def _write_tokens(
-    directory: Path, docs, train_idx, val_idx, tokenizer: Tokenizer, dcfg: DataConfig
-):
-    dtype = token_dtype(tokenizer.vocab_size)
-    streams = {}
-    for split, idx in (("train", train_idx), ("val", val_idx)):
-        ids = tokenizer.encode_batch([docs[i] for i in idx])
-        eos = np.array([tokenizer.eos_id], dtype)
-        pieces = [piece for doc in ids for piece in (doc.astype(dtype), eos)]
-        streams[split] = np.concatenate(pieces) if pieces else np.zeros((0,), dtype)
-    if len(docs) == 1 and dcfg.val_fraction > 0:
-        # One document cannot be split by document: hold out its tail instead.
-        tokens = streams["train"]
-        cut = int(len(tokens) * (1 - dcfg.val_fraction))
-        streams = {"train": tokens[:cut], "val": tokens[cut:]}
-    meta = {
-        "source": dcfg.source,
-        "max_docs": dcfg.max_docs,
-        "train_docs": len(train_idx),
-        "val_docs": len(val_idx),
-        "bytes": sum(len(d.encode("utf-8")) for d in docs),
-        "dtype": dtype.name,
-        "vocab_size": tokenizer.vocab_size,
-    }
-    with _atomic_dir(directory) as tmp:
-        for split, tokens in streams.items():
-            tokens.tofile(tmp / f"{split}.bin")
-        tokenizer.save(tmp)
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-
-
-@contextlib.contextmanager
-def _atomic_dir(target: Path) -> Iterator[Path]:
-    """Write into a temporary sibling, then rename: readers never see a half-written cache."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
-    try:
-        yield tmp
-        with contextlib.suppress(OSError):  # another process finished the same cache first
-            os.rename(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _hash_docs(docs: list[str]) -> str:
-    h = hashlib.sha256()
-    for doc in docs:
-        data = doc.encode("utf-8")
-        h.update(len(data).to_bytes(8, "little"))
-        h.update(data)
-    return h.hexdigest()
-
-
-def _hash_strings(parts: list[str]) -> str:
-    return _hash_docs(parts)
 
 
 class Sampler:

@@ -5,13 +5,16 @@ Run: pytest tests/test_data.py
 
 import json
 import string
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from pipeline import data as data_mod
+from pipeline import store as store_mod
 from pipeline.config import ConfigError, load_config
-from pipeline.data import Sampler, prepare_dataset, read_documents, split_documents, stdlib_files
+from pipeline.data import Sampler, prepare_dataset, read_documents, stdlib_files
+from pipeline.store import split_documents
 from pipeline.tokenizer import EOS
 
 LETTERS = string.ascii_lowercase
@@ -91,7 +94,7 @@ def test_split_is_deterministic_and_disjoint():
 def test_token_cache_is_reused(tmp_path, monkeypatch):
     cfg = _config(tmp_path, _letter_docs(tmp_path))
     first = prepare_dataset(cfg)
-    monkeypatch.setattr(data_mod, "_write_tokens", lambda *a: pytest.fail("cache not reused"))
+    monkeypatch.setattr(store_mod, "write_shard", lambda *a: pytest.fail("cache not reused"))
     second = prepare_dataset(cfg)
     assert np.array_equal(first.train, second.train) and second.meta["cache"] == first.meta["cache"]
     summary = second.summary()
@@ -234,3 +237,85 @@ def test_parquet_arrow_and_compressed_jsonl_sources_give_the_plain_files_documen
     assert read_documents(DataConfig(source=str(tmp_path / "c.parquet"), max_docs=3)) == plain[:3]
     with pytest.raises(ConfigError, match="no column 'body'.*id, text"):
         read_documents(DataConfig(source=str(tmp_path / "c.parquet"), text_field="body"))
+
+
+def _store_files(directory):
+    return {
+        name: (directory / name).read_bytes()
+        for name in ("train.bin", "val.bin", "index.json", "tokenizer.json")
+    }
+
+
+def _varied_jsonl(tmp_path, n=300):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "varied.jsonl"
+    with path.open("w") as f:
+        for i in range(n):
+            words = rng.choice(
+                ["def", "return", "self", "value", "import", "x"], rng.integers(5, 60)
+            )
+            f.write(json.dumps({"text": f"{i}: " + " ".join(words)}) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("tokenizer", ["byte", "bpe"])
+def test_a_store_built_by_two_workers_equals_one_built_by_one(tmp_path, tokenizer):
+    source = _varied_jsonl(tmp_path)
+    extra = [f"tokenizer.kind={tokenizer}", "model.vocab_size=400", "data.shard_mb=0.004"]
+    one = prepare_dataset(_config(tmp_path / "a", source, *extra, "data.tokenize_workers=1"))
+    two = prepare_dataset(_config(tmp_path / "b", source, *extra, "data.tokenize_workers=2"))
+    assert one.meta["shards"] > 4 and two.meta["tokenize_workers"] == 2
+    assert one.meta["tokenize_workers"] == 1
+    assert _store_files(Path(one.meta["cache"])) == _store_files(Path(two.meta["cache"]))
+    # every document once, in one split or the other, whole
+    text = one.tokenizer.decode(np.concatenate([one.train, one.val]), skip_special=False)
+    expected = [json.loads(line)["text"] for line in source.read_text().splitlines()]
+    assert sorted(text.split(EOS)[:-1]) == sorted(expected)
+
+
+def test_an_interrupted_store_build_resumes_to_the_same_store(tmp_path, monkeypatch):
+    source = _varied_jsonl(tmp_path)
+    extra = ["data.shard_mb=0.004", "data.tokenize_workers=1"]
+    whole = prepare_dataset(_config(tmp_path / "whole", source, *extra))
+    real, calls, cut = store_mod.write_shard, [], [True]
+
+    def fails_on_the_fourth(*args):
+        calls.append(args[2])
+        if len(calls) == 4 and cut[0]:
+            raise RuntimeError("interrupted")  # as a kill in the middle of the build
+        real(*args)
+
+    monkeypatch.setattr(store_mod, "write_shard", fails_on_the_fourth)
+    cfg = _config(tmp_path / "cut", source, *extra)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        prepare_dataset(cfg)
+    cut[0] = False
+    cache = tmp_path / "cut" / "cache"
+    assert len(list((cache / "shards").glob("*.json"))) == 3 and not list(cache.glob("tokens-*"))
+    calls.clear()
+    resumed = prepare_dataset(cfg)
+    assert len(calls) == whole.meta["shards"] - 3  # the finished shards are not redone
+    assert _store_files(Path(resumed.meta["cache"])) == _store_files(Path(whole.meta["cache"]))
+    assert Path(resumed.meta["cache"]).name == Path(whole.meta["cache"]).name
+
+
+def test_pipeline_tokenize_reports_the_store_and_its_throughput(tmp_path):
+    import subprocess
+    import sys
+
+    source = _varied_jsonl(tmp_path)
+    command = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "tokenize",
+        f"data.source={source}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "data.shard_mb=0.004",
+        "--json",
+    ]
+    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    report = json.loads(out)
+    assert report["documents"] == 300 and report["shards"] > 4
+    assert report["mb_per_s_per_core"] > 0 and report["peak_rss_bytes"] > 0
+    assert Path(report["cache"], "meta.json").is_file()
