@@ -26,49 +26,56 @@ def _config(args) -> Config:
 
 
 def cmd_tokenize(args) -> int:
-    """Build (or find) the token store of the config's corpus and tokenizer; print its figures."""
+    """Build (or find) the token store of the config's corpus and tokenizer (a store per source
+    of a mixture); print its figures."""
     import resource
 
-    from pipeline.data import prepare_dataset
+    from pipeline.data import prepare_dataset, prepare_mixture
 
     cfg = _config(args)
-    dataset = prepare_dataset(cfg)
+    if cfg.data.mixture:
+        parts = [(p.name, p.dataset) for p in prepare_mixture(cfg)]
+    else:
+        parts = [(None, prepare_dataset(cfg))]
     rss = max(
         resource.getrusage(who).ru_maxrss * 1024
         for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
     )
-    meta = dataset.meta
-    report = {
-        **dataset.summary(),
-        **{k: meta.get(k) for k in ("shards", "tokenize_workers", "tokenize_seconds")},
-        "mb_per_s_per_core": meta.get("mb_per_s_per_core"),
-        "peak_rss_bytes": rss,  # the largest of this process and its workers
-    }
-    if args.json:
-        print(json.dumps(report))
+    keys = ("shards", "tokenize_workers", "tokenize_seconds", "mb_per_s_per_core")
+    reports = [
+        {**({"name": name} if name else {}), **ds.summary(), **{k: ds.meta.get(k) for k in keys}}
+        for name, ds in parts
+    ]
+    if args.json:  # the largest RSS of this process and its workers
+        one = reports[0] if len(reports) == 1 and not cfg.data.mixture else {"sources": reports}
+        print(json.dumps({**one, "peak_rss_bytes": rss}))
         return 0
-    print(
-        f"{report['documents']:,} documents, {report['bytes'] / 1e6:.1f} MB -> "
-        f"train {report['train_tokens']:,} + validation {report['val_tokens']:,} tokens"
-    )
-    print(
-        f"{report['shards']} shards by {report['tokenize_workers']} worker(s) in "
-        f"{report['tokenize_seconds']:.1f} s ({report['mb_per_s_per_core']:.2f} MB/s per core, "
-        f"when built); peak RSS {rss / 2**20:.0f} MiB"
-    )
-    print(f"store: {report['cache']}")
+    for r in reports:
+        print(
+            f"{r.get('name', r['source'])}: {r['documents']:,} documents, {r['bytes'] / 1e6:.1f} "
+            f"MB -> train {r['train_tokens']:,} + validation {r['val_tokens']:,} tokens; "
+            f"{r['shards']} shards by {r['tokenize_workers']} worker(s) in "
+            f"{r['tokenize_seconds']:.1f} s ({r['mb_per_s_per_core']:.2f} MB/s per core, when "
+            f"built); store {r['cache']}"
+        )
+    print(f"peak RSS {rss / 2**20:.0f} MiB")
     return 0
 
 
 def cmd_info(args) -> int:
     """Print the resolved config, model size, FLOPs per token and the data summary."""
-    from pipeline.data import prepare_dataset
+    from pipeline.data import prepare_dataset, prepare_mixture
     from pipeline.model import count_params, flops_per_token
 
     cfg = _config(args)
     params = count_params(cfg.model)
     flops = flops_per_token(cfg.model, cfg.data.seq_len)
-    data = None if args.no_data else prepare_dataset(cfg).summary()
+    if args.no_data:
+        data = None
+    elif cfg.data.mixture:  # a summary per source
+        data = [{"name": p.name, **p.dataset.summary()} for p in prepare_mixture(cfg)]
+    else:
+        data = prepare_dataset(cfg).summary()
     if args.json:
         print(
             json.dumps(
@@ -80,16 +87,16 @@ def cmd_info(args) -> int:
     print("---")
     print(f"parameters:        {params:,} ({params / 1e6:.2f} M)")
     print(f"flops per token:   {flops:,.0f} (training, seq_len={cfg.data.seq_len})")
-    if data:
-        print(f"data source:       {data['source']} ({data['bytes'] / 1e6:.1f} MB)")
+    for part in data if isinstance(data, list) else [data] if data else []:
+        print(f"data source:       {part['source']} ({part['bytes'] / 1e6:.1f} MB)")
         print(
-            f"documents:         {data['documents']:,} "
-            f"(train {data['train_docs']:,}, validation {data['val_docs']:,})"
+            f"documents:         {part['documents']:,} "
+            f"(train {part['train_docs']:,}, validation {part['val_docs']:,})"
         )
         print(
-            f"tokens:            train {data['train_tokens']:,}, validation {data['val_tokens']:,}"
+            f"tokens:            train {part['train_tokens']:,}, validation {part['val_tokens']:,}"
         )
-        print(f"tokenizer:         {data['vocab_size']:,} tokens; cache {data['cache']}")
+        print(f"tokenizer:         {part['vocab_size']:,} tokens; cache {part['cache']}")
     return 0
 
 

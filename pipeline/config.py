@@ -126,6 +126,15 @@ class TokenizerConfig:
 
 
 @dataclass(frozen=True)
+class MixtureSource:
+    """One source of a `data.mixture`: what `data.source` takes, and its share of the rows."""
+
+    source: str
+    weight: float = 1.0
+    text_field: str = "text"
+
+
+@dataclass(frozen=True)
 class DataConfig:
     """Where the text comes from and how it is cut into training windows."""
 
@@ -141,10 +150,18 @@ class DataConfig:
     # pre-training windows span documents (each ends with EOS): true masks attention across
     # them, restarts positions and never predicts a document's first token from the one before
     document_masking: bool = False
+    # pre-training rows: "concat" (windows of the documents end to end, as above) or
+    # "best_fit" (whole documents packed into rows by best-fit decreasing, padded; segment ids
+    # as document_masking; documents longer than a row are cut into row-sized pieces)
+    packing: Literal["concat", "best_fit"] = "concat"
     # the token store (`pipeline tokenize`): shards of about this much text, tokenized by this
     # many worker processes (0: one per core)
     shard_mb: float = 16.0
     tokenize_workers: int = 0
+    # several sources, each with its own token store and validation split, mixed row by row
+    # with these weights: [{source: ..., weight: 0.7}, {source: ..., weight: 0.3}]; replaces
+    # data.source (evaluation reports a loss per source)
+    mixture: tuple[MixtureSource, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -317,13 +334,21 @@ class Config:
         for section in fields(self):
             value = getattr(self, section.name)
             out[section.name] = {
-                _yaml_key(f): list(v) if isinstance(v := getattr(value, f.name), tuple) else v
-                for f in fields(value)
+                _yaml_key(f): _plain(getattr(value, f.name)) for f in fields(value)
             }
         return out
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _plain(value):
+    """Tuples as lists and dataclasses (mixture sources) as mappings, for YAML and JSON."""
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    if dataclasses.is_dataclass(value):
+        return {_yaml_key(f): getattr(value, f.name) for f in fields(value)}
+    return value
 
 
 def _yaml_key(f: dataclasses.Field) -> str:
@@ -486,6 +511,16 @@ def _coerce(dotted: str, hint, value, origin: str):
                     pass
         elif option is str and isinstance(value, str):
             return value
+        elif typing.get_origin(option) is tuple and dataclasses.is_dataclass(
+            item_type := typing.get_args(option)[0]
+        ):
+            if isinstance(value, list | tuple) and all(isinstance(i, item_type) for i in value):
+                return tuple(value)
+            if isinstance(value, list) and all(isinstance(i, dict) for i in value):
+                return tuple(
+                    _build_section(f"{dotted}[{i}]", item_type, item, {})
+                    for i, item in enumerate(value)
+                )
         elif typing.get_origin(option) is tuple:
             items = value.split(",") if isinstance(value, str) else value
             if isinstance(items, list) and all(isinstance(i, str) for i in items):
@@ -506,6 +541,11 @@ def _describe(options: tuple) -> str:
             names.append("one of " + ", ".join(repr(a) for a in typing.get_args(option)))
         elif option is type(None):
             names.append("null")
+        elif typing.get_origin(option) is tuple and dataclasses.is_dataclass(
+            item_type := typing.get_args(option)[0]
+        ):
+            keys = ", ".join(_yaml_key(f) for f in fields(item_type))
+            names.append(f"a list of mappings with keys {keys}")
         elif typing.get_origin(option) is tuple:
             names.append("a list of strings")
         else:
@@ -572,6 +612,10 @@ def _run_rules(cfg: Config) -> list[tuple[str, bool, str]]:
         ("data.val_fraction", 0.0 <= d.val_fraction < 1.0, "must be in [0, 1)"),
         ("data.max_docs", d.max_docs is None or d.max_docs > 0, "must be positive"),
         ("data.shard_mb", d.shard_mb > 0, "must be positive"),
+        *(
+            (f"data.mixture[{i}].weight", m.weight > 0, "must be positive")
+            for i, m in enumerate(d.mixture)
+        ),
         ("data.tokenize_workers", d.tokenize_workers >= 0, "must be 0 (one per core) or more"),
         ("train.steps", t.steps >= 0, "must be >= 0"),
         ("train.batch_size", t.batch_size > 0, "must be positive"),

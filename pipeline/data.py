@@ -1,15 +1,17 @@
-"""Corpus → documents → cached token files → step-indexed batches.
+"""Corpus → documents → token store → step-indexed batches.
 
 Sources: the embedded default (`stdlib`: the `.py` files of the running interpreter's standard
-library, so a first run needs no download), a text file, a folder, a glob, or a JSONL file with a
-text field. Documents are split into train and validation deterministically, tokenized once into
-flat token files (numpy memmaps) under `data.cache_dir`, keyed by a hash of the content and the
-tokenizer. The batch for step s is a pure function of (seed, s), so a resumed run needs only s.
+library, so a first run needs no download), a text file, a folder, a glob, a JSONL file (plain,
+gzip or zstd) with a text field, Parquet / Arrow files; `data.mixture` mixes several. Documents
+stream into a token store (`store.py`: content-addressed shards tokenized in parallel, split
+into train and validation deterministically, flat token memmaps). The batch for step s is a
+pure function of (seed, s), so a resumed run needs only s.
 """
 
 from __future__ import annotations
 
 import ast
+import dataclasses
 import glob
 import importlib
 import io
@@ -262,6 +264,39 @@ def prepare_dataset(cfg: Config, tokenizer: Tokenizer | None = None) -> Dataset:
     return Dataset(tokenizer, train, val, {**meta, "cache": str(directory)})
 
 
+def mixture_configs(dcfg: DataConfig) -> list[tuple[DataConfig, float]]:
+    """A `data.mixture`'s sources, each as the data section that reads it alone, with its
+    weight; [] when there is no mixture."""
+    return [
+        (dataclasses.replace(dcfg, source=m.source, text_field=m.text_field, mixture=()), m.weight)
+        for m in dcfg.mixture
+    ]
+
+
+def prepare_mixture(cfg: Config, tokenizer: Tokenizer | None = None) -> list[MixturePart]:
+    """Each source of `data.mixture` prepared as `prepare_dataset` prepares one (a token store
+    of its own, its own validation split), all with the same tokenizer."""
+    tokenizer = tokenizer or _cached_tokenizer(cfg)
+    names = source_names([m.source for m in cfg.data.mixture])
+    return [
+        MixturePart(name, weight, prepare_dataset(dataclasses.replace(cfg, data=dcfg), tokenizer))
+        for name, (dcfg, weight) in zip(names, mixture_configs(cfg.data), strict=True)
+    ]
+
+
+@dataclass
+class MixturePart:
+    name: str  # short and unique in the mixture: metrics are named after it (eval_loss/NAME)
+    weight: float
+    dataset: Dataset
+
+
+def source_names(sources: list[str]) -> list[str]:
+    """Short unique names for sources: the file or folder name without its suffixes."""
+    stems = [Path(s).name.split(".")[0] or "source" for s in sources]
+    return [stem if stems.count(stem) == 1 else f"{stem}{i}" for i, stem in enumerate(stems)]
+
+
 def _sync(jax, name: str) -> None:
     from jax.experimental import multihost_utils
 
@@ -300,7 +335,13 @@ def _cached_tokenizer(cfg: Config) -> Tokenizer:
     if tcfg.path or tcfg.kind == "byte":
         return build_tokenizer(tcfg)
     vocab = tcfg.vocab_size or cfg.model.vocab_size
-    texts = list(_take_bytes(_train_texts(cfg.data), tcfg.train_max_bytes))
+    sources = mixture_configs(cfg.data) or [(cfg.data, 1.0)]
+    total = sum(weight for _, weight in sources)
+    texts = [  # a mixture: each source's share of the bytes in proportion to its weight
+        text
+        for dcfg, weight in sources
+        for text in _take_bytes(_train_texts(dcfg), int(tcfg.train_max_bytes * weight / total))
+    ]
     key = hash_strings(
         ["bpe", str(STORE_VERSION), hash_strings(texts), str(vocab), *SPECIAL_TOKENS]
     )
@@ -329,7 +370,25 @@ def _take_bytes(texts, limit: int):
         yield text
 
 
-class Sampler:
+class _Rows:
+    """A sampler: `rows(step, index)` gives rows `index` of the global batch for `step`."""
+
+    seq_len: int
+    global_batch: int
+
+    def rows(self, step: int, index: np.ndarray) -> dict:
+        raise NotImplementedError
+
+    def batch(
+        self, step: int, num_devices: int = 1, process_index: int = 0, process_count: int = 1
+    ) -> np.ndarray:
+        """This process's share of the global batch: (local_devices, per_device, seq_len + 1)."""
+        index = _process_rows(self.global_batch, num_devices, process_index, process_count)
+        tokens = self.rows(step, index)["tokens"]
+        return tokens.reshape(num_devices // process_count, -1, self.seq_len + 1)
+
+
+class Sampler(_Rows):
     """Fixed-length windows of a token stream, as a pure function of (seed, step).
 
     The global batch for a step is `global_batch` windows of `seq_len + 1` tokens (inputs and
@@ -354,32 +413,169 @@ class Sampler:
         rows = step * self.global_batch + np.arange(self.global_batch)
         return (rows * self.seq_len) % num_starts
 
-    def batch(
-        self, step: int, num_devices: int = 1, process_index: int = 0, process_count: int = 1
-    ) -> np.ndarray:
-        """This process's share of the global batch: (local_devices, per_device, seq_len + 1)."""
-        if self.global_batch % num_devices or num_devices % process_count:
-            raise ConfigError(
-                f"train.batch_size: {self.global_batch} does not split evenly over {num_devices} "
-                f"devices in {process_count} processes"
-            )
-        rows = self.global_batch // process_count
-        starts = self.starts(step)[process_index * rows : (process_index + 1) * rows]
+    def rows(self, step: int, index: np.ndarray) -> dict:
+        """Rows `index` of the global batch for `step`: {"tokens": (len(index), seq_len + 1)}."""
+        starts = self.starts(step)[index]
         windows = self.tokens[starts[:, None] + np.arange(self.seq_len + 1)]
-        return windows.astype(np.int32).reshape(num_devices // process_count, -1, self.seq_len + 1)
+        return {"tokens": windows.astype(np.int32)}
 
 
-def lm_batch(sampler: Sampler, step: int, eos_id: int | None = None) -> dict:
+class PackedSampler(_Rows):
+    """Rows of whole documents (`data.packing=best_fit`): the documents of a token stream (each
+    ending with its EOS; one longer than a row is cut into row-sized pieces) packed into rows of
+    `seq_len + 1` tokens by best-fit decreasing, padded at the end. Each row carries segment ids
+    (1, 2, ... per document, 0 on padding), so attention, positions and the loss stay within a
+    document and no document is cut at a window's edge. Rows are drawn as a pure function of
+    (seed, step), as `Sampler`'s windows."""
+
+    def __init__(
+        self,
+        tokens,
+        eos_id: int,
+        pad_id: int,
+        seq_len: int,
+        global_batch: int,
+        seed: int,
+        shuffle: bool = True,
+    ):
+        _check_length(tokens, seq_len, "selected")
+        width = seq_len + 1
+        ends = np.flatnonzero(np.asarray(tokens) == eos_id) + 1
+        if not ends.size or ends[-1] != tokens.size:
+            ends = np.append(ends, tokens.size)  # a tail without EOS (a held-out tail)
+        starts = np.concatenate([[0], ends[:-1]])
+        pieces = np.maximum(1, -(-(ends - starts) // width))  # row-sized pieces per document
+        self.piece_start = np.repeat(starts, pieces) + width * _ranks(pieces)
+        self.piece_len = np.minimum(np.repeat(ends, pieces) - self.piece_start, width)
+        self.table = best_fit(self.piece_len, width)
+        self.tokens, self.pad_id, self.seq_len = tokens, pad_id, seq_len
+        self.global_batch, self.seed, self.shuffle = global_batch, seed, shuffle
+
+    def indices(self, step: int) -> np.ndarray:
+        """The packed rows of the global batch for `step`, shape (global_batch,)."""
+        if self.shuffle:
+            rng = np.random.default_rng([self.seed, step])
+            return rng.integers(0, len(self.table), size=self.global_batch)
+        return (step * self.global_batch + np.arange(self.global_batch)) % len(self.table)
+
+    def rows(self, step: int, index: np.ndarray) -> dict:
+        width = self.seq_len + 1
+        tokens = np.full((len(index), width), self.pad_id, np.int32)
+        segments = np.zeros((len(index), width), np.int32)
+        for r, row in enumerate(self.indices(step)[index]):
+            at = 0
+            for segment, piece in enumerate(self.table[row], 1):
+                start, n = self.piece_start[piece], self.piece_len[piece]
+                tokens[r, at : at + n] = self.tokens[start : start + n]
+                segments[r, at : at + n] = segment
+                at += n
+        return {"tokens": tokens, "segments": segments}
+
+    def fill(self) -> float:
+        """The share of the rows' tokens that are text, not padding."""
+        return float(self.piece_len.sum() / (len(self.table) * (self.seq_len + 1)))
+
+
+def _ranks(counts: np.ndarray) -> np.ndarray:
+    """0, 1, ..., n - 1 for each n of `counts`, end to end."""
+    total = int(counts.sum())
+    return np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts)
+
+
+class MixtureSampler(_Rows):
+    """Rows of several samplers, each row from source j with probability weight_j: the source
+    of each row and the row itself are a pure function of (seed, step), as `Sampler`'s."""
+
+    def __init__(self, samplers: list, weights: list[float], seed: int):
+        self.samplers, self.seed = samplers, seed
+        self.p = np.asarray(weights, np.float64) / np.sum(weights)
+        self.seq_len, self.global_batch = samplers[0].seq_len, samplers[0].global_batch
+
+    def sources(self, step: int) -> np.ndarray:
+        """The source of each row of the global batch for `step`, shape (global_batch,)."""
+        rng = np.random.default_rng([self.seed, step, len(self.p)])
+        return rng.choice(len(self.p), size=self.global_batch, p=self.p)
+
+    def rows(self, step: int, index: np.ndarray) -> dict:
+        sources = self.sources(step)[index]
+        out = {}
+        for j, sampler in enumerate(self.samplers):
+            take = sources == j
+            if take.any():
+                for name, value in sampler.rows(step, index[take]).items():
+                    out.setdefault(name, np.zeros((len(index), self.seq_len + 1), np.int32))
+                    out[name][take] = value
+        return out
+
+
+def best_fit(lengths, capacity: int) -> list[list[int]]:
+    """Best-fit decreasing bin packing: the indices of `lengths` (each <= capacity) in bins of
+    `capacity`, longest first, each into the open bin it fills the most (a new bin when none
+    has room). A segment tree over the remaining capacities finds that bin in O(log capacity)."""
+    size = 1 << max(1, capacity.bit_length())  # leaves 0..capacity
+    count = [0] * (2 * size)  # how many open bins have each remaining capacity, summed upwards
+    open_bins: dict[int, list[int]] = {}  # remaining capacity -> bins with it
+    bins: list[list[int]] = []
+
+    def add(room: int, delta: int) -> None:
+        i = room + size
+        while i:
+            count[i] += delta
+            i //= 2
+
+    def smallest_at_least(need: int, node: int = 1, lo: int = 0, hi: int = size - 1):
+        if hi < need or not count[node]:
+            return None
+        if lo == hi:
+            return lo
+        mid = (lo + hi) // 2
+        found = smallest_at_least(need, 2 * node, lo, mid)
+        return found if found is not None else smallest_at_least(need, 2 * node + 1, mid + 1, hi)
+
+    for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        need = int(lengths[index])
+        room = smallest_at_least(need)
+        if room is None:
+            bins.append([index])
+            room, target = capacity, len(bins) - 1
+        else:
+            target = open_bins[room].pop()
+            add(room, -1)
+            bins[target].append(index)
+        room -= need
+        if room > 0:
+            open_bins.setdefault(room, []).append(target)
+            add(room, 1)
+    return bins
+
+
+def _process_rows(global_batch: int, num_devices: int, index: int, count: int) -> np.ndarray:
+    """The rows of the global batch process `index` of `count` reads."""
+    if global_batch % num_devices or num_devices % count:
+        raise ConfigError(
+            f"train.batch_size: {global_batch} does not split evenly over {num_devices} "
+            f"devices in {count} processes"
+        )
+    rows = global_batch // count
+    return np.arange(index * rows, (index + 1) * rows)
+
+
+def lm_batch(sampler, step: int, eos_id: int | None = None) -> dict:
     """This process's rows of the global batch for `step`: tokens (rows, T+1). With `eos_id`
     (data.document_masking) also "segments": the documents a window holds, numbered from 1,
-    a new one after each EOS (which ends the document before it)."""
+    a new one after each EOS (which ends the document before it). Packed rows
+    (`PackedSampler`) bring their segments, and a "mask" leaving out the padding."""
     import jax
 
     count = jax.process_count()
-    tokens = sampler.batch(step, count, jax.process_index(), count)[0]
-    if eos_id is None:
-        return {"tokens": tokens}
-    return {"tokens": tokens, "segments": document_segments(tokens, eos_id)}
+    batch = sampler.rows(
+        step, _process_rows(sampler.global_batch, count, jax.process_index(), count)
+    )
+    if "segments" in batch:
+        batch["mask"] = (batch["segments"][:, 1:] > 0).astype(np.float32)
+    elif eos_id is not None:
+        batch["segments"] = document_segments(batch["tokens"], eos_id)
+    return batch
 
 
 def document_segments(tokens: np.ndarray, eos_id: int) -> np.ndarray:

@@ -319,3 +319,78 @@ def test_pipeline_tokenize_reports_the_store_and_its_throughput(tmp_path):
     assert report["documents"] == 300 and report["shards"] > 4
     assert report["mb_per_s_per_core"] > 0 and report["peak_rss_bytes"] > 0
     assert Path(report["cache"], "meta.json").is_file()
+
+
+def test_a_two_source_mixture_keeps_its_weights_and_is_the_same_on_1_2_and_4_devices():
+    from pipeline.data import MixtureSampler
+
+    a = np.full(5_000, 1, np.uint16)  # every token names its source
+    b = np.full(3_000, 2, np.uint16)
+    samplers = [Sampler(a, 16, 8, seed=3), Sampler(b, 16, 8, seed=4)]
+    mix = MixtureSampler(samplers, [0.7, 0.3], seed=1)
+    rows = np.concatenate([mix.batch(step)[0][:, 0] for step in range(1_000)])
+    assert abs(np.mean(rows == 1) - 0.7) < 0.02 and abs(np.mean(rows == 2) - 0.3) < 0.02
+    for step in (0, 17, 999):
+        whole = mix.batch(step).reshape(8, -1)
+        for devices, processes in ((2, 1), (4, 1), (4, 2), (2, 2)):
+            parts = [
+                mix.batch(step, devices, p, processes).reshape(-1, 17) for p in range(processes)
+            ]
+            assert np.array_equal(np.concatenate(parts), whole)
+    assert np.array_equal(mix.batch(5), MixtureSampler(samplers, [0.7, 0.3], seed=1).batch(5))
+    assert not np.array_equal(mix.sources(5), MixtureSampler(samplers, [0.7, 0.3], 2).sources(5))
+
+
+def test_a_mixture_prepares_a_store_and_a_validation_split_per_source(tmp_path):
+    from pipeline.data import prepare_mixture
+
+    folder = _letter_docs(tmp_path)
+    jsonl = tmp_path / "z.jsonl"
+    jsonl.write_text("".join(json.dumps({"body": "z" * 300}) + "\n" for _ in range(10)))
+    mixture = (
+        f"data.mixture=[{{source: {folder}, weight: 3}}, {{source: {jsonl}, text_field: body}}]"
+    )
+    parts = prepare_mixture(_config(tmp_path, "stdlib", mixture))
+    assert [(p.name, p.weight) for p in parts] == [("corpus", 3.0), ("z", 1.0)]
+    assert parts[0].dataset.tokenizer is parts[1].dataset.tokenizer
+    z = parts[1].dataset
+    assert set(np.unique(z.train)) == set(np.unique(z.val)) == {ord("z"), z.tokenizer.eos_id}
+    assert parts[0].dataset.meta["cache"] != z.meta["cache"]
+    assert z.meta["train_docs"] + z.meta["val_docs"] == 10 and z.meta["val_docs"] >= 1
+
+
+def test_best_fit_packing_puts_whole_documents_in_rows(tmp_path):
+    from pipeline.data import PackedSampler, best_fit, lm_batch
+
+    rng = np.random.default_rng(0)
+    eos, pad, width = 9, 0, 17
+    docs = [rng.integers(10, 50, n) for n in rng.integers(1, 30, 200)]  # some longer than a row
+    stream = np.concatenate([np.append(d, eos) for d in docs]).astype(np.uint16)
+    sampler = PackedSampler(stream, eos, pad, width - 1, global_batch=len(docs), seed=0)
+    pieces = []
+    for row in sampler.table:
+        assert sum(sampler.piece_len[p] for p in row) <= width
+        pieces += row
+    assert sorted(pieces) == list(range(len(sampler.piece_len)))  # every piece once
+    assert sampler.fill() > 0.9
+    whole = {tuple(np.append(d, eos)) for d in docs if len(d) + 1 <= width}
+    batch = sampler.rows(3, np.arange(len(docs)))
+    seen = set()
+    for tokens, segments in zip(batch["tokens"], batch["segments"], strict=True):
+        for s in range(1, segments.max() + 1):
+            seen.add(tuple(tokens[segments == s]))
+        assert (tokens[segments == 0] == pad).all()
+    assert seen and seen <= whole | {tuple(p) for p in _pieces(docs, eos, width)}
+    assert np.array_equal(sampler.rows(3, np.arange(4))["tokens"], batch["tokens"][:4])
+    lm = lm_batch(sampler, 3)
+    assert np.array_equal(lm["mask"], (lm["segments"][:, 1:] > 0).astype(np.float32))
+    # best-fit decreasing needs no more rows than the optimum's 11/9 bound + 1 here
+    lengths = [10, 9, 8, 7, 6, 5, 4, 3, 2, 1]
+    assert len(best_fit(lengths, 11)) == 5
+
+
+def _pieces(docs, eos, width):
+    for d in docs:
+        full = np.append(d, eos)
+        for start in range(0, len(full), width):
+            yield full[start : start + width]

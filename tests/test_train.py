@@ -336,19 +336,53 @@ def test_a_checkpoint_write_that_fails_stops_the_run_and_the_last_one_resumes(
 
 
 @pytest.mark.e2e
-def test_pretraining_with_document_masking_trains_and_resumes(tiny_config, tmp_path):
+@pytest.mark.parametrize("data", [{"document_masking": True}, {"packing": "best_fit"}])
+def test_pretraining_with_document_masking_trains_and_resumes(tiny_config, tmp_path, data):
     """data.document_masking: the windows' documents are separated (segment ids from EOS) and
-    the run learns, and resumes bit-identically, as without."""
+    the run learns, and resumes bit-identically, as without; data.packing=best_fit the same
+    with whole documents packed into rows."""
     cfg = with_overrides(
         _tiny_run(tiny_config, steps=8, checkpoint_every=4),
-        data={"document_masking": True},
+        data=data,
         run={"dir": str(tmp_path / "whole")},
     )
     stage = build_stage(cfg)
     batches = [stage.train_batch(step) for step in range(40)]
     assert all(b["segments"].shape == b["tokens"].shape for b in batches)
-    assert any(b["segments"].max() > 1 for b in batches)  # some windows span two documents
+    if "packing" in data:  # stdlib files are longer than a row: most rows are one piece
+        assert all(b["mask"].shape == b["segments"][:, 1:].shape for b in batches)
+        assert all((b["segments"] >= 1).all() or (b["mask"] == 0).any() for b in batches)
+    else:
+        assert any(b["segments"].max() > 1 for b in batches)  # some windows span two documents
     assert run_training(cfg, stage)["status"] == "finished"
+    split = with_overrides(cfg, run={"dir": str(tmp_path / "split")})
+    run_training(with_overrides(split, train={"stop_at": 4}), build_stage(split))
+    run_training(split, build_stage(split))
+    losses = lambda c: [r["loss"] for r in read_metrics(c.run.dir) if "loss" in r]  # noqa: E731
+    assert losses(cfg) == losses(split) and all(np.isfinite(losses(cfg)))
+
+
+def test_pretraining_on_a_mixture_logs_a_loss_per_source_and_resumes(tiny_config, tmp_path):
+    """data.mixture: rows from both sources, an evaluation loss per source (eval_loss is
+    their weighted mean), and exact resume as for one source."""
+    from pipeline.config import MixtureSource
+
+    letters = tmp_path / "letters.jsonl"
+    letters.write_text("".join(json.dumps({"text": c * 400}) + "\n" for c in "abcdefghijklmnop"))
+    mixture = (MixtureSource("stdlib", 0.75), MixtureSource(str(letters), 0.25))
+    cfg = with_overrides(
+        _tiny_run(tiny_config, steps=8, checkpoint_every=4, eval_every=4),
+        data={"mixture": mixture},
+        run={"dir": str(tmp_path / "whole")},
+    )
+    stage = build_stage(cfg)
+    assert set(stage.eval_sets) == {"stdlib", "letters"}
+    assert run_training(cfg, stage)["status"] == "finished"
+    evals = [r for r in read_metrics(cfg.run.dir) if "eval_loss" in r]
+    for r in evals:
+        parts = r["eval_loss/stdlib"] * 0.75 + r["eval_loss/letters"] * 0.25
+        assert r["eval_loss"] == pytest.approx(parts)
+        assert r["eval_loss/letters"] != r["eval_loss/stdlib"]
     split = with_overrides(cfg, run={"dir": str(tmp_path / "split")})
     run_training(with_overrides(split, train={"stop_at": 4}), build_stage(split))
     run_training(split, build_stage(split))

@@ -50,7 +50,9 @@ def build_stage(cfg: Config) -> Stage:
         packing=cfg.finetune.packing,
         drop_long=embedded,
     )
-    return stage_for_model(cfg, model, tokenizer, build(train), build(held_out))
+    # held-out examples one per row whatever the packing: the same evaluation either way
+    held = build(held_out, packing=False)
+    return stage_for_model(cfg, model, tokenizer, build(train), held)
 
 
 def stage_for_model(cfg: Config, model, tokenizer, train: Examples, held_out: Examples) -> Stage:

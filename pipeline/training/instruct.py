@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import ConfigError, FinetuneConfig
-from pipeline.data import python_functions, stdlib_files
+from pipeline.data import best_fit, python_functions, stdlib_files
 from pipeline.tokenizer import Tokenizer, render
 
 SUMMARY_PROMPT = "Summarize this function in one line:\n"
@@ -156,19 +156,15 @@ def build_examples(
 
 
 def _pack(rows, masks, width: int):
-    """Greedy packing: append whole examples to a row while they fit. Returns the rows, their
-    masks and each token's segment id (1, 2, ... within a row): attention and the loss stay
-    within an example (the model masks across segments; positions restart)."""
-    packed, packed_masks, segments = [[]], [[]], [[]]
-    for ids, trained in zip(rows, masks, strict=True):
-        if packed[-1] and len(packed[-1]) + len(ids) > width:
-            packed.append([])
-            packed_masks.append([])
-            segments.append([])
-        segment = (segments[-1][-1] if segments[-1] else 0) + 1
-        packed[-1] += ids
-        packed_masks[-1] += trained
-        segments[-1] += [segment] * len(ids)
+    """Best-fit decreasing packing of whole examples into rows of `width` tokens (`best_fit`).
+    Returns the rows, their masks and each token's segment id (1, 2, ... within a row):
+    attention and the loss stay within an example (the model masks across segments;
+    positions restart)."""
+    packed, packed_masks, segments = [], [], []
+    for row in best_fit([len(ids) for ids in rows], width):
+        packed.append([t for i in row for t in rows[i]])
+        packed_masks.append([m for i in row for m in masks[i]])
+        segments.append([s for s, i in enumerate(row, 1) for _ in rows[i]])
     return packed, packed_masks, segments
 
 

@@ -316,7 +316,7 @@ class _Loop:
     def _steps(self, state, batches, bar, end: int):
         cfg = self.cfg.train
         batch = next(batches)
-        if cfg.eval_at_start and self.step == 0 and self.stage.eval_batch:
+        if cfg.eval_at_start and self.step == 0 and self.stage.evaluates:
             self._evaluate(state)
             self.initial_eval_loss = self.eval_loss
         state, train_fn = self._compile(state, batch)
@@ -332,7 +332,7 @@ class _Loop:
                     stop.signal = f"train.stop_at={end}"
                 if self.step % cfg.log_every == 0 or last or stop:
                     self._log(bar)
-                if self.stage.eval_batch and (self.step % cfg.eval_every == 0 or last):
+                if self.stage.evaluates and (self.step % cfg.eval_every == 0 or last):
                     self._evaluate(state)
                 if self.step % cfg.checkpoint_every == 0 or last or stop:
                     self._save(state)
@@ -382,19 +382,28 @@ class _Loop:
         bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{tokens_per_sec:,.0f}")
 
     def _evaluate(self, state) -> None:
-        totals = []
-        for i in range(self.cfg.train.eval_batches):
-            totals.append(self.eval_fn(state, self.strategy.shard_batch(self.stage.eval_batch(i))))
-        totals = jax.device_get(self.strategy.unreplicate(totals))
-        loss = sum(float(t["loss_sum"]) for t in totals) / sum(float(t["count"]) for t in totals)
+        sets = self.stage.eval_sets or {"": (self.stage.eval_batch, 1.0)}
+        losses = {name: self._eval_loss(state, batches) for name, (batches, _) in sets.items()}
+        loss = sum(losses[name] * w for name, (_, w) in sets.items()) / sum(
+            w for _, w in sets.values()
+        )
         self.eval_loss = loss
         record = {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 700))}
+        if self.stage.eval_sets:
+            record.update({f"eval_loss/{name}": value for name, value in losses.items()})
         if self.stage.bytes_per_token:
             record["eval_bits_per_byte"] = loss / math.log(2) / self.stage.bytes_per_token
         self.logger.log(self.step, record)
         if self.main:
             tqdm.write(f"step {self.step}: eval loss {loss:.4f}")
         self.timer = (time.perf_counter(), self.step)  # eval time is not training time
+
+    def _eval_loss(self, state, batches) -> float:
+        totals = []
+        for i in range(self.cfg.train.eval_batches):
+            totals.append(self.eval_fn(state, self.strategy.shard_batch(batches(i))))
+        totals = jax.device_get(self.strategy.unreplicate(totals))
+        return sum(float(t["loss_sum"]) for t in totals) / sum(float(t["count"]) for t in totals)
 
     def _save(self, state) -> None:
         self._log_pending_check()

@@ -48,6 +48,13 @@ class Stage:
     bytes_per_token: float | None = None  # set where bits per byte make sense
     tokenizer: Any = None
     export: Callable[[Any, Any], None] | None = None  # (final params, run dir) -> files
+    # named validation sets, each (i -> rows of its i-th batch, weight): logged as
+    # eval_loss/NAME, and eval_loss is their weighted mean (a data mixture's sources)
+    eval_sets: dict[str, tuple[Callable[[int], dict], float]] | None = None
+
+    @property
+    def evaluates(self) -> bool:
+        return bool(self.eval_batch or self.eval_sets)
 
 
 def lm_loss(apply: Callable, params, frozen, batch: dict, rng) -> tuple[jax.Array, jax.Array]:
