@@ -233,13 +233,11 @@ def prepare_dataset(cfg: Config, tokenizer: Tokenizer | None = None) -> Dataset:
     names. In a multi-process run process 0 builds the store while the others wait, then
     they find it complete."""
     dcfg = cfg.data
+    if _is_store(Path(dcfg.source)):
+        return _open_store(Path(dcfg.source), cfg, tokenizer)
     if tokenizer is None:
         tokenizer = _cached_tokenizer(cfg)
-    if tokenizer.vocab_size > cfg.model.vocab_size:
-        raise ConfigError(
-            f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's "
-            f"{tokenizer.vocab_size} tokens; set model.vocab_size >= {tokenizer.vocab_size}"
-        )
+    _check_vocab(tokenizer, cfg)
     jax = sys.modules.get("jax")  # imported by every multi-process run, never needed here
     others = jax is not None and jax.process_count() > 1
     if others and jax.process_index() != 0:
@@ -256,11 +254,39 @@ def prepare_dataset(cfg: Config, tokenizer: Tokenizer | None = None) -> Dataset:
     )
     if others and jax.process_index() == 0:
         _sync(jax, "token store built")
+    return _open_store(directory, cfg, tokenizer)
+
+
+def _check_vocab(tokenizer: Tokenizer, cfg: Config) -> None:
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's "
+            f"{tokenizer.vocab_size} tokens; set model.vocab_size >= {tokenizer.vocab_size}"
+        )
+
+
+def _is_store(path: Path) -> bool:
+    """Whether `path` is a complete token store (`pipeline tokenize` made it)."""
+    return all((path / name).is_file() for name in ("meta.json", "train.bin", "tokenizer.json"))
+
+
+def _open_store(directory: Path, cfg: Config, tokenizer: Tokenizer | None) -> Dataset:
+    """A token store's train and validation tokens as memmaps, with the tokenizer that made
+    them (a store given as `data.source` brings its own; another one given here is refused)."""
+    made_by = Tokenizer.load(directory)
+    if tokenizer is None:
+        tokenizer = made_by
+    elif tokenizer.fingerprint() != made_by.fingerprint():
+        raise ConfigError(
+            f"data.source: the token store {directory} was made with another tokenizer than "
+            "this run's; tokenize the text again (pipeline tokenize) or use that store's"
+        )
+    _check_vocab(tokenizer, cfg)
     meta = json.loads((directory / "meta.json").read_text())
     dtype = np.dtype(meta["dtype"])
     train = _load(directory / "train.bin", dtype)
     val = _load(directory / "val.bin", dtype)
-    _check_length(train, dcfg.seq_len, "train")
+    _check_length(train, cfg.data.seq_len, "train")
     return Dataset(tokenizer, train, val, {**meta, "cache": str(directory)})
 
 

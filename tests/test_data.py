@@ -394,3 +394,18 @@ def _pieces(docs, eos, width):
         full = np.append(d, eos)
         for start in range(0, len(full), width):
             yield full[start : start + width]
+
+
+def test_a_token_store_is_a_source_with_its_own_tokenizer(tmp_path):
+    source = _varied_jsonl(tmp_path)
+    extra = ["tokenizer.kind=bpe", "model.vocab_size=400"]
+    built = prepare_dataset(_config(tmp_path, source, *extra))
+    store = built.meta["cache"]
+    again = prepare_dataset(_config(tmp_path / "elsewhere", store, "model.vocab_size=400"))
+    assert np.array_equal(again.train, built.train) and np.array_equal(again.val, built.val)
+    assert again.tokenizer.fingerprint() == built.tokenizer.fingerprint()  # the store's BPE
+    assert not (tmp_path / "elsewhere" / "cache").exists()  # nothing tokenized again
+    with pytest.raises(ConfigError, match="another tokenizer"):
+        from pipeline.tokenizer import byte_tokenizer
+
+        prepare_dataset(_config(tmp_path, store, "model.vocab_size=400"), byte_tokenizer())
