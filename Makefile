@@ -17,7 +17,7 @@ export LD_PRELOAD := $(firstword $(JEMALLOC))
 export MALLOC_CONF := oversize_threshold:0,dirty_decay_ms:-1,muzzy_decay_ms:-1
 endif
 
-.PHONY: install gpu-wheels eval test test-fast lint format pretrain finetune distill bench generate serve sweep runs
+.PHONY: install gpu-wheels eval test test-fast lint format tokenize pretrain finetune distill bench generate serve sweep runs
 
 # Extra overrides for the run targets, e.g. make pretrain ARGS="train.steps=50".
 ARGS ?=
@@ -71,6 +71,9 @@ lint: install
 format: install
 	$(BIN)/ruff check --fix pipeline tests
 	$(BIN)/ruff format pipeline tests
+
+tokenize: install
+	$(BIN)/python -m pipeline tokenize --config configs/pretrain.yaml $(ARGS)
 
 pretrain: install
 	$(BIN)/python -m pipeline pretrain --config configs/pretrain.yaml $(ARGS)
