@@ -409,3 +409,35 @@ def test_a_token_store_is_a_source_with_its_own_tokenizer(tmp_path):
         from pipeline.tokenizer import byte_tokenizer
 
         prepare_dataset(_config(tmp_path, store, "model.vocab_size=400"), byte_tokenizer())
+
+
+def test_a_tokenize_killed_with_sigkill_resumes_to_the_same_store(tmp_path):
+    """`pipeline tokenize` killed -9 in the middle: the same command finishes the store with
+    the shards already written, and the store equals one built without the kill."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    source = _varied_jsonl(tmp_path, n=3000)
+
+    def command(cache):
+        return [
+            sys.executable, "-m", "pipeline", "tokenize", f"data.source={source}",
+            f"data.cache_dir={cache}", "data.shard_mb=0.001", "data.tokenize_workers=1",
+        ]  # fmt: skip
+
+    proc = subprocess.Popen(command(tmp_path / "cut"), stdout=subprocess.PIPE)
+    shards = tmp_path / "cut" / "shards"
+    deadline = time.time() + 60
+    while len(list(shards.glob("*.json"))) < 20 and time.time() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    done_before = len(list(shards.glob("*.json")))
+    assert not list((tmp_path / "cut").glob("tokens-*")), "finished before the kill"
+    subprocess.run(command(tmp_path / "cut"), check=True, capture_output=True)
+    subprocess.run(command(tmp_path / "whole"), check=True, capture_output=True)
+    cut, whole = (next((tmp_path / d).glob("tokens-*")) for d in ("cut", "whole"))
+    assert cut.name == whole.name and _store_files(cut) == _store_files(whole)
+    assert 20 <= done_before < json.loads((whole / "meta.json").read_text())["shards"]
