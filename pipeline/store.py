@@ -87,14 +87,16 @@ def build_store(
     shards_dir.mkdir(parents=True, exist_ok=True)
     settings = hash_strings([str(STORE_VERSION), tokenizer.fingerprint(), f"{val_fraction}/{seed}"])
     start = time.perf_counter()
-    keys, nbytes = [], 0
+    keys, nbytes, built = [], 0, 0  # built: the bytes of the shards tokenized by this call
     with _Tokenizing(tokenizer, workers, val_fraction, seed) as pool:
         for texts in shard_documents(docs, shard_bytes):
             key = hash_strings([settings, hash_strings(texts)])[:32]
             keys.append(key)
-            nbytes += sum(len(t.encode("utf-8")) for t in texts)
+            size = sum(len(t.encode("utf-8")) for t in texts)
+            nbytes += size
             if not (shards_dir / f"{key}.json").is_file():
                 pool.submit(texts, shards_dir / key)
+                built += size
         used = pool.workers_used
     if not keys:
         raise ValueError("no documents")
@@ -109,7 +111,7 @@ def build_store(
             "shards": len(keys),
             "tokenize_seconds": seconds,
             "tokenize_workers": used,
-            "mb_per_s_per_core": nbytes / 1e6 / max(seconds, 1e-9) / used,
+            "mb_per_s_per_core": built / 1e6 / max(seconds, 1e-9) / used,
         }
         _write_store(directory, shards_dir, index, tokenizer, val_fraction, {**meta, **stats})
     return directory
