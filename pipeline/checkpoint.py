@@ -176,7 +176,17 @@ class _OrbaxWriteNoise(logging.Filter):
         return not (record.exc_info and f"{os.sep}orbax{os.sep}" in record.pathname)
 
 
+class _OrbaxTaskNoise(logging.Filter):
+    """Drops asyncio's 'Task exception was never retrieved' for orbax's other write tasks when a
+    write fails (e.g. a full disk): the first failure is reported in one line, at exit
+    the rest would follow it as tracebacks."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return f"{os.sep}orbax{os.sep}" not in record.getMessage()
+
+
 logging.getLogger("absl").addFilter(_OrbaxWriteNoise())
+logging.getLogger("asyncio").addFilter(_OrbaxTaskNoise())
 
 
 class _WriteGuard:
