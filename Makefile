@@ -17,7 +17,7 @@ export LD_PRELOAD := $(firstword $(JEMALLOC))
 export MALLOC_CONF := oversize_threshold:0,dirty_decay_ms:-1,muzzy_decay_ms:-1
 endif
 
-.PHONY: install gpu-wheels eval test test-fast lint format tokenize pretrain finetune distill bench generate serve sweep runs
+.PHONY: install gpu-wheels eval test test-fast lint format tokenize pretrain finetune dpo distill bench generate serve sweep runs
 
 # Extra overrides for the run targets, e.g. make pretrain ARGS="train.steps=50".
 ARGS ?=
@@ -80,6 +80,9 @@ pretrain: install
 
 finetune: install
 	$(BIN)/python -m pipeline finetune --config configs/finetune.yaml $(ARGS)
+
+dpo: install
+	$(BIN)/python -m pipeline dpo --config configs/dpo.yaml $(ARGS)
 
 distill: install
 	$(BIN)/python -m pipeline distill --config configs/distill.yaml $(ARGS)

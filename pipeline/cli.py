@@ -113,6 +113,8 @@ def _train(args, stage: str) -> int:
         from pipeline.training.pretrain import pretrain as run
     elif stage == "distill":
         from pipeline.training.distill import distill as run
+    elif stage == "dpo":
+        from pipeline.training.preference import dpo as run
     else:
         from pipeline.training.finetune import finetune as run
     try:
@@ -132,6 +134,11 @@ def cmd_pretrain(args) -> int:
 def cmd_finetune(args) -> int:
     """Fine-tune the run named by init.from (LoRA, QLoRA or full), or resume in run.dir."""
     return _train(args, "finetune")
+
+
+def cmd_dpo(args) -> int:
+    """Preference-tune init.from (DPO, IPO or SimPO; LoRA or full), or resume in run.dir."""
+    return _train(args, "dpo")
 
 
 def cmd_distill(args) -> int:
@@ -356,7 +363,7 @@ def cmd_sweep(args) -> int:
 
     from pipeline.experiments import sweep, write_sweep_summary
 
-    dirs = sweep(args.config, args.grid, args.overrides, args.name, args.root)
+    dirs = sweep(args.config, args.grid, args.overrides, args.name, args.root, stage=args.stage)
     prefix = args.name or Path(args.config).stem
     table, plot = write_sweep_summary(dirs, Path(args.root) / f"{prefix}.sweep", args.x)
     print(table)
@@ -373,6 +380,11 @@ def _report(result: dict) -> None:
     loss_text = f"final eval loss {loss:.4f}" if loss is not None else "no eval loss"
     if result.get("initial_eval_loss") is not None:
         loss_text = f"held-out loss before {result['initial_eval_loss']:.4f}, after {loss:.4f}"
+    before, after = result.get("initial_eval") or {}, result.get("eval") or {}
+    if "eval_reward_accuracy" in after:  # preference tuning
+        loss_text += f"; held-out reward accuracy {after['eval_reward_accuracy']:.3f}"
+        if "eval_reward_accuracy" in before:
+            loss_text += f" (before {before['eval_reward_accuracy']:.3f})"
     status, step, run_dir = result["status"], result["step"], result["run_dir"]
     print(f"{status} at step {step}; {loss_text}; run directory {run_dir}")
 
@@ -448,6 +460,12 @@ def _add_training_commands(sub) -> None:
         "--fresh", action="store_true", help="discard the run in run.dir and start over"
     )
     fine.set_defaults(func=cmd_finetune)
+    pref = sub.add_parser("dpo", help="preference-tune init.from on chosen/rejected pairs")
+    _add_config_args(pref)
+    pref.add_argument(
+        "--fresh", action="store_true", help="discard the run in run.dir and start over"
+    )
+    pref.set_defaults(func=cmd_dpo)
     dist = sub.add_parser("distill", help="train a small student on a teacher run's outputs")
     _add_config_args(dist)
     dist.add_argument(
@@ -532,6 +550,12 @@ def _add_experiment_commands(sub) -> None:
     swp.add_argument("--name", help="run directory prefix (default: the config's name)")
     swp.add_argument("--root", default="runs", help="where the run directories go")
     swp.add_argument("--x", default="step", choices=["step", "tokens", "time"])
+    swp.add_argument(
+        "--stage",
+        choices=["pretrain", "finetune", "distill", "dpo"],
+        help="the stage each point runs (default: distill with distill.teacher, finetune with "
+        "init.from, else pretrain)",
+    )
     swp.add_argument("overrides", nargs="*", help="overrides applied to every point")
     swp.set_defaults(func=cmd_sweep)
 

@@ -259,6 +259,23 @@ class FinetuneConfig:
 
 
 @dataclass(frozen=True)
+class DpoConfig:
+    """`pipeline dpo`: preference tuning of init.from (LoRA or full, as finetune.method says)."""
+
+    # the embedded pairs (a function's real docstring line preferred over another function's),
+    # or a .jsonl file of {"prompt" | "messages", "chosen", "rejected"}
+    data: str = "stdlib-docstring-pairs"
+    loss: Literal["sigmoid", "ipo", "simpo"] = "sigmoid"  # DPO, IPO, or reference-free SimPO
+    beta: float = 0.1
+    simpo_gamma: float = 0.5  # SimPO's target margin
+    # full fine-tuning keeps a frozen copy of the initial model as the reference (int8: a
+    # quarter of its size); LoRA needs none: the reference is the base, adapters switched off
+    reference_quantize: Literal["none", "int8"] = "none"
+    val_fraction: float = 0.1
+    max_examples: int | None = None
+
+
+@dataclass(frozen=True)
 class DistillConfig:
     """`pipeline distill`: a student (this config's model) learns from a teacher run."""
 
@@ -327,6 +344,7 @@ class Config:
     lora: LoraConfig = field(default_factory=LoraConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    dpo: DpoConfig = field(default_factory=DpoConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict with the YAML key names (tuples as lists)."""
@@ -646,6 +664,8 @@ def _run_rules(cfg: Config) -> list[tuple[str, bool, str]]:
         ),
         ("distill.alpha", 0.0 <= cfg.distill.alpha <= 1.0, "must be in [0, 1]"),
         ("distill.temperature", cfg.distill.temperature > 0, "must be positive"),
+        ("dpo.beta", cfg.dpo.beta > 0, "must be positive"),
+        ("dpo.val_fraction", 0.0 < cfg.dpo.val_fraction < 1.0, "must be in (0, 1)"),
         *_serve_rules(cfg.serve),
     ]
 

@@ -259,8 +259,10 @@ def sweep(
     name: str | None = None,
     root: str = "runs",
     log=print,
+    stage: str | None = None,
 ) -> list[Path]:
-    """Run the config's stage once per grid point; finished points are skipped."""
+    """Run the config's stage once per grid point; finished points are skipped. `stage`
+    (pretrain, finetune, distill, dpo, grpo) names it; None: from the config (`stage_of`)."""
     grid = parse_grid(grid_items)
     prefix = name or Path(config).stem
     points = [
@@ -268,7 +270,7 @@ def sweep(
         for values in itertools.product(*[v for _, v in grid])
     ]
     base = load_config(config, list(overrides))  # fails early on a bad config or override
-    run = {"pretrain": _pretrain, "finetune": _finetune, "distill": _distill}[stage_of(base)]
+    run = STAGES[stage or stage_of(base)]
     dirs = []
     for i, point in enumerate(points, 1):
         run_dir = Path(root) / point_name(prefix, point)
@@ -308,6 +310,15 @@ def _distill(cfg):
     from pipeline.training.distill import distill
 
     return distill(cfg)
+
+
+def _dpo(cfg):
+    from pipeline.training.preference import dpo
+
+    return dpo(cfg)
+
+
+STAGES = {"pretrain": _pretrain, "finetune": _finetune, "distill": _distill, "dpo": _dpo}
 
 
 def write_sweep_summary(dirs: list[Path], out_dir: Path, x: str = "step") -> tuple[str, Path]:

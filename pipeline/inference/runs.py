@@ -21,7 +21,7 @@ from flax import nnx
 
 from pipeline.checkpoint import has_checkpoints, read_params
 from pipeline.config import Config, ConfigError, dump_config, load_config
-from pipeline.lora import ADAPTER_CONFIG, load_adapter
+from pipeline.lora import ADAPTER_CONFIG, load_adapter, merge
 from pipeline.model import Transformer, abstract_model
 from pipeline.quantize import quantize_model
 from pipeline.tokenizer import Tokenizer
@@ -52,7 +52,9 @@ def load_model(
     if (run_dir / ADAPTER_CONFIG).is_file() and cfg.init.from_run:
         base = cfg.init.from_run
         _, model, tokenizer = load_model(base, f"{run_dir}/config.yaml init.from", host)
-        return cfg, load_adapter(model, run_dir), tokenizer
+        # a base that is itself a LoRA run (e.g. preference tuning after a LoRA fine-tune):
+        # its adapters folded in first, then this run's
+        return cfg, load_adapter(merge(model), run_dir), tokenizer
     # The structure alone (nothing allocated), then the stored arrays put in its place.
     graphdef, shapes = nnx.split(abstract_model(cfg.model))
     params = load_params(run_dir, shapes, key)

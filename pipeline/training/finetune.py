@@ -14,7 +14,7 @@ from flax import nnx
 
 from pipeline.config import Config, ConfigError
 from pipeline.inference.runs import load_model
-from pipeline.lora import add_lora, save_adapter, set_dropout_keys
+from pipeline.lora import add_lora, merge, save_adapter, set_dropout_keys
 from pipeline.model import flops_per_token
 from pipeline.training.instruct import Examples, ExampleSampler, build_examples, read_examples
 from pipeline.training.loop import model_differences, run_training
@@ -30,7 +30,8 @@ def check_same_model(cfg: Config, base: Config) -> None:
         )
 
 
-def build_stage(cfg: Config) -> Stage:
+def load_base(cfg: Config):
+    """(model, tokenizer) of the run init.from names, checked against this config's model."""
     if not cfg.init.from_run:
         raise ConfigError("init.from: fine-tuning needs a base run directory (init.from=runs/X)")
     base_cfg, model, tokenizer = load_model(cfg.init.from_run, host=True)
@@ -41,6 +42,12 @@ def build_stage(cfg: Config) -> Stage:
             f"(with the chat markers), more than model.vocab_size={cfg.model.vocab_size}; "
             "pre-train the base again with this version"
         )
+    # a LoRA run as the base: its adapters folded into the weights, new ones trained on top
+    return merge(model), tokenizer
+
+
+def build_stage(cfg: Config) -> Stage:
+    model, tokenizer = load_base(cfg)
     train, held_out = read_examples(cfg.finetune)
     embedded = cfg.finetune.data == "stdlib-docstrings"
     build = partial(

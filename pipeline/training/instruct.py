@@ -67,27 +67,37 @@ def _lines(path: Path):
                 yield n, line
 
 
-def _parse_line(path: Path, lineno: int, line: str) -> dict:
-    where = f"{path}:{lineno}"
+def json_object(where: str, line: str) -> dict:
+    """One JSONL line as a dict, or a ConfigError naming `where` (file:line)."""
     try:
         record = json.loads(line)
     except json.JSONDecodeError as err:
         raise ConfigError(f"{where}: not valid JSON ({err.msg})") from None
     if not isinstance(record, dict):
         raise ConfigError(f"{where}: expected a JSON object")
+    return record
+
+
+def is_conversation(messages) -> bool:
+    """A non-empty list of {role: system | user | assistant, content: str}."""
+    return (
+        isinstance(messages, list)
+        and bool(messages)
+        and all(
+            isinstance(m, dict)
+            and m.get("role") in ("system", "user", "assistant")
+            and isinstance(m.get("content"), str)
+            for m in messages
+        )
+    )
+
+
+def _parse_line(path: Path, lineno: int, line: str) -> dict:
+    where = f"{path}:{lineno}"
+    record = json_object(where, line)
     if "messages" in record:
         messages = record["messages"]
-        ok = (
-            isinstance(messages, list)
-            and messages
-            and all(
-                isinstance(m, dict)
-                and m.get("role") in ("system", "user", "assistant")
-                and isinstance(m.get("content"), str)
-                for m in messages
-            )
-        )
-        if not ok:
+        if not is_conversation(messages):
             raise ConfigError(
                 f"{where}: 'messages' must be a list of {{role, content}} with "
                 "role system, user or assistant"

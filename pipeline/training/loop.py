@@ -276,6 +276,8 @@ class _Loop:
         self.step = 0
         self.last_good = 0
         self.eval_loss = None
+        self.eval_record: dict = {}  # the last evaluation's metrics
+        self.initial_eval: dict = {}
         self.tokens_per_step = cfg.train.batch_size * stage.tokens_per_example
         self.peak = aggregate_peak_flops(cfg.train.peak_flops, cfg.model.compute_dtype)
 
@@ -311,6 +313,8 @@ class _Loop:
             "step": self.step,
             "eval_loss": self.eval_loss,
             "initial_eval_loss": self.initial_eval_loss,
+            "eval": self.eval_record,
+            "initial_eval": self.initial_eval,
         }
 
     def _steps(self, state, batches, bar, end: int):
@@ -318,7 +322,7 @@ class _Loop:
         batch = next(batches)
         if cfg.eval_at_start and self.step == 0 and self.stage.evaluates:
             self._evaluate(state)
-            self.initial_eval_loss = self.eval_loss
+            self.initial_eval_loss, self.initial_eval = self.eval_loss, self.eval_record
         state, train_fn = self._compile(state, batch)
         self.timer = (time.perf_counter(), self.step)
         with StopRequested() as stop:
@@ -378,32 +382,44 @@ class _Loop:
             "mfu": tokens_per_sec * self.stage.flops_per_token / self.peak,
             "tokens": self.step * self.tokens_per_step,
         }
+        for name in sorted(steps[-1].keys() - {"loss", "lr", "grad_norm"}):  # a stage's own metrics
+            record[name] = float(np.mean([float(m[name]) for m in steps]))
         self.logger.log(self.step, record)
         bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{tokens_per_sec:,.0f}")
 
     def _evaluate(self, state) -> None:
         sets = self.stage.eval_sets or {"": (self.stage.eval_batch, 1.0)}
-        losses = {name: self._eval_loss(state, batches) for name, (batches, _) in sets.items()}
-        loss = sum(losses[name] * w for name, (_, w) in sets.items()) / sum(
-            w for _, w in sets.values()
-        )
-        self.eval_loss = loss
-        record = {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 700))}
+        means = {name: self._eval_means(state, batches) for name, (batches, _) in sets.items()}
+        total = sum(w for _, w in sets.values())
+        # the loss and a stage's own metrics, each the sets' weighted mean
+        record = {
+            f"eval_{key}": sum(means[name][key] * w for name, (_, w) in sets.items()) / total
+            for key in next(iter(means.values()))
+        }
+        loss = self.eval_loss = record["eval_loss"]
+        if self.stage.perplexity:
+            record["eval_perplexity"] = math.exp(min(loss, 700))
         if self.stage.eval_sets:
-            record.update({f"eval_loss/{name}": value for name, value in losses.items()})
+            record.update({f"eval_loss/{name}": value["loss"] for name, value in means.items()})
         if self.stage.bytes_per_token:
             record["eval_bits_per_byte"] = loss / math.log(2) / self.stage.bytes_per_token
         self.logger.log(self.step, record)
+        self.eval_record = record
         if self.main:
             tqdm.write(f"step {self.step}: eval loss {loss:.4f}")
         self.timer = (time.perf_counter(), self.step)  # eval time is not training time
 
-    def _eval_loss(self, state, batches) -> float:
+    def _eval_means(self, state, batches) -> dict[str, float]:
+        """{"loss": mean loss, NAME: mean of the stage's own metric NAME} over the eval batches."""
         totals = []
         for i in range(self.cfg.train.eval_batches):
             totals.append(self.eval_fn(state, self.strategy.shard_batch(batches(i))))
         totals = jax.device_get(self.strategy.unreplicate(totals))
-        return sum(float(t["loss_sum"]) for t in totals) / sum(float(t["count"]) for t in totals)
+        count = sum(float(t["count"]) for t in totals)
+        means = {"loss": sum(float(t["loss_sum"]) for t in totals) / count}
+        for name in totals[0]["extras"]:
+            means[name] = sum(float(t["extras"][name]) for t in totals) / count
+        return means
 
     def _save(self, state) -> None:
         self._log_pending_check()

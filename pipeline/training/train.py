@@ -24,8 +24,15 @@ from flax import nnx
 from pipeline.config import Config, OptimizerConfig
 from pipeline.training.parallel import AXIS, Strategy
 
-# loss_fn(params, frozen, batch, rng) -> (sum of per-token losses, number of tokens counted)
-LossFn = Callable[[Any, Any, dict, jax.Array], tuple[jax.Array, jax.Array]]
+# loss_fn(params, frozen, batch, rng) -> (sum of per-token losses, number of tokens counted),
+# or (sum, count, extras): extras a dict of further sums over the same count (e.g. DPO's reward
+# accuracy), logged as their means beside the loss, with an eval_ prefix in evaluation
+LossFn = Callable[[Any, Any, dict, jax.Array], tuple]
+
+
+def loss_parts(result: tuple) -> tuple[jax.Array, jax.Array, dict]:
+    """(sum, count, extras) of a loss function's result, extras {} when it has none."""
+    return (*result, {}) if len(result) == 2 else tuple(result)
 
 
 class TrainingError(RuntimeError):
@@ -51,6 +58,7 @@ class Stage:
     # named validation sets, each (i -> rows of its i-th batch, weight): logged as
     # eval_loss/NAME, and eval_loss is their weighted mean (a data mixture's sources)
     eval_sets: dict[str, tuple[Callable[[int], dict], float]] | None = None
+    perplexity: bool = True  # the loss is a cross-entropy: log eval_perplexity beside it
 
     @property
     def evaluates(self) -> bool:
@@ -173,9 +181,9 @@ def train_step(
 ) -> tuple[dict, dict]:
     """One optimizer step on this device's batch; gradients are summed across `axis_name`."""
     rng = jax.random.fold_in(state["rng"], state["step"])
-    grads, loss_sum, count = _accumulate(loss_fn, state, batch, rng, grad_accum)
+    grads, loss_sum, count, extras = _accumulate(loss_fn, state, batch, rng, grad_accum)
     if axis_name is not None:
-        grads, loss_sum, count = jax.lax.psum((grads, loss_sum, count), axis_name)
+        grads, loss_sum, count, extras = jax.lax.psum((grads, loss_sum, count, extras), axis_name)
     grads = jax.tree.map(lambda g: g / count, grads)
     updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
     new_state = {
@@ -188,6 +196,7 @@ def train_step(
         "loss": loss_sum / count,
         "grad_norm": optax.tree.norm(grads),
         "lr": schedule(state["step"]),
+        **{name: value / count for name, value in extras.items()},
     }
     return new_state, metrics
 
@@ -197,37 +206,39 @@ def _accumulate(loss_fn: LossFn, state, batch, rng, grad_accum: int):
     grad_fn = jax.grad(lambda p, b: loss_fn(p, state["frozen"], b, rng), has_aux=True)
 
     def micro(p, b):
-        grads, (loss_sum, count) = grad_fn(p, b)
-        return grads, loss_sum, count
+        grads, parts = grad_fn(p, b)
+        return grads, *parts
 
     if grad_accum == 1:
         return micro(state["params"], batch)
     micro_batches = jax.tree.map(lambda x: x.reshape(grad_accum, -1, *x.shape[1:]), batch)
 
     def body(carry, b):
-        grads, loss_sum, count = micro(state["params"], b)
-        return jax.tree.map(jnp.add, carry, (grads, loss_sum, count)), None
+        return jax.tree.map(jnp.add, carry, micro(state["params"], b)), None
 
-    zeros = (jax.tree.map(jnp.zeros_like, state["params"]), jnp.zeros(()), jnp.zeros(()))
-    (grads, loss_sum, count), _ = jax.lax.scan(body, zeros, micro_batches)
-    return grads, loss_sum, count
+    first = jax.tree.map(lambda x: x[0], micro_batches)
+    zeros = jax.tree.map(
+        lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(micro, state["params"], first)
+    )
+    totals, _ = jax.lax.scan(body, zeros, micro_batches)
+    return totals
 
 
 def with_aux(loss_fn: LossFn) -> LossFn:
     """Adapt a `(sum, count)` loss so `jax.grad(has_aux=True)` differentiates the sum only."""
 
     def wrapped(params, frozen, batch, rng):
-        loss_sum, count = loss_fn(params, frozen, batch, rng)
-        return loss_sum, (loss_sum, count)
+        loss_sum, count, extras = loss_parts(loss_fn(params, frozen, batch, rng))
+        return loss_sum, (loss_sum, count, extras)
 
     return wrapped
 
 
 def eval_step(state: dict, batch: dict, *, loss_fn: LossFn, axis_name: str | None = AXIS):
-    loss_sum, count = loss_fn(state["params"], state["frozen"], batch, None)
+    loss_sum, count, extras = loss_parts(loss_fn(state["params"], state["frozen"], batch, None))
     if axis_name is not None:
-        loss_sum, count = jax.lax.psum((loss_sum, count), axis_name)
-    return {"loss_sum": loss_sum, "count": count}
+        loss_sum, count, extras = jax.lax.psum((loss_sum, count, extras), axis_name)
+    return {"loss_sum": loss_sum, "count": count, "extras": extras}
 
 
 def build_steps(
