@@ -17,7 +17,7 @@ export LD_PRELOAD := $(firstword $(JEMALLOC))
 export MALLOC_CONF := oversize_threshold:0,dirty_decay_ms:-1,muzzy_decay_ms:-1
 endif
 
-.PHONY: install gpu-wheels eval test test-fast lint format tokenize pretrain finetune dpo distill bench generate serve sweep runs
+.PHONY: install gpu-wheels eval test test-fast lint format tokenize pretrain finetune dpo grpo distill bench generate serve sweep runs
 
 # Extra overrides for the run targets, e.g. make pretrain ARGS="train.steps=50".
 ARGS ?=
@@ -83,6 +83,13 @@ finetune: install
 
 dpo: install
 	$(BIN)/python -m pipeline dpo --config configs/dpo.yaml $(ARGS)
+
+# GRPO needs a model that already answers in the task's format: the supervised start is
+# made first (skipped once finished), then reinforced.
+grpo: install
+	@grep -qs '"status": "finished"' runs/sft-addition/state.json || \
+	  $(BIN)/python -m pipeline finetune --config configs/sft_addition.yaml
+	$(BIN)/python -m pipeline grpo --config configs/grpo.yaml $(ARGS)
 
 distill: install
 	$(BIN)/python -m pipeline distill --config configs/distill.yaml $(ARGS)

@@ -115,6 +115,8 @@ def _train(args, stage: str) -> int:
         from pipeline.training.distill import distill as run
     elif stage == "dpo":
         from pipeline.training.preference import dpo as run
+    elif stage == "grpo":
+        from pipeline.training.grpo import grpo as run
     else:
         from pipeline.training.finetune import finetune as run
     try:
@@ -139,6 +141,11 @@ def cmd_finetune(args) -> int:
 def cmd_dpo(args) -> int:
     """Preference-tune init.from (DPO, IPO or SimPO; LoRA or full), or resume in run.dir."""
     return _train(args, "dpo")
+
+
+def cmd_grpo(args) -> int:
+    """Reinforce init.from on a verifiable task (GRPO; LoRA or full), or resume in run.dir."""
+    return _train(args, "grpo")
 
 
 def cmd_distill(args) -> int:
@@ -381,6 +388,10 @@ def _report(result: dict) -> None:
     if result.get("initial_eval_loss") is not None:
         loss_text = f"held-out loss before {result['initial_eval_loss']:.4f}, after {loss:.4f}"
     before, after = result.get("initial_eval") or {}, result.get("eval") or {}
+    if "eval_pass_rate" in after:  # reinforcement learning: no loss to evaluate
+        loss_text = f"held-out pass rate {after['eval_pass_rate']:.3f}"
+        if "eval_pass_rate" in before:
+            loss_text += f" (before {before['eval_pass_rate']:.3f})"
     if "eval_reward_accuracy" in after:  # preference tuning
         loss_text += f"; held-out reward accuracy {after['eval_reward_accuracy']:.3f}"
         if "eval_reward_accuracy" in before:
@@ -466,6 +477,12 @@ def _add_training_commands(sub) -> None:
         "--fresh", action="store_true", help="discard the run in run.dir and start over"
     )
     pref.set_defaults(func=cmd_dpo)
+    rl = sub.add_parser("grpo", help="reinforce init.from on a task with a verifiable reward")
+    _add_config_args(rl)
+    rl.add_argument(
+        "--fresh", action="store_true", help="discard the run in run.dir and start over"
+    )
+    rl.set_defaults(func=cmd_grpo)
     dist = sub.add_parser("distill", help="train a small student on a teacher run's outputs")
     _add_config_args(dist)
     dist.add_argument(
@@ -552,7 +569,7 @@ def _add_experiment_commands(sub) -> None:
     swp.add_argument("--x", default="step", choices=["step", "tokens", "time"])
     swp.add_argument(
         "--stage",
-        choices=["pretrain", "finetune", "distill", "dpo"],
+        choices=["pretrain", "finetune", "distill", "dpo", "grpo"],
         help="the stage each point runs (default: distill with distill.teacher, finetune with "
         "init.from, else pretrain)",
     )

@@ -276,6 +276,25 @@ class DpoConfig:
 
 
 @dataclass(frozen=True)
+class GrpoConfig:
+    """`pipeline grpo`: group-relative policy optimisation of init.from on a verifiable task."""
+
+    task: str = "addition"  # built in: addition, reversal; or a .jsonl of {"prompt", "answer"}
+    digits: int = 2  # addition: operands of up to this many digits; reversal: words of 3..+2
+    reward: str | None = None  # "module:function"(prompt, completion, example); None: exact
+    group_size: int = 8  # completions sampled per prompt (train.batch_size prompts per step)
+    max_new_tokens: int = 8
+    temperature: float = 1.0
+    top_k: int = 0
+    updates_per_batch: int = 2  # optimizer steps on each batch of rollouts
+    clip_eps: float = 0.2  # the ratio's clip range: 1 +- clip_eps
+    kl_beta: float = 0.04  # weight of the KL penalty to the reference (k3 estimator)
+    reference_quantize: Literal["none", "int8"] = "none"  # as dpo.reference_quantize
+    train_prompts: int = 5000  # the training prompts drawn from the task
+    eval_prompts: int = 100  # held-out prompts, answered greedily at each evaluation
+
+
+@dataclass(frozen=True)
 class DistillConfig:
     """`pipeline distill`: a student (this config's model) learns from a teacher run."""
 
@@ -345,6 +364,7 @@ class Config:
     serve: ServeConfig = field(default_factory=ServeConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     dpo: DpoConfig = field(default_factory=DpoConfig)
+    grpo: GrpoConfig = field(default_factory=GrpoConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict with the YAML key names (tuples as lists)."""
@@ -666,6 +686,20 @@ def _run_rules(cfg: Config) -> list[tuple[str, bool, str]]:
         ("distill.temperature", cfg.distill.temperature > 0, "must be positive"),
         ("dpo.beta", cfg.dpo.beta > 0, "must be positive"),
         ("dpo.val_fraction", 0.0 < cfg.dpo.val_fraction < 1.0, "must be in (0, 1)"),
+        *(
+            (f"grpo.{name}", getattr(cfg.grpo, name) >= 1, "must be at least 1")
+            for name in (
+                "digits",
+                "max_new_tokens",
+                "updates_per_batch",
+                "train_prompts",
+                "eval_prompts",
+            )
+        ),
+        ("grpo.group_size", cfg.grpo.group_size >= 2, "must be at least 2 (a group to compare)"),
+        ("grpo.temperature", cfg.grpo.temperature > 0, "must be positive (sampling)"),
+        ("grpo.kl_beta", cfg.grpo.kl_beta >= 0, "must be >= 0"),
+        ("grpo.clip_eps", cfg.grpo.clip_eps > 0, "must be positive"),
         *_serve_rules(cfg.serve),
     ]
 

@@ -318,7 +318,19 @@ def _dpo(cfg):
     return dpo(cfg)
 
 
-STAGES = {"pretrain": _pretrain, "finetune": _finetune, "distill": _distill, "dpo": _dpo}
+def _grpo(cfg):
+    from pipeline.training.grpo import grpo
+
+    return grpo(cfg)
+
+
+STAGES = {
+    "pretrain": _pretrain,
+    "finetune": _finetune,
+    "distill": _distill,
+    "dpo": _dpo,
+    "grpo": _grpo,
+}
 
 
 def write_sweep_summary(dirs: list[Path], out_dir: Path, x: str = "step") -> tuple[str, Path]:

@@ -48,7 +48,7 @@ def load_base(cfg: Config):
 
 def build_stage(cfg: Config) -> Stage:
     model, tokenizer = load_base(cfg)
-    train, held_out = read_examples(cfg.finetune)
+    train, held_out = read_examples(cfg.finetune, cfg.grpo.digits)
     embedded = cfg.finetune.data == "stdlib-docstrings"
     build = partial(
         build_examples,

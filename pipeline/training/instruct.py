@@ -42,10 +42,16 @@ class Examples:
         return len(self.tokens)
 
 
-def read_examples(cfg: FinetuneConfig) -> tuple[list[dict], list[dict]]:
-    """Train and held-out examples (each a dict with "messages") from the configured source."""
+def read_examples(cfg: FinetuneConfig, digits: int = 2) -> tuple[list[dict], list[dict]]:
+    """Train and held-out examples (each a dict with "messages") from the configured source:
+    the embedded set, a built-in task (`task:addition`, operands of up to `digits` digits; see
+    tasks.py) or a JSONL file."""
     if cfg.data == "stdlib-docstrings":
         return stdlib_docstring_examples(cfg.val_fraction, cfg.max_examples)
+    if cfg.data.startswith("task:"):
+        from pipeline.training.tasks import sft_examples
+
+        return sft_examples(cfg.data.removeprefix("task:"), cfg.max_examples or 5000, digits)
     path = Path(cfg.data)
     if not path.is_file():
         raise ConfigError(f"finetune.data: file not found: {path}")

@@ -276,6 +276,7 @@ class _Loop:
         self.step = 0
         self.last_good = 0
         self.eval_loss = None
+        self.rollout_s = 0.0  # on-policy stages: seconds generating since the last log
         self.eval_record: dict = {}  # the last evaluation's metrics
         self.initial_eval: dict = {}
         self.tokens_per_step = cfg.train.batch_size * stage.tokens_per_example
@@ -293,9 +294,9 @@ class _Loop:
                 "step": start,
                 "eval_loss": None,
             }
-        batches = Prefetcher(
-            self.stage.train_batch, self.strategy.shard_batch, start, end, cfg.prefetch
-        )
+        # an on-policy stage's rows stay on the host: its rollout makes the batch from them
+        place = (lambda rows: rows) if self.stage.rollout else self.strategy.shard_batch
+        batches = Prefetcher(self.stage.train_batch, place, start, end, cfg.prefetch)
         bar = tqdm(
             total=cfg.steps,
             initial=start,
@@ -319,12 +320,12 @@ class _Loop:
 
     def _steps(self, state, batches, bar, end: int):
         cfg = self.cfg.train
-        batch = next(batches)
+        batch = self._next(batches, state)
         if cfg.eval_at_start and self.step == 0 and self.stage.evaluates:
             self._evaluate(state)
             self.initial_eval_loss, self.initial_eval = self.eval_loss, self.eval_record
         state, train_fn = self._compile(state, batch)
-        self.timer = (time.perf_counter(), self.step)
+        self.timer, self.rollout_s = (time.perf_counter(), self.step), 0.0
         with StopRequested() as stop:
             while True:
                 state, metrics = train_fn(state, batch)
@@ -342,7 +343,19 @@ class _Loop:
                     self._save(state)
                 if last or stop:
                     return state, "finished" if last else f"interrupted ({stop.signal})"
-                batch = next(batches)
+                batch = self._next(batches, state)
+
+    def _next(self, batches, state) -> dict:
+        """The next step's placed batch; an on-policy stage's rolled out with the current
+        parameters (the previous step's result: this waits for it)."""
+        rows = next(batches)
+        if not self.stage.rollout:
+            return rows
+        start = time.perf_counter()
+        params = self.strategy.unreplicate(state["params"])
+        batch = self.strategy.shard_batch(self.stage.rollout(params, rows, self.step))
+        self.rollout_s += time.perf_counter() - start
+        return batch
 
     def _compile(self, state, batch):
         start = time.perf_counter()
@@ -384,10 +397,18 @@ class _Loop:
         }
         for name in sorted(steps[-1].keys() - {"loss", "lr", "grad_norm"}):  # a stage's own metrics
             record[name] = float(np.mean([float(m[name]) for m in steps]))
+        if self.stage.rollout:  # generation and the updates, apart
+            record["rollout_s"] = self.rollout_s / n
+            record["update_s"] = max(seconds - record["rollout_s"], 0.0)
+            self.rollout_s = 0.0
         self.logger.log(self.step, record)
         bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{tokens_per_sec:,.0f}")
 
     def _evaluate(self, state) -> None:
+        if self.stage.evaluate:
+            record = self.stage.evaluate(self.strategy.unreplicate(state["params"]))
+            self._record_eval(record, ", ".join(f"{k} {v:.4f}" for k, v in record.items()))
+            return
         sets = self.stage.eval_sets or {"": (self.stage.eval_batch, 1.0)}
         means = {name: self._eval_means(state, batches) for name, (batches, _) in sets.items()}
         total = sum(w for _, w in sets.values())
@@ -403,11 +424,16 @@ class _Loop:
             record.update({f"eval_loss/{name}": value["loss"] for name, value in means.items()})
         if self.stage.bytes_per_token:
             record["eval_bits_per_byte"] = loss / math.log(2) / self.stage.bytes_per_token
+        self._record_eval(record, f"eval loss {loss:.4f}")
+
+    def _record_eval(self, record: dict, text: str) -> None:
+        self.eval_loss = record.get("eval_loss")
         self.logger.log(self.step, record)
         self.eval_record = record
         if self.main:
-            tqdm.write(f"step {self.step}: eval loss {loss:.4f}")
+            tqdm.write(f"step {self.step}: {text}")
         self.timer = (time.perf_counter(), self.step)  # eval time is not training time
+        self.rollout_s = 0.0
 
     def _eval_means(self, state, batches) -> dict[str, float]:
         """{"loss": mean loss, NAME: mean of the stage's own metric NAME} over the eval batches."""

@@ -215,15 +215,13 @@ def frozen_copy(model, quantize: str):
     return {"reference": ref_state}, reference
 
 
-def build_stage(cfg: Config) -> Stage:
+def with_reference(cfg: Config, model, quantize: str):
+    """(graphdef, trained params, frozen state, policy apply, reference) for a stage that
+    trains `model` (LoRA or full, as finetune.method says) against its initial self."""
     from pipeline.lora import add_lora
 
-    model, tokenizer = load_base(cfg)
-    train, held_out = read_pairs(cfg.dpo)
-    build = partial(
-        build_pairs, tokenizer, seq_len=cfg.data.seq_len, drop_long=cfg.dpo.data == EMBEDDED
-    )
-    train, held_out = build(train), build(held_out)
+    if cfg.finetune.method != "lora" and cfg.lora.base_quantize != "none":
+        raise ConfigError("lora.base_quantize: an int8 base needs finetune.method=lora")
     lora = cfg.finetune.method == "lora"
     if lora:
         add_lora(model, cfg.lora, seed=cfg.train.seed)
@@ -231,7 +229,21 @@ def build_stage(cfg: Config) -> Stage:
     if lora:
         reference = adapters_off(apply)
     else:
-        frozen, reference = frozen_copy(model, cfg.dpo.reference_quantize)
+        frozen, reference = frozen_copy(model, quantize)
+    return graphdef, params, frozen, apply, reference
+
+
+def build_stage(cfg: Config) -> Stage:
+    model, tokenizer = load_base(cfg)
+    train, held_out = read_pairs(cfg.dpo)
+    build = partial(
+        build_pairs, tokenizer, seq_len=cfg.data.seq_len, drop_long=cfg.dpo.data == EMBEDDED
+    )
+    train, held_out = build(train), build(held_out)
+    lora = cfg.finetune.method == "lora"
+    graphdef, params, frozen, apply, reference = with_reference(
+        cfg, model, cfg.dpo.reference_quantize
+    )
     flops = flops_per_token(cfg.model, cfg.data.seq_len)
     return Stage(
         name=f"dpo-{cfg.finetune.method}",
@@ -257,6 +269,4 @@ def _batch(sampler: ExampleSampler, step: int) -> dict:
 
 
 def dpo(cfg: Config, fresh: bool = False) -> dict:
-    if cfg.finetune.method != "lora" and cfg.lora.base_quantize != "none":
-        raise ConfigError("lora.base_quantize: an int8 base needs finetune.method=lora")
     return run_training(cfg, build_stage(cfg), fresh=fresh)

@@ -59,10 +59,17 @@ class Stage:
     # eval_loss/NAME, and eval_loss is their weighted mean (a data mixture's sources)
     eval_sets: dict[str, tuple[Callable[[int], dict], float]] | None = None
     perplexity: bool = True  # the loss is a cross-entropy: log eval_perplexity beside it
+    # on-policy stages (GRPO): rollout(params, rows, step) turns train_batch's rows into the
+    # step's batch with the current parameters (host arrays) before the step runs, and the
+    # step makes `updates_per_batch` optimizer updates on it
+    rollout: Callable[[Any, dict, int], dict] | None = None
+    updates_per_batch: int = 1
+    # an evaluation of its own (e.g. held-out pass rate): params -> {"eval_NAME": value}
+    evaluate: Callable[[Any], dict] | None = None
 
     @property
     def evaluates(self) -> bool:
-        return bool(self.eval_batch or self.eval_sets)
+        return bool(self.eval_batch or self.eval_sets or self.evaluate)
 
 
 def lm_loss(apply: Callable, params, frozen, batch: dict, rng) -> tuple[jax.Array, jax.Array]:
@@ -178,27 +185,42 @@ def train_step(
     schedule,
     grad_accum: int,
     axis_name: str | None = AXIS,
+    updates: int = 1,
 ) -> tuple[dict, dict]:
-    """One optimizer step on this device's batch; gradients are summed across `axis_name`."""
+    """One step on this device's batch: `updates` optimizer updates on it (GRPO's several per
+    batch of rollouts; metrics their mean), gradients summed across `axis_name`."""
     rng = jax.random.fold_in(state["rng"], state["step"])
-    grads, loss_sum, count, extras = _accumulate(loss_fn, state, batch, rng, grad_accum)
+    one = partial(
+        _update, state, batch, loss_fn=loss_fn, tx=tx, grad_accum=grad_accum, axis_name=axis_name
+    )
+    if updates == 1:
+        (params, opt_state), metrics = one((state["params"], state["opt_state"]), rng)
+    else:
+        keys = jax.vmap(partial(jax.random.fold_in, rng))(jnp.arange(updates))
+        (params, opt_state), metrics = jax.lax.scan(
+            one, (state["params"], state["opt_state"]), keys
+        )
+        metrics = jax.tree.map(lambda x: jnp.mean(x, axis=0), metrics)
+    new_state = {**state, "step": state["step"] + 1, "params": params, "opt_state": opt_state}
+    return new_state, {**metrics, "lr": schedule(state["step"])}
+
+
+def _update(state, batch, carry, rng, *, loss_fn, tx, grad_accum: int, axis_name):
+    """One optimizer update of `carry` = (params, opt_state): ((params, opt_state), metrics)."""
+    params, opt_state = carry
+    grads, loss_sum, count, extras = _accumulate(
+        loss_fn, {**state, "params": params}, batch, rng, grad_accum
+    )
     if axis_name is not None:
         grads, loss_sum, count, extras = jax.lax.psum((grads, loss_sum, count, extras), axis_name)
     grads = jax.tree.map(lambda g: g / count, grads)
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    new_state = {
-        **state,
-        "step": state["step"] + 1,
-        "params": optax.apply_updates(state["params"], updates),
-        "opt_state": opt_state,
-    }
+    updates, opt_state = tx.update(grads, opt_state, params)
     metrics = {
         "loss": loss_sum / count,
         "grad_norm": optax.tree.norm(grads),
-        "lr": schedule(state["step"]),
         **{name: value / count for name, value in extras.items()},
     }
-    return new_state, metrics
+    return (optax.apply_updates(params, updates), opt_state), metrics
 
 
 def _accumulate(loss_fn: LossFn, state, batch, rng, grad_accum: int):
@@ -252,6 +274,7 @@ def build_steps(
         schedule=schedule,
         grad_accum=cfg.train.grad_accum,
         axis_name=strategy.axis_name,
+        updates=stage.updates_per_batch,
     )
     evaluate = partial(eval_step, loss_fn=stage.loss_fn, axis_name=strategy.axis_name)
     return (
