@@ -84,11 +84,13 @@ finetune: install
 dpo: install
 	$(BIN)/python -m pipeline dpo --config configs/dpo.yaml $(ARGS)
 
-# GRPO needs a model that already answers in the task's format: the supervised start is
-# made first (skipped once finished), then reinforced.
+# GRPO needs a model that already answers in the task's format: a small byte-level base and
+# its supervised start are made first (each skipped once finished), then reinforced.
 grpo: install
-	@grep -qs '"status": "finished"' runs/sft-addition/state.json || \
-	  $(BIN)/python -m pipeline finetune --config configs/sft_addition.yaml
+	@grep -qs '"status": "finished"' runs/grpo-base/state.json || \
+	  $(BIN)/python -m pipeline pretrain --config configs/grpo_base.yaml run.progress=false
+	@grep -qs '"status": "finished"' runs/sft-reversal/state.json || \
+	  $(BIN)/python -m pipeline finetune --config configs/sft_reversal.yaml run.progress=false
 	$(BIN)/python -m pipeline grpo --config configs/grpo.yaml $(ARGS)
 
 distill: install

@@ -92,7 +92,7 @@ def test_tasks_keep_held_out_prompts_out_of_training_and_reward_exact_answers():
     assert exact_match(example["prompt"], f" {a + b}\n", example) == 1.0
     assert exact_match(example["prompt"], str(a + b + 1), example) == 0.0
     word = task_examples("reversal", "train", 1, 1)[0]
-    assert word["answer"] == word["prompt"].removeprefix("Reverse: ")[::-1]
+    assert word["answer"] == word["prompt"][::-1]
 
 
 def test_a_reward_function_is_named_module_colon_function():
@@ -202,3 +202,81 @@ def test_sweep_runs_grpo(tiny_run, tmp_path):
         run = root / f"grpo_tiny-kl_beta={beta}"
         assert json.loads((run / "state.json").read_text())["stage"] == "grpo-lora"
         assert any("eval_pass_rate" in r for r in read_metrics(run))
+
+
+@pytest.mark.slow
+def test_grpo_raises_held_out_exact_match_of_a_fine_tuned_model(tmp_path):
+    """A small model pre-trained briefly, then fine-tuned (LoRA) on the reversal task's training
+    words, 5 more steps at a time, until it reverses at least 30% of the held-out words (its
+    exact match jumps from none to about half within a few steps); then GRPO: exact match on
+    the held-out words (greedy) rises in 20 steps (by 5 to 25 points in the settings tried;
+    not yet the 30 points a stronger setup should give)."""
+    from pipeline.training.finetune import finetune
+    from pipeline.training.pretrain import pretrain
+
+    common = ["run.progress=false", "model.embed_dim=64", "train.num_devices=1"]
+    lora = ["lora.rank=16", "lora.alpha=32", "lora.targets=[q,k,v,o,up,down]"]
+    task = ["grpo.task=reversal", "grpo.digits=2", "data.seq_len=32"]
+    pretrain(
+        load_config(
+            os.path.join(ROOT, "configs", "pretrain_tiny.yaml"),
+            [
+                *common,
+                f"run.dir={tmp_path / 'base'}",
+                f"data.cache_dir={tmp_path / 'cache'}",
+                "train.steps=300",
+                "optimizer.lr=3e-3",
+                "train.eval_every=1000",
+                "train.checkpoint_every=1000",
+            ],
+        )
+    )
+    sft = load_config(
+        os.path.join(ROOT, "configs", "finetune_tiny.yaml"),
+        [
+            *common,
+            *lora,
+            *task,
+            f"init.from={tmp_path / 'base'}",
+            f"run.dir={tmp_path / 'sft'}",
+            "finetune.data=task:reversal",
+            "finetune.max_examples=5000",
+            "train.batch_size=32",
+            "optimizer.lr=1e-2",
+            "optimizer.schedule=constant",  # a run extended 5 steps at a time: one trajectory
+            "optimizer.warmup_steps=20",
+            "train.eval_every=1000",
+            "train.checkpoint_every=5",
+            "train.eval_at_start=false",
+        ],
+    )
+    rl = [
+        *common,
+        *lora,
+        *task,
+        "grpo.group_size=8",
+        "grpo.max_new_tokens=6",
+        "grpo.temperature=1.0",
+        "grpo.top_k=3",
+        "grpo.eval_prompts=200",
+    ]
+    for stop in range(60, 300, 5):
+        finetune(with_overrides(sft, train={"steps": stop}))  # finishes: its adapter written
+        probe = build_stage(_config(sft.run.dir, tmp_path / "probe", *rl))
+        if probe.evaluate(probe.params)["eval_pass_rate"] >= 0.3:
+            break
+    cfg = _config(
+        sft.run.dir,
+        tmp_path,
+        *rl,
+        "train.steps=20",
+        "train.batch_size=16",
+        "train.eval_every=20",
+        "train.checkpoint_every=20",
+        "optimizer.lr=3e-3",
+    )
+    result = grpo(cfg)
+    before, after = result["initial_eval"]["eval_pass_rate"], result["eval"]["eval_pass_rate"]
+    print(f"held-out exact match after {stop} fine-tuning steps {before:.3f}, GRPO {after:.3f}")
+    assert before >= 0.3
+    assert after > before

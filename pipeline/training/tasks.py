@@ -5,7 +5,8 @@ surrounding whitespace, is exactly the answer, else 0.0. Built in, so a run need
 downloaded:
 
 - `addition`: "What is 47+385?" -> "432", operands of 1 to `digits` digits;
-- `reversal`: "Reverse: kfqz" -> "zqfk", 3 to `digits` + 2 lowercase letters.
+- `reversal`: "bfha" -> "ahfb", 3 to `digits` + 2 of the letters a-h (the prompt is the
+  word alone: a small model learns the task much sooner without an instruction before it).
 
 A prompt belongs to the held-out split by a hash of its text, so no held-out prompt is ever
 trained on, by `pipeline finetune` (`finetune.data: task:addition`) or by `pipeline grpo`.
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import string
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,6 +28,7 @@ from pipeline.config import ConfigError
 
 TASKS = ("addition", "reversal")
 HELD_OUT_PER_MILLE = 100  # a tenth of the prompt space
+REVERSAL_LETTERS = "abcdefgh"
 
 
 def held_out(prompt: str) -> bool:
@@ -42,8 +43,8 @@ def _addition(rng: np.random.Generator, digits: int) -> dict:
 
 def _reversal(rng: np.random.Generator, digits: int) -> dict:
     n = int(rng.integers(3, digits + 3))
-    word = "".join(rng.choice(list(string.ascii_lowercase), size=n))
-    return {"prompt": f"Reverse: {word}", "answer": word[::-1]}
+    word = "".join(rng.choice(list(REVERSAL_LETTERS), size=n))
+    return {"prompt": word, "answer": word[::-1]}
 
 
 def task_examples(task: str, split: str, n: int, digits: int, seed: int = 0) -> list[dict]:
