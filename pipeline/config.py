@@ -262,8 +262,9 @@ class FinetuneConfig:
 class DpoConfig:
     """`pipeline dpo`: preference tuning of init.from (LoRA or full, as finetune.method says)."""
 
-    # the embedded pairs (a function's real docstring line preferred over another function's),
-    # or a .jsonl file of {"prompt" | "messages", "chosen", "rejected"}
+    # the embedded pairs (a function's real docstring line preferred over another function's;
+    # stdlib-docstring-shuffled: over the same line with its words shuffled), or a .jsonl file
+    # of {"prompt" | "messages", "chosen", "rejected"}
     data: str = "stdlib-docstring-pairs"
     loss: Literal["sigmoid", "ipo", "simpo"] = "sigmoid"  # DPO, IPO, or reference-free SimPO
     beta: float = 0.1

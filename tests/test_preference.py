@@ -25,6 +25,7 @@ from pipeline.training.preference import (
     frozen_copy,
     preference_loss,
     read_pairs,
+    shuffled_pairs,
 )
 from pipeline.training.train import token_losses
 
@@ -293,3 +294,39 @@ def test_pipeline_sweep_runs_dpo_points(tiny_run, tmp_path, capsys):
         assert summarize(run)["status"] == "finished"
         assert json.loads((run / "state.json").read_text())["stage"] == "dpo-lora"
         assert any("eval_reward_accuracy" in r for r in read_metrics(run))
+
+
+def test_shuffled_pairs_reject_the_same_words_in_another_order():
+    examples = [
+        {
+            "messages": [
+                {"role": "user", "content": f"code {i}"},
+                {"role": "assistant", "content": f"return the {i} items in order"},
+            ],
+            "where": "m",
+        }
+        for i in range(4)
+    ] + [
+        {
+            "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "ab"}],
+            "where": "m",
+        }
+    ]
+    pairs = shuffled_pairs(examples)
+    assert len(pairs) == 4  # a reply under 3 words has no other order worth preferring against
+    for p in pairs:
+        assert p["rejected"] != p["chosen"]
+        assert sorted(p["rejected"].split()) == sorted(p["chosen"].split())
+    assert shuffled_pairs(examples) == pairs  # a fixed order
+
+
+def test_an_int8_reference_is_a_quarter_of_the_policy_and_close_to_it(tiny_run, tmp_path):
+    data = _write_pairs(tmp_path / "echo.jsonl", _echo_pairs(16, 4))
+    stage = build_stage(
+        _config(tiny_run, tmp_path, data, "finetune.method=full", "dpo.reference_quantize=int8")
+    )
+    assert np.dtype("int8") in {x.dtype for x in jax.tree.leaves(stage.frozen["reference"])}
+    total, count, extras = stage.loss_fn(stage.params, stage.frozen, stage.train_batch(0), None)
+    # the policy is the float model, the reference its int8 copy: nearly, not exactly, equal
+    assert abs(float(total / count) - math.log(2)) < 0.01
+    assert 0 < float(extras["kl"] / count) < 1e-3

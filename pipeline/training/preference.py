@@ -18,9 +18,10 @@ the reference, chosen over rejected; a tie counts half), the chosen and rejected
 log-probabilities, and the per-token KL to the reference on the replies' tokens (the k3
 estimator, exp(r) - 1 - r with r = ref - pi).
 
-The embedded default (`stdlib-docstring-pairs`) is the fine-tuning set's: a standard-library
-function's source, asked for a one-line summary; chosen is the first line of its own docstring,
-rejected the first line of another function's docstring from the same split.
+The embedded sets use the fine-tuning set's prompts (a standard-library function's source, asked
+for a one-line summary) and the first line of its own docstring as the chosen reply; rejected is
+the first line of another function's docstring from the same split (`stdlib-docstring-pairs`,
+the default) or the chosen line with its words shuffled (`stdlib-docstring-shuffled`).
 """
 
 from __future__ import annotations
@@ -47,14 +48,16 @@ from pipeline.training.instruct import (
 from pipeline.training.loop import run_training
 from pipeline.training.train import Stage, token_losses
 
-EMBEDDED = "stdlib-docstring-pairs"
+EMBEDDED = "stdlib-docstring-pairs"  # rejected: another function's docstring line
+SHUFFLED = "stdlib-docstring-shuffled"  # rejected: the same line, its words shuffled
 
 
 def read_pairs(cfg: DpoConfig) -> tuple[list[dict], list[dict]]:
     """Train and held-out pairs, each {"messages" (the prompt), "chosen", "rejected"}."""
-    if cfg.data == EMBEDDED:
+    if cfg.data in (EMBEDDED, SHUFFLED):
         train, held_out = stdlib_docstring_examples(cfg.val_fraction, cfg.max_examples)
-        return docstring_pairs(train), docstring_pairs(held_out)
+        make = docstring_pairs if cfg.data == EMBEDDED else shuffled_pairs
+        return make(train), make(held_out)
     path = Path(cfg.data)
     if not path.is_file():
         raise ConfigError(f"dpo.data: file not found: {path}")
@@ -83,6 +86,35 @@ def docstring_pairs(examples: list[dict]) -> list[dict]:
                     "chosen": reply["content"],
                     "rejected": other,
                     "where": examples[i]["where"],
+                }
+            )
+    return pairs
+
+
+def shuffled_pairs(examples: list[dict]) -> list[dict]:
+    """Each instruction example with its own reply chosen and, rejected, the same reply with its
+    words in a fixed random order (replies of fewer than 3 words skipped): a preference for
+    well-formed text that a small model can learn, where telling its own docstring from
+    another function's needs more than it has."""
+    pairs = []
+    for n, example in enumerate(examples):
+        *prompt, reply = example["messages"]
+        words = reply["content"].split()
+        if len(words) < 3:
+            continue
+        rng = np.random.default_rng([0, n])
+        shuffled = words
+        for _ in range(10):
+            shuffled = [words[i] for i in rng.permutation(len(words))]
+            if shuffled != words:
+                break
+        if shuffled != words:
+            pairs.append(
+                {
+                    "messages": prompt,
+                    "chosen": reply["content"],
+                    "rejected": " ".join(shuffled),
+                    "where": example["where"],
                 }
             )
     return pairs
@@ -237,7 +269,10 @@ def build_stage(cfg: Config) -> Stage:
     model, tokenizer = load_base(cfg)
     train, held_out = read_pairs(cfg.dpo)
     build = partial(
-        build_pairs, tokenizer, seq_len=cfg.data.seq_len, drop_long=cfg.dpo.data == EMBEDDED
+        build_pairs,
+        tokenizer,
+        seq_len=cfg.data.seq_len,
+        drop_long=cfg.dpo.data in (EMBEDDED, SHUFFLED),
     )
     train, held_out = build(train), build(held_out)
     lora = cfg.finetune.method == "lora"
