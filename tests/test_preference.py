@@ -98,8 +98,9 @@ def test_losses_equal_hand_computed_on_a_two_token_vocabulary():
     tokens = np.array([[[0, 1, 1, 0, 1], [0, 0, 1, 1, 1]], [[1, 1, 0, 0, 0], [1, 0, 0, 1, 0]]])
     mask = np.array([[[0, 1, 1, 1], [0, 0, 1, 1]], [[0, 0, 1, 1], [0, 1, 1, 0]]], np.float32)
 
-    def policy(params, frozen, tokens, rng, targets):
-        return token_losses(nnx.merge(graphdef, params), tokens, targets)
+    def policy(params, frozen, tokens, rng, targets=None):
+        model = nnx.merge(graphdef, params)
+        return model(tokens)[0] if targets is None else token_losses(model, tokens, targets)
 
     def seq_logp(model, row, m):  # by hand: log-softmax of the logits, the targets picked
         logits = np.asarray(model(jnp.asarray(row[None, :-1]))[0][0], np.float64)
@@ -128,6 +129,19 @@ def test_losses_equal_hand_computed_on_a_two_token_vocabulary():
                 margins.append(h)
         assert float(count) == 2
         np.testing.assert_allclose(float(total), sum(expected), rtol=1e-5)
+        kl = 0.0  # by hand: KL over the 2 tokens at each reply position, averaged per pair
+        for b in range(2):
+            terms = []
+            for j in range(2):
+                row = jnp.asarray(tokens[b, j][None, :-1])
+                logits = [
+                    np.asarray(m(row)[0][0], np.float64) for m in (policy_model, reference_model)
+                ]
+                lp, lq = (x - np.log(np.exp(x).sum(-1, keepdims=True)) for x in logits)
+                per = (np.exp(lp) * (lp - lq)).sum(-1)
+                terms += list(per[mask[b, j] > 0])
+            kl += np.mean(terms)
+        np.testing.assert_allclose(float(extras["kl"]), kl, rtol=1e-4)
         if loss_type == "simpo":
             np.testing.assert_allclose(float(extras["reward_margin"]), sum(margins), rtol=1e-5)
 

@@ -15,8 +15,8 @@ switched off (zeroed), so there is no second copy; under full fine-tuning a froz
 training state (`dpo.reference_quantize: int8` keeps it in int8). Logged beside the loss (and
 as eval_* on the held-out pairs): the reward margin and accuracy (beta times the log-ratio to
 the reference, chosen over rejected; a tie counts half), the chosen and rejected
-log-probabilities, and the per-token KL to the reference on the replies' tokens (the k3
-estimator, exp(r) - 1 - r with r = ref - pi).
+log-probabilities, and (in evaluation) the KL to the reference over the whole vocabulary at
+each reply position.
 
 The embedded sets use the fine-tuning set's prompts (a standard-library function's source, asked
 for a one-line summary) and the first line of its own docstring as the chosen reply; rejected is
@@ -204,8 +204,6 @@ def preference_loss(policy, reference, cfg: DpoConfig, params, frozen, batch: di
         rewards = cfg.beta * seq / lengths
         losses = -jax.nn.log_sigmoid(rewards[:, 0] - rewards[:, 1] - cfg.simpo_gamma)
     margin = rewards[:, 0] - rewards[:, 1]
-    r = ref - logp  # per token; k3 = exp(r) - 1 - r >= 0 estimates KL(policy || reference)
-    k3 = ((jnp.exp(r) - 1 - r) * mask).reshape(pairs, 2, -1).sum((1, 2)) / lengths.sum(-1)
     extras = {
         "reward_margin": margin.sum(),
         "reward_accuracy": (
@@ -215,16 +213,28 @@ def preference_loss(policy, reference, cfg: DpoConfig, params, frozen, batch: di
         "rejected_reward": rewards[:, 1].sum(),
         "chosen_logp": seq[:, 0].sum(),
         "rejected_logp": seq[:, 1].sum(),
-        "kl": k3.sum(),
     }
+    if rng is None:  # evaluation: the KL to the reference too (two more forward passes)
+        extras["kl"] = reply_kl(policy, reference, params, frozen, inputs, mask).sum()
     return losses.sum(), jnp.asarray(pairs, jnp.float32), extras
+
+
+def reply_kl(policy, reference, params, frozen, inputs, mask) -> jax.Array:
+    """Per pair: KL(policy || reference) over the whole vocabulary at each reply position,
+    averaged over both replies' positions. Exact, not a sampled estimate: the replies are the
+    data's, not the policy's samples, so an estimator from their tokens alone would be biased."""
+    log_p = jax.nn.log_softmax(policy(params, frozen, inputs, None).astype(jnp.float32), -1)
+    log_q = jax.nn.log_softmax(reference(params, frozen, inputs).astype(jnp.float32), -1)
+    kl = jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)  # (2B, T)
+    pairs = mask.shape[0] // 2
+    return (kl * mask).reshape(pairs, 2, -1).sum((1, 2)) / mask.reshape(pairs, -1).sum(-1)
 
 
 def adapters_off(apply):
     """The LoRA reference: the policy's own forward with every adapter zeroed (B = A = 0 adds
     exactly nothing), so the base weights serve both."""
 
-    def reference(params, frozen, tokens, targets):
+    def reference(params, frozen, tokens, targets=None):
         zeros = jax.tree.map(jnp.zeros_like, params)
         return apply(zeros, frozen, tokens, None, targets=targets)
 
@@ -241,8 +251,9 @@ def frozen_copy(model, quantize: str):
         quantize_model(copy, "int8", embeddings=True)
     ref_graphdef, ref_state = nnx.split(copy)
 
-    def reference(params, frozen, tokens, targets):
-        return token_losses(nnx.merge(ref_graphdef, frozen["reference"]), tokens, targets)
+    def reference(params, frozen, tokens, targets=None):
+        model = nnx.merge(ref_graphdef, frozen["reference"])
+        return model(tokens)[0] if targets is None else token_losses(model, tokens, targets)
 
     return {"reference": ref_state}, reference
 
