@@ -84,7 +84,7 @@ def stage_for_model(cfg: Config, model, tokenizer, train: Examples, held_out: Ex
         tokens_per_example=cfg.data.seq_len,
         tokenizer=tokenizer,
         # the loop writes model/ (the trained parameters); a LoRA run adds PEFT's files
-        export=partial(_export, cfg, graphdef, frozen) if lora else None,
+        export=partial(export_adapter, cfg, graphdef, frozen) if lora else None,
     )
 
 
@@ -114,7 +114,7 @@ def _batch(sampler: ExampleSampler, step: int) -> dict:
     return sampler.batch(step, jax.process_index(), jax.process_count())
 
 
-def _export(cfg: Config, graphdef, frozen, params, run_dir: Path) -> None:
+def export_adapter(cfg: Config, graphdef, frozen, params, run_dir: Path) -> None:
     """The adapter in PEFT's layout, beside the checkpoints."""
     save_adapter(nnx.merge(graphdef, params, frozen), cfg.lora, run_dir, cfg.init.from_run)
 

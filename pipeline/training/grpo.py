@@ -36,7 +36,7 @@ from pipeline.inference.sampling import Sampling
 from pipeline.lora import set_dropout_keys
 from pipeline.model import flops_per_token
 from pipeline.tokenizer import prompt_ids
-from pipeline.training.finetune import _export, load_base
+from pipeline.training.finetune import export_adapter, load_base
 from pipeline.training.instruct import ExampleSampler
 from pipeline.training.loop import run_training
 from pipeline.training.preference import with_reference
@@ -232,7 +232,7 @@ def build_stage(cfg: Config) -> Stage:
         flops_per_token=train_flops * g.updates_per_batch + 2 * flops / 3,
         tokens_per_example=g.group_size * cfg.data.seq_len,
         tokenizer=tokenizer,
-        export=partial(_export, cfg, graphdef, frozen) if lora else None,
+        export=partial(export_adapter, cfg, graphdef, frozen) if lora else None,
         perplexity=False,
         rollout=rollouts.rollout,
         updates_per_batch=g.updates_per_batch,

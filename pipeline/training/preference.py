@@ -37,7 +37,7 @@ from flax import nnx
 from pipeline.config import Config, ConfigError, DpoConfig
 from pipeline.model import flops_per_token
 from pipeline.tokenizer import Tokenizer, render
-from pipeline.training.finetune import _export, load_base, trainable_split
+from pipeline.training.finetune import export_adapter, load_base, trainable_split
 from pipeline.training.instruct import (
     Examples,
     ExampleSampler,
@@ -305,7 +305,7 @@ def build_stage(cfg: Config) -> Stage:
         flops_per_token=(flops * 2 / 3 if lora else flops) + flops / 3,
         tokens_per_example=2 * cfg.data.seq_len,
         tokenizer=tokenizer,
-        export=partial(_export, cfg, graphdef, frozen) if lora else None,
+        export=partial(export_adapter, cfg, graphdef, frozen) if lora else None,
         perplexity=False,
     )
 
