@@ -459,36 +459,20 @@ def _add_training_commands(sub) -> None:
     _add_config_args(tok)
     tok.add_argument("--json", action="store_true", help="one JSON object instead of text")
     tok.set_defaults(func=cmd_tokenize)
-    pre = sub.add_parser("pretrain", help="pre-train a model (resumes the run in run.dir)")
-    _add_config_args(pre)
-    pre.add_argument(
-        "--fresh", action="store_true", help="discard the run in run.dir and start over"
+    stages = (
+        ("pretrain", "pre-train a model (resumes the run in run.dir)", cmd_pretrain),
+        ("finetune", "fine-tune init.from with LoRA, QLoRA or fully", cmd_finetune),
+        ("dpo", "preference-tune init.from on chosen/rejected pairs", cmd_dpo),
+        ("grpo", "reinforce init.from on a task with a verifiable reward", cmd_grpo),
+        ("distill", "train a small student on a teacher run's outputs", cmd_distill),
     )
-    pre.set_defaults(func=cmd_pretrain)
-    fine = sub.add_parser("finetune", help="fine-tune init.from with LoRA, QLoRA or fully")
-    _add_config_args(fine)
-    fine.add_argument(
-        "--fresh", action="store_true", help="discard the run in run.dir and start over"
-    )
-    fine.set_defaults(func=cmd_finetune)
-    pref = sub.add_parser("dpo", help="preference-tune init.from on chosen/rejected pairs")
-    _add_config_args(pref)
-    pref.add_argument(
-        "--fresh", action="store_true", help="discard the run in run.dir and start over"
-    )
-    pref.set_defaults(func=cmd_dpo)
-    rl = sub.add_parser("grpo", help="reinforce init.from on a task with a verifiable reward")
-    _add_config_args(rl)
-    rl.add_argument(
-        "--fresh", action="store_true", help="discard the run in run.dir and start over"
-    )
-    rl.set_defaults(func=cmd_grpo)
-    dist = sub.add_parser("distill", help="train a small student on a teacher run's outputs")
-    _add_config_args(dist)
-    dist.add_argument(
-        "--fresh", action="store_true", help="discard the run in run.dir and start over"
-    )
-    dist.set_defaults(func=cmd_distill)
+    for name, text, func in stages:
+        stage = sub.add_parser(name, help=text)
+        _add_config_args(stage)
+        stage.add_argument(
+            "--fresh", action="store_true", help="discard the run in run.dir and start over"
+        )
+        stage.set_defaults(func=func)
 
 
 def _add_inference_commands(sub) -> None:

@@ -683,6 +683,14 @@ def _run_rules(cfg: Config) -> list[tuple[str, bool, str]]:
             (cfg.tokenizer.vocab_size or m.vocab_size) <= m.vocab_size,
             f"{cfg.tokenizer.vocab_size} exceeds model.vocab_size={m.vocab_size}",
         ),
+        *_post_training_rules(cfg),
+        *_serve_rules(cfg.serve),
+    ]
+
+
+def _post_training_rules(cfg: Config) -> list[tuple[str, bool, str]]:
+    """(key, holds, message) for distillation, preference tuning and GRPO."""
+    return [
         ("distill.alpha", 0.0 <= cfg.distill.alpha <= 1.0, "must be in [0, 1]"),
         ("distill.temperature", cfg.distill.temperature > 0, "must be positive"),
         ("dpo.beta", cfg.dpo.beta > 0, "must be positive"),
@@ -701,7 +709,6 @@ def _run_rules(cfg: Config) -> list[tuple[str, bool, str]]:
         ("grpo.temperature", cfg.grpo.temperature > 0, "must be positive (sampling)"),
         ("grpo.kl_beta", cfg.grpo.kl_beta >= 0, "must be >= 0"),
         ("grpo.clip_eps", cfg.grpo.clip_eps > 0, "must be positive"),
-        *_serve_rules(cfg.serve),
     ]
 
 

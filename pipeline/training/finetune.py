@@ -77,8 +77,8 @@ def stage_for_model(cfg: Config, model, tokenizer, train: Examples, held_out: Ex
         params=params,
         frozen=frozen,
         loss_fn=partial(lm_loss, apply),
-        train_batch=partial(_batch, train_sampler),
-        eval_batch=partial(_batch, eval_sampler),
+        train_batch=partial(process_rows, train_sampler),
+        eval_batch=partial(process_rows, eval_sampler),
         # LoRA skips the base's weight gradients: about 4 of the 6 FLOPs per parameter.
         flops_per_token=flops * 2 / 3 if lora else flops,
         tokens_per_example=cfg.data.seq_len,
@@ -110,7 +110,8 @@ def trainable_split(model, lora: bool):
     return graphdef, params, frozen, apply
 
 
-def _batch(sampler: ExampleSampler, step: int) -> dict:
+def process_rows(sampler: ExampleSampler, step: int) -> dict:
+    """This process's rows of the step's global batch."""
     return sampler.batch(step, jax.process_index(), jax.process_count())
 
 

@@ -37,7 +37,12 @@ from flax import nnx
 from pipeline.config import Config, ConfigError, DpoConfig
 from pipeline.model import flops_per_token
 from pipeline.tokenizer import Tokenizer, render
-from pipeline.training.finetune import export_adapter, load_base, trainable_split
+from pipeline.training.finetune import (
+    export_adapter,
+    load_base,
+    process_rows,
+    trainable_split,
+)
 from pipeline.training.instruct import (
     Examples,
     ExampleSampler,
@@ -297,9 +302,11 @@ def build_stage(cfg: Config) -> Stage:
         params=params,
         frozen=frozen,
         loss_fn=partial(preference_loss, apply, reference, cfg.dpo),
-        train_batch=partial(_batch, ExampleSampler(train, cfg.train.batch_size, cfg.train.seed)),
+        train_batch=partial(
+            process_rows, ExampleSampler(train, cfg.train.batch_size, cfg.train.seed)
+        ),
         eval_batch=partial(
-            _batch, ExampleSampler(held_out, cfg.train.batch_size, 0, shuffle=False)
+            process_rows, ExampleSampler(held_out, cfg.train.batch_size, 0, shuffle=False)
         ),
         # the policy's training step (LoRA: no base weight gradients) and the reference's forward
         flops_per_token=(flops * 2 / 3 if lora else flops) + flops / 3,
@@ -308,10 +315,6 @@ def build_stage(cfg: Config) -> Stage:
         export=partial(export_adapter, cfg, graphdef, frozen) if lora else None,
         perplexity=False,
     )
-
-
-def _batch(sampler: ExampleSampler, step: int) -> dict:
-    return sampler.batch(step, jax.process_index(), jax.process_count())
 
 
 def dpo(cfg: Config, fresh: bool = False) -> dict:
