@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field, fields, replace
@@ -189,6 +190,9 @@ class TrainConfig:
     stop_at: int | None = (
         None  # checkpoint and stop at this step (resume later with the same command)
     )
+    # "METRIC >= VALUE" or "METRIC <= VALUE" of the evaluation's metrics (eval_loss,
+    # eval_pass_rate, ...): the run finishes at the first evaluation that meets it
+    stop_when: str | None = None
 
 
 @dataclass(frozen=True)
@@ -592,6 +596,19 @@ def _describe(options: tuple) -> str:
     return " or ".join(names)
 
 
+def parse_stop_when(text: str) -> tuple[str, str, float] | None:
+    """("eval_loss", "<=", 2.5) from "eval_loss <= 2.5"; None if it does not read so."""
+    match = re.fullmatch(
+        r"\s*([A-Za-z_][\w/]*)\s*(>=|<=)\s*([-+]?[\d.]+(?:[eE][-+]?\d+)?)\s*", text
+    )
+    if not match:
+        return None
+    try:
+        return match[1], match[2], float(match[3])
+    except ValueError:
+        return None
+
+
 def _check_values(cfg: Config, origins: dict) -> None:
     """Cross-field checks: each names the offending key and where it was set."""
     for key, ok, message in [*_model_rules(cfg.model, origins), *_run_rules(cfg)]:
@@ -667,6 +684,11 @@ def _run_rules(cfg: Config) -> list[tuple[str, bool, str]]:
             "train.batch_size",
             t.batch_size % max(t.grad_accum, 1) == 0,
             f"{t.batch_size} is not a multiple of train.grad_accum={t.grad_accum}",
+        ),
+        (
+            "train.stop_when",
+            t.stop_when is None or parse_stop_when(t.stop_when) is not None,
+            f"{t.stop_when!r} must read METRIC >= VALUE or METRIC <= VALUE (e.g. eval_loss <= 2.5)",
         ),
         ("optimizer.lr", cfg.optimizer.lr > 0, "must be positive"),
         ("lora.rank", cfg.lora.rank > 0, "must be positive"),

@@ -7,6 +7,7 @@ the default, full, is GPT-2 small (124M) in bfloat16.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -170,6 +171,63 @@ def serve() -> None:
         emit("serve", **result)
 
 
+def peer_generate() -> None:
+    """`bench generate --peer torch` at batch 1 and 32: our jitted generate and transformers'
+    `generate` (bfloat16 weights on a GPU) on the same model, alternated, each in processes of
+    its own; the last row of each case holds the ratios."""
+    import importlib.util
+
+    if not importlib.util.find_spec("torch") or not importlib.util.find_spec("transformers"):
+        emit("peer_generate", skipped="torch or transformers is not importable")
+        return
+    from pipeline.bench.peer import generate_rows
+
+    for row in generate_rows(CONFIG.stem, str(CONFIG), OVERRIDES, ["b1", "b32"]):
+        emit("peer_generate", **row)
+
+
+def grpo() -> None:
+    """`make grpo`'s chain, unchanged but for its run directories: the byte-level base, the
+    supervised start, then GRPO; each stage's wall time, and GRPO's held-out exact match (greedy)
+    before and after with its rollout and update time per step."""
+    import tempfile
+
+    from pipeline.config import load_config
+    from pipeline.training.finetune import finetune
+    from pipeline.training.grpo import grpo as run_grpo
+    from pipeline.training.pretrain import pretrain
+
+    root = Path(tempfile.mkdtemp(prefix="gpu_check_grpo_"))
+    short = {
+        "pretrain": ["train.steps=20", "train.eval_every=20", "train.checkpoint_every=20"],
+        "finetune": ["train.steps=10", "train.eval_every=10", "train.checkpoint_every=10"],
+        "grpo": ["train.steps=2", "train.eval_every=2", "grpo.eval_prompts=16"],
+    }
+    stages = [
+        ("pretrain", pretrain, "grpo_base", []),
+        ("finetune", finetune, "sft_reversal", [f"init.from={root}/grpo_base"]),
+        ("grpo", run_grpo, "grpo", [f"init.from={root}/sft_reversal"]),
+    ]
+    for stage, run, name, extra in stages:
+        overrides = [f"run.dir={root}/{name}", "run.progress=false", *extra]
+        cfg = load_config(ROOT / f"configs/{name}.yaml", overrides + (short[stage] if TINY else []))
+        start = time.perf_counter()
+        with contextlib.redirect_stdout(sys.stderr):  # the loop's progress lines: not JSON
+            result = run(cfg, fresh=True)
+        seconds = time.perf_counter() - start
+        fields = {"stage": stage, "config": f"configs/{name}.yaml", "seconds": seconds}
+        fields.update(status=result["status"], step=result["step"])
+        if stage == "grpo":
+            lines = Path(f"{root}/{name}/metrics.jsonl").read_text().splitlines()
+            rows = [json.loads(line) for line in lines]
+            timed = [r for r in rows if "rollout_s" in r]
+            fields["before"] = (result.get("initial_eval") or {}).get("eval_pass_rate")
+            fields["after"] = (result.get("eval") or {}).get("eval_pass_rate")
+            for key in ("rollout_s", "update_s"):
+                fields[key] = [round(r[key], 4) for r in timed]
+        emit("grpo", **fields)
+
+
 def torch() -> None:
     """The same training step in PyTorch (transformers' GPT-2, AdamW, bf16 autocast,
     torch.compile on a GPU), in its own process; skipped where torch is not importable."""
@@ -191,7 +249,10 @@ def torch() -> None:
     emit("torch", **json.loads(out.stdout.strip().splitlines()[-1]))
 
 
-SECTIONS = {f.__name__: f for f in (env, matmul, attention, train, fit, generate, serve, torch)}
+SECTIONS = {
+    f.__name__: f
+    for f in (env, matmul, attention, train, fit, generate, serve, torch, peer_generate, grpo)
+}
 
 if __name__ == "__main__":
     name = sys.argv[1]

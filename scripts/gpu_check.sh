@@ -13,6 +13,9 @@
 #   serve      the OpenAI server's throughput at concurrency 1 and 32 (real HTTP on loopback)
 #   torch      the same training step in PyTorch (HF GPT-2, torch.compile, bf16 autocast), when
 #              torch is importable
+#   peer_generate  decode against transformers' `generate` (bench generate --peer torch), b1 and b32
+#   grpo       make grpo's chain (byte-level base, supervised start, GRPO): time per stage and
+#              GRPO's held-out exact match before and after
 #
 # Uses the Python and JAX already installed (PYTHON, default python3): nothing is downloaded.
 # Where that Python lacks a dependency, `make install JAX=system` makes .venv-gpu, which keeps
@@ -90,8 +93,8 @@ if [ "$backend" != gpu ]; then
 fi
 
 sections=("$@")
-[ ${#sections[@]} -gt 0 ] || sections=(env matmul attention train fit generate serve torch)
-declare -A limit=([train]=240 [torch]=150 [serve]=300 [generate]=90 [fit]=90 [attention]=60 [env]=60 [matmul]=60)
+[ ${#sections[@]} -gt 0 ] || sections=(env matmul attention train fit generate serve torch peer_generate grpo)
+declare -A limit=([train]=240 [torch]=150 [peer_generate]=240 [grpo]=180 [serve]=300 [generate]=90 [fit]=90 [attention]=60 [env]=60 [matmul]=60)
 : >"$OUT_FILE"
 failed=0
 for section in "${sections[@]}"; do

@@ -173,6 +173,8 @@ def generate_run(cfg: Config, batch: int, prompt_len: int = 64, new_tokens: int 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     model = build_model(cfg.model).to(device).eval()
+    if cuda and cfg.model.compute_dtype in ("bfloat16", "float16"):  # as users serve on a GPU
+        model = model.to(getattr(torch, cfg.model.compute_dtype))
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, cfg.model.vocab_size, (batch, prompt_len), generator=gen).to(device)
     sync = torch.cuda.synchronize if cuda else (lambda: None)

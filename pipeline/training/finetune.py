@@ -6,6 +6,7 @@ instruction batches with their loss masks, and hands the `Stage` to the shared l
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from pipeline.lora import add_lora, merge, save_adapter, set_dropout_keys
 from pipeline.model import flops_per_token
 from pipeline.training.instruct import Examples, ExampleSampler, build_examples, read_examples
 from pipeline.training.loop import model_differences, run_training
+from pipeline.training.tasks import TaskEval
 from pipeline.training.train import Stage, lm_loss, token_losses
 
 
@@ -59,7 +61,14 @@ def build_stage(cfg: Config) -> Stage:
     )
     # held-out examples one per row whatever the packing: the same evaluation either way
     held = build(held_out, packing=False)
-    return stage_for_model(cfg, model, tokenizer, build(train), held)
+    stage = stage_for_model(cfg, model, tokenizer, build(train), held)
+    if cfg.finetune.data.startswith("task:"):  # beside the loss: the held-out pass rate
+        task = cfg.finetune.data.removeprefix("task:")
+        lora = cfg.finetune.method == "lora"
+        scorer = TaskEval(cfg, task, tokenizer, stage.graphdef, stage.frozen, lora)
+        scorer.check_fits(scorer.held_prompts)
+        stage = replace(stage, evaluate=scorer.evaluate)
+    return stage
 
 
 def stage_for_model(cfg: Config, model, tokenizer, train: Examples, held_out: Examples) -> Stage:

@@ -28,22 +28,16 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from pipeline.config import Config, ConfigError, GrpoConfig
-from pipeline.inference.generate import generate
 from pipeline.inference.sampling import Sampling
-from pipeline.lora import set_dropout_keys
 from pipeline.model import flops_per_token
-from pipeline.tokenizer import prompt_ids
 from pipeline.training.finetune import export_adapter, load_base
 from pipeline.training.instruct import ExampleSampler
 from pipeline.training.loop import run_training
 from pipeline.training.preference import with_reference
-from pipeline.training.tasks import load_reward, read_task
+from pipeline.training.tasks import TaskEval, read_task
 from pipeline.training.train import Stage
-
-EVAL_CHUNK = 64  # held-out prompts generated together
 
 
 def group_advantages(rewards: np.ndarray, group_size: int) -> np.ndarray:
@@ -79,28 +73,19 @@ def grpo_loss(policy, cfg: GrpoConfig, params, frozen, batch: dict, rng):
     return -objective.sum(), jnp.asarray(tokens.shape[0], jnp.float32), extras
 
 
-class Rollouts:
-    """The task's prompts, the sampling and scoring of completions, the held-out evaluation."""
+class Rollouts(TaskEval):
+    """The task's training prompts, the sampling and scoring of completions; the held-out
+    evaluation is TaskEval's."""
 
     def __init__(self, cfg: Config, tokenizer, graphdef, frozen, lora: bool, policy, reference):
-        g = cfg.grpo
-        self.cfg, self.g, self.tokenizer, self.lora = cfg, g, tokenizer, lora
-        self.graphdef, self.frozen = graphdef, frozen
-        self.reward = load_reward(g.reward)
+        super().__init__(cfg, cfg.grpo.task, tokenizer, graphdef, frozen, lora)
+        g = self.g = cfg.grpo
         self.train = read_task(g.task, "train", g.train_prompts, g.digits, cfg.train.seed)
-        self.held_out = read_task(g.task, "held_out", g.eval_prompts, g.digits)
-        if not self.train or not self.held_out:
-            raise ConfigError(f"grpo.task: {g.task} has no training or no held-out prompt")
-        self.prompts = [self._ids(e["prompt"]) for e in self.train]
-        self.held_prompts = [self._ids(e["prompt"]) for e in self.held_out]
-        longest = max(map(len, self.prompts + self.held_prompts)) + g.max_new_tokens
-        if longest > cfg.data.seq_len:
-            raise ConfigError(
-                f"data.seq_len: {cfg.data.seq_len} is shorter than the longest prompt plus "
-                f"grpo.max_new_tokens ({longest} tokens)"
-            )
+        if not self.train:
+            raise ConfigError(f"grpo.task: {g.task} has no training prompt")
+        self.prompts = [self.ids(e["prompt"]) for e in self.train]
+        self.check_fits(self.prompts + self.held_prompts)
         self.sampler = ExampleSampler(_Count(len(self.train)), cfg.train.batch_size, cfg.train.seed)
-        self.placed_frozen = None
 
         def score(params, frozen, tokens):
             args = (params, frozen, tokens[:, :-1])
@@ -110,46 +95,12 @@ class Rollouts:
 
         self.score = jax.jit(score)
 
-    def _ids(self, prompt: str) -> list[int]:
-        return prompt_ids(self.tokenizer, [{"role": "user", "content": prompt}])
-
     def batch(self, step: int) -> dict:
         """This process's rows of the step's prompts: their indices in the training prompts."""
         rows = self.cfg.train.batch_size // jax.process_count()
         index = self.sampler.indices(step)
         start = jax.process_index() * rows
         return {"index": index[start : start + rows], "row": np.arange(start, start + rows)}
-
-    def _model(self, params):
-        if self.placed_frozen is None:  # once: the frozen base (or reference) on the device
-            self.placed_frozen = jax.device_put(self.frozen)
-        if not self.lora:
-            return nnx.merge(self.graphdef, params)
-        model = nnx.merge(self.graphdef, params, self.placed_frozen)
-        set_dropout_keys(model, None)
-        return model
-
-    def _complete(self, params, prompts, samplings) -> list[list[int]]:
-        out = generate(
-            self._model(params),
-            prompts,
-            self.g.max_new_tokens,
-            samplings,
-            eos_id=self.tokenizer.end_id,
-        )
-        return out["tokens"]
-
-    def _rewards(self, examples, completions) -> np.ndarray:
-        end = self.tokenizer.end_id
-        return np.array(
-            [
-                float(
-                    self.reward(e["prompt"], self.tokenizer.decode([t for t in c if t != end]), e)
-                )
-                for e, c in zip(examples, completions, strict=True)
-            ],
-            np.float32,
-        )
 
     def rollout(self, params, rows: dict, step: int) -> dict:
         """Sample the groups, score them and lay them out as the step's training batch."""
@@ -161,8 +112,8 @@ class Rollouts:
             for r in rows["row"]
             for j in range(g)
         ]
-        completions = self._complete(params, prompts, samplings)
-        rewards = self._rewards(examples, completions)
+        completions = self.complete(params, prompts, samplings)
+        rewards = self.rewards(examples, completions)
         tokens = np.full((len(prompts), seq_len + 1), self.tokenizer.pad_id, np.int32)
         mask = np.zeros((len(prompts), seq_len), np.float32)
         for i, (p, c) in enumerate(zip(prompts, completions, strict=True)):
@@ -176,21 +127,6 @@ class Rollouts:
             "rewards": rewards,
             "old_logp": np.asarray(old_logp),
             "ref_logp": np.asarray(ref_logp),
-        }
-
-    def evaluate(self, params) -> dict:
-        """Greedy completions of the held-out prompts: pass rate, mean reward and length."""
-        rewards, lengths = [], []
-        for start in range(0, len(self.held_prompts), EVAL_CHUNK):
-            prompts = self.held_prompts[start : start + EVAL_CHUNK]
-            completions = self._complete(params, prompts, Sampling())
-            rewards.append(self._rewards(self.held_out[start : start + EVAL_CHUNK], completions))
-            lengths += [len(c) for c in completions]
-        rewards = np.concatenate(rewards)
-        return {
-            "eval_pass_rate": float(np.mean(rewards >= 1.0)),
-            "eval_reward": float(rewards.mean()),
-            "eval_completion_length": float(np.mean(lengths)),
         }
 
 

@@ -21,7 +21,7 @@ import yaml
 from tqdm import tqdm
 
 from pipeline.checkpoint import Checkpointer, CheckpointError, has_checkpoints, remove_checkpoints
-from pipeline.config import Config
+from pipeline.config import Config, parse_stop_when
 from pipeline.inference.runs import save_params
 from pipeline.runtime import aggregate_peak_flops, is_main_process, run_dir_lock
 from pipeline.training.metrics import (
@@ -288,6 +288,15 @@ class _Loop:
         if start >= cfg.steps:
             return {"status": "finished", "step": start, "eval_loss": None}
         end = min(cfg.steps, cfg.stop_at or cfg.steps)
+        if start and cfg.stop_when and self.stage.evaluates:  # resumed: met already?
+            self._evaluate(state)
+            if self._target_met():
+                return {
+                    "status": "finished",
+                    "step": start,
+                    "eval_loss": self.eval_loss,
+                    "eval": self.eval_record,
+                }
         if end <= start:  # resumed with a train.stop_at already reached: nothing to do
             return {
                 "status": f"interrupted (train.stop_at={end})",
@@ -339,6 +348,7 @@ class _Loop:
                     self._log(bar)
                 if self.stage.evaluates and (self.step % cfg.eval_every == 0 or last):
                     self._evaluate(state)
+                    last = last or self._target_met()
                 if self.step % cfg.checkpoint_every == 0 or last or stop:
                     self._save(state)
                 if last or stop:
@@ -404,11 +414,37 @@ class _Loop:
         self.logger.log(self.step, record)
         bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{tokens_per_sec:,.0f}")
 
+    def _target_met(self) -> bool:
+        """Whether the last evaluation meets train.stop_when (an unknown metric is an error
+        that names the evaluation's metrics)."""
+        if not self.cfg.train.stop_when:
+            return False
+        metric, op, value = parse_stop_when(self.cfg.train.stop_when)
+        if metric not in self.eval_record:
+            raise TrainingError(
+                f"train.stop_when: this stage's evaluation has no {metric!r}; it has "
+                f"{', '.join(sorted(self.eval_record))}"
+            )
+        got = self.eval_record[metric]
+        met = got >= value if op == ">=" else got <= value
+        if met and self.main:
+            tqdm.write(f"step {self.step}: {metric} {got:.4f} {op} {value} (train.stop_when)")
+        return met
+
     def _evaluate(self, state) -> None:
+        """The held-out loss (where the stage has eval batches) and the stage's own evaluation
+        (where it has one), logged as one record."""
+        record, text = {}, []
+        if self.stage.eval_sets or self.stage.eval_batch:
+            record = self._loss_record(state)
+            text.append(f"eval loss {record['eval_loss']:.4f}")
         if self.stage.evaluate:
-            record = self.stage.evaluate(self.strategy.unreplicate(state["params"]))
-            self._record_eval(record, ", ".join(f"{k} {v:.4f}" for k, v in record.items()))
-            return
+            extra = self.stage.evaluate(self.strategy.unreplicate(state["params"]))
+            record.update(extra)
+            text += [f"{k} {v:.4f}" for k, v in extra.items()]
+        self._record_eval(record, ", ".join(text))
+
+    def _loss_record(self, state) -> dict:
         sets = self.stage.eval_sets or {"": (self.stage.eval_batch, 1.0)}
         means = {name: self._eval_means(state, batches) for name, (batches, _) in sets.items()}
         total = sum(w for _, w in sets.values())
@@ -417,14 +453,14 @@ class _Loop:
             f"eval_{key}": sum(means[name][key] * w for name, (_, w) in sets.items()) / total
             for key in next(iter(means.values()))
         }
-        loss = self.eval_loss = record["eval_loss"]
+        loss = record["eval_loss"]
         if self.stage.perplexity:
             record["eval_perplexity"] = math.exp(min(loss, 700))
         if self.stage.eval_sets:
             record.update({f"eval_loss/{name}": value["loss"] for name, value in means.items()})
         if self.stage.bytes_per_token:
             record["eval_bits_per_byte"] = loss / math.log(2) / self.stage.bytes_per_token
-        self._record_eval(record, f"eval loss {loss:.4f}")
+        return record
 
     def _record_eval(self, record: dict, text: str) -> None:
         self.eval_loss = record.get("eval_loss")

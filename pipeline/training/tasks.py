@@ -13,6 +13,10 @@ trained on, by `pipeline finetune` (`finetune.data: task:addition`) or by `pipel
 A JSONL file of `{"prompt", "answer", ...}` is a task too (its own split), and any reward
 function can replace exact match: `grpo.reward: module:function`, called as
 `function(prompt, completion, example) -> float`.
+
+`TaskEval` scores a model on the held-out prompts (greedy completions: the pass rate, the mean
+reward and length): GRPO's evaluation, and fine-tuning's on `finetune.data: task:NAME` beside
+its held-out loss.
 """
 
 from __future__ import annotations
@@ -22,9 +26,15 @@ import importlib
 from collections.abc import Callable
 from pathlib import Path
 
+import jax
 import numpy as np
+from flax import nnx
 
-from pipeline.config import ConfigError
+from pipeline.config import Config, ConfigError
+from pipeline.inference.generate import generate
+from pipeline.inference.sampling import Sampling
+from pipeline.lora import set_dropout_keys
+from pipeline.tokenizer import prompt_ids
 
 TASKS = ("addition", "reversal")
 HELD_OUT_PER_MILLE = 100  # a tenth of the prompt space
@@ -125,3 +135,74 @@ def sft_examples(task: str, n: int, digits: int) -> tuple[list[dict], list[dict]
     train = task_examples(task, "train", n, digits)
     held = task_examples(task, "held_out", max(n // 10, 1), digits)
     return [chat(e) for e in train], [chat(e) for e in held]
+
+
+EVAL_CHUNK = 64  # held-out prompts generated together
+
+
+class TaskEval:
+    """The model a stage's parameters make, its completions of a task's prompts and their
+    rewards; `evaluate` scores greedy completions of the held-out prompts."""
+
+    def __init__(self, cfg: Config, task: str, tokenizer, graphdef, frozen, lora: bool):
+        g = cfg.grpo
+        self.cfg, self.max_new_tokens, self.tokenizer, self.lora = (
+            cfg,
+            g.max_new_tokens,
+            tokenizer,
+            lora,
+        )
+        self.graphdef, self.frozen, self.placed_frozen = graphdef, frozen, None
+        self.reward = load_reward(g.reward)
+        self.held_out = read_task(task, "held_out", g.eval_prompts, g.digits)
+        if not self.held_out:
+            raise ConfigError(f"task {task}: no held-out prompt")
+        self.held_prompts = [self.ids(e["prompt"]) for e in self.held_out]
+
+    def ids(self, prompt: str) -> list[int]:
+        return prompt_ids(self.tokenizer, [{"role": "user", "content": prompt}])
+
+    def check_fits(self, prompts: list[list[int]]) -> None:
+        longest = max(map(len, prompts)) + self.max_new_tokens
+        if longest > self.cfg.data.seq_len:
+            raise ConfigError(
+                f"data.seq_len: {self.cfg.data.seq_len} is shorter than the longest prompt plus "
+                f"grpo.max_new_tokens ({longest} tokens)"
+            )
+
+    def model(self, params):
+        if self.placed_frozen is None:  # once: the frozen base (or reference) on the device
+            self.placed_frozen = jax.device_put(self.frozen)
+        if not self.lora:
+            return nnx.merge(self.graphdef, params)
+        model = nnx.merge(self.graphdef, params, self.placed_frozen)
+        set_dropout_keys(model, None)
+        return model
+
+    def complete(self, params, prompts, samplings) -> list[list[int]]:
+        end = self.tokenizer.end_id
+        out = generate(self.model(params), prompts, self.max_new_tokens, samplings, eos_id=end)
+        return out["tokens"]
+
+    def rewards(self, examples, completions) -> np.ndarray:
+        end = self.tokenizer.end_id
+        texts = [self.tokenizer.decode([t for t in c if t != end]) for c in completions]
+        return np.array(
+            [float(self.reward(e["prompt"], t, e)) for e, t in zip(examples, texts, strict=True)],
+            np.float32,
+        )
+
+    def evaluate(self, params) -> dict:
+        """Greedy completions of the held-out prompts: pass rate, mean reward and length."""
+        rewards, lengths = [], []
+        for start in range(0, len(self.held_prompts), EVAL_CHUNK):
+            prompts = self.held_prompts[start : start + EVAL_CHUNK]
+            completions = self.complete(params, prompts, Sampling())
+            rewards.append(self.rewards(self.held_out[start : start + EVAL_CHUNK], completions))
+            lengths += [len(c) for c in completions]
+        rewards = np.concatenate(rewards)
+        return {
+            "eval_pass_rate": float(np.mean(rewards >= 1.0)),
+            "eval_reward": float(rewards.mean()),
+            "eval_completion_length": float(np.mean(lengths)),
+        }
