@@ -197,11 +197,17 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class OptimizerConfig:
-    """AdamW with a learning-rate schedule and global-norm clipping."""
+    """The optimizer (AdamW by default), its learning-rate schedule and global-norm clipping."""
 
+    # muon: Muon for the blocks' weight matrices, AdamW for embeddings, norms, biases and the
+    # head; lion, adafactor: optax's, for every parameter
+    name: Literal["adamw", "muon", "lion", "adafactor"] = "adamw"
     lr: float = 3e-4
     min_lr_ratio: float = 0.1
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    # wsd: warmup, stable at lr, then decay over the last decay_fraction of train.steps
+    schedule: Literal["cosine", "linear", "constant", "wsd"] = "cosine"
+    decay_fraction: float = 0.2  # wsd
+    decay_shape: Literal["linear", "1-sqrt"] = "linear"  # wsd
     warmup_steps: int = 10
     weight_decay: float = 0.1
     b1: float = 0.9
@@ -209,6 +215,10 @@ class OptimizerConfig:
     eps: float = 1e-8
     clip_norm: float | None = 1.0
     decay_embeddings: bool = False  # norms and biases never decay
+    muon_beta: float = 0.95  # Muon's momentum (Nesterov)
+    # Muon's orthogonalised update scaled to this RMS (x sqrt(max(fan_in, fan_out))), about
+    # AdamW's, so one lr and weight decay serve both groups (as Moonlight does)
+    muon_rms: float = 0.2
 
 
 @dataclass(frozen=True)
@@ -227,6 +237,15 @@ class RunConfig:
     # A directory for compiled programs shared by every run (JAX's persistent compilation
     # cache): a second start skips compilation. None: off.
     compilation_cache: str | None = None
+    # Where metrics go besides metrics.jsonl (always written): tensorboard, wandb (Weights &
+    # Biases; the `trackers` extra), mlflow (MLflow; the same extra)
+    trackers: tuple[str, ...] = ("jsonl", "tensorboard")
+    project: str = "pipeline"  # the W&B project, the MLflow experiment
+    entity: str | None = None  # the W&B team or user; None: the account's default
+    tags: tuple[str, ...] = ()
+    group: str | None = None  # W&B group / MLflow parent run (a sweep sets its name)
+    wandb_mode: str | None = None  # online, offline, disabled; None: WANDB_MODE or wandb's
+    mlflow_uri: str | None = None  # None: a local file store, ./mlruns
 
     def __post_init__(self):
         if self.dir is None:
@@ -596,6 +615,9 @@ def _describe(options: tuple) -> str:
     return " or ".join(names)
 
 
+TRACKERS = ("jsonl", "tensorboard", "wandb", "mlflow")
+
+
 def parse_stop_when(text: str) -> tuple[str, str, float] | None:
     """("eval_loss", "<=", 2.5) from "eval_loss <= 2.5"; None if it does not read so."""
     match = re.fullmatch(
@@ -690,6 +712,16 @@ def _run_rules(cfg: Config) -> list[tuple[str, bool, str]]:
             t.stop_when is None or parse_stop_when(t.stop_when) is not None,
             f"{t.stop_when!r} must read METRIC >= VALUE or METRIC <= VALUE (e.g. eval_loss <= 2.5)",
         ),
+        (
+            "run.trackers",
+            set(cfg.run.trackers) <= set(TRACKERS),
+            f"{list(cfg.run.trackers)}: each must be one of {list(TRACKERS)}",
+        ),
+        (
+            "run.wandb_mode",
+            cfg.run.wandb_mode in (None, "online", "offline", "disabled"),
+            f"{cfg.run.wandb_mode!r} must be online, offline or disabled",
+        ),
         ("optimizer.lr", cfg.optimizer.lr > 0, "must be positive"),
         ("lora.rank", cfg.lora.rank > 0, "must be positive"),
         ("lora.dropout", 0.0 <= cfg.lora.dropout < 1.0, "must be in [0, 1)"),
@@ -700,6 +732,12 @@ def _run_rules(cfg: Config) -> list[tuple[str, bool, str]]:
         ),
         ("finetune.val_fraction", 0.0 < cfg.finetune.val_fraction < 1.0, "must be in (0, 1)"),
         ("optimizer.warmup_steps", cfg.optimizer.warmup_steps >= 0, "must be >= 0"),
+        (
+            "optimizer.decay_fraction",
+            0.0 < cfg.optimizer.decay_fraction <= 1.0,
+            "must be in (0, 1]",
+        ),
+        ("optimizer.muon_rms", cfg.optimizer.muon_rms > 0, "must be positive"),
         (
             "tokenizer.vocab_size",
             (cfg.tokenizer.vocab_size or m.vocab_size) <= m.vocab_size,

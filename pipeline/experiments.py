@@ -276,9 +276,9 @@ def sweep(
         run_dir = Path(root) / point_name(prefix, point)
         dirs.append(run_dir)
         point_overrides = [f"{k}={v}" for k, v in point]
-        cfg = load_config(
-            config, [*overrides, *point_overrides, f"run.dir={run_dir}", f"run.name={run_dir.name}"]
-        )
+        names = [f"run.dir={run_dir}", f"run.name={run_dir.name}"]
+        # the sweep's points: one W&B group, one MLflow parent run (unless overridden)
+        cfg = load_config(config, [f"run.group={prefix}", *overrides, *point_overrides, *names])
         state = {}
         if (run_dir / STATE_FILE).is_file():
             try:

@@ -64,7 +64,11 @@ def _run_training(cfg: Config, stage: Stage, fresh: bool) -> dict:
     state, start = restore_latest(ckpt, state)
     strategy = make_strategy(cfg.train)
     train_fn, eval_fn = build_steps(stage, cfg, tx, schedule, strategy, state)
-    logger = MetricsLogger(run_dir, enabled=main, resume_step=start)
+    try:
+        logger = MetricsLogger(run_dir, enabled=main, resume_step=start, cfg=cfg)
+    except BaseException:  # a tracker that cannot start (its library missing, say)
+        ckpt.close()
+        raise
     loop = _Loop(cfg, stage, strategy, ckpt, logger, (train_fn, eval_fn), main)
     if main:
         write_state(run_dir, status="running", step=start, steps=cfg.train.steps, stage=stage.name)
@@ -82,9 +86,9 @@ def _run_training(cfg: Config, stage: Stage, fresh: bool) -> dict:
                     error=str(err)[:500],
                 )
         with contextlib.suppress(Exception):  # e.g. a full disk: the first error is the one
-            _close(ckpt, logger)
+            _close(ckpt, logger, "failed")
         raise
-    _close(ckpt, logger)
+    _close(ckpt, logger, "finished" if result["status"] == "finished" else "interrupted")
     if main:
         if result["status"] == "finished" and loop.last_saved is not None:
             save_params(loop.last_saved["params"], run_dir)  # model/: what inference reads
@@ -101,11 +105,11 @@ def _run_training(cfg: Config, stage: Stage, fresh: bool) -> dict:
     return {**result, "run_dir": str(run_dir)}
 
 
-def _close(ckpt: Checkpointer, logger: MetricsLogger) -> None:
+def _close(ckpt: Checkpointer, logger: MetricsLogger, status: str) -> None:
     try:
         ckpt.close()
     finally:
-        logger.close()
+        logger.close(status)
 
 
 ENVIRONMENT_FILE = "environment.json"
@@ -196,6 +200,12 @@ def model_differences(old: dict, new: dict) -> str:
 def _check_same_model(cfg: Config, saved_path: Path) -> None:
     saved = yaml.safe_load(saved_path.read_text()) or {}
     diffs = model_differences(saved.get("model", {}), cfg.to_dict()["model"])
+    # another optimizer's state has another structure: its checkpoints do not restore
+    old_name = (saved.get("optimizer") or {}).get("name", "adamw")
+    if old_name != cfg.optimizer.name:
+        diffs = ", ".join(
+            filter(None, [diffs, f"optimizer.name: {old_name!r} -> {cfg.optimizer.name!r}"])
+        )
     if diffs:
         raise CheckpointError(
             f"{saved_path.parent} holds checkpoints of a different model ({diffs}); "

@@ -15,18 +15,20 @@ STATE_FILE = "state.json"
 
 
 class MetricsLogger:
-    """Appends one JSON object per logged step and mirrors the scalars to TensorBoard."""
+    """Appends one JSON object per logged step and passes the scalars to the trackers that
+    run.trackers names (trackers.py: TensorBoard, W&B, MLflow)."""
 
-    def __init__(self, run_dir: str | Path, enabled: bool = True, resume_step: int = 0):
+    def __init__(self, run_dir: str | Path, enabled: bool = True, resume_step: int = 0, cfg=None):
         self.enabled = enabled
         self.path = Path(run_dir) / METRICS_FILE
-        self.writer = None
+        self.trackers = []
         if not enabled:
             return
         truncate_after(self.path, resume_step)
-        from tensorboardX import SummaryWriter
+        if cfg is not None:
+            from pipeline.training.trackers import open_trackers
 
-        self.writer = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+            self.trackers = open_trackers(cfg, Path(run_dir))
 
     def log(self, step: int, values: dict) -> None:
         if not self.enabled:
@@ -34,13 +36,19 @@ class MetricsLogger:
         record = {"step": step, **{k: _clean(v) for k, v in values.items()}, "time": time.time()}
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        for key, value in record.items():
-            if key not in ("step", "time") and isinstance(value, (int, float)):
-                self.writer.add_scalar(key, value, step)
+        scalars = {
+            k: v
+            for k, v in record.items()
+            if k not in ("step", "time") and isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
+        for tracker in self.trackers:
+            tracker.log(step, scalars)
 
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+    def close(self, status: str = "finished") -> None:
+        """status: finished, interrupted or failed (W&B's exit code, MLflow's run status)."""
+        trackers, self.trackers = self.trackers, []
+        for tracker in trackers:
+            tracker.close(status)
 
 
 def _clean(value):

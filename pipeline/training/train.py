@@ -126,19 +126,53 @@ def chunked_cross_entropy(head: Callable, x: jax.Array, targets: jax.Array, chun
 def make_optimizer(
     cfg: OptimizerConfig, steps: int, params
 ) -> tuple[optax.GradientTransformation, Callable]:
-    """AdamW with warmup then cosine/linear/constant decay, global-norm clipping, decay mask."""
+    """optimizer.name over the schedule, after global-norm clipping; weight decay on matrices
+    only (decay_mask). Muon takes the parameters `optimizer_labels` marks "muon" and AdamW the
+    rest."""
     schedule = make_schedule(cfg, steps)
-    tx = optax.adamw(
-        schedule,
-        b1=cfg.b1,
-        b2=cfg.b2,
-        eps=cfg.eps,
-        weight_decay=cfg.weight_decay,
-        mask=decay_mask(params, cfg.decay_embeddings),
+
+    def mask(tree):  # a function: under optax.partition it sees its group's subtree
+        return decay_mask(tree, cfg.decay_embeddings)
+
+    adamw = optax.adamw(
+        schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=mask
     )
+    if cfg.name == "muon":
+        muon = optax.contrib.muon(
+            schedule,
+            beta=cfg.muon_beta,
+            eps=cfg.eps,
+            weight_decay=cfg.weight_decay,
+            consistent_rms=cfg.muon_rms,
+        )
+        tx = optax.partition({"muon": muon, "adamw": adamw}, optimizer_labels(params, "muon"))
+    elif cfg.name == "lion":
+        tx = optax.lion(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=mask)
+    elif cfg.name == "adafactor":
+        tx = optax.adafactor(schedule, weight_decay_rate=cfg.weight_decay, weight_decay_mask=mask)
+    else:
+        tx = adamw
     if cfg.clip_norm:
         tx = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), tx)
     return tx, schedule
+
+
+def optimizer_labels(params, name: str = "muon"):
+    """Which optimizer takes each parameter: under Muon, "muon" for the 2-D weight matrices
+    of the transformer blocks (attention and MLP kernels) and "adamw" for the rest (token and
+    position embeddings, norms, biases, the output head, LoRA's factors); under any other
+    optimizer, its name for every parameter."""
+
+    def label(path, leaf) -> str:
+        keys = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+        keys = keys[:-1] if keys[-1] == "value" else keys  # an nnx.Variable's array
+        matrix = leaf.ndim == 2 and "blocks" in keys and keys[-1] == "kernel"
+        lora = any(k.startswith("lora") for k in keys)
+        if name != "muon":
+            return name
+        return "muon" if matrix and not lora else "adamw"
+
+    return jax.tree_util.tree_map_with_path(label, params)
 
 
 def make_schedule(cfg: OptimizerConfig, steps: int) -> optax.Schedule:
@@ -149,11 +183,29 @@ def make_schedule(cfg: OptimizerConfig, steps: int) -> optax.Schedule:
         after = optax.constant_schedule(cfg.lr)
     elif cfg.schedule == "linear":
         after = optax.linear_schedule(cfg.lr, end, decay_steps)
+    elif cfg.schedule == "wsd":
+        after = _stable_decay(cfg, steps, warmup)
     else:
         after = optax.cosine_decay_schedule(cfg.lr, decay_steps, alpha=cfg.min_lr_ratio)
     if warmup == 0:
         return after
     return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warmup), after], [warmup])
+
+
+def _stable_decay(cfg: OptimizerConfig, steps: int, warmup: int) -> optax.Schedule:
+    """WSD after its warmup (counting from the warmup's end): lr until the last
+    decay_fraction of the run's `steps`, then down to lr * min_lr_ratio, linearly or as
+    1 - sqrt(progress). Where the decay starts depends on train.steps alone, so a run resumed
+    with more steps stays stable for longer."""
+    decay = min(max(int(round(cfg.decay_fraction * steps)), 1), max(steps - warmup, 1))
+    stable, end = max(steps - warmup - decay, 0), cfg.lr * cfg.min_lr_ratio
+
+    def schedule(count):
+        progress = jnp.clip((count - stable) / decay, 0.0, 1.0)
+        shape = jnp.sqrt(progress) if cfg.decay_shape == "1-sqrt" else progress
+        return end + (cfg.lr - end) * (1.0 - shape)
+
+    return schedule
 
 
 def decay_mask(params, decay_embeddings: bool = False):
