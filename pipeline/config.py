@@ -680,7 +680,7 @@ def _model_rules(m: ModelConfig, origins: dict) -> list[tuple[str, bool, str]]:
 
 def _run_rules(cfg: Config) -> list[tuple[str, bool, str]]:
     """(key, holds, message) for the data, training, fine-tuning and serving sections."""
-    m, d, t = cfg.model, cfg.data, cfg.train
+    m, d = cfg.model, cfg.data
     return [
         (
             "data.seq_len",
@@ -695,6 +695,29 @@ def _run_rules(cfg: Config) -> list[tuple[str, bool, str]]:
             for i, m in enumerate(d.mixture)
         ),
         ("data.tokenize_workers", d.tokenize_workers >= 0, "must be 0 (one per core) or more"),
+        *_train_rules(cfg),
+        ("lora.rank", cfg.lora.rank > 0, "must be positive"),
+        ("lora.dropout", 0.0 <= cfg.lora.dropout < 1.0, "must be in [0, 1)"),
+        (
+            "lora.targets",
+            bool(cfg.lora.targets) and set(cfg.lora.targets) <= LORA_TARGETS,
+            f"{list(cfg.lora.targets)}: each must be one of {sorted(LORA_TARGETS)}",
+        ),
+        ("finetune.val_fraction", 0.0 < cfg.finetune.val_fraction < 1.0, "must be in (0, 1)"),
+        (
+            "tokenizer.vocab_size",
+            (cfg.tokenizer.vocab_size or m.vocab_size) <= m.vocab_size,
+            f"{cfg.tokenizer.vocab_size} exceeds model.vocab_size={m.vocab_size}",
+        ),
+        *_post_training_rules(cfg),
+        *_serve_rules(cfg.serve),
+    ]
+
+
+def _train_rules(cfg: Config) -> list[tuple[str, bool, str]]:
+    """(key, holds, message) for the training loop, the optimizer and the trackers."""
+    t = cfg.train
+    return [
         ("train.steps", t.steps >= 0, "must be >= 0"),
         ("train.batch_size", t.batch_size > 0, "must be positive"),
         ("train.log_every", t.log_every > 0, "must be positive"),
@@ -723,14 +746,6 @@ def _run_rules(cfg: Config) -> list[tuple[str, bool, str]]:
             f"{cfg.run.wandb_mode!r} must be online, offline or disabled",
         ),
         ("optimizer.lr", cfg.optimizer.lr > 0, "must be positive"),
-        ("lora.rank", cfg.lora.rank > 0, "must be positive"),
-        ("lora.dropout", 0.0 <= cfg.lora.dropout < 1.0, "must be in [0, 1)"),
-        (
-            "lora.targets",
-            bool(cfg.lora.targets) and set(cfg.lora.targets) <= LORA_TARGETS,
-            f"{list(cfg.lora.targets)}: each must be one of {sorted(LORA_TARGETS)}",
-        ),
-        ("finetune.val_fraction", 0.0 < cfg.finetune.val_fraction < 1.0, "must be in (0, 1)"),
         ("optimizer.warmup_steps", cfg.optimizer.warmup_steps >= 0, "must be >= 0"),
         (
             "optimizer.decay_fraction",
@@ -738,13 +753,6 @@ def _run_rules(cfg: Config) -> list[tuple[str, bool, str]]:
             "must be in (0, 1]",
         ),
         ("optimizer.muon_rms", cfg.optimizer.muon_rms > 0, "must be positive"),
-        (
-            "tokenizer.vocab_size",
-            (cfg.tokenizer.vocab_size or m.vocab_size) <= m.vocab_size,
-            f"{cfg.tokenizer.vocab_size} exceeds model.vocab_size={m.vocab_size}",
-        ),
-        *_post_training_rules(cfg),
-        *_serve_rules(cfg.serve),
     ]
 
 
