@@ -181,3 +181,23 @@ def test_lion_update_is_a_sign(tiny_config):
     for u in jax.tree.leaves(updates):
         np.testing.assert_allclose(np.asarray(u), -0.01)
     assert isinstance(tx, optax.GradientTransformation)
+
+
+@pytest.mark.e2e
+def test_a_wsd_run_resumed_with_more_steps_stays_stable_longer(tiny_config, tmp_path):
+    cfg = _run(
+        tiny_config,
+        tmp_path,
+        "wsd",
+        schedule="wsd",
+        warmup_steps=2,
+        decay_fraction=0.5,
+        min_lr_ratio=0.0,
+    )
+    run_training(with_overrides(cfg, train={"stop_at": 4}), build_stage(cfg))  # of 8 steps
+    longer = with_overrides(cfg, train={"steps": 16, "checkpoint_every": 8})
+    run_training(longer, build_stage(longer))
+    lr = {r["step"]: r["lr"] for r in read_metrics(cfg.run.dir) if "lr" in r}
+    # 8 steps would decay from step 4; 16 decay from step 8 (step N logs the lr of update N-1)
+    assert lr[6] == lr[8] == pytest.approx(3e-3)
+    assert lr[12] == pytest.approx(3e-3 * (1 - 3 / 8)) and lr[16] < lr[14] < lr[12]
