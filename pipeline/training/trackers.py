@@ -114,7 +114,7 @@ class WandB:
             dir=str(run_dir),
             mode=r.wandb_mode,
             config={**cfg.to_dict(), "environment": _environment(run_dir)},
-            reinit="create_new",  # runs one after another in a process (a sweep, the tests); wandb 0.19.10+
+            reinit="create_new",  # runs one after another in a process (wandb 0.19.10+)
         )
         _keep_id(run_dir, "wandb", run_id)
 
