@@ -618,6 +618,30 @@ def _describe(options: tuple) -> str:
 TRACKERS = ("jsonl", "tensorboard", "wandb", "mlflow")
 
 
+def optional_import(module: str, what: str, extra: str):
+    """`module`, or a ConfigError naming what needs it and the extra that installs it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ConfigError(
+            f"{what} needs the {module} package, which is not installed: "
+            f"pip install -e '.[{extra}]'"
+        ) from None
+
+
+def flat_keys(data: dict, prefix: str = "") -> dict:
+    """{"model.embed_dim": 64, ...} from nested sections."""
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(flat_keys(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def parse_stop_when(text: str) -> tuple[str, str, float] | None:
     """("eval_loss", "<=", 2.5) from "eval_loss <= 2.5"; None if it does not read so."""
     match = re.fullmatch(

@@ -13,7 +13,6 @@ from __future__ import annotations
 import ast
 import dataclasses
 import glob
-import importlib
 import io
 import itertools
 import json
@@ -26,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.config import Config, ConfigError, DataConfig
+from pipeline.config import Config, ConfigError, DataConfig, optional_import
 from pipeline.store import (
     STORE_VERSION,
     atomic_dir,
@@ -121,18 +120,9 @@ def _open_text(path: Path):
 
         return gzip.open(path, "rt", encoding="utf-8")
     if path.name.endswith(".zst"):
-        zstd = _optional("zstandard", "a .jsonl.zst source")
+        zstd = optional_import("zstandard", "data.source: a .jsonl.zst source", "data")
         return io.TextIOWrapper(zstd.ZstdDecompressor().stream_reader(path.open("rb")), "utf-8")
     return path.open(encoding="utf-8")
-
-
-def _optional(module: str, what: str):
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise ConfigError(
-            f"data.source: {what} needs the {module} package: pip install -e '.[data]'"
-        ) from None
 
 
 def _table_source(path: Path) -> list[Path] | None:
@@ -154,7 +144,7 @@ def _data_file(path: Path) -> bool:
 
 def _table_texts(files: list[Path], text_field: str):
     """The non-empty strings of column `text_field`, a record batch at a time (bounded memory)."""
-    pa = _optional("pyarrow", "a Parquet or Arrow source")
+    pa = optional_import("pyarrow", "data.source: a Parquet or Arrow source", "data")
     for path in files:
         for batch in _record_batches(pa, path, text_field):
             if text_field not in batch.schema.names:

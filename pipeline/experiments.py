@@ -15,7 +15,7 @@ import math
 import re
 from pathlib import Path
 
-from pipeline.config import ConfigError, load_config
+from pipeline.config import ConfigError, flat_keys, load_config
 from pipeline.training.metrics import METRICS_FILE, STATE_FILE, read_metrics
 
 COLUMNS = (
@@ -155,23 +155,14 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines + (["problems:", *problems] if problems else []))
 
 
-def _flat(data: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in data.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(_flat(value, name + "."))
-        else:
-            out[name] = value
-    return out
-
-
 def config_differences(run_dirs: list[str | Path]) -> dict[str, list]:
     """{dotted key: [value per run]} for the keys whose values differ (run.* excluded)."""
     flats = []
     for run_dir in run_dirs:
         cfg = load_config(Path(run_dir) / "config.yaml")
-        flats.append({k: v for k, v in _flat(cfg.to_dict()).items() if not k.startswith("run.")})
+        flats.append(
+            {k: v for k, v in flat_keys(cfg.to_dict()).items() if not k.startswith("run.")}
+        )
     keys = sorted(set().union(*flats))
     return {
         k: [f.get(k) for f in flats] for k in keys if len({json.dumps(f.get(k)) for f in flats}) > 1

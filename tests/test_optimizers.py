@@ -50,13 +50,12 @@ def test_muon_takes_the_blocks_matrices_and_adamw_the_rest(tiny_config, family):
         assert "['lm_head']['kernel'].value" in adamw  # the head: AdamW, as the recipes do
 
 
-def test_muon_orthogonalises_matrix_updates_and_leaves_the_rest_to_adamw(tiny_config):
-    """One Muon step: a block's kernel moves by a near-orthogonal matrix (its singular values
-    equal) at the configured RMS; an embedding moves by AdamW's first step, lr * sign(g)."""
+def _first_step(tiny_config, name):
+    """The optimizer `name` at a constant lr of 0.01, no decay or clipping, and the parameters."""
     opt = with_overrides(
         tiny_config,
         optimizer={
-            "name": "muon",
+            "name": name,
             "lr": 0.01,
             "weight_decay": 0.0,
             "clip_norm": None,
@@ -65,7 +64,13 @@ def test_muon_orthogonalises_matrix_updates_and_leaves_the_rest_to_adamw(tiny_co
         },
     ).optimizer
     params = build_stage(tiny_config).params
-    tx, _ = make_optimizer(opt, 10, params)
+    return make_optimizer(opt, 10, params)[0], params
+
+
+def test_muon_orthogonalises_matrix_updates_and_leaves_the_rest_to_adamw(tiny_config):
+    """One Muon step: a block's kernel moves by a near-orthogonal matrix (its singular values
+    equal) at the configured RMS; an embedding moves by AdamW's first step, lr * sign(g)."""
+    tx, params = _first_step(tiny_config, "muon")
     keys = iter(jax.random.split(jax.random.key(0), 100))
     grads = jax.tree.map(lambda x: jax.random.normal(next(keys), x.shape, x.dtype), params)
     updates, _ = tx.update(grads, tx.init(params), params)
@@ -163,19 +168,7 @@ def test_adafactor_trains_and_an_optimizer_switch_on_resume_is_named(tiny_config
 
 
 def test_lion_update_is_a_sign(tiny_config):
-    opt = with_overrides(
-        tiny_config,
-        optimizer={
-            "name": "lion",
-            "lr": 0.01,
-            "weight_decay": 0.0,
-            "clip_norm": None,
-            "warmup_steps": 0,
-            "schedule": "constant",
-        },
-    ).optimizer
-    params = build_stage(tiny_config).params
-    tx, _ = make_optimizer(opt, 10, params)
+    tx, params = _first_step(tiny_config, "lion")
     grads = jax.tree.map(lambda x: jnp.full_like(x, 0.3), params)
     updates, _ = tx.update(grads, tx.init(params), params)
     for u in jax.tree.leaves(updates):

@@ -91,7 +91,9 @@ def test_mlflow_file_store_holds_params_and_metric_history_across_a_resume(tiny_
 def test_a_missing_tracker_library_is_one_clear_error(tiny_config, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed: import fails
     cfg = _cfg(tiny_config, tmp_path, ["jsonl", "wandb"])
-    with pytest.raises(ConfigError, match=r"wandb needs the wandb library.*\[trackers\]"):
+    with pytest.raises(
+        ConfigError, match=r"run.trackers: wandb needs the wandb package.*\[trackers\]"
+    ):
         _train(cfg)
     with pytest.raises(ConfigError, match="run.trackers.*one of"):
         with_overrides(tiny_config, run={"trackers": ["jsonl", "neptune"]})

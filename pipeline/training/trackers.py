@@ -18,14 +18,13 @@ MLflow runs. A tracker whose library is missing is one ConfigError naming the ex
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import secrets
 import time
 from pathlib import Path
 
-from pipeline.config import Config, ConfigError
+from pipeline.config import Config, flat_keys, optional_import
 
 TRACKERS_FILE = "trackers.json"
 MLFLOW_PARAM_CHARS = 6000  # MLflow's limit on a parameter's value
@@ -49,16 +48,6 @@ def open_trackers(cfg: Config, run_dir: Path) -> list:
     return opened
 
 
-def _library(module: str, tracker: str):
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise ConfigError(
-            f"run.trackers: {tracker} needs the {module} library, which is not installed: "
-            "pip install -e '.[trackers]'"
-        ) from None
-
-
 def _ids(run_dir: Path) -> dict:
     path = run_dir / TRACKERS_FILE
     return json.loads(path.read_text()) if path.is_file() else {}
@@ -71,17 +60,6 @@ def _keep_id(run_dir: Path, tracker: str, run_id: str) -> None:
 def _environment(run_dir: Path) -> dict:
     path = run_dir / "environment.json"
     return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def flat(data: dict, prefix: str = "") -> dict:
-    """{"model.embed_dim": 64, ...} from nested sections."""
-    out = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            out.update(flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 class TensorBoard:
@@ -100,7 +78,7 @@ class TensorBoard:
 
 class WandB:
     def __init__(self, cfg: Config, run_dir: Path):
-        wandb = _library("wandb", "wandb")
+        wandb = optional_import("wandb", "run.trackers: wandb", "trackers")
         r = cfg.run
         run_id = _ids(run_dir).get("wandb") or secrets.token_hex(4)  # W&B: 8 characters
         self.run = wandb.init(
@@ -127,7 +105,7 @@ class WandB:
 
 class MLflow:
     def __init__(self, cfg: Config, run_dir: Path):
-        _library("mlflow", "mlflow")
+        optional_import("mlflow", "run.trackers: mlflow", "trackers")
         from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
 
@@ -149,7 +127,7 @@ class MLflow:
         _keep_id(run_dir, "mlflow", self.run_id)
         params = [
             Param(key, str(value)[:MLFLOW_PARAM_CHARS])
-            for key, value in sorted(flat(cfg.to_dict()).items())
+            for key, value in sorted(flat_keys(cfg.to_dict()).items())
         ]
         for start in range(0, len(params), 100):  # MLflow takes at most 100 per batch
             client.log_batch(self.run_id, params=params[start : start + 100])
