@@ -27,6 +27,7 @@ from pipeline.training.train import (
     decay_mask,
     make_optimizer,
     make_schedule,
+    wait_for_previous_step,
 )
 
 
@@ -64,6 +65,23 @@ def test_accumulated_micro_batches_equal_one_large_batch(tiny_config):
     losses4, params4 = _run_steps(accum, 2)
     np.testing.assert_allclose(losses1, losses4, atol=1e-5)
     assert _max_diff(params1, params4) <= 1e-5
+
+
+def test_on_cpu_the_next_step_waits_for_the_previous_one():
+    """XLA's CPU client reserves a dispatched program's temporaries at once: the loop keeps one
+    step in flight (`small` with 8 steps dispatched ahead: 1.5x the peak RSS)."""
+
+    @jax.jit
+    def slow(x):  # ~0.1-0.5 s here: still running when the call returns
+        return jax.lax.fori_loop(0, 200, lambda i, y: jnp.tanh(y @ x), x)
+
+    x = jnp.eye(512) * 0.5
+    running = slow(x)
+    assert not running.is_ready()  # dispatch is asynchronous, so the wait below is what waits
+    pending = [slow(x)]
+    wait_for_previous_step(pending)
+    assert pending[-1].is_ready()
+    wait_for_previous_step([])  # nothing dispatched yet: nothing to wait for
 
 
 def test_schedule_warmup_then_cosine(tiny_config):

@@ -40,6 +40,7 @@ from pipeline.training.train import (
     create_train_state,
     make_optimizer,
     to_host,
+    wait_for_previous_step,
 )
 
 # Model keys that may change between a run and its resume: they do not change parameters.
@@ -347,6 +348,7 @@ class _Loop:
         self.timer, self.rollout_s = (time.perf_counter(), self.step), 0.0
         with StopRequested() as stop:
             while True:
+                wait_for_previous_step(self.pending)
                 state, metrics = train_fn(state, batch)
                 self.pending.append(metrics)
                 self.step += 1
