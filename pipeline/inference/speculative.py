@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 
 from pipeline.inference.generate import PROGRAMS, decode_step, make_batch, prefill, trim_rows
-from pipeline.inference.sampling import Sampling, request_keys, sample, truncate
+from pipeline.inference.sampling import Sampling, greedy_tokens, request_keys, sample, truncate
 from pipeline.model import init_cache
 
 
@@ -61,9 +61,9 @@ def speculate(target, draft, pos, last, tcache, dcache, keys, sampling, k: int):
         skeys = jax.vmap(jax.random.fold_in, (0, None))(keys, i)
         d = jax.lax.cond(
             jnp.all(greedy),
-            lambda: jnp.argmax(logits, -1).astype(jnp.int32),
+            lambda: greedy_tokens(logits),
             lambda: jnp.where(
-                greedy, jnp.argmax(logits, -1), jax.vmap(jax.random.categorical)(skeys, jnp.log(q))
+                greedy, greedy_tokens(logits), jax.vmap(jax.random.categorical)(skeys, jnp.log(q))
             ).astype(jnp.int32),
         )
         return dcache, d, ds.at[:, i].set(d), qs.at[:, i].set(q)
@@ -79,7 +79,7 @@ def speculate(target, draft, pos, last, tcache, dcache, keys, sampling, k: int):
     u = jax.vmap(lambda key: jax.random.uniform(key, (k,)))(
         jax.vmap(jax.random.fold_in, (0, None))(keys, k + 1)
     )
-    accept = jnp.where(greedy[:, None], ds == jnp.argmax(logits[:, :k], -1), u * q_d < p_d)
+    accept = jnp.where(greedy[:, None], ds == greedy_tokens(logits[:, :k]), u * q_d < p_d)
     n = jnp.sum(jnp.cumprod(accept, axis=1), axis=1)  # leading accepted drafts
     # the next token: from max(0, p_n - q_n) after a rejection, from p_k after none
     p_n = ps[rows, n]
@@ -88,7 +88,7 @@ def speculate(target, draft, pos, last, tcache, dcache, keys, sampling, k: int):
     residual = jnp.where(jnp.sum(residual, -1, keepdims=True) > 0, residual, p_n)
     rkeys = jax.vmap(jax.random.fold_in, (0, None))(keys, k + 2)
     t = jax.vmap(jax.random.categorical)(rkeys, jnp.log(residual))
-    t = jnp.where(greedy, jnp.argmax(logits[rows, n], -1), t).astype(jnp.int32)
+    t = jnp.where(greedy, greedy_tokens(logits[rows, n]), t).astype(jnp.int32)
     j = jnp.arange(k + 1)[None]
     emitted = jnp.where(j < n[:, None], jnp.pad(ds, ((0, 0), (0, 1))), t[:, None])
     return emitted, n, t, tcache, dcache
