@@ -193,6 +193,9 @@ def test_bench_train_against_the_torch_peer_alternates_and_gives_the_ratios():
         )
         assert result[f"{field}_ratio"] == pytest.approx(want)
     assert all(r["peak_rss_bytes"] > 10 * 2**20 for r in ours + peers)  # each its own process
+    # the training state per device: float32 weights and AdamW's two moments (+ step and key)
+    assert 12 * ours[0]["params"] <= ours[0]["state_bytes"] < 12 * ours[0]["params"] + 1024
+    assert ours[0]["temp_bytes"] > 0
 
 
 @pytest.mark.e2e
