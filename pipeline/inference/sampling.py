@@ -82,7 +82,8 @@ def greedy_tokens(logits: jax.Array) -> jax.Array:
     """`jnp.argmax(logits, -1)` as int32 (the first maximum; the first NaN where there is one),
     computed as a max and a min over the indices that reach it: two plain reductions, which
     XLA's CPU compiler vectorises, where argmax's paired (value, index) reduction does not
-    (32 x 8,192 logits: 0.16 against 0.66 ms, an eighth of a `small` decode step at batch 32).
+    (32 x 8,192 logits: 0.16 against 0.66 ms; argmax took ~0.6 ms of a 6-8 ms `small` decode
+    step at batch 32).
     """
     top = jnp.max(logits, axis=-1, keepdims=True)
     index = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
