@@ -3,6 +3,7 @@
 Run: pytest tests/test_generate.py
 """
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -53,6 +54,42 @@ def test_greedy_generate_equals_uncached_forward(family):
     result = generate(model, prompts, max_new_tokens=[6, 4, 8])
     for prompt, row, n in zip(prompts, result["tokens"], [6, 4, 8], strict=True):
         assert row == _greedy_uncached(model, prompt, n)
+
+
+def test_a_long_decode_runs_in_phases_over_a_growing_cache_and_equals_the_uncached_forward(
+    monkeypatch,
+):
+    import pipeline.inference.generate as gen
+
+    assert gen.live_lengths(64, 192) == [96, 128, 160, 192]
+    assert gen.live_lengths(64, 64 + gen.LIVE_MIN_TOKENS - 1) == [64 + gen.LIVE_MIN_TOKENS - 1]
+    monkeypatch.setattr(gen, "LIVE_MIN_TOKENS", 8)
+    sizes = []  # the cache length each phase's loop is traced with
+    resize = gen.resize_cache
+    monkeypatch.setattr(gen, "resize_cache", lambda c, n: sizes.append(n) or resize(c, n))
+    model = create_model(CFG, seed=5)
+    # weights x 3: at initialisation the tokens hardly depend on the context, so a step that
+    # lost part of it (a phase too short) would still pass
+    nnx.update(model, jax.tree.map(lambda p: p * 3, nnx.state(model, nnx.Param)))
+    prompts, budgets = [[5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9], [42]], [32, 20, 25]
+    result = gen.generate(model, prompts, max_new_tokens=budgets)
+    # prompts padded to 16 positions, 32 new tokens: a cache of 48, decoded in four phases
+    assert sizes == [24, 32, 40, 48]
+    for prompt, row, n in zip(prompts, result["tokens"], budgets, strict=True):
+        assert row == _greedy_uncached(model, prompt, n)
+    # sampled tokens depend on every logit: the same as from one phase over the whole cache
+    sampling = Sampling(temperature=1.0, seed=7)
+    phased = gen.generate(model, prompts, budgets, sampling)["tokens"]
+    monkeypatch.setattr(gen, "LIVE_MIN_TOKENS", 10_000)
+    monkeypatch.setattr(gen, "PROGRAMS", gen.Programs())  # trace and compile again, in one phase
+    jax.clear_caches()
+    assert phased == gen.generate(model, prompts, budgets, sampling)["tokens"]
+    assert sizes[4:] == [48]
+    # a row that stops early (EOS) while the others go on through the later phases
+    eos = result["tokens"][1][5]
+    stopped = gen.generate(model, prompts, max_new_tokens=budgets, eos_id=eos)["tokens"]
+    for row, free in zip(stopped, result["tokens"], strict=True):
+        assert row == (free[: free.index(eos) + 1] if eos in free else free)
 
 
 def test_eos_stops_a_row():
