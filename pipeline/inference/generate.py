@@ -104,8 +104,9 @@ def decode_loop(
 
 
 # A decode loop of at least this many tokens runs in LIVE_PHASES phases; a shorter one in one.
-# Each phase compiles its own step (the small model's decode loop: 1.0 -> 2.4 s, gpt2-124m's
-# 2.1 -> 5.5 s), which a loop of 128 steps or more pays back when it runs more than once.
+# Each phase compiles its own step (the small model's decode loop: 1.0 -> 2.4 s; gpt2-124m's
+# prefill and decode loop together 2.1 -> 5.5 s), which a loop of 128 steps or more pays back
+# when it runs more than once.
 LIVE_MIN_TOKENS = 128
 LIVE_PHASES = 4
 
