@@ -365,8 +365,8 @@ def wait_for_previous_step(pending: list) -> None:
     runs: steps dispatched ahead of the running one hold theirs at the same time. `small`
     (1.4 GB of temporaries) peaked at 3.8 GB RSS with 8 steps dispatched ahead and at 2.5 GB
     one at a time, at the same step time. The host still prepares the next batch while a step
-    runs. Accelerators keep dispatching ahead: their allocators
-    order a step's memory after the previous step's.
+    runs. Accelerators keep dispatching ahead: their allocators order a step's memory after the
+    previous step's.
     """
     if pending and jax.default_backend() == "cpu":
         jax.block_until_ready(pending[-1])
