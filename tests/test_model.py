@@ -10,6 +10,7 @@ from flax import nnx
 
 from pipeline.config import ModelConfig
 from pipeline.model import (
+    _ROWS,
     _visible,
     attention,
     attention_impl,
@@ -18,6 +19,7 @@ from pipeline.model import (
     create_model,
     flops_per_token,
     init_cache,
+    rows_dot_general,
     segment_positions,
 )
 
@@ -452,3 +454,30 @@ def test_chunked_cross_entropy_equals_the_whole_one_with_its_gradients(variant):
         g0,
         g7,
     )
+
+
+@pytest.mark.parametrize(
+    "d_in, d_out, transposed", [(8, 24, False), (8, 24, True), (24, 8, False), (16, 16, False)]
+)
+def test_a_projections_gradients_in_the_forms_for_cpu_are_autodiffs(d_in, d_out, transposed):
+    """`rows_dot_general`: a widening projection takes its own gradient forms (a custom VJP)
+    on CPU, a square or narrowing one plain autodiff's; the values are autodiff's (also for a
+    matrix given as a transpose, the tied head's table.T), and a gradient nobody asks for (a
+    frozen LoRA base's) is not computed: as many matmuls as plain."""
+    x = jax.random.normal(jax.random.key(0), (12, d_in))
+    w = jax.random.normal(jax.random.key(1), (d_out, d_in) if transposed else (d_in, d_out))
+
+    def loss(dot):
+        def f(x, w):
+            y = dot(x, w.T if transposed else w, _ROWS)
+            return jnp.sum(jnp.sin(y) * jnp.arange(d_out))
+
+        return f
+
+    ours, plain = loss(rows_dot_general), loss(jax.lax.dot_general)
+    custom = "custom_vjp" in str(jax.make_jaxpr(ours)(x, w))
+    assert custom == (d_out > d_in)
+    for a, b in zip(jax.grad(ours, (0, 1))(x, w), jax.grad(plain, (0, 1))(x, w), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    dots = lambda f: jax.jit(jax.grad(f)).lower(x, w).compile().as_text().count(" dot(")  # noqa: E731
+    assert dots(ours) == dots(plain) == 2
