@@ -11,6 +11,7 @@ from flax import nnx
 from pipeline.config import ModelConfig
 from pipeline.model import (
     _ROWS,
+    WIDENING_MAX,
     _visible,
     attention,
     attention_impl,
@@ -481,3 +482,7 @@ def test_a_projections_gradients_in_the_forms_for_cpu_are_autodiffs(d_in, d_out,
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
     dots = lambda f: jax.jit(jax.grad(f)).lower(x, w).compile().as_text().count(" dot(")  # noqa: E731
     assert dots(ours) == dots(plain) == 2
+    # a matrix over WIDENING_MAX keeps autodiff's forms (a jaxpr only: nothing this size runs)
+    big = jax.ShapeDtypeStruct((d_in, WIDENING_MAX // d_in + 1), jnp.float32)
+    product = lambda x, w: rows_dot_general(x, w, _ROWS)  # noqa: E731
+    assert "custom_vjp" not in str(jax.make_jaxpr(product)(x, big))
