@@ -56,7 +56,7 @@ class LoRALinear(nnx.Module):
             keep = jax.random.bernoulli(self.key[...], 1.0 - self.dropout, h.shape)
             dropped = jnp.where(keep, h / (1.0 - self.dropout), 0.0)
             h = jnp.where(self.active[...], dropped, h)
-        rows = h.reshape(-1, h.shape[-1])  # as rows, for the reason `model.Linear` gives
+        rows = h.reshape(-1, h.shape[-1])  # as rows, for the reason `cpu_forms.Linear` gives
         delta = (rows @ self.lora_a[...]) @ self.lora_b[...] * self.scale
         return y + delta.reshape(y.shape).astype(y.dtype)
 

@@ -83,8 +83,8 @@ def attention() -> None:
     import jax
     import jax.numpy as jnp
 
-    from pipeline.model import attention as attend
-    from pipeline.model import attention_impl
+    from pipeline.attention import attention as attend
+    from pipeline.attention import attention_impl
 
     cfg = config().model
     B, T = (2, 64) if TINY else (16, 1024)

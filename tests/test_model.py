@@ -8,19 +8,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from pipeline.attention import attention, attention_impl, cached_attention, visible
 from pipeline.config import ModelConfig
+from pipeline.cpu_forms import _ROWS, WIDENING_MAX, rows_dot_general
 from pipeline.model import (
-    _ROWS,
-    WIDENING_MAX,
-    _visible,
-    attention,
-    attention_impl,
-    cached_attention,
     count_params,
     create_model,
     flops_per_token,
     init_cache,
-    rows_dot_general,
     segment_positions,
 )
 
@@ -222,7 +217,7 @@ def test_xla_attention_equals_einsum(kv_heads, window, length):
         k,
         v,
         is_causal=window is None,
-        mask=None if window is None else _visible(positions, positions, window)[:, None],
+        mask=None if window is None else visible(positions, positions, window)[:, None],
     )
     np.testing.assert_allclose(ref, expected, atol=1e-5)
 
@@ -233,7 +228,7 @@ def test_blockwise_einsum_attention_of_packed_rows_equals_the_whole_square():
     positions = jnp.broadcast_to(jnp.arange(150), (2, 150))
     segments = jnp.asarray(np.repeat([[1, 2, 3], [1, 1, 2]], [40, 70, 40], axis=1))
     got = attention(q, k, v, segment_positions(segments), segments=segments)
-    mask = _visible(positions, positions, None) & (segments[:, :, None] == segments[:, None, :])
+    mask = visible(positions, positions, None) & (segments[:, :, None] == segments[:, None, :])
     expected = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None])
     np.testing.assert_allclose(got, expected, atol=1e-5)
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from test_serve import CFG  # the serving tests' tiny Llama-style model
 
+from pipeline.attention import PagedLayer
 from pipeline.inference.generate import generate
 from pipeline.inference.sampling import Sampling
 from pipeline.model import create_model, init_cache, init_paged_cache
@@ -56,7 +57,7 @@ def test_paged_attention_equals_the_contiguous_cache(model):
     # each row's blocks in a shuffled order of a pool with spare blocks
     order = rng.permutation(12)
     table = jnp.asarray(order[:10].reshape(B, 5), jnp.int32)
-    paged = [{**layer, "table": table} for layer in init_paged_cache(CFG, 12, bs)]
+    paged = [PagedLayer(p["k"], p["v"], table) for p in init_paged_cache(CFG, 12, bs)]
     flat = init_cache(CFG, B, 20)
     pos = jnp.broadcast_to(jnp.arange(P), (B, P))
     want, flat = model(tokens[:, :P], pos, flat)

@@ -14,9 +14,10 @@ import time
 import jax
 import numpy as np
 
+from pipeline.attention import attention_impl
 from pipeline.config import Config, with_overrides
 from pipeline.data import Dataset
-from pipeline.model import attention_impl, count_params, create_model
+from pipeline.model import count_params, create_model
 from pipeline.runtime import (
     aggregate_peak_flops,
     allocator,

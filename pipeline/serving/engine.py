@@ -45,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pipeline.attention import PagedLayer
 from pipeline.inference.generate import bucket, buckets, check_request, decode_step
 from pipeline.inference.sampling import (
     Sampling,
@@ -154,11 +155,11 @@ def _slot_state(slots: int) -> dict:
 
 def _paged(pool, tables):
     """The model's view of a paged cache: each layer's pool with the call's block table."""
-    return [{**layer, "table": tables} for layer in pool]
+    return [PagedLayer(layer["k"], layer["v"], tables) for layer in pool]
 
 
 def _pool(cache):
-    return [{name: layer[name] for name in ("k", "v")} for layer in cache]
+    return [{"k": layer.k, "v": layer.v} for layer in cache]
 
 
 def _update(slots: dict, values: dict, ids) -> dict:

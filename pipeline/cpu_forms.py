@@ -1,0 +1,148 @@
+"""The products and the recomputation of the model in the forms XLA's CPU compiler runs
+fastest. They exist because autodiff's default forms ran slowly there: projections as rows took
+the small model's training step from 3,608-3,691 to 4,372-4,472 tokens/s, the widening
+gradients to 4,842-4,959, and the block recomputation cut gpt2-124m's temporaries from 6.9 to
+2.0 GB (`pipeline bench train`; see docs/performance-notes.md). Other backends get the plain
+forms.
+"""
+
+from __future__ import annotations
+
+import jax
+from flax import nnx
+
+
+class Linear(nnx.Linear):
+    """`nnx.Linear` applied to its inputs as rows (N, features), then reshaped back.
+
+    The same product, but autodiff of the (B, T, D) form contracts the weight gradient over
+    two dimensions, which XLA's CPU compiler runs through transposed copies of the activations
+    and gradients and a slower kernel: the small model's training step went from 3,608-3,691 to
+    4,372-4,472 tokens/s with the rows form (`bench train --cases small`).
+    A widening projection's gradients take the forms `rows_dot_general` gives.
+    """
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("dot_general", rows_dot_general)
+        super().__init__(*args, **kwargs)
+
+    def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
+        if inputs.ndim <= 2 or out_sharding is not None:
+            return super().__call__(inputs, out_sharding)
+        y = super().__call__(inputs.reshape(-1, inputs.shape[-1]))
+        return y.reshape(*inputs.shape[:-1], y.shape[-1])
+
+
+_ROWS = (((1,), (0,)), ((), ()))
+# The largest matrix (elements) whose gradients take `_widening_matmul`'s forms: they copy w,
+# x^T and dx^T, memory traffic and memory that the faster kernels repay at `small`'s output
+# layer (2.6M) but not at gpt2-124m's (38.6M: that layer alone 2-3% faster, its step no faster
+# and its process up to 8.1 GiB RSS against 6.0-6.5, alternated runs).
+WIDENING_MAX = 1 << 22
+
+
+def rows_dot_general(lhs, rhs, dimension_numbers, precision=None, **kwargs) -> jax.Array:
+    """`lax.dot_general`, except (N, D_in) rows times a widening (D_in, D_out > D_in) matrix
+    of at most `WIDENING_MAX` elements on CPU, whose gradients `_widening_matmul` takes in the
+    forms XLA's CPU kernels run fastest.
+    """
+    plain = (
+        lhs.ndim != 2
+        or rhs.ndim != 2
+        or rhs.shape[1] <= rhs.shape[0]
+        or rhs.size > WIDENING_MAX
+        or dimension_numbers != _ROWS
+        or precision is not None
+        or any(v is not None for v in kwargs.values())
+        or jax.default_backend() != "cpu"
+    )
+    if plain:
+        return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision, **kwargs)
+    return _widening_matmul(lhs, rhs)
+
+
+@jax.custom_vjp
+def _widening_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x (N, D_in) @ w (D_in, D_out), with D_out > D_in (an MLP's up-projection, the output
+    layer).
+
+    Autodiff's gradients are dx = g w^T, contracting over the wide D_out, and dw = x^T g. XLA's
+    CPU compiler folds transposes into its matmuls, and for these shapes the folded forms run
+    slowly: the small model's output layer ([4096, 320] x [320, 8192]) took 200 ms forward and
+    backward. Here w and x^T are made as arrays of their own, dx comes out transposed,
+    (w g^T)^T, and barriers keep the compiler from folding the transposes back: 160 ms, and an
+    up-projection's 26.5 ms become 24. The values are the same up to float32 summation order.
+    """
+    return x @ w
+
+
+def _widening_fwd(x, w):
+    return x @ w, (x, w)
+
+
+def _widening_bwd(residuals, g):
+    x, w = residuals
+    barrier = jax.lax.optimization_barrier
+    dx_t = barrier(jax.lax.dot_general(barrier(w), g, (((1,), (1,)), ((), ()))))  # (D_in, N)
+    dw = barrier(barrier(x.T) @ g)
+    return dx_t.T, dw
+
+
+_widening_matmul.defvjp(_widening_fwd, _widening_bwd)
+
+
+def attend(embed: nnx.Module, rows: jax.Array) -> jax.Array:
+    """The tied head, rows (N, D) -> (N, V): `nnx.Embed.attend`'s product through
+    `rows_dot_general`; another embedding (int8's) with its own `attend`."""
+    if not isinstance(embed, nnx.Embed):
+        return embed.attend(rows)
+    rows, table = embed.promote_dtype((rows, embed.embedding[...]), dtype=embed.dtype)
+    return rows_dot_general(rows, table.T, _ROWS)
+
+
+def remat(fn, policy: str):
+    """`fn(block, *arrays)` recomputed in the backward pass instead of keeping its activations.
+
+    The block goes in as (graph, state) and is merged again inside `jax.checkpoint`, a pure
+    function of arrays: `nnx.remat` would update the block's variables in place, which fails
+    when they come from an outer transform (LoRA's frozen base under `jax.grad`).
+    """
+    if policy == "none":
+        return fn
+    # "dots": keep matmul outputs, recompute the cheap elementwise work in the backward pass.
+    kept = jax.checkpoint_policies.dots_with_no_batch_dims_saveable if policy == "dots" else None
+
+    def step(block, *args):
+        graphdef, state = nnx.split(block)
+        inner = lambda state, *args: fn(nnx.merge(graphdef, state), *args)  # noqa: E731
+        if policy == "block" and jax.default_backend() == "cpu":
+            return _recomputed_after_cotangent(inner)(state, *args)
+        return jax.checkpoint(inner, policy=kept)(state, *args)
+
+    return step
+
+
+def _recomputed_after_cotangent(f):
+    """`jax.checkpoint(f)` that also saves memory on XLA's CPU compiler.
+
+    `jax.checkpoint` keeps the recomputation apart from the forward pass with optimization
+    barriers; the CPU compiler drops them and merges the two again (same temporaries with and
+    without remat: jax-ml/jax#19822). Here the recomputation's input depends on the incoming
+    cotangent (x + 0 * one of its elements): it cannot be merged with the forward pass nor
+    run before the backward pass reaches this block. `f(state, x, *rest)` -> (x, aux).
+    """
+
+    @jax.custom_vjp
+    def g(state, x, *rest):
+        return f(state, x, *rest)
+
+    def fwd(state, x, *rest):
+        return f(state, x, *rest), (state, x, rest)
+
+    def bwd(saved, cotangent):
+        state, x, rest = saved
+        x = x + jax.tree.leaves(cotangent)[0].ravel()[0].astype(x.dtype) * 0
+        return jax.vjp(f, state, x, *rest)[1](cotangent)
+
+    g.defvjp(fwd, bwd)
+    return g
