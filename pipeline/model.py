@@ -304,8 +304,15 @@ def count_params(cfg: ModelConfig) -> int:
     return sum(int(x.size) for x in jax.tree.leaves(state))
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token (forward + backward), as in PaLM appendix B.
+# What a pass costs relative to a training step of the whole model (PaLM's 6 = 2 forward +
+# 2 input gradients + 2 weight gradients per matmul parameter): a frozen base (LoRA's) skips
+# its weight gradients, a forward pass (a reference's, a teacher's) is a third.
+PASS_SHARE = {"train": 1.0, "frozen": 2 / 3, "forward": 1 / 3}
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int, kind: str = "train") -> float:
+    """FLOPs per token, as in PaLM appendix B: a training step (forward + backward) by default,
+    `kind` "frozen" (trained through, its weights frozen: LoRA's base) or "forward".
 
     6 * (parameters used in matmuls: everything but the embedding lookups, with the output
     projection counted even when it is tied) + 12 * layers * width * seq_len for attention.
@@ -314,4 +321,4 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     lookups = V * D + (cfg.max_seq_len * D if cfg.positions == "learned" else 0)
     matmul_params = count_params(cfg) - lookups + (V * D if cfg.tied_embeddings else 0)
     attention = 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len
-    return 6.0 * matmul_params + attention
+    return (6.0 * matmul_params + attention) * PASS_SHARE[kind]

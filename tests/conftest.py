@@ -51,16 +51,16 @@ def tiny_run(tmp_path_factory):
     return tmp / "run"
 
 
-def restore_final_state(cfg: Config) -> dict:
-    """The latest checkpointed training state of the pre-training run `cfg` describes."""
+def restore_final_state(cfg: Config, stage=None) -> dict:
+    """The latest checkpointed training state of the run `cfg` describes (its `stage`; default:
+    pre-training's)."""
     from pipeline.checkpoint import Checkpointer
     from pipeline.training.pretrain import build_stage
-    from pipeline.training.train import create_train_state, make_optimizer
+    from pipeline.training.train import create_trainer
 
-    stage = build_stage(cfg)
-    tx, _ = make_optimizer(cfg.optimizer, cfg.train.steps, stage.params)
+    stage = stage or build_stage(cfg)
     checkpointer = Checkpointer(f"{cfg.run.dir}/checkpoints")
-    state, _ = checkpointer.restore(create_train_state(stage, tx, cfg.train.seed))
+    state, _ = checkpointer.restore(create_trainer(stage, cfg).state)
     checkpointer.close()
     return state
 

@@ -8,10 +8,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import ROOT, restore_final_state
 from flax import nnx
 
-from pipeline.checkpoint import Checkpointer
 from pipeline.config import ConfigError, LoraConfig, load_config, with_overrides
 from pipeline.inference.runs import load_model
 from pipeline.lora import ADAPTER_WEIGHTS, add_lora, merge
@@ -111,13 +110,7 @@ def test_only_adapters_train_and_the_adapter_file_is_small(base_run, tmp_path):
     assert result["status"] == "finished"
     stage = build_stage(cfg)
     assert len(jax.tree.leaves(stage.params)) == 2 * 2 * 2  # A and B on q, v of 2 layers
-    from pipeline.training.train import create_train_state, make_optimizer
-
-    tx, _ = make_optimizer(cfg.optimizer, cfg.train.steps, stage.params)
-    like = create_train_state(stage, tx, cfg.train.seed)
-    ckpt = Checkpointer(Path(cfg.run.dir) / "checkpoints")
-    state, _ = ckpt.restore(like)
-    ckpt.close()
+    state = restore_final_state(cfg, stage)
     # the optimizer holds state for the adapters alone
     adapter_size = sum(x.size for x in jax.tree.leaves(stage.params))
     assert sum(x.size for x in jax.tree.leaves(state["opt_state"])) <= 2 * adapter_size + 10

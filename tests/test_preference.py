@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import ROOT, restore_final_state
 from flax import nnx
 
 from pipeline.config import ConfigError, DpoConfig, ModelConfig, load_config, with_overrides
@@ -212,13 +212,7 @@ def test_lora_dpo_over_a_lora_fine_tune_loads_as_both_adapters(tiny_run, tmp_pat
     dpo(cfg)
     _, loaded, _ = load_model(cfg.run.dir)  # the SFT adapters merged, the DPO adapters on top
     stage = build_stage(cfg)
-    from pipeline.checkpoint import Checkpointer
-    from pipeline.training.train import create_train_state, make_optimizer
-
-    tx, _ = make_optimizer(cfg.optimizer, cfg.train.steps, stage.params)
-    ckpt = Checkpointer(Path(cfg.run.dir) / "checkpoints")
-    state, _ = ckpt.restore(create_train_state(stage, tx, cfg.train.seed))
-    ckpt.close()
+    state = restore_final_state(cfg, stage)
     trained, _ = nnx.merge(stage.graphdef, state["params"], state["frozen"])(TOKENS)
     np.testing.assert_allclose(loaded(TOKENS)[0], trained, atol=1e-5)
     assert any("reward_accuracy" in r for r in read_metrics(cfg.run.dir))

@@ -22,8 +22,7 @@ from pipeline.training.parallel import PmapStrategy
 from pipeline.training.pretrain import build_stage
 from pipeline.training.train import (
     TrainingError,
-    build_steps,
-    create_train_state,
+    create_trainer,
     decay_mask,
     make_optimizer,
     make_schedule,
@@ -34,11 +33,9 @@ from pipeline.training.train import (
 def _run_steps(cfg, num_devices, steps=3):
     """Train `steps` steps on `num_devices` devices; return the losses and final parameters."""
     stage = build_stage(cfg)
-    tx, schedule = make_optimizer(cfg.optimizer, cfg.train.steps, stage.params)
-    strategy = PmapStrategy(num_devices)
-    state = create_train_state(stage, tx, cfg.train.seed)
-    train_fn, _ = build_steps(stage, cfg, tx, schedule, strategy, state)
-    state = strategy.replicate(state)
+    trainer = create_trainer(stage, cfg, strategy=PmapStrategy(num_devices))
+    strategy, train_fn = trainer.strategy, trainer.train_step
+    state = strategy.replicate(trainer.state)
     losses = []
     for step in range(steps):
         state, metrics = train_fn(state, strategy.shard_batch(stage.train_batch(step)))

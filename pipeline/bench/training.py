@@ -27,14 +27,8 @@ from pipeline.runtime import (
 from pipeline.tokenizer import byte_tokenizer
 from pipeline.training.finetune import stage_for_model
 from pipeline.training.instruct import Examples
-from pipeline.training.parallel import make_strategy
 from pipeline.training.pretrain import build_stage
-from pipeline.training.train import (
-    build_steps,
-    create_train_state,
-    make_optimizer,
-    wait_for_previous_step,
-)
+from pipeline.training.train import create_trainer, wait_for_previous_step
 
 
 def bench_train(cfg: Config, case: str, steps: int = 5, warmup: int = 3) -> dict:
@@ -65,11 +59,9 @@ def bench_finetune(cfg: Config, case: str, method: str, steps: int = 3, warmup: 
 def time_stage(cfg: Config, stage, steps: int, warmup: int) -> dict:
     """Steady-state time of a stage's pmapped step, and XLA's memory figures for it."""
 
-    tx, schedule = make_optimizer(cfg.optimizer, max(cfg.train.steps, warmup + steps), stage.params)
-    strategy = make_strategy(cfg.train)
-    state = create_train_state(stage, tx, cfg.train.seed)
-    train_fn, _ = build_steps(stage, cfg, tx, schedule, strategy, state)
-    state = strategy.replicate(state)
+    trainer = create_trainer(stage, cfg, steps=max(cfg.train.steps, warmup + steps))
+    strategy, train_fn = trainer.strategy, trainer.train_step
+    state = strategy.replicate(trainer.state)
     # per device, from the shard's shape (a shard's .data copied the state: +1.7 GiB on gpt2-124m)
     state_bytes = sum(
         math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize

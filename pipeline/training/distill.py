@@ -74,8 +74,10 @@ def build_stage(cfg: Config) -> Stage:
     evaluate = None
     if dataset.val.size > seq_len:
         evaluate = Sampler(dataset.val, seq_len, batch, cfg.train.seed, shuffle=False)
-    # the student's training FLOPs plus the teacher's forward (a third of its training FLOPs)
-    flops = flops_per_token(cfg.model, seq_len) + flops_per_token(teacher_cfg.model, seq_len) / 3
+    # the student's training FLOPs plus the teacher's forward
+    flops = flops_per_token(cfg.model, seq_len) + flops_per_token(
+        teacher_cfg.model, seq_len, "forward"
+    )
     return Stage(
         name="distill",
         graphdef=graphdef,

@@ -79,7 +79,6 @@ def stage_for_model(cfg: Config, model, tokenizer, train: Examples, held_out: Ex
     graphdef, params, frozen, apply = trainable_split(model, lora)
     train_sampler = ExampleSampler(train, cfg.train.batch_size, cfg.train.seed)
     eval_sampler = ExampleSampler(held_out, cfg.train.batch_size, 0, shuffle=False)
-    flops = flops_per_token(cfg.model, cfg.data.seq_len)
     return Stage(
         name=f"finetune-{cfg.finetune.method}",
         graphdef=graphdef,
@@ -88,8 +87,7 @@ def stage_for_model(cfg: Config, model, tokenizer, train: Examples, held_out: Ex
         loss_fn=partial(lm_loss, apply),
         train_batch=partial(process_rows, train_sampler),
         eval_batch=partial(process_rows, eval_sampler),
-        # LoRA skips the base's weight gradients: about 4 of the 6 FLOPs per parameter.
-        flops_per_token=flops * 2 / 3 if lora else flops,
+        flops_per_token=flops_per_token(cfg.model, cfg.data.seq_len, "frozen" if lora else "train"),
         tokens_per_example=cfg.data.seq_len,
         tokenizer=tokenizer,
         # the loop writes model/ (the trained parameters); a LoRA run adds PEFT's files

@@ -20,14 +20,7 @@ from pipeline.config import Config, ConfigError
 from pipeline.lora import add_lora
 from pipeline.model import create_model, flops_per_token
 from pipeline.training.finetune import trainable_split
-from pipeline.training.parallel import Strategy, make_strategy
-from pipeline.training.train import (
-    Stage,
-    build_steps,
-    create_train_state,
-    lm_loss,
-    make_optimizer,
-)
+from pipeline.training.train import Stage, Trainer, create_trainer, lm_loss
 
 
 def _abstract_stage(cfg: Config, stage: str = "pretrain") -> Stage:
@@ -42,7 +35,6 @@ def _abstract_stage(cfg: Config, stage: str = "pretrain") -> Stage:
         return add_lora(model, cfg.lora) if lora else model
 
     graphdef, params, frozen, apply = trainable_split(nnx.eval_shape(build), lora)
-    flops = flops_per_token(cfg.model, cfg.data.seq_len)
     return Stage(
         name=f"fit-{stage}",
         graphdef=graphdef,
@@ -51,16 +43,14 @@ def _abstract_stage(cfg: Config, stage: str = "pretrain") -> Stage:
         loss_fn=partial(lm_loss, apply),
         train_batch=None,
         eval_batch=None,
-        flops_per_token=flops * 2 / 3 if lora else flops,
+        flops_per_token=flops_per_token(cfg.model, cfg.data.seq_len, "frozen" if lora else "train"),
         tokens_per_example=cfg.data.seq_len,
     )
 
 
-def _compile(cfg: Config, stage: Stage, tx, schedule, strategy: Strategy, rows_per_shard: int):
-    state = jax.eval_shape(lambda: create_train_state(stage, tx, seed=0))
-    train_fn, _ = build_steps(stage, cfg, tx, schedule, strategy, state)
-    args = strategy.abstract(state, rows_per_shard, cfg.data.seq_len + 1)
-    return train_fn.lower(*args).compile()
+def _compile(cfg: Config, trainer: Trainer, rows_per_shard: int):
+    args = trainer.strategy.abstract(trainer.state, rows_per_shard, cfg.data.seq_len + 1)
+    return trainer.train_step.lower(*args).compile()
 
 
 def fit(
@@ -68,14 +58,14 @@ def fit(
 ) -> dict:
     """Per-device memory of `cfg`'s training step (pre-training, or fine-tuning as
     `finetune.method` says), and the largest batch within budget."""
-    strategy = make_strategy(cfg.train)
     abstract = _abstract_stage(cfg, stage)
-    tx, schedule = make_optimizer(cfg.optimizer, cfg.train.steps, abstract.params)
-    opt_state = jax.eval_shape(tx.init, abstract.params)
+    trainer = create_trainer(abstract, cfg, abstract=True)
+    strategy = trainer.strategy
+    opt_state = jax.eval_shape(trainer.tx.init, abstract.params)
     rows = max(cfg.train.batch_size // max(strategy.batch_shards, 1), 1)
 
     def analyse(rows_per_device: int) -> dict:
-        memory = _compile(cfg, abstract, tx, schedule, strategy, rows_per_device).memory_analysis()
+        memory = _compile(cfg, trainer, rows_per_device).memory_analysis()
         figures = {
             name: int(getattr(memory, f"{name}_size_in_bytes", 0) or 0)
             for name in ("argument", "output", "temp", "alias", "generated_code")

@@ -153,10 +153,10 @@ def build_stage(cfg: Config) -> Stage:
     )
     rollouts = Rollouts(cfg, tokenizer, graphdef, frozen, lora, apply, reference)
     g = cfg.grpo
-    flops = flops_per_token(cfg.model, cfg.data.seq_len)
+    m, seq_len = cfg.model, cfg.data.seq_len
     # per row: the updates' training FLOPs (LoRA: no base weight gradients) and two forwards
     # (the policy's and the reference's log-probabilities); generation is not counted
-    train_flops = flops * 2 / 3 if lora else flops
+    train_flops = flops_per_token(m, seq_len, "frozen" if lora else "train")
     return Stage(
         name=f"grpo-{cfg.finetune.method}",
         graphdef=graphdef,
@@ -165,7 +165,8 @@ def build_stage(cfg: Config) -> Stage:
         loss_fn=partial(grpo_loss, apply, g),
         train_batch=rollouts.batch,
         eval_batch=None,
-        flops_per_token=train_flops * g.updates_per_batch + 2 * flops / 3,
+        flops_per_token=train_flops * g.updates_per_batch
+        + 2 * flops_per_token(m, seq_len, "forward"),
         tokens_per_example=g.group_size * cfg.data.seq_len,
         tokenizer=tokenizer,
         export=partial(export_adapter, cfg, graphdef, frozen) if lora else None,

@@ -31,14 +31,11 @@ from pipeline.training.metrics import (
     plot_losses,
     write_state,
 )
-from pipeline.training.parallel import make_strategy
 from pipeline.training.train import (
     Stage,
     StopRequested,
     TrainingError,
-    build_steps,
-    create_train_state,
-    make_optimizer,
+    create_trainer,
     to_host,
     wait_for_previous_step,
 )
@@ -59,12 +56,10 @@ def _run_training(cfg: Config, stage: Stage, fresh: bool) -> dict:
     run_dir = Path(cfg.run.dir)
     main = is_main_process()
     prepare_run_dir(cfg, stage, fresh, main)
-    tx, schedule = make_optimizer(cfg.optimizer, cfg.train.steps, stage.params)
-    state = create_train_state(stage, tx, cfg.train.seed)
+    trainer = create_trainer(stage, cfg)
     ckpt = Checkpointer(run_dir / "checkpoints", cfg.train.keep_checkpoints)
-    state, start = restore_latest(ckpt, state)
-    strategy = make_strategy(cfg.train)
-    train_fn, eval_fn = build_steps(stage, cfg, tx, schedule, strategy, state)
+    state, start = restore_latest(ckpt, trainer.state)
+    strategy, train_fn, eval_fn = trainer.strategy, trainer.train_step, trainer.eval_step
     try:
         logger = MetricsLogger(run_dir, enabled=main, resume_step=start, cfg=cfg)
     except BaseException:  # a tracker that cannot start (its library missing, say)

@@ -295,7 +295,7 @@ def build_stage(cfg: Config) -> Stage:
     graphdef, params, frozen, apply, reference = with_reference(
         cfg, model, cfg.dpo.reference_quantize
     )
-    flops = flops_per_token(cfg.model, cfg.data.seq_len)
+    m, seq_len = cfg.model, cfg.data.seq_len
     return Stage(
         name=f"dpo-{cfg.finetune.method}",
         graphdef=graphdef,
@@ -309,7 +309,8 @@ def build_stage(cfg: Config) -> Stage:
             process_rows, ExampleSampler(held_out, cfg.train.batch_size, 0, shuffle=False)
         ),
         # the policy's training step (LoRA: no base weight gradients) and the reference's forward
-        flops_per_token=(flops * 2 / 3 if lora else flops) + flops / 3,
+        flops_per_token=flops_per_token(m, seq_len, "frozen" if lora else "train")
+        + flops_per_token(m, seq_len, "forward"),
         tokens_per_example=2 * cfg.data.seq_len,
         tokenizer=tokenizer,
         export=partial(export_adapter, cfg, graphdef, frozen) if lora else None,

@@ -13,7 +13,7 @@ import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +22,7 @@ import optax
 from flax import nnx
 
 from pipeline.config import Config, OptimizerConfig
-from pipeline.training.parallel import AXIS, Strategy
+from pipeline.training.parallel import AXIS, Strategy, make_strategy
 
 # loss_fn(params, frozen, batch, rng) -> (sum of per-token losses, number of tokens counted),
 # or (sum, count, extras): extras a dict of further sums over the same count (e.g. DPO's reward
@@ -333,6 +333,38 @@ def build_steps(
         strategy.make_parallel_step(step, state_like),
         strategy.make_parallel_step(evaluate, state_like, donate_state=False),
     )
+
+
+class Trainer(NamedTuple):
+    """A stage made trainable: its optimizer and schedule, initial state, strategy and steps."""
+
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    state: dict
+    strategy: Strategy
+    train_step: Callable
+    eval_step: Callable
+
+
+def create_trainer(
+    stage: Stage,
+    cfg: Config,
+    *,
+    strategy: Strategy | None = None,
+    steps: int | None = None,
+    abstract: bool = False,
+) -> Trainer:
+    """The trainer setup every caller shares (the loop, `fit`, `bench train`, the tests):
+    optimizer -> training state -> strategy -> parallel steps. `steps`: the schedule's length
+    (default `train.steps`); `abstract`: the state as shapes only (nothing allocated)."""
+    tx, schedule = make_optimizer(cfg.optimizer, steps or cfg.train.steps, stage.params)
+    if abstract:
+        state = jax.eval_shape(lambda: create_train_state(stage, tx, seed=0))
+    else:
+        state = create_train_state(stage, tx, cfg.train.seed)
+    strategy = strategy or make_strategy(cfg.train)
+    train_fn, eval_fn = build_steps(stage, cfg, tx, schedule, strategy, state)
+    return Trainer(tx, schedule, state, strategy, train_fn, eval_fn)
 
 
 class StopRequested:
