@@ -378,16 +378,16 @@ def cmd_sweep(args) -> int:
     return 0
 
 
-def _report(result: dict) -> None:
+def _report(result) -> None:
+    """The one line a finished (or stopped) training run prints: a `RunResult`."""
     import jax
 
     if jax.process_index() != 0:
         return
-    loss = result.get("eval_loss")
+    loss, before, after = result.eval_loss, result.initial_eval, result.eval
     loss_text = f"final eval loss {loss:.4f}" if loss is not None else "no eval loss"
-    if result.get("initial_eval_loss") is not None:
-        loss_text = f"held-out loss before {result['initial_eval_loss']:.4f}, after {loss:.4f}"
-    before, after = result.get("initial_eval") or {}, result.get("eval") or {}
+    if result.initial_eval_loss is not None:
+        loss_text = f"held-out loss before {result.initial_eval_loss:.4f}, after {loss:.4f}"
     if "eval_pass_rate" in after:  # reinforcement learning: no loss to evaluate
         loss_text = f"held-out pass rate {after['eval_pass_rate']:.3f}"
         if "eval_pass_rate" in before:
@@ -396,8 +396,7 @@ def _report(result: dict) -> None:
         loss_text += f"; held-out reward accuracy {after['eval_reward_accuracy']:.3f}"
         if "eval_reward_accuracy" in before:
             loss_text += f" (before {before['eval_reward_accuracy']:.3f})"
-    status, step, run_dir = result["status"], result["step"], result["run_dir"]
-    print(f"{status} at step {step}; {loss_text}; run directory {run_dir}")
+    print(f"{result.status} at step {result.step}; {loss_text}; run directory {result.run_dir}")
 
 
 def cmd_bench(args) -> int:

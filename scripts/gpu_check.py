@@ -216,13 +216,13 @@ def grpo() -> None:
             result = run(cfg, fresh=True)
         seconds = time.perf_counter() - start
         fields = {"stage": stage, "config": f"configs/{name}.yaml", "seconds": seconds}
-        fields.update(status=result["status"], step=result["step"])
+        fields.update(status=result.status, step=result.step)
         if stage == "grpo":
             lines = Path(f"{root}/{name}/metrics.jsonl").read_text().splitlines()
             rows = [json.loads(line) for line in lines]
             timed = [r for r in rows if "rollout_s" in r]
-            fields["before"] = (result.get("initial_eval") or {}).get("eval_pass_rate")
-            fields["after"] = (result.get("eval") or {}).get("eval_pass_rate")
+            fields["before"] = result.initial_eval.get("eval_pass_rate")
+            fields["after"] = result.eval.get("eval_pass_rate")
             for key in ("rollout_s", "update_s"):
                 fields[key] = [round(r[key], 4) for r in timed]
         emit("grpo", **fields)

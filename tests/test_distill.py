@@ -76,7 +76,7 @@ def test_the_teacher_beats_training_the_student_alone(teacher, tmp_path):
     )
     alone_cfg = _student(teacher, tmp_path, "alone")
     alone = pretrain(alone_cfg)
-    assert taught["eval_loss"] < alone["eval_loss"], (taught["eval_loss"], alone["eval_loss"])
+    assert taught.eval_loss < alone.eval_loss, (taught.eval_loss, alone.eval_loss)
 
 
 def test_a_different_tokenizer_is_refused(teacher, tmp_path):

@@ -107,7 +107,7 @@ def test_bad_instruction_files_name_file_and_line(tmp_path):
 def test_only_adapters_train_and_the_adapter_file_is_small(base_run, tmp_path):
     cfg = _ft_config(base_run, tmp_path)
     result = finetune(cfg)
-    assert result["status"] == "finished"
+    assert result.status == "finished"
     stage = build_stage(cfg)
     assert len(jax.tree.leaves(stage.params)) == 2 * 2 * 2  # A and B on q, v of 2 layers
     state = restore_final_state(cfg, stage)
@@ -145,7 +145,7 @@ def test_lora_run_resumes_exactly(base_run, tmp_path):
     whole = _ft_config(base_run, tmp_path / "a")
     split = _ft_config(base_run, tmp_path / "b")
     finetune(whole)
-    assert finetune(with_overrides(split, train={"stop_at": 3}))["step"] == 3
+    assert finetune(with_overrides(split, train={"stop_at": 3})).step == 3
     finetune(split)
     losses = [
         [
@@ -203,5 +203,5 @@ def test_a_lora_fine_tune_under_the_mesh_matches_pmap(base_run, tmp_path):
     mesh = finetune(
         _ft_config(base_run, tmp_path / "mesh", "train.parallelism=mesh", "train.mesh_fsdp=4")
     )
-    assert mesh["status"] == "finished"
-    assert mesh["eval_loss"] == pytest.approx(pmap["eval_loss"], abs=1e-4)
+    assert mesh.status == "finished"
+    assert mesh.eval_loss == pytest.approx(pmap.eval_loss, abs=1e-4)

@@ -140,7 +140,7 @@ def test_a_constant_reward_leaves_the_policy_where_it_was(tiny_run, tmp_path):
         "finetune.method=full",
     )
     result = grpo(cfg)
-    assert result["eval"]["eval_reward"] == 1.0
+    assert result.eval["eval_reward"] == 1.0
     metrics = [r for r in read_metrics(cfg.run.dir) if "loss" in r]
     assert all(r["grad_norm"] == 0.0 and r["kl"] == 0.0 for r in metrics)
     _, before, _ = load_model(tiny_run)
@@ -154,7 +154,7 @@ def test_grpo_resumes_exactly(tiny_run, tmp_path):
     whole = _config(tiny_run, tmp_path / "a", *overrides)
     split = _config(tiny_run, tmp_path / "b", *overrides)
     grpo(whole)
-    assert grpo(with_overrides(split, train={"stop_at": 3}))["step"] == 3
+    assert grpo(with_overrides(split, train={"stop_at": 3})).step == 3
     grpo(split)
     keep = ("loss", "reward", "kl", "clip_fraction", "grad_norm", "eval_pass_rate", "eval_reward")
     records = [
@@ -188,14 +188,14 @@ def test_fine_tuning_on_a_task_reports_its_pass_rate_and_stops_when_told(tiny_ru
 
     cfg = config("met", "train.stop_when=eval_pass_rate<=1")  # met at the first evaluation
     result = finetune(cfg)
-    assert result["status"] == "finished" and result["step"] == 4
-    assert {"eval_loss", "eval_pass_rate", "eval_reward"} <= set(result["eval"])
+    assert result.status == "finished" and result.step == 4
+    assert {"eval_loss", "eval_pass_rate", "eval_reward"} <= set(result.eval)
     assert (Path(cfg.run.dir) / "adapter_model.safetensors").is_file()  # finished: exported
     state = json.loads((Path(cfg.run.dir) / "state.json").read_text())
     assert state["status"] == "finished" and state["step"] == 4
     rows = len(read_metrics(cfg.run.dir))
     again = finetune(cfg)  # resumed: the target is met at its evaluation; nothing trained
-    assert again["step"] == 4
+    assert again.step == 4
     assert not [r for r in read_metrics(cfg.run.dir)[rows:] if "loss" in r]
 
     never = finetune(config("never", "train.stop_when=eval_loss <= -1"))
@@ -259,9 +259,9 @@ def test_make_grpo_raises_held_out_exact_match_by_30_points(tmp_path):
 
     pretrain(config("grpo_base"))
     sft = finetune(config("sft_reversal", f"init.from={tmp_path / 'grpo_base'}"))
-    assert sft["status"] == "finished" and sft["eval"]["eval_pass_rate"] >= 0.2
-    assert sft["step"] < 400  # stopped by its pass rate
+    assert sft.status == "finished" and sft.eval["eval_pass_rate"] >= 0.2
+    assert sft.step < 400  # stopped by its pass rate
     result = grpo(config("grpo", f"init.from={tmp_path / 'sft_reversal'}"))
-    before, after = result["initial_eval"]["eval_pass_rate"], result["eval"]["eval_pass_rate"]
+    before, after = result.initial_eval["eval_pass_rate"], result.eval["eval_pass_rate"]
     print(f"fine-tuning stopped at step {sft['step']}; GRPO: {before:.3f} -> {after:.3f}")
     assert after - before >= 0.30

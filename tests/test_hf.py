@@ -147,7 +147,7 @@ def test_an_imported_run_generates_and_fine_tunes_like_any_other(tmp_path, capsy
     assert json.loads(capsys.readouterr().out)["tokens"]
     cfg = imported_finetune_config(tmp_path / "run", tmp_path)
     result = finetune(cfg)
-    assert result["status"] == "finished" and (tmp_path / "ft" / "adapter_config.json").is_file()
+    assert result.status == "finished" and (tmp_path / "ft" / "adapter_config.json").is_file()
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])

@@ -137,9 +137,7 @@ def test_exact_resume(tiny_config, tmp_path, name):
     whole = _run(tiny_config, tmp_path, "whole", name=name)
     split = _run(tiny_config, tmp_path, "split", name=name)
     run_training(whole, build_stage(whole))
-    assert (
-        run_training(with_overrides(split, train={"stop_at": 4}), build_stage(split))["step"] == 4
-    )
+    assert run_training(with_overrides(split, train={"stop_at": 4}), build_stage(split)).step == 4
     run_training(split, build_stage(split))
     losses = [
         [
@@ -161,7 +159,7 @@ def test_adafactor_trains_and_an_optimizer_switch_on_resume_is_named(tiny_config
     cfg = _run(tiny_config, tmp_path, "adafactor", name="adafactor", lr=1e-2)
     result = run_training(cfg, build_stage(cfg))
     train = [r["loss"] for r in read_metrics(cfg.run.dir) if "loss" in r]
-    assert result["status"] == "finished" and train[-1] < train[0]
+    assert result.status == "finished" and train[-1] < train[0]
     longer = with_overrides(cfg, optimizer={"name": "lion"}, train={"steps": 12})
     with pytest.raises(Exception, match="optimizer.name: 'adafactor' -> 'lion'"):
         run_training(longer, build_stage(longer))

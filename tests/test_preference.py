@@ -162,7 +162,7 @@ def test_held_out_preference_accuracy_rises_from_half_to_over_90_percent(tiny_ru
         "lora.targets=[q,k,v,o,up,down]",
     )
     result = dpo(cfg)
-    before, after = result["initial_eval"], result["eval"]
+    before, after = result.initial_eval, result.eval
     assert before["eval_reward_accuracy"] == 0.5  # the policy is the reference: every pair ties
     assert before["eval_loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert after["eval_reward_accuracy"] >= 0.9, after
@@ -176,7 +176,7 @@ def test_full_dpo_with_a_frozen_reference_resumes_exactly(tiny_run, tmp_path):
     whole = _config(tiny_run, tmp_path / "a", data, "finetune.method=full")
     split = _config(tiny_run, tmp_path / "b", data, "finetune.method=full")
     dpo(whole)
-    assert dpo(with_overrides(split, train={"stop_at": 3}))["step"] == 3
+    assert dpo(with_overrides(split, train={"stop_at": 3})).step == 3
     dpo(split)
     records = [
         [r for r in read_metrics(c.run.dir) if "loss" in r or "eval_loss" in r]

@@ -150,12 +150,12 @@ def _tiny_run(tiny_config, **train):
 def test_resume_is_bit_identical(tiny_config, tmp_path):
     whole = with_overrides(_tiny_run(tiny_config), run={"dir": str(tmp_path / "whole")})
     split = with_overrides(_tiny_run(tiny_config), run={"dir": str(tmp_path / "split")})
-    assert run_training(whole, build_stage(whole))["status"] == "finished"
+    assert run_training(whole, build_stage(whole)).status == "finished"
     first = run_training(with_overrides(split, train={"stop_at": 6}), build_stage(split))
-    assert first["status"].startswith("interrupted") and first["step"] == 6
+    assert first.status.startswith("interrupted") and first.step == 6
     again = run_training(with_overrides(split, train={"stop_at": 6}), build_stage(split))
-    assert again["step"] == 6 and again["status"].startswith("interrupted")  # nothing to do
-    assert run_training(split, build_stage(split))["step"] == 12
+    assert again.step == 6 and again.status.startswith("interrupted")  # nothing to do
+    assert run_training(split, build_stage(split)).step == 12
 
     def losses(cfg):
         return [
@@ -209,7 +209,7 @@ def test_refuses_other_model_and_broken_checkpoints(tiny_config):
     wider = with_overrides(cfg, model={"embed_dim": 64})
     with pytest.raises(CheckpointError, match="different model.*embed_dim.*--fresh"):
         run_training(wider, build_stage(wider))
-    assert run_training(wider, build_stage(wider), fresh=True)["step"] == 4
+    assert run_training(wider, build_stage(wider), fresh=True).step == 4
     ckpt = Path(cfg.run.dir) / "checkpoints" / "4" / "state"
     for f in ckpt.rglob("*"):
         if f.is_file():
@@ -240,7 +240,7 @@ def test_a_corrupt_latest_checkpoint_is_set_aside_and_an_intact_one_resumed(
         raw = raw[: len(raw) // 2]
     data.write_bytes(bytes(raw))
     with caplog.at_level("WARNING", logger="pipeline.checkpoint"):
-        assert run_training(split, build_stage(split))["step"] == 12
+        assert run_training(split, build_stage(split)).step == 12
     warned = [r.getMessage() for r in caplog.records if "corrupt" in r.getMessage()]
     assert len(warned) == 1 and "checkpoint 8" in warned[0] and "checkpoint 4" in warned[0]
     if damage == "flip":  # orbax reads the flipped bytes without a word: the checksums catch it
@@ -344,7 +344,7 @@ def test_a_checkpoint_write_that_fails_stops_the_run_and_the_last_one_resumes(
     monkeypatch.setattr(ocp.CheckpointManager, "save", real_save)
     state = json.loads((Path(split.run.dir) / "state.json").read_text())
     assert state["status"] == "failed" and state["step"] == 8
-    assert run_training(split, build_stage(split))["step"] == 12
+    assert run_training(split, build_stage(split)).step == 12
     jax.tree.map(
         np.testing.assert_array_equal, restore_final_state(whole), restore_final_state(split)
     )
@@ -369,7 +369,7 @@ def test_pretraining_with_document_masking_trains_and_resumes(tiny_config, tmp_p
         assert all((b["segments"] >= 1).all() or (b["mask"] == 0).any() for b in batches)
     else:
         assert any(b["segments"].max() > 1 for b in batches)  # some windows span two documents
-    assert run_training(cfg, stage)["status"] == "finished"
+    assert run_training(cfg, stage).status == "finished"
     split = with_overrides(cfg, run={"dir": str(tmp_path / "split")})
     run_training(with_overrides(split, train={"stop_at": 4}), build_stage(split))
     run_training(split, build_stage(split))
@@ -392,7 +392,7 @@ def test_pretraining_on_a_mixture_logs_a_loss_per_source_and_resumes(tiny_config
     )
     stage = build_stage(cfg)
     assert set(stage.eval_sets) == {"stdlib", "letters"}
-    assert run_training(cfg, stage)["status"] == "finished"
+    assert run_training(cfg, stage).status == "finished"
     evals = [r for r in read_metrics(cfg.run.dir) if "eval_loss" in r]
     for r in evals:
         parts = r["eval_loss/stdlib"] * 0.75 + r["eval_loss/letters"] * 0.25

@@ -21,7 +21,7 @@ from pipeline.data import Sampler, lm_batch, prepare_dataset
 from pipeline.inference.runs import load_model
 from pipeline.model import create_model, flops_per_token
 from pipeline.training.loop import run_training
-from pipeline.training.train import Stage
+from pipeline.training.train import RunResult, Stage
 
 
 def distill_loss(student, teacher, alpha: float, T: float, params, frozen, batch, rng):
@@ -93,5 +93,5 @@ def build_stage(cfg: Config) -> Stage:
     )
 
 
-def distill(cfg: Config, fresh: bool = False) -> dict:
+def distill(cfg: Config, fresh: bool = False) -> RunResult:
     return run_training(cfg, build_stage(cfg), fresh=fresh)

@@ -20,7 +20,7 @@ from pipeline.model import flops_per_token
 from pipeline.training.instruct import Examples, ExampleSampler, build_examples, read_examples
 from pipeline.training.loop import model_differences, run_training
 from pipeline.training.tasks import TaskEval
-from pipeline.training.train import Stage, lm_loss, token_losses
+from pipeline.training.train import RunResult, Stage, lm_loss, token_losses
 
 
 def check_same_model(cfg: Config, base: Config) -> None:
@@ -127,7 +127,7 @@ def export_adapter(cfg: Config, graphdef, frozen, params, run_dir: Path) -> None
     save_adapter(nnx.merge(graphdef, params, frozen), cfg.lora, run_dir, cfg.init.from_run)
 
 
-def finetune(cfg: Config, fresh: bool = False) -> dict:
+def finetune(cfg: Config, fresh: bool = False) -> RunResult:
     if cfg.finetune.method != "lora" and cfg.lora.base_quantize != "none":
         raise ConfigError("lora.base_quantize: an int8 base needs finetune.method=lora")
     return run_training(cfg, build_stage(cfg), fresh=fresh)

@@ -37,7 +37,7 @@ from pipeline.training.instruct import ExampleSampler
 from pipeline.training.loop import run_training
 from pipeline.training.preference import with_reference
 from pipeline.training.tasks import TaskEval, read_task
-from pipeline.training.train import Stage
+from pipeline.training.train import RunResult, Stage
 
 
 def group_advantages(rewards: np.ndarray, group_size: int) -> np.ndarray:
@@ -177,5 +177,5 @@ def build_stage(cfg: Config) -> Stage:
     )
 
 
-def grpo(cfg: Config, fresh: bool = False) -> dict:
+def grpo(cfg: Config, fresh: bool = False) -> RunResult:
     return run_training(cfg, build_stage(cfg), fresh=fresh)

@@ -8,6 +8,7 @@ on SIGTERM/SIGINT, and stop loudly on a non-finite loss.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import queue
@@ -32,6 +33,7 @@ from pipeline.training.metrics import (
     write_state,
 )
 from pipeline.training.train import (
+    RunResult,
     Stage,
     StopRequested,
     TrainingError,
@@ -44,7 +46,7 @@ from pipeline.training.train import (
 RESUMABLE_MODEL_KEYS = {"remat", "compute_dtype", "loss_chunk"}
 
 
-def run_training(cfg: Config, stage: Stage, fresh: bool = False) -> dict:
+def run_training(cfg: Config, stage: Stage, fresh: bool = False) -> RunResult:
     """Train `stage` for `cfg.train.steps` steps in `cfg.run.dir`, resuming if it holds a run.
     The main process holds the run directory's lock throughout (`RunDirInUseError` if another
     process does), before anything in it is read, removed (`fresh`) or written."""
@@ -52,7 +54,7 @@ def run_training(cfg: Config, stage: Stage, fresh: bool = False) -> dict:
         return _run_training(cfg, stage, fresh)
 
 
-def _run_training(cfg: Config, stage: Stage, fresh: bool) -> dict:
+def _run_training(cfg: Config, stage: Stage, fresh: bool) -> RunResult:
     run_dir = Path(cfg.run.dir)
     main = is_main_process()
     prepare_run_dir(cfg, stage, fresh, main)
@@ -84,21 +86,21 @@ def _run_training(cfg: Config, stage: Stage, fresh: bool) -> dict:
         with contextlib.suppress(Exception):  # e.g. a full disk: the first error is the one
             _close(ckpt, logger, "failed")
         raise
-    _close(ckpt, logger, "finished" if result["status"] == "finished" else "interrupted")
+    _close(ckpt, logger, "finished" if result.status == "finished" else "interrupted")
     if main:
-        if result["status"] == "finished" and loop.last_saved is not None:
+        if result.status == "finished" and loop.last_saved is not None:
             save_params(loop.last_saved["params"], run_dir)  # model/: what inference reads
             if stage.export:
                 stage.export(loop.last_saved["params"], run_dir)
         write_state(
             run_dir,
-            status=result["status"],
-            step=result["step"],
+            status=result.status,
+            step=result.step,
             steps=cfg.train.steps,
             stage=stage.name,
         )
         plot_losses(run_dir)
-    return {**result, "run_dir": str(run_dir)}
+    return dataclasses.replace(result, run_dir=str(run_dir))
 
 
 def _close(ckpt: Checkpointer, logger: MetricsLogger, status: str) -> None:
@@ -288,27 +290,18 @@ class _Loop:
         self.tokens_per_step = cfg.train.batch_size * stage.tokens_per_example
         self.peak = aggregate_peak_flops(cfg.train.peak_flops, cfg.model.compute_dtype)
 
-    def run(self, state, start: int) -> dict:
+    def run(self, state, start: int) -> RunResult:
         cfg = self.cfg.train
         self.step = self.last_good = start
         if start >= cfg.steps:
-            return {"status": "finished", "step": start, "eval_loss": None}
+            return RunResult("finished", start)
         end = min(cfg.steps, cfg.stop_at or cfg.steps)
         if start and cfg.stop_when and self.stage.evaluates:  # resumed: met already?
             self._evaluate(state)
             if self._target_met():
-                return {
-                    "status": "finished",
-                    "step": start,
-                    "eval_loss": self.eval_loss,
-                    "eval": self.eval_record,
-                }
+                return RunResult("finished", start, eval_loss=self.eval_loss, eval=self.eval_record)
         if end <= start:  # resumed with a train.stop_at already reached: nothing to do
-            return {
-                "status": f"interrupted (train.stop_at={end})",
-                "step": start,
-                "eval_loss": None,
-            }
+            return RunResult(f"interrupted (train.stop_at={end})", start)
         # an on-policy stage's rows stay on the host: its rollout makes the batch from them
         place = (lambda rows: rows) if self.stage.rollout else self.strategy.shard_batch
         batches = Prefetcher(self.stage.train_batch, place, start, end, cfg.prefetch)
@@ -324,14 +317,14 @@ class _Loop:
         finally:
             batches.close()
             bar.close()
-        return {
-            "status": status,
-            "step": self.step,
-            "eval_loss": self.eval_loss,
-            "initial_eval_loss": self.initial_eval_loss,
-            "eval": self.eval_record,
-            "initial_eval": self.initial_eval,
-        }
+        return RunResult(
+            status,
+            self.step,
+            eval_loss=self.eval_loss,
+            initial_eval_loss=self.initial_eval_loss,
+            eval=self.eval_record,
+            initial_eval=self.initial_eval,
+        )
 
     def _steps(self, state, batches, bar, end: int):
         cfg = self.cfg.train

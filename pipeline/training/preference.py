@@ -51,7 +51,7 @@ from pipeline.training.instruct import (
     stdlib_docstring_examples,
 )
 from pipeline.training.loop import run_training
-from pipeline.training.train import Stage, token_losses
+from pipeline.training.train import RunResult, Stage, token_losses
 
 EMBEDDED = "stdlib-docstring-pairs"  # rejected: another function's docstring line
 SHUFFLED = "stdlib-docstring-shuffled"  # rejected: the same line, its words shuffled
@@ -318,5 +318,5 @@ def build_stage(cfg: Config) -> Stage:
     )
 
 
-def dpo(cfg: Config, fresh: bool = False) -> dict:
+def dpo(cfg: Config, fresh: bool = False) -> RunResult:
     return run_training(cfg, build_stage(cfg), fresh=fresh)

@@ -22,7 +22,7 @@ from pipeline.data import (
 )
 from pipeline.model import create_model, flops_per_token
 from pipeline.training.loop import run_training
-from pipeline.training.train import Stage, lm_loss, token_losses
+from pipeline.training.train import RunResult, Stage, lm_loss, token_losses
 
 
 def build_stage(cfg: Config, dataset: Dataset | None = None) -> Stage:
@@ -91,5 +91,5 @@ def _stage(cfg: Config, tokenizer, train, evaluate) -> Stage:
     )
 
 
-def pretrain(cfg: Config, fresh: bool = False) -> dict:
+def pretrain(cfg: Config, fresh: bool = False) -> RunResult:
     return run_training(cfg, build_stage(cfg), fresh=fresh)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import signal
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -333,6 +333,20 @@ def build_steps(
         strategy.make_parallel_step(step, state_like),
         strategy.make_parallel_step(evaluate, state_like, donate_state=False),
     )
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """How a training run ended: its status (finished, interrupted (...)), the step it reached,
+    its directory, and the last and the first evaluation (`eval_loss` and every metric)."""
+
+    status: str
+    step: int
+    run_dir: str = ""
+    eval_loss: float | None = None
+    initial_eval_loss: float | None = None
+    eval: dict = field(default_factory=dict)
+    initial_eval: dict = field(default_factory=dict)
 
 
 class Trainer(NamedTuple):
