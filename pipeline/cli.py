@@ -11,9 +11,11 @@ import json
 import logging
 import os
 import sys
+from functools import partial
 from pathlib import Path
 
-from pipeline.config import Config, ConfigError, load_config
+from pipeline.config import Config, ConfigError, load_config, with_overrides
+from pipeline.training.stages import STAGES
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -102,55 +104,20 @@ def cmd_info(args) -> int:
 
 def _train(args, stage: str) -> int:
     """Run a training stage; a training failure is one error line and status 1."""
-    cfg = _config(args)
+    cfg = with_overrides(_config(args), run={"stage": stage})
     from pipeline.runtime import enable_compilation_cache, init_distributed
 
     init_distributed(cfg.run)  # before anything touches a device
     enable_compilation_cache(cfg.run.compilation_cache)
     from pipeline.training.train import TrainingError
 
-    if stage == "pretrain":
-        from pipeline.training.pretrain import pretrain as run
-    elif stage == "distill":
-        from pipeline.training.distill import distill as run
-    elif stage == "dpo":
-        from pipeline.training.preference import dpo as run
-    elif stage == "grpo":
-        from pipeline.training.grpo import grpo as run
-    else:
-        from pipeline.training.finetune import finetune as run
     try:
-        result = run(cfg, fresh=args.fresh)
+        result = STAGES[stage].run(cfg, fresh=args.fresh)
     except TrainingError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     _report(result)
     return 0
-
-
-def cmd_pretrain(args) -> int:
-    """Pre-train from scratch, or resume the run in run.dir."""
-    return _train(args, "pretrain")
-
-
-def cmd_finetune(args) -> int:
-    """Fine-tune the run named by init.from (LoRA, QLoRA or full), or resume in run.dir."""
-    return _train(args, "finetune")
-
-
-def cmd_dpo(args) -> int:
-    """Preference-tune init.from (DPO, IPO or SimPO; LoRA or full), or resume in run.dir."""
-    return _train(args, "dpo")
-
-
-def cmd_grpo(args) -> int:
-    """Reinforce init.from on a verifiable task (GRPO; LoRA or full), or resume in run.dir."""
-    return _train(args, "grpo")
-
-
-def cmd_distill(args) -> int:
-    """Train a student (this config's model) on distill.teacher's outputs, or resume."""
-    return _train(args, "distill")
 
 
 def cmd_merge(args) -> int:
@@ -243,7 +210,6 @@ def cmd_export(args) -> int:
 
 def cmd_serve(args) -> int:
     """Serve a run over HTTP (OpenAI-compatible) until SIGTERM or Ctrl-C."""
-    from pipeline.config import with_overrides
     from pipeline.runtime import enable_compilation_cache
 
     cfg = _config(args)
@@ -458,20 +424,13 @@ def _add_training_commands(sub) -> None:
     _add_config_args(tok)
     tok.add_argument("--json", action="store_true", help="one JSON object instead of text")
     tok.set_defaults(func=cmd_tokenize)
-    stages = (
-        ("pretrain", "pre-train a model (resumes the run in run.dir)", cmd_pretrain),
-        ("finetune", "fine-tune init.from with LoRA, QLoRA or fully", cmd_finetune),
-        ("dpo", "preference-tune init.from on chosen/rejected pairs", cmd_dpo),
-        ("grpo", "reinforce init.from on a task with a verifiable reward", cmd_grpo),
-        ("distill", "train a small student on a teacher run's outputs", cmd_distill),
-    )
-    for name, text, func in stages:
-        stage = sub.add_parser(name, help=text)
+    for spec in STAGES.values():
+        stage = sub.add_parser(spec.name, help=spec.summary)
         _add_config_args(stage)
         stage.add_argument(
             "--fresh", action="store_true", help="discard the run in run.dir and start over"
         )
-        stage.set_defaults(func=func)
+        stage.set_defaults(func=partial(_train, stage=spec.name))
 
 
 def _add_inference_commands(sub) -> None:
@@ -552,9 +511,8 @@ def _add_experiment_commands(sub) -> None:
     swp.add_argument("--x", default="step", choices=["step", "tokens", "time"])
     swp.add_argument(
         "--stage",
-        choices=["pretrain", "finetune", "distill", "dpo", "grpo"],
-        help="the stage each point runs (default: distill with distill.teacher, finetune with "
-        "init.from, else pretrain)",
+        choices=list(STAGES),
+        help="the stage each point runs (default: the config's run.stage)",
     )
     swp.add_argument("overrides", nargs="*", help="overrides applied to every point")
     swp.set_defaults(func=cmd_sweep)

@@ -227,6 +227,9 @@ class RunConfig:
 
     name: str = "default"
     dir: str | None = None  # None: runs/<name>
+    # The stage this config runs (pretrain, finetune, dpo, grpo, distill): what `sweep` runs
+    # without --stage. A stage's command sets it, so a run's config.yaml records its stage.
+    stage: str | None = None
     progress: bool = True  # console progress bar
     # Multi-process runs: set here or with JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
     # JAX_PROCESS_ID (or a cluster JAX detects by itself, with distributed: true).

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from pipeline.config import ConfigError, flat_keys, load_config
 from pipeline.training.metrics import METRICS_FILE, STATE_FILE, read_metrics
+from pipeline.training.stages import stage_of
 
 COLUMNS = (
     "run",
@@ -49,11 +50,8 @@ def find_runs(root: str | Path) -> list[Path]:
 
 
 def _stage(cfg, state: dict) -> str:
-    if state.get("stage"):
-        return state["stage"]
-    if cfg.distill.teacher:
-        return "distill"
-    return "finetune" if cfg.init.from_run else "pretrain"
+    """What the run records: state.json's stage (e.g. finetune-lora), else its config's."""
+    return state.get("stage") or cfg.run.stage or "?"
 
 
 def summarize(run_dir: str | Path) -> dict:
@@ -237,12 +235,6 @@ def point_name(prefix: str, point: list[tuple[str, str]]) -> str:
     return re.sub(r"[^A-Za-z0-9_.=+-]", "_", "-".join([prefix, *parts]))
 
 
-def stage_of(cfg) -> str:
-    if cfg.distill.teacher:
-        return "distill"
-    return "finetune" if cfg.init.from_run else "pretrain"
-
-
 def sweep(
     config: str,
     grid_items: list[str],
@@ -252,8 +244,8 @@ def sweep(
     log=print,
     stage: str | None = None,
 ) -> list[Path]:
-    """Run the config's stage once per grid point; finished points are skipped. `stage`
-    (pretrain, finetune, distill, dpo, grpo) names it; None: from the config (`stage_of`)."""
+    """Run a stage once per grid point; finished points are skipped. `stage` names it
+    (`training.stages.STAGES`); None: the config's `run.stage`."""
     grid = parse_grid(grid_items)
     prefix = name or Path(config).stem
     points = [
@@ -261,7 +253,7 @@ def sweep(
         for values in itertools.product(*[v for _, v in grid])
     ]
     base = load_config(config, list(overrides))  # fails early on a bad config or override
-    run = STAGES[stage or stage_of(base)]
+    spec = stage_of(base, stage)
     dirs = []
     for i, point in enumerate(points, 1):
         run_dir = Path(root) / point_name(prefix, point)
@@ -269,7 +261,10 @@ def sweep(
         point_overrides = [f"{k}={v}" for k, v in point]
         names = [f"run.dir={run_dir}", f"run.name={run_dir.name}"]
         # the sweep's points: one W&B group, one MLflow parent run (unless overridden)
-        cfg = load_config(config, [f"run.group={prefix}", *overrides, *point_overrides, *names])
+        cfg = load_config(
+            config,
+            [f"run.group={prefix}", f"run.stage={spec.name}", *overrides, *point_overrides, *names],
+        )
         state = {}
         if (run_dir / STATE_FILE).is_file():
             try:
@@ -281,47 +276,8 @@ def sweep(
             continue
         verb = "resuming" if (run_dir / "checkpoints").is_dir() else "running"
         log(f"[{i}/{len(points)}] {run_dir}: {verb} ({' '.join(point_overrides)})")
-        run(cfg)
+        spec.run(cfg)
     return dirs
-
-
-def _pretrain(cfg):
-    from pipeline.training.pretrain import pretrain
-
-    return pretrain(cfg)
-
-
-def _finetune(cfg):
-    from pipeline.training.finetune import finetune
-
-    return finetune(cfg)
-
-
-def _distill(cfg):
-    from pipeline.training.distill import distill
-
-    return distill(cfg)
-
-
-def _dpo(cfg):
-    from pipeline.training.preference import dpo
-
-    return dpo(cfg)
-
-
-def _grpo(cfg):
-    from pipeline.training.grpo import grpo
-
-    return grpo(cfg)
-
-
-STAGES = {
-    "pretrain": _pretrain,
-    "finetune": _finetune,
-    "distill": _distill,
-    "dpo": _dpo,
-    "grpo": _grpo,
-}
 
 
 def write_sweep_summary(dirs: list[Path], out_dir: Path, x: str = "step") -> tuple[str, Path]:
