@@ -1,13 +1,18 @@
-"""The stage registry: one table for the CLI, sweep, runs and the docs. Run: pytest tests/test_stages.py"""
+"""The stage registry: one table for the CLI, sweep, runs and the docs.
+
+Run: pytest tests/test_stages.py
+"""
 
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT as _ROOT
 
 from pipeline.cli import build_parser
 from pipeline.config import ConfigError, load_config
 from pipeline.training.stages import STAGES, stage_of, stages_table
+
+ROOT = Path(_ROOT)
 
 
 def test_every_stage_is_a_command_and_a_make_target():
