@@ -90,30 +90,45 @@ class ModelConfig:
     # beyond rounding; decoding with a KV cache always reads the cache in place (einsum).
     attention: Literal["auto", "einsum", "xla", "cudnn"] = "auto"
 
+    # The options the family filled in, with the values it gave them (not a config key). A copy
+    # made by `dataclasses.replace` receives it, so an option still holding its filled value is
+    # filled again for the copy's family and sizes: replace(cfg, family="llama") gets llama's
+    # options, replace(cfg, embed_dim=64) its head and MLP widths. Values set by hand are kept.
+    filled: dict = field(default_factory=dict, compare=False, repr=False, metadata={"internal": 1})
+
     def __post_init__(self):
-        gpt2, gemma = self.family == "gpt2", self.family == "gemma"
-        mlp = "gelu" if gpt2 else "geglu" if gemma else "swiglu"
-        defaults = {
-            "num_kv_heads": self.num_heads,
-            "head_dim": self.embed_dim // max(self.num_heads, 1),
-            "mlp_dim": 4 * self.embed_dim if gpt2 else _round_up(int(8 * self.embed_dim / 3), 64),
-            "positions": "learned" if gpt2 else "rope",
-            "norm": "layernorm" if gpt2 else "gemma_rmsnorm" if gemma else "rmsnorm",
-            "mlp": mlp,
-            "use_bias": gpt2,
-            "qkv_bias": self.family == "qwen2"
-            or (self.use_bias if self.use_bias is not None else gpt2),
-            "qk_norm": self.family == "qwen3",
-            "embed_scale": gemma,
-            "tied_embeddings": gpt2 or gemma,
-        }
+        inherited = {k: v for k, v in self.filled.items() if getattr(self, k) == v}
+        for name in inherited:
+            object.__setattr__(self, name, None)
+        defaults = _family_defaults(self)
+        filled = {}
         for name, value in defaults.items():
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)
+                filled[name] = value
+        object.__setattr__(self, "filled", filled)
 
     def uses_window(self, layer: int) -> bool:
         """Whether layer `layer` attends within the sliding window."""
         return self.sliding_window is not None and layer >= self.sliding_window_from
+
+
+def _family_defaults(m: ModelConfig) -> dict[str, Any]:
+    """The architecture options `m.family` gives those left unset (None)."""
+    gpt2, gemma = m.family == "gpt2", m.family == "gemma"
+    return {
+        "num_kv_heads": m.num_heads,
+        "head_dim": m.embed_dim // max(m.num_heads, 1),
+        "mlp_dim": 4 * m.embed_dim if gpt2 else _round_up(int(8 * m.embed_dim / 3), 64),
+        "positions": "learned" if gpt2 else "rope",
+        "norm": "layernorm" if gpt2 else "gemma_rmsnorm" if gemma else "rmsnorm",
+        "mlp": "gelu" if gpt2 else "geglu" if gemma else "swiglu",
+        "use_bias": gpt2,
+        "qkv_bias": m.family == "qwen2" or (m.use_bias if m.use_bias is not None else gpt2),
+        "qk_norm": m.family == "qwen3",
+        "embed_scale": gemma,
+        "tied_embeddings": gpt2 or gemma,
+    }
 
 
 @dataclass(frozen=True)
@@ -399,7 +414,7 @@ class Config:
         for section in fields(self):
             value = getattr(self, section.name)
             out[section.name] = {
-                _yaml_key(f): _plain(getattr(value, f.name)) for f in fields(value)
+                _yaml_key(f): _plain(getattr(value, f.name)) for f in _public_fields(value)
             }
         return out
 
@@ -414,6 +429,11 @@ def _plain(value):
     if dataclasses.is_dataclass(value):
         return {_yaml_key(f): getattr(value, f.name) for f in fields(value)}
     return value
+
+
+def _public_fields(cls_or_obj) -> list[dataclasses.Field]:
+    """A section's config keys: its fields less the internal ones (`ModelConfig.filled`)."""
+    return [f for f in fields(cls_or_obj) if not f.metadata.get("internal")]
 
 
 def _yaml_key(f: dataclasses.Field) -> str:
@@ -530,7 +550,7 @@ def build_config(raw: dict[str, Any], origins: dict[str, str]) -> Config:
 
 def _build_section(section: str, cls: type, values: dict, origins: dict):
     hints = typing.get_type_hints(cls)
-    names = {_yaml_key(f): f.name for f in fields(cls)}
+    names = {_yaml_key(f): f.name for f in _public_fields(cls)}
     kwargs = {}
     for key, value in values.items():
         dotted = f"{section}.{key}"

@@ -1,5 +1,6 @@
 """Config loading, inheritance, overrides, one-line errors. Run: pytest tests/test_config.py"""
 
+import dataclasses
 import glob
 import os
 import subprocess
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import ConfigError, config_from_dict, load_config
+from pipeline.config import ConfigError, ModelConfig, config_from_dict, load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_FILES = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True))
@@ -142,3 +143,18 @@ def test_presets_have_the_real_models_parameter_counts(preset, millions):
 
     cfg = load_config(os.path.join(ROOT, "configs", f"{preset}.yaml"))
     assert count_params(cfg.model) / 1e6 == pytest.approx(millions, abs=0.1)
+
+
+def test_replacing_the_family_gives_the_new_familys_options():
+    """Family defaults are re-resolved by `dataclasses.replace`; options set by hand stay."""
+    gpt2 = ModelConfig(family="gpt2", embed_dim=32, num_heads=4)
+    llama = dataclasses.replace(gpt2, family="llama")
+    assert llama == ModelConfig(family="llama", embed_dim=32, num_heads=4)
+    assert (llama.positions, llama.norm, llama.mlp) == ("rope", "rmsnorm", "swiglu")
+    assert not llama.use_bias and not llama.tied_embeddings and llama.mlp_dim == 128
+    wider = dataclasses.replace(gpt2, embed_dim=64)
+    assert (wider.head_dim, wider.mlp_dim) == (16, 256)  # derived again from the new width
+    by_hand = ModelConfig(family="llama", use_bias=True, num_kv_heads=2)
+    back = dataclasses.replace(by_hand, family="gpt2")
+    assert back.use_bias and back.num_kv_heads == 2 and back.positions == "learned"
+    assert "filled" not in load_config(os.path.join(ROOT, "configs/tiny.yaml")).to_dict()["model"]
