@@ -178,6 +178,17 @@ def _record_batches(pa, path: Path, text_field: str):
         yield from reader
 
 
+def json_object(where: str, line: str) -> dict:
+    """One JSONL line as a dict, or a ConfigError naming `where` (file:line)."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{where}: not valid JSON ({err.msg})") from None
+    if not isinstance(record, dict):
+        raise ConfigError(f"{where}: expected a JSON object")
+    return record
+
+
 def _read_jsonl(path: Path, text_field: str) -> Iterator[str]:
     with _open_text(path) as f:
         for lineno, line in enumerate(f, 1):

@@ -15,7 +15,9 @@ import math
 import re
 from pathlib import Path
 
+from pipeline.checkpoint import Checkpointer
 from pipeline.config import ConfigError, flat_keys, load_config
+from pipeline.model import count_params
 from pipeline.training.metrics import METRICS_FILE, STATE_FILE, read_metrics
 from pipeline.training.stages import stage_of
 
@@ -56,7 +58,6 @@ def _stage(cfg, state: dict) -> str:
 
 def summarize(run_dir: str | Path) -> dict:
     """One row for a run directory; `problem` says what is wrong with a broken one."""
-    from pipeline.model import count_params
 
     run_dir = Path(run_dir)
     row: dict = {"run": run_dir.name, "dir": str(run_dir), "problem": None}
@@ -100,7 +101,6 @@ def summarize(run_dir: str | Path) -> dict:
 
 
 def _has_checkpoint(run_dir: Path) -> bool:
-    from pipeline.checkpoint import Checkpointer
 
     if not (run_dir / "checkpoints").is_dir():
         return False

@@ -157,7 +157,7 @@ def generate() -> None:
 def serve() -> None:
     import logging
 
-    from pipeline.serving.loadgen import bench_serve
+    from pipeline.bench.loadgen import bench_serve
 
     # the engine's start-up (21 programs to compile for these sizes) shows on stderr
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)

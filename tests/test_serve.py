@@ -503,7 +503,7 @@ def test_a_short_soak_answers_everything_and_leaves_nothing_behind():
     """`bench soak` in small: random valid requests, clients that leave and that read slowly,
     more clients than slots and queue: nothing failed, slots and KV blocks all free after."""
     from pipeline.config import Config
-    from pipeline.serving.soak import bench_soak
+    from pipeline.bench.soak import bench_soak
 
     cfg = Config(model=CFG)
     row = bench_soak(cfg, "tiny", requests=120, seconds=240, concurrency=16, warmup=10)

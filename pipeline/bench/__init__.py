@@ -2,7 +2,7 @@
 
 Each case prints one line (or one JSON object with --json, whose fields are a contract:
 scripts compare them across commits). The cases live in `training.py` and `inference.py`
-(and `pipeline/serving/loadgen.py` for serving); the lines in `report.py`.
+(and `pipeline/bench/loadgen.py` for serving); the lines in `report.py`.
 """
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ def _quantize(config, overrides, cases, steps, run):
 
 
 def _serve(config, overrides, cases, steps, run, request=None, peer=None):
-    from pipeline.serving.loadgen import NAMED_CASES, bench_serve
+    from pipeline.bench.loadgen import NAMED_CASES, bench_serve
 
     name, cfg = _preset(config, "small", overrides)
     levels = tuple(cases) if cases else (1, 8, 32)
@@ -159,7 +159,7 @@ def _serve(config, overrides, cases, steps, run, request=None, peer=None):
 
 
 def _soak(config, overrides, cases, steps, run, requests=5000, seconds=600.0, concurrency=32):
-    from pipeline.serving.soak import bench_soak
+    from pipeline.bench.soak import bench_soak
 
     if concurrency < 1 or requests < 1 or seconds <= 0:
         raise ConfigError("bench soak: --requests, --seconds and --concurrency must be positive")

@@ -1,5 +1,5 @@
 """`pipeline bench serve --peer transformers`: `transformers serve --continuous-batching` on the
-same weights, under the same load as our server (`pipeline/serving/loadgen.py`), with our ratio
+same weights, under the same load as our server (`pipeline/bench/loadgen.py`), with our ratio
 to it per concurrency level."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.bench.loadgen import random_prompts, run_load
 from pipeline.config import Config
-from pipeline.serving.loadgen import random_prompts, run_load
 
 
 class _TransformersServer:

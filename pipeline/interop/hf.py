@@ -33,7 +33,11 @@ from pipeline.config import (
     config_from_dict,
     dump_config,
 )
+from pipeline.inference.runs import load_model, save_params
 from pipeline.interop.hf_config import hf_config, model_config_from_hf
+from pipeline.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+from pipeline.model import abstract_model
+from pipeline.tokenizer import Tokenizer
 from pipeline.weights import SafetensorsReader, weight_name, write_safetensors
 
 ADAPTER_DIR = "adapter"  # export-hf of a LoRA run: the base in DST, the adapter in DST/adapter
@@ -195,8 +199,6 @@ def import_hf(src: str | Path, out: str | Path, dtype: str = "float32") -> Path:
     `dtype` (float32 or bfloat16) is the parameters' and the computation's: each tensor is
     converted as it is read.
     """
-    from pipeline.inference.runs import save_params
-    from pipeline.model import abstract_model
 
     src = Path(src)
     config_file = src / "config.json"
@@ -231,8 +233,6 @@ def _imported_tokenizer(src: Path, hf: dict):
     """The model's own tokenizer.json, with its special tokens and chat template."""
     from tokenizers import Tokenizer as HFTokenizer
 
-    from pipeline.tokenizer import Tokenizer
-
     tokenizer_file = src / "tokenizer.json"
     if not tokenizer_file.is_file():
         raise ConfigError(f"{src}: no tokenizer.json (the fast tokenizer file is needed)")
@@ -250,9 +250,6 @@ def _imported_tokenizer(src: Path, hf: dict):
 
 def export_hf(run_dir: str | Path, dst: str | Path) -> Path:
     """A run directory -> a transformers directory (plus a PEFT adapter for a LoRA run)."""
-
-    from pipeline.inference.runs import load_model
-    from pipeline.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
     run_dir, dst = Path(run_dir), Path(dst)
     cfg, model, tokenizer = load_model(run_dir, key="export-hf")

@@ -27,7 +27,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from pipeline.config import ServeConfig
+from pipeline.config import ConfigError, ServeConfig
+from pipeline.inference.runs import load_for_inference
 from pipeline.inference.sampling import Sampling
 from pipeline.serving.adapters import Adapters
 from pipeline.serving.controls import Controls
@@ -744,9 +745,6 @@ def engine_args(cfg: ServeConfig) -> dict:
 def serve(run_dir: str, cfg: ServeConfig, adapter_runs: dict[str, str] | None = None) -> None:
     """Load a run (and the LoRA adapters to serve beside it), compile everything, then serve
     until SIGTERM / SIGINT (which drains)."""
-
-    from pipeline.config import ConfigError
-    from pipeline.inference.runs import load_for_inference
 
     loaded = load_for_inference(run_dir, cfg.quantize, cfg.draft)
     adapters = None

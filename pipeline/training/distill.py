@@ -20,6 +20,7 @@ from pipeline.config import Config, ConfigError, with_overrides
 from pipeline.data import Sampler, lm_batch, prepare_dataset
 from pipeline.inference.runs import load_model
 from pipeline.model import create_model, flops_per_token
+from pipeline.quantize import quantize_model
 from pipeline.training.loop import run_training
 from pipeline.training.train import RunResult, Stage
 
@@ -55,8 +56,6 @@ def build_stage(cfg: Config) -> Stage:
             f"{teacher_cfg.model.vocab_size}; a shared tokenizer needs the same vocabulary"
         )
     if d.teacher_quantize == "int8":
-        from pipeline.quantize import quantize_model
-
         quantize_model(teacher_model, "int8", embeddings=True)
     teacher_graphdef, teacher_params = nnx.split(teacher_model)
     graphdef, params = nnx.split(create_model(cfg.model, seed=cfg.train.seed))

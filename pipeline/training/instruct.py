@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import ast
 import hashlib
-import json
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.config import ConfigError, FinetuneConfig
-from pipeline.data import best_fit, python_functions, stdlib_files
+from pipeline.data import best_fit, json_object, python_functions, stdlib_files
 from pipeline.tokenizer import Tokenizer, render
+from pipeline.training.tasks import sft_examples
 
 SUMMARY_PROMPT = "Summarize this function in one line:\n"
 MAX_SOURCE_CHARS = 1200
@@ -49,8 +49,6 @@ def read_examples(cfg: FinetuneConfig, digits: int = 2) -> tuple[list[dict], lis
     if cfg.data == "stdlib-docstrings":
         return stdlib_docstring_examples(cfg.val_fraction, cfg.max_examples)
     if cfg.data.startswith("task:"):
-        from pipeline.training.tasks import sft_examples
-
         return sft_examples(cfg.data.removeprefix("task:"), cfg.max_examples or 5000, digits)
     path = Path(cfg.data)
     if not path.is_file():
@@ -71,17 +69,6 @@ def _lines(path: Path):
         for n, line in enumerate(f, 1):
             if line.strip():
                 yield n, line
-
-
-def json_object(where: str, line: str) -> dict:
-    """One JSONL line as a dict, or a ConfigError naming `where` (file:line)."""
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{where}: not valid JSON ({err.msg})") from None
-    if not isinstance(record, dict):
-        raise ConfigError(f"{where}: expected a JSON object")
-    return record
 
 
 def is_conversation(messages) -> bool:

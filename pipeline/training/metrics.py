@@ -10,6 +10,8 @@ import math
 import time
 from pathlib import Path
 
+from pipeline.training.trackers import open_trackers
+
 METRICS_FILE = "metrics.jsonl"
 STATE_FILE = "state.json"
 
@@ -26,8 +28,6 @@ class MetricsLogger:
             return
         truncate_after(self.path, resume_step)
         if cfg is not None:
-            from pipeline.training.trackers import open_trackers
-
             self.trackers = open_trackers(cfg, Path(run_dir))
 
     def log(self, step: int, values: dict) -> None:

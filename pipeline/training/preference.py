@@ -35,7 +35,10 @@ import numpy as np
 from flax import nnx
 
 from pipeline.config import Config, ConfigError, DpoConfig
+from pipeline.data import json_object
+from pipeline.lora import add_lora
 from pipeline.model import flops_per_token
+from pipeline.quantize import quantize_model
 from pipeline.tokenizer import Tokenizer, render
 from pipeline.training.finetune import (
     export_adapter,
@@ -47,7 +50,6 @@ from pipeline.training.instruct import (
     Examples,
     ExampleSampler,
     is_conversation,
-    json_object,
     stdlib_docstring_examples,
 )
 from pipeline.training.loop import run_training
@@ -251,8 +253,6 @@ def frozen_copy(model, quantize: str):
     and its forward."""
     copy = nnx.clone(model)
     if quantize == "int8":
-        from pipeline.quantize import quantize_model
-
         quantize_model(copy, "int8", embeddings=True)
     ref_graphdef, ref_state = nnx.split(copy)
 
@@ -266,7 +266,6 @@ def frozen_copy(model, quantize: str):
 def with_reference(cfg: Config, model, quantize: str):
     """(graphdef, trained params, frozen state, policy apply, reference) for a stage that
     trains `model` (LoRA or full, as finetune.method says) against its initial self."""
-    from pipeline.lora import add_lora
 
     if cfg.finetune.method != "lora" and cfg.lora.base_quantize != "none":
         raise ConfigError("lora.base_quantize: an int8 base needs finetune.method=lora")

@@ -31,6 +31,7 @@ import numpy as np
 from flax import nnx
 
 from pipeline.config import Config, ConfigError
+from pipeline.data import json_object
 from pipeline.inference.generate import generate
 from pipeline.inference.sampling import Sampling
 from pipeline.lora import set_dropout_keys
@@ -81,8 +82,6 @@ def read_task(source: str, split: str, n: int, digits: int, seed: int = 0) -> li
     prompt's hash, as the built-in tasks are)."""
     if source in TASKS:
         return task_examples(source, split, n, digits, seed)
-    from pipeline.training.instruct import json_object
-
     path = Path(source)
     if not path.is_file():
         raise ConfigError(f"grpo.task: {source!r} is neither a built-in task ({TASKS}) nor a file")

@@ -190,8 +190,8 @@ def bench_soak(
     """One soak of the config's model (random weights) and serve section; the report's row."""
     import jax
 
+    from pipeline.bench.loadgen import _LocalServer
     from pipeline.runtime import allocator
-    from pipeline.serving.loadgen import _LocalServer
 
     # fewer slots and a shorter queue than clients, so that refusals (429) happen too
     room = max(concurrency // 4, 1)
