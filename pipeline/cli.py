@@ -160,7 +160,7 @@ def cmd_generate(args) -> int:
         result = _generate(loaded, ids, sampling, -1 if stop is None else stop, args)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    tokens = result["tokens"][0]
+    tokens = result.tokens[0]
     text = tokenizer.decode(tokens)
     if not args.json:
         print(args.prompt + text if not args.chat else text)
@@ -169,18 +169,18 @@ def cmd_generate(args) -> int:
         "text": text,
         "tokens": tokens,
         "prompt_tokens": len(ids),
-        "ttft_ms": result["ttft_s"] * 1e3 if "ttft_s" in result else None,
-        "tokens_per_sec": result["tokens_per_sec"],
-        "decode_s": result.get("decode_s", result["seconds"]),
-        "compile_s": result.get("compile_s", 0.0),
+        "ttft_ms": result.ttft_s * 1e3 if result.ttft_s is not None else None,
+        "tokens_per_sec": result.tokens_per_sec,
+        "decode_s": result.decode_s if result.decode_s is not None else result.seconds,
+        "compile_s": result.compile_s,
     }
     if args.draft:
-        fields["acceptance"] = result["acceptance"]
+        fields["acceptance"] = result.acceptance
     print(json.dumps(fields))
     return 0
 
 
-def _generate(loaded, ids: list[int], sampling, eos_id: int, args) -> dict:
+def _generate(loaded, ids: list[int], sampling, eos_id: int, args):
     """One prompt through `generate`, or speculative decoding with a draft."""
     if loaded.draft is None:
         from pipeline.inference.generate import generate

@@ -46,7 +46,7 @@ def _alone(run: str | None, prompt, n, sampling=Sampling()):
     model = create_model(CFG, seed=7)
     if run:
         load_adapter(model, run)
-    return generate(model, [prompt], n, sampling)["tokens"][0][:n]
+    return generate(model, [prompt], n, sampling).tokens[0][:n]
 
 
 def test_a_mixed_adapter_batch_gives_each_request_its_adapter_alone(runs):

@@ -51,7 +51,7 @@ def test_lm_eval_through_the_server_equals_a_direct_computation(tiny_run, tmp_pa
 
     matches = []
     for i, d in enumerate(examples["stdlib_docstring"][:6]):
-        ids = generate(model, [tokenizer.encode(d["context"])], 48, Sampling())["tokens"][0]
+        ids = generate(model, [tokenizer.encode(d["context"])], 48, Sampling()).tokens[0]
         text = tokenizer.decode([t for t in ids if t != tokenizer.eos_id])
         text = text.split("\n")[0].split('"""')[0]
         served = {s["doc_id"]: s for s in samples["stdlib_docstring"]}[i]["resps"][0][0]
@@ -87,7 +87,7 @@ def test_lm_eval_chat_completions_through_the_server(tiny_run, tmp_path):
             context = context[0]
         messages = json.loads(context)
         assert messages == [{"role": "user", "content": d["context"]}]
-        ids = generate(model, [prompt_ids(tokenizer, messages)], 48, Sampling())["tokens"][0]
+        ids = generate(model, [prompt_ids(tokenizer, messages)], 48, Sampling()).tokens[0]
         ends = {tokenizer.eos_id, tokenizer.end_id}
         cut = next((j for j, t in enumerate(ids) if t in ends), len(ids))
         text = tokenizer.decode(ids[:cut]).split("\n")[0].split('"""')[0]

@@ -65,9 +65,9 @@ def test_exported_artifact_generates_the_live_models_tokens(tmp_path, quantize):
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout)
     prompts = [[5, 6, 7], list(range(1, 18))]
-    assert out["greedy"] == generate(model, prompts, 12)["tokens"]
+    assert out["greedy"] == generate(model, prompts, 12).tokens
     sampling = Sampling(temperature=0.9, top_k=20, top_p=0.9, seed=4)
-    assert out["sampled"] == generate(model, [[5, 6, 7]], 12, sampling)["tokens"]
+    assert out["sampled"] == generate(model, [[5, 6, 7]], 12, sampling).tokens
 
 
 def test_a_truncated_artifact_is_a_clear_error(tmp_path):

@@ -52,7 +52,7 @@ def test_greedy_generate_equals_uncached_forward(family):
         assert not hasattr(model, "pos_embed") and isinstance(block.attn_norm, nnx.RMSNorm)
     prompts = [[5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9], [42]]
     result = generate(model, prompts, max_new_tokens=[6, 4, 8])
-    for prompt, row, n in zip(prompts, result["tokens"], [6, 4, 8], strict=True):
+    for prompt, row, n in zip(prompts, result.tokens, [6, 4, 8], strict=True):
         assert row == _greedy_uncached(model, prompt, n)
 
 
@@ -75,28 +75,28 @@ def test_a_long_decode_runs_in_phases_over_a_growing_cache_and_equals_the_uncach
     result = gen.generate(model, prompts, max_new_tokens=budgets)
     # prompts padded to 16 positions, 32 new tokens: a cache of 48, decoded in four phases
     assert sizes == [24, 32, 40, 48]
-    for prompt, row, n in zip(prompts, result["tokens"], budgets, strict=True):
+    for prompt, row, n in zip(prompts, result.tokens, budgets, strict=True):
         assert row == _greedy_uncached(model, prompt, n)
     # sampled tokens depend on every logit: the same as from one phase over the whole cache
     sampling = Sampling(temperature=1.0, seed=7)
-    phased = gen.generate(model, prompts, budgets, sampling)["tokens"]
+    phased = gen.generate(model, prompts, budgets, sampling).tokens
     monkeypatch.setattr(gen, "LIVE_MIN_TOKENS", 10_000)
     monkeypatch.setattr(gen, "PROGRAMS", gen.Programs())  # trace and compile again, in one phase
     jax.clear_caches()
-    assert phased == gen.generate(model, prompts, budgets, sampling)["tokens"]
+    assert phased == gen.generate(model, prompts, budgets, sampling).tokens
     assert sizes[4:] == [48]
     # a row that stops early (EOS) while the others go on through the later phases
-    eos = result["tokens"][1][5]
-    stopped = gen.generate(model, prompts, max_new_tokens=budgets, eos_id=eos)["tokens"]
-    for row, free in zip(stopped, result["tokens"], strict=True):
+    eos = result.tokens[1][5]
+    stopped = gen.generate(model, prompts, max_new_tokens=budgets, eos_id=eos).tokens
+    for row, free in zip(stopped, result.tokens, strict=True):
         assert row == (free[: free.index(eos) + 1] if eos in free else free)
 
 
 def test_eos_stops_a_row():
     model = create_model(CFG, seed=3)
-    free = generate(model, [[5, 6, 7]], max_new_tokens=8)["tokens"][0]
+    free = generate(model, [[5, 6, 7]], max_new_tokens=8).tokens[0]
     eos = free[2]
-    stopped = generate(model, [[5, 6, 7]], max_new_tokens=8, eos_id=eos)["tokens"][0]
+    stopped = generate(model, [[5, 6, 7]], max_new_tokens=8, eos_id=eos).tokens[0]
     assert stopped == free[: free.index(eos) + 1]
 
 
@@ -105,10 +105,10 @@ def test_sampling_is_seeded_and_never_recompiles():
     prompt = [[5, 6, 7]]
     generate(model, prompt, 8, Sampling(temperature=1.0, seed=1))
     before = compilations()
-    a = generate(model, prompt, 8, Sampling(temperature=1.0, seed=1))["tokens"]
-    b = generate(model, prompt, 8, Sampling(temperature=1.0, seed=1))["tokens"]
+    a = generate(model, prompt, 8, Sampling(temperature=1.0, seed=1)).tokens
+    b = generate(model, prompt, 8, Sampling(temperature=1.0, seed=1)).tokens
     c = generate(model, prompt, 8, Sampling(temperature=0.7, top_k=5, top_p=0.9, seed=2))
-    assert a == b and a != c["tokens"]
+    assert a == b and a != c.tokens
     assert compilations() == before  # new sampling values, same program
 
 
@@ -210,7 +210,7 @@ def test_stream_yields_generates_tokens_without_recompiling():
 
     model = create_model(CFG, seed=3)
     for sampling in (Sampling(), Sampling(temperature=0.9, top_k=10, seed=4)):
-        whole = generate(model, [[5, 6, 7]], 7, sampling)["tokens"][0]
+        whole = generate(model, [[5, 6, 7]], 7, sampling).tokens[0]
         assert list(stream(model, [5, 6, 7], 7, sampling)) == whole
     before = compilations()
     list(stream(model, [8, 9], 7, Sampling(temperature=0.5, top_p=0.8, seed=9)))

@@ -84,7 +84,7 @@ def test_import_matches_transformers_logits_and_greedy_generation(tmp_path, kind
         theirs = hf.generate(
             torch.tensor([prompt]), max_new_tokens=12, do_sample=False, pad_token_id=tok.eos_id
         )[0, len(prompt) :].tolist()
-    ours = generate(model, [prompt], 12, eos_id=tok.eos_id)["tokens"][0]
+    ours = generate(model, [prompt], 12, eos_id=tok.eos_id).tokens[0]
     assert ours == theirs
 
 

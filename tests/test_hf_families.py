@@ -125,7 +125,7 @@ def test_import_generate_and_export_match_transformers(tmp_path, case):
             torch.tensor([prompt]), max_new_tokens=32, do_sample=False, pad_token_id=0
         )[0, len(prompt) :].tolist()
     assert len(expected) == 32
-    assert generate(model, [prompt], 32)["tokens"][0] == expected
+    assert generate(model, [prompt], 32).tokens[0] == expected
 
     export_hf(tmp_path / "run", tmp_path / "out")
     assert oct((tmp_path / "out" / "model.safetensors").stat().st_mode & 0o777) == "0o644"

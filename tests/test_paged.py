@@ -96,7 +96,7 @@ def _run(engine: Engine, prompts, budgets, samplings=None, start=True):
 
 
 def _alone(model, prompt, n, sampling=Sampling()):
-    return generate(model, [list(prompt)], n, sampling)["tokens"][0][:n]
+    return generate(model, [list(prompt)], n, sampling).tokens[0][:n]
 
 
 def _mixed(n, seed=0, longest=100):

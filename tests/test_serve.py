@@ -88,7 +88,7 @@ class Server:
 
     def expected(self, prompt: str, n: int, sampling=GREEDY, stop_ids=()) -> str:
         """What the model generates for `prompt` alone, outside the server."""
-        ids = generate(self.model, [self.tokenizer.encode(prompt)], n, sampling)["tokens"][0]
+        ids = generate(self.model, [self.tokenizer.encode(prompt)], n, sampling).tokens[0]
         for i, t in enumerate(ids):
             if t in stop_ids:
                 ids = ids[:i]
@@ -502,8 +502,8 @@ def _streamed_text(server, prompt: str) -> str:
 def test_a_short_soak_answers_everything_and_leaves_nothing_behind():
     """`bench soak` in small: random valid requests, clients that leave and that read slowly,
     more clients than slots and queue: nothing failed, slots and KV blocks all free after."""
-    from pipeline.config import Config
     from pipeline.bench.soak import bench_soak
+    from pipeline.config import Config
 
     cfg = Config(model=CFG)
     row = bench_soak(cfg, "tiny", requests=120, seconds=240, concurrency=16, warmup=10)

@@ -33,17 +33,17 @@ def test_greedy_speculative_equals_the_target_alone(k):
     target = create_model(TARGET, seed=1)
     prompts = [[5, 6, 7], list(range(1, 20)), [42]]
     budgets = [20, 9, 14]
-    alone = generate(target, prompts, budgets)["tokens"]
+    alone = generate(target, prompts, budgets).tokens
     bad = create_model(DRAFT, seed=9)  # a draft whose tokens are mostly rejected
     out = speculative_generate(target, bad, prompts, budgets, k=k)
-    assert out["tokens"] == alone and out["acceptance"] < 0.5
+    assert out.tokens == alone and out.acceptance < 0.5
     if k == 5:  # a draft that is the target: every token accepted
         out = speculative_generate(target, create_model(TARGET, seed=1), prompts, budgets, k=k)
-        assert out["tokens"] == alone and out["acceptance"] == 1.0
+        assert out.tokens == alone and out.acceptance == 1.0
     if k == 3:  # EOS stops a row: the target's third token of row 0 as end-of-text
         eos = alone[0][2]
         stopped = speculative_generate(target, bad, prompts, budgets, eos_id=eos, k=k)
-        assert stopped["tokens"] == generate(target, prompts, budgets, eos_id=eos)["tokens"]
+        assert stopped.tokens == generate(target, prompts, budgets, eos_id=eos).tokens
 
 
 @pytest.mark.e2e
@@ -57,9 +57,9 @@ def test_sampling_keeps_the_target_distribution():
     prompt, n = [1, 2, 3], 6000
     samplings = [Sampling(temperature=1.0, seed=s) for s in range(n)]
     out = speculative_generate(target, draft, [prompt] * n, 3, samplings, k=2)
-    assert 0.0 < out["acceptance"] < 1.0  # both branches of the rule ran
+    assert 0.0 < out.acceptance < 1.0  # both branches of the rule ran
     counts = np.zeros((V, V))
-    for row in out["tokens"]:
+    for row in out.tokens:
         counts[row[1], row[2]] += 1
 
     def probs(prefix):
@@ -117,7 +117,7 @@ def test_the_serving_engine_with_a_draft_gives_the_target_tokens(same):
     for _ in prompts:
         assert finished.acquire(timeout=120)
     engine.stop()
-    alone = generate(target, prompts, budgets)["tokens"]
+    alone = generate(target, prompts, budgets).tokens
     assert [got[i] for i in range(len(prompts))] == alone
     if same:  # every draft accepted: up to 4 tokens a step
         assert engine.steps - steps < sum(budgets) / 2

@@ -45,13 +45,14 @@ def bench_generate(
     result = generate(model, prompts, new_tokens, Sampling())
     return {
         "case": f"generate/{case}",
+        "kind": "generate",
         "batch": batch,
         "prompt_len": prompt_len,
         "new_tokens": new_tokens,
-        "tokens_per_sec": batch * new_tokens / result["seconds"],
-        "decode_tokens_per_sec": batch * new_tokens / result["decode_s"],
-        "ttft_ms": result["ttft_s"] * 1e3,
-        "compile_s": first["compile_s"],
+        "tokens_per_sec": batch * new_tokens / result.seconds,
+        "decode_tokens_per_sec": batch * new_tokens / result.decode_s,
+        "ttft_ms": result.ttft_s * 1e3,
+        "compile_s": first.compile_s,
         "weight_bytes": weight_bytes(model),
         "device": jax.devices()[0].device_kind,
         "allocator": allocator(),
@@ -91,16 +92,17 @@ def bench_recompute(cfg: Config, case: str, prompt_len: int = 64, new_tokens: in
     seconds = time.perf_counter() - start
     generate(model, [prompt], new_tokens, Sampling())  # compiles
     cached = generate(model, [prompt], new_tokens, Sampling())
-    if out[0, prompt_len:].tolist() != cached["tokens"][0]:
+    if out[0, prompt_len:].tolist() != cached.tokens[0]:
         raise RuntimeError("recomputation and the KV cache generated different tokens")
     return {
         "case": f"generate/{case}",
+        "kind": "recompute",
         "batch": 1,
         "prompt_len": prompt_len,
         "new_tokens": new_tokens,
         "recompute_tokens_per_sec": new_tokens / seconds,
-        "tokens_per_sec": new_tokens / cached["seconds"],
-        "speedup": seconds / cached["seconds"],
+        "tokens_per_sec": new_tokens / cached.seconds,
+        "speedup": seconds / cached.seconds,
         "device": jax.devices()[0].device_kind,
         "allocator": allocator(),
     }
@@ -121,7 +123,10 @@ def bench_quantize(run_dir: str, modes=("int8", "int4")) -> list[dict]:
         prompt_len=min(32, seq_len // 2),
         new_tokens=min(32, cfg.model.max_seq_len - min(32, seq_len // 2)),
     )
-    return [{"case": f"quantize/{r['mode']}", "run": str(run_dir), **r} for r in results]
+    return [
+        {"case": f"quantize/{r['mode']}", "kind": "quantize", "run": str(run_dir), **r}
+        for r in results
+    ]
 
 
 def bench_distill(run_dir: str, ks=(2, 4, 8), prompts: int = 4, new_tokens: int = 128) -> list:
@@ -144,6 +149,7 @@ def bench_distill(run_dir: str, ks=(2, 4, 8), prompts: int = 4, new_tokens: int 
         results.append(
             {
                 "case": f"distill/{name}",
+                "kind": "distill",
                 "eval_loss": _last_eval_loss(run),
                 "params": count_params(model.cfg),
                 "tokens_per_sec": greedy[name][0],
@@ -156,13 +162,14 @@ def bench_distill(run_dir: str, ks=(2, 4, 8), prompts: int = 4, new_tokens: int 
 
         def spec(p, k=k, accepted=accepted):
             out = speculative_generate(teacher, student, p, new_tokens, k=k)
-            accepted.append(out["acceptance"])
+            accepted.append(out.acceptance)
             return out
 
         tps, tokens = _speed(rows, spec)
         results.append(
             {
                 "case": f"distill/speculative/k{k}",
+                "kind": "speculative",
                 "k": k,
                 "tokens_per_sec": tps,
                 "speedup": tps / teacher_tps,
@@ -186,8 +193,8 @@ def _speed(rows: list[list[int]], fn) -> tuple[float, list]:
     seconds, tokens = 0.0, []
     for prompt in rows:
         out = fn([prompt])
-        seconds += out["seconds"]
-        tokens.append(out["tokens"][0])
+        seconds += out.seconds
+        tokens.append(out.tokens[0])
     return sum(len(t) for t in tokens) / seconds, tokens
 
 
@@ -225,7 +232,7 @@ def quality_report(
         if mode != "float32":
             quantize_model(model, mode, embeddings=True)
         loss, argmax = _teacher_forced(model, windows.reshape(batches, batch_size, need))
-        greedy = generate(model, prompt_ids, new_tokens)["tokens"]
+        greedy = generate(model, prompt_ids, new_tokens).tokens
         if reference is None:
             reference = {"argmax": argmax, "greedy": greedy, "bytes": weight_bytes(model)}
         same = [

@@ -220,6 +220,7 @@ def _row(server, name, concurrency, serve, figures, extra, **more) -> dict:
 
     return {
         "case": name,
+        "kind": "serve",
         "concurrency": concurrency,
         "slots": serve.slots,
         "kv_blocks": server.engine.kv_blocks,

@@ -65,7 +65,7 @@ def summary(case: str, ours: list[dict], peers: list[dict], fields: tuple) -> di
     def median(rows, field):
         return statistics.median(r[field] for r in rows)
 
-    result = {"case": f"{case}/vs-torch", "peer": "torch", "rounds": len(ours)}
+    result = {"case": f"{case}/vs-torch", "kind": "ratio", "peer": "torch", "rounds": len(ours)}
     for field in fields:
         result[f"ours_{field}"] = median(ours, field)
         result[f"peer_{field}"] = median(peers, field)

@@ -10,24 +10,8 @@ def emit(result: dict, as_json: bool) -> None:
 
 
 def format_result(r: dict) -> str:
-    """The line for a result, chosen by the fields its benchmark measures."""
-    if r["case"].startswith("distill/"):
-        return _speculative(r) if "k" in r else _distilled(r)
-    if r.get("peer") == "torch":
-        if "rounds" in r:
-            return _ratios(r)
-        return _torch_generation(r) if "ttft_ms" in r else _torch(r)
-    for field, line in (
-        ("rss_growth", _soak),
-        ("concurrency", _serving),
-        ("eval_loss", _quantized),
-        ("speedup", _recompute),
-        ("ttft_ms", _generation),
-        ("flops_per_sec", _matmul),
-    ):
-        if field in r:
-            return line(r)
-    return _training(r)
+    """The line for a result, by the `kind` its benchmark gave it."""
+    return FORMATS[r["kind"]](r)
 
 
 def _soak(r: dict) -> str:
@@ -156,3 +140,20 @@ def _training(r: dict) -> str:
         f"batch {r['batch']}x{r['seq_len']}, {r['devices']} device(s), "
         f"{r['compute_dtype']}, {r['allocator']})"
     )
+
+
+# A result's kind -> its line (every benchmark result carries its kind).
+FORMATS = {
+    "train": _training,
+    "matmul": _matmul,
+    "generate": _generation,
+    "recompute": _recompute,
+    "quantize": _quantized,
+    "distill": _distilled,
+    "speculative": _speculative,
+    "serve": _serving,
+    "soak": _soak,
+    "torch_train": _torch,
+    "torch_generate": _torch_generation,
+    "ratio": _ratios,
+}

@@ -93,6 +93,7 @@ def peer_rows(cfg, case, levels, prompt_len, max_tokens, extra, ours):
                 figures = server.measure(clients, (server.url, c, prompts, max_tokens, extra))
                 yield {
                     "case": f"serve/{case}/transformers/c{c}",
+                    "kind": "serve",
                     "concurrency": c,
                     "slots": 0,
                     "prompt_len": prompt_len,

@@ -209,6 +209,7 @@ def bench_soak(
         engine = server.engine
         row = {
             "case": f"soak/{case}/c{concurrency}",
+            "kind": "soak",
             "concurrency": concurrency,
             "slots": serve.slots,
             "max_queue": serve.max_queue,

@@ -145,6 +145,7 @@ def run(cfg: Config, steps: int, warmup: int, compile_model: bool) -> dict:
     tokens_per_sec = B * T / step_s
     return {
         "case": f"train/torch/{m.family}",
+        "kind": "torch_train",
         "peer": "torch",
         "torch": torch.__version__,
         "compiled": compile_model,
@@ -192,6 +193,7 @@ def generate_run(cfg: Config, batch: int, prompt_len: int = 64, new_tokens: int 
         first, total = timed(1), timed(new_tokens)
     return {
         "case": f"generate/torch/b{batch}",
+        "kind": "torch_generate",
         "peer": "torch",
         "torch": torch.__version__,
         "batch": batch,

@@ -37,7 +37,7 @@ def bench_train(cfg: Config, case: str, steps: int = 5, warmup: int = 3) -> dict
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, cfg.model.vocab_size, 200_000).astype(np.int32)
     stage = build_stage(cfg, Dataset(byte_tokenizer(), tokens, tokens[:10_000], {}))
-    return {"case": f"train/{case}", **time_stage(cfg, stage, steps, warmup)}
+    return {"case": f"train/{case}", "kind": "train", **time_stage(cfg, stage, steps, warmup)}
 
 
 def bench_finetune(cfg: Config, case: str, method: str, steps: int = 3, warmup: int = 2) -> dict:
@@ -53,7 +53,11 @@ def bench_finetune(cfg: Config, case: str, method: str, steps: int = 3, warmup: 
     tokens = rng.integers(0, cfg.model.vocab_size, shape).astype(np.int32)
     examples = Examples(tokens, np.ones((shape[0], shape[1] - 1), np.float32))
     stage = stage_for_model(cfg, create_model(cfg.model), byte_tokenizer(), examples, examples)
-    return {"case": f"finetune/{case}/{method}", **time_stage(cfg, stage, steps, warmup)}
+    return {
+        "case": f"finetune/{case}/{method}",
+        "kind": "train",
+        **time_stage(cfg, stage, steps, warmup),
+    }
 
 
 def time_stage(cfg: Config, stage, steps: int, warmup: int) -> dict:
@@ -121,6 +125,7 @@ def bench_matmul(dtype: str = "float32") -> dict:
     size = 2048 if jax.devices()[0].platform == "cpu" else 8192
     return {
         "case": f"matmul/{size}/{dtype}",
+        "kind": "matmul",
         "flops_per_sec": peak,
         "nominal_flops_per_sec": nominal_peak_flops(jax.devices()[0].device_kind, dtype),
         "device": jax.devices()[0].device_kind,

@@ -251,13 +251,29 @@ def trim_rows(out: np.ndarray, counts, eos_id: int) -> list[list[int]]:
     return rows
 
 
+@dataclass(frozen=True)
+class Generation:
+    """What `generate` and `speculative_generate` return: the generated ids per row and timings
+    (compilation excluded, reported as `compile_s`)."""
+
+    tokens: list[list[int]]
+    seconds: float  # prefill and decode
+    tokens_per_sec: float  # generated tokens over `seconds`
+    compile_s: float = 0.0
+    ttft_s: float | None = None  # the prefill: time to the first token's logits
+    decode_s: float | None = None  # the decode loop
+    steps: int | None = None  # decode-loop iterations
+    acceptance: float | None = None  # speculative decoding: the share of draft tokens kept
+    iterations: int | None = None  # speculative decoding: draft-and-verify rounds
+
+
 def generate(
     model,
     prompts: list[list[int]],
     max_new_tokens: int | list[int],
     sampling: Sampling | list[Sampling] = Sampling(),
     eos_id: int = -1,
-) -> dict:
+) -> Generation:
     """Generate for a batch of prompts (token ids). Returns ids per row and timings.
 
     Timings exclude compilation (reported as `compile_s`): `ttft_s` is the prefill (the first
@@ -284,15 +300,15 @@ def generate(
     rows = trim_rows(out, batch.budgets, eos_id)
     generated = sum(len(r) for r in rows)
     seconds = ttft + decode_s
-    return {
-        "tokens": rows,
-        "steps": int(steps),
-        "seconds": seconds,
-        "ttft_s": ttft,
-        "decode_s": decode_s,
-        "compile_s": PROGRAMS.seconds - compiled_before,
-        "tokens_per_sec": generated / seconds if seconds > 0 else 0.0,
-    }
+    return Generation(
+        tokens=rows,
+        seconds=seconds,
+        tokens_per_sec=generated / seconds if seconds > 0 else 0.0,
+        compile_s=PROGRAMS.seconds - compiled_before,
+        ttft_s=ttft,
+        decode_s=decode_s,
+        steps=int(steps),
+    )
 
 
 def stream(

@@ -17,7 +17,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pipeline.inference.generate import PROGRAMS, decode_step, make_batch, prefill, trim_rows
+from pipeline.inference.generate import (
+    PROGRAMS,
+    Generation,
+    decode_step,
+    make_batch,
+    prefill,
+    trim_rows,
+)
 from pipeline.inference.sampling import Sampling, greedy_tokens, request_keys, sample, truncate
 from pipeline.model import init_cache
 
@@ -164,7 +171,7 @@ def speculative_generate(
     sampling: Sampling | list[Sampling] = Sampling(),
     eos_id: int = -1,
     k: int = 4,
-) -> dict:
+) -> Generation:
     """`generate` with a draft model proposing k tokens per target pass.
 
     The draft must share the target's vocabulary. Greedy output equals the target's alone; with
@@ -203,11 +210,11 @@ def speculative_generate(
     rows = trim_rows(out, np.minimum(np.asarray(count), batch.budgets), eos_id)
     accepted, proposed = (int(x) for x in np.asarray(stats))
     generated = sum(len(r) for r in rows)
-    return {
-        "tokens": rows,
-        "seconds": seconds,
-        "tokens_per_sec": generated / seconds if seconds > 0 else 0.0,
-        "acceptance": accepted / proposed if proposed else 0.0,
-        "iterations": int(iterations),
-        "compile_s": PROGRAMS.seconds - compiled_before,
-    }
+    return Generation(
+        tokens=rows,
+        seconds=seconds,
+        tokens_per_sec=generated / seconds if seconds > 0 else 0.0,
+        compile_s=PROGRAMS.seconds - compiled_before,
+        acceptance=accepted / proposed if proposed else 0.0,
+        iterations=int(iterations),
+    )

@@ -181,7 +181,7 @@ class TaskEval:
     def complete(self, params, prompts, samplings) -> list[list[int]]:
         end = self.tokenizer.end_id
         out = generate(self.model(params), prompts, self.max_new_tokens, samplings, eos_id=end)
-        return out["tokens"]
+        return out.tokens
 
     def rewards(self, examples, completions) -> np.ndarray:
         end = self.tokenizer.end_id
