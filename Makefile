@@ -10,14 +10,14 @@ EXTRAS ?=
 STAMP := $(VENV)/.installed-$(JAX)$(JAX_VERSION)
 
 # XLA's large per-step temporaries make glibc malloc map and unmap pages every step; jemalloc
-# keeps them (see README, "Performance"). Used where installed: apt-get install libjemalloc2.
+# keeps them (see docs/performance-notes.md). Used where installed: apt-get install libjemalloc2.
 JEMALLOC := $(wildcard /lib/x86_64-linux-gnu/libjemalloc.so.2 /usr/lib/x86_64-linux-gnu/libjemalloc.so.2 /lib/aarch64-linux-gnu/libjemalloc.so.2)
 ifneq ($(JEMALLOC),)
 export LD_PRELOAD := $(firstword $(JEMALLOC))
 export MALLOC_CONF := oversize_threshold:0,dirty_decay_ms:-1,muzzy_decay_ms:-1
 endif
 
-.PHONY: install gpu-wheels eval test test-fast lint format tokenize pretrain finetune dpo grpo distill bench generate serve sweep runs
+.PHONY: install gpu-wheels eval test test-fast lint docs format tokenize pretrain finetune dpo grpo distill bench generate serve sweep runs
 
 # Extra overrides for the run targets, e.g. make pretrain ARGS="train.steps=50".
 ARGS ?=
@@ -67,6 +67,14 @@ lint: install
 	$(BIN)/ruff check pipeline tests
 	$(BIN)/ruff format --check pipeline tests
 	$(BIN)/lint-imports
+
+# The documentation site (MkDocs with the Material theme), built strictly: a broken link, a page
+# missing from the navigation or a bad anchor fails. make docs-serve previews it on :8001.
+docs: install
+	$(BIN)/mkdocs build --strict --site-dir site
+
+docs-serve: install
+	$(BIN)/mkdocs serve --dev-addr 127.0.0.1:8001
 
 format: install
 	$(BIN)/ruff check --fix pipeline tests

@@ -10,7 +10,7 @@ import httpx
 import jax
 import numpy as np
 import pytest
-from test_serve import CFG, NAME, Server
+from helpers import CFG, NAME, Server
 
 from pipeline.config import LoraConfig
 from pipeline.inference.generate import generate

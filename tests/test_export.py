@@ -11,8 +11,8 @@ import zipfile
 
 import pytest
 from conftest import ROOT
+from helpers import tiny_model_config
 
-from pipeline.config import ModelConfig
 from pipeline.inference.export import export_model
 from pipeline.inference.generate import generate
 from pipeline.inference.sampling import Sampling
@@ -21,15 +21,7 @@ from pipeline.tokenizer import byte_tokenizer
 
 pytestmark = pytest.mark.e2e  # a fresh interpreter per test
 
-CFG = ModelConfig(
-    family="llama",
-    vocab_size=263,
-    num_layers=2,
-    embed_dim=32,
-    num_heads=4,
-    num_kv_heads=2,
-    max_seq_len=64,
-)
+CFG = tiny_model_config(vocab_size=263, max_seq_len=64)
 
 # Runs in a fresh interpreter: the artifact must not need Flax or the model code.
 LOADER = """

@@ -8,21 +8,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import tiny_model_config
 
 from pipeline.config import ModelConfig
 from pipeline.inference.generate import compilations, generate
 from pipeline.inference.sampling import Sampling, greedy_tokens, sample
 from pipeline.model import create_model
 
-CFG = ModelConfig(
-    family="llama",
-    vocab_size=97,
-    num_layers=2,
-    embed_dim=32,
-    num_heads=4,
-    num_kv_heads=2,
-    max_seq_len=64,
-)
+CFG = tiny_model_config(vocab_size=97, max_seq_len=64)
 
 
 def _greedy_uncached(model, prompt, n):

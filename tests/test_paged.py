@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_serve import CFG  # the serving tests' tiny Llama-style model
+from helpers import CFG  # the serving tests' tiny Llama-style model
 
 from pipeline.attention import PagedLayer
 from pipeline.inference.generate import generate

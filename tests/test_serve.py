@@ -5,95 +5,21 @@ Run: pytest tests/test_serve.py
 
 import asyncio
 import json
-import socket
-import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import hypothesis
-import openai
 import pytest
 import schemathesis
-import uvicorn
+from helpers import CFG, NAME, Server, openai_client
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from pipeline.config import ModelConfig, ServeConfig
-from pipeline.inference.generate import generate
 from pipeline.inference.sampling import Sampling
-from pipeline.model import create_model
-from pipeline.serving.engine import Engine
 from pipeline.serving.engine import Request as EngineRequest
-from pipeline.serving.serve import TextStream, _loopback, create_app, uvicorn_config
+from pipeline.serving.serve import TextStream, _loopback
 from pipeline.tokenizer import byte_tokenizer
-
-CFG = ModelConfig(
-    family="llama",
-    vocab_size=320,
-    num_layers=2,
-    embed_dim=32,
-    num_heads=4,
-    num_kv_heads=2,
-    max_seq_len=128,
-)
-NAME = "tiny"
-GREEDY = Sampling()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """An engine and the app on a real socket, in this process (the engine thread + uvicorn)."""
-
-    def __init__(
-        self,
-        slots=4,
-        max_queue=64,
-        api_key=None,
-        start_engine=True,
-        cfg=CFG,
-        adapters=None,
-        **app_kw,
-    ):
-        """`adapters(model)`: the model's Adapters (wrapped before the engine takes it)."""
-        self.model = create_model(cfg, seed=7)
-        self.tokenizer = byte_tokenizer()
-        self.adapters = adapters(self.model) if adapters else None
-        self.engine = Engine(self.model, slots=slots, max_queue=max_queue)
-        self.engine.warmup()
-        if start_engine:
-            self.engine.start()
-        self.port = _free_port()
-        serve_cfg = ServeConfig(api_key=api_key, port=self.port, **app_kw)
-        self.app = create_app(self.engine, self.tokenizer, NAME, serve_cfg, self.adapters)
-        self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn_config(self.app, serve_cfg, log_level="warning")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started:
-            assert time.time() < deadline, "server did not start"
-            time.sleep(0.02)
-
-    def close(self):
-        self.server.should_exit = True
-        self.thread.join(10)
-        self.engine.stop(drain=False, timeout=10)
-
-    def expected(self, prompt: str, n: int, sampling=GREEDY, stop_ids=()) -> str:
-        """What the model generates for `prompt` alone, outside the server."""
-        ids = generate(self.model, [self.tokenizer.encode(prompt)], n, sampling).tokens[0]
-        for i, t in enumerate(ids):
-            if t in stop_ids:
-                ids = ids[:i]
-                break
-        return self.tokenizer.decode(ids)
 
 
 @pytest.fixture(scope="module")
@@ -103,13 +29,9 @@ def server():
     s.close()
 
 
-def _client(server, key="unused"):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0)
-
-
 @pytest.mark.e2e
 def test_openai_client_completions_chat_and_streaming(server):
-    client = _client(server)
+    client = openai_client(server)
     assert [m.id for m in client.models.list().data] == [NAME]
     eos = {server.tokenizer.eos_id}
     out = client.completions.create(model=NAME, prompt="def f(x):", max_tokens=12, temperature=0)
@@ -142,7 +64,7 @@ def test_openai_client_completions_chat_and_streaming(server):
 @pytest.mark.e2e
 def test_32_concurrent_requests_each_equal_their_generation_alone(server):
     """Continuous batching: 32 requests over 4 slots, joining and leaving at different steps."""
-    client = _client(server)
+    client = openai_client(server)
     jobs = [
         (f"request {i}: " + "x" * (3 * (i % 11)), 3 + (i * 7) % 17, 0.0 if i % 2 else 0.8, i)
         for i in range(32)
@@ -168,7 +90,7 @@ def test_32_concurrent_requests_each_equal_their_generation_alone(server):
 
 @pytest.mark.e2e
 def test_stop_sequences_cut_the_text_and_free_the_slot(server):
-    client = _client(server)
+    client = openai_client(server)
     free = server.expected("import ", 30, stop_ids={server.tokenizer.eos_id})
     stop = free[5:8]
     assert stop, free
@@ -244,7 +166,7 @@ def test_chat_errors_oversized_bodies_and_unknown_routes(server):
 
 @pytest.mark.e2e
 def test_metrics_count_requests_tokens_and_latencies(server):
-    _client(server).completions.create(model=NAME, prompt="a", max_tokens=3, temperature=0)
+    openai_client(server).completions.create(model=NAME, prompt="a", max_tokens=3, temperature=0)
     text = httpx.get(server.url + "/metrics").text
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -304,7 +226,7 @@ def test_api_key_and_a_full_queue():
         assert "busy" in r.json()["error"]["message"]
         s.engine._running = False
         s.engine.start()
-        out = _client(s, "sekret").completions.create(model=NAME, prompt="hi", max_tokens=2)
+        out = openai_client(s, "sekret").completions.create(model=NAME, prompt="hi", max_tokens=2)
         assert out.usage.completion_tokens >= 1
     finally:
         s.close()
@@ -391,7 +313,7 @@ def test_a_request_past_its_time_limit_ends_as_length_and_leaves_the_queue():
         while s.engine.queue_depth and time.time() < deadline:
             time.sleep(0.05)
         assert s.engine.queue_depth == 0 and s.engine.busy_slots == 0
-        out = _client(s).completions.create(model=NAME, prompt="hi", max_tokens=2)
+        out = openai_client(s).completions.create(model=NAME, prompt="hi", max_tokens=2)
         assert out.usage.completion_tokens >= 1
     finally:
         s.close()

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_serve import NAME, Server, _client
+from helpers import NAME, Server, openai_client
 
 from pipeline.serving.controls import Controls, adjust, control_arrays
 
@@ -83,7 +83,7 @@ def test_completion_logprobs_are_the_raw_distributions_of_the_chosen_tokens(serv
 
 
 def test_chat_logprobs_in_openais_format_through_the_client(server):
-    client = _client(server)
+    client = openai_client(server)
     ask = {"model": NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
     out = client.chat.completions.create(**ask, temperature=0, logprobs=True, top_logprobs=3)
     content = out.choices[0].logprobs.content
@@ -105,7 +105,7 @@ def test_chat_logprobs_in_openais_format_through_the_client(server):
 
 
 def test_n_choices_sample_their_own_streams(server):
-    client = _client(server)
+    client = openai_client(server)
     sampled = client.completions.create(
         model=NAME, prompt="x = ", max_tokens=12, temperature=1.0, seed=5, n=4
     )
@@ -353,7 +353,7 @@ def test_json_schema_outputs_parse_and_validate(server):
 def test_json_mode_and_unsupported_schemas(server):
     import json
 
-    client = _client(server)
+    client = openai_client(server)
     out = client.chat.completions.create(
         model=NAME,
         messages=[{"role": "user", "content": "a JSON object, please"}],
@@ -412,7 +412,7 @@ def long_server():
     """Room for the tools' descriptions in the prompt (our convention's system message)."""
     import dataclasses
 
-    from test_serve import CFG
+    from helpers import CFG
 
     s = Server(slots=2, cfg=dataclasses.replace(CFG, max_seq_len=1024))
     yield s
@@ -425,7 +425,7 @@ def test_tool_calls_follow_their_parameters_and_stream_as_openai_streams_them(lo
 
     import jsonschema
 
-    client = _client(server)
+    client = openai_client(server)
     ask = {"model": NAME, "messages": [{"role": "user", "content": "weather in Oslo?"}]}
     named = {"type": "function", "function": {"name": "get_weather"}}
     out = client.chat.completions.create(
@@ -475,7 +475,7 @@ def test_tool_calls_follow_their_parameters_and_stream_as_openai_streams_them(lo
 
 def test_a_tool_conversation_and_auto_and_refusals(long_server):
     server = long_server
-    client = _client(server)
+    client = openai_client(server)
     history = [
         {"role": "user", "content": "weather in Oslo?"},
         {

@@ -13,13 +13,13 @@ import time
 import httpx
 import pytest
 from conftest import ROOT, make_tiny_runs
-from test_serve import _free_port
+from helpers import free_port
 
 
 @pytest.mark.slow
 def test_serve_a_lora_run_then_sigterm_finishes_the_stream_and_exits(tmp_path):
     make_tiny_runs(tmp_path)
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [
             sys.executable,

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import tiny_model_config
 
 from pipeline.config import ModelConfig
 from pipeline.inference.generate import generate
@@ -14,15 +15,7 @@ from pipeline.inference.sampling import Sampling
 from pipeline.inference.speculative import speculative_generate
 from pipeline.model import create_model
 
-TARGET = ModelConfig(
-    family="llama",
-    vocab_size=97,
-    num_layers=2,
-    embed_dim=32,
-    num_heads=4,
-    num_kv_heads=2,
-    max_seq_len=128,
-)
+TARGET = tiny_model_config(vocab_size=97)
 DRAFT = ModelConfig(
     family="llama", vocab_size=97, num_layers=1, embed_dim=16, num_heads=2, max_seq_len=128
 )
