@@ -263,5 +263,5 @@ def test_make_grpo_raises_held_out_exact_match_by_30_points(tmp_path):
     assert sft.step < 400  # stopped by its pass rate
     result = grpo(config("grpo", f"init.from={tmp_path / 'sft_reversal'}"))
     before, after = result.initial_eval["eval_pass_rate"], result.eval["eval_pass_rate"]
-    print(f"fine-tuning stopped at step {sft['step']}; GRPO: {before:.3f} -> {after:.3f}")
+    print(f"fine-tuning stopped at step {sft.step}; GRPO: {before:.3f} -> {after:.3f}")
     assert after - before >= 0.30
