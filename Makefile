@@ -51,17 +51,22 @@ gpu-wheels:
 	  pipeline-*
 	du -sh $(GPU_WHEELS)
 
-# The whole suite (what CI runs), in two processes: the serving tests (many engines, each
-# compiling its programs) apart from the rest, so neither inherits the other's compiled state.
+# The whole suite (what CI runs), in two runs: the serving tests (many engines, each compiling
+# its programs) apart from the rest, so neither inherits the other's compiled state. Each run
+# spreads its files over TEST_WORKERS processes (pytest-xdist, a whole file per worker, so a
+# module's fixtures are built once): the tests are mostly single-threaded compilation.
+TEST_WORKERS ?= 2
+PYTEST := $(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile
 SERVING_TESTS := tests/test_adapters.py tests/test_eval.py tests/test_paged.py \
   tests/test_serve.py tests/test_serve_api.py tests/test_serve_process.py tests/test_speculative.py
 test: install
-	$(BIN)/pytest -q --durations=15 $(addprefix --ignore=,$(SERVING_TESTS))
-	$(BIN)/pytest -q --durations=15 $(SERVING_TESTS)
+	$(PYTEST) --durations=15 $(addprefix --ignore=,$(SERVING_TESTS))
+	$(PYTEST) --durations=15 $(SERVING_TESTS)
 
-# The in-process unit tests, for the inner loop: under 2 minutes on 2 cores.
+# The in-process unit tests, for the inner loop (whole stages, loaded engines, subprocesses
+# and servers are marked e2e or slow and left to make test).
 test-fast: install
-	$(BIN)/pytest -q -m "not slow and not e2e" --durations=10
+	$(PYTEST) -m "not slow and not e2e" --durations=10
 
 lint: install
 	$(BIN)/ruff check pipeline tests

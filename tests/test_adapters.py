@@ -49,6 +49,7 @@ def _alone(run: str | None, prompt, n, sampling=Sampling()):
     return generate(model, [prompt], n, sampling).tokens[0][:n]
 
 
+@pytest.mark.e2e  # a whole stage or a loaded engine: make test, not test-fast
 def test_a_mixed_adapter_batch_gives_each_request_its_adapter_alone(runs):
     model = create_model(CFG, seed=7)
     adapters = Adapters(model, capacity=2, max_rank=8)

@@ -199,7 +199,7 @@ def test_fine_tuning_on_a_task_reports_its_pass_rate_and_stops_when_told(tiny_ru
     assert not [r for r in read_metrics(cfg.run.dir)[rows:] if "loss" in r]
 
     never = finetune(config("never", "train.stop_when=eval_loss <= -1"))
-    assert never["step"] == 12
+    assert never.step == 12
     with pytest.raises(TrainingError, match="no 'eval_accuracy'.*eval_loss.*eval_pass_rate"):
         finetune(config("unknown", "train.stop_when=eval_accuracy>=0.5"))
     with pytest.raises(ConfigError, match="train.stop_when"):
@@ -218,6 +218,7 @@ def test_the_grpo_config_is_checked(tiny_run, tmp_path):
         build_stage(_config(tiny_run, tmp_path, "grpo.task=subtraction"))
 
 
+@pytest.mark.e2e  # a whole stage or a loaded engine: make test, not test-fast
 def test_sweep_runs_grpo(tiny_run, tmp_path):
     from pipeline.cli import main
 

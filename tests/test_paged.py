@@ -107,6 +107,7 @@ def _mixed(n, seed=0, longest=100):
     return prompts, [min(b, 24) for b in budgets]
 
 
+@pytest.mark.e2e  # a whole stage or a loaded engine: make test, not test-fast
 def test_32_mixed_requests_with_chunks_and_preemption_equal_generation_alone(model):
     """32 concurrent requests of mixed lengths, greedy and seeded sampling, through prompts
     prefilled 16 tokens at a time and a pool too small for the load (preemption): every
@@ -126,6 +127,7 @@ def test_32_mixed_requests_with_chunks_and_preemption_equal_generation_alone(mod
     assert engine.blocks.used == 0 and engine.busy_slots == 0
 
 
+@pytest.mark.e2e  # a whole stage or a loaded engine: make test, not test-fast
 def test_a_long_request_decodes_in_a_step_of_its_own_and_changes_no_token(model):
     """Short requests decoding beside a long one: their step does not read the long one's
     blocks (the long one runs in a second step), and every request gets its tokens alone."""
@@ -146,6 +148,7 @@ def test_a_long_request_decodes_in_a_step_of_its_own_and_changes_no_token(model)
     assert engine.blocks.used == 0
 
 
+@pytest.mark.e2e  # a whole stage or a loaded engine: make test, not test-fast
 def test_warmup_compiles_every_program_a_load_runs(model, caplog):
     """After `warmup` (ahead-of-time compilation, nothing run), a load of mixed prompt
     lengths, row counts, n choices and chunked prompts compiles nothing more; in the
@@ -169,6 +172,7 @@ def test_warmup_compiles_every_program_a_load_runs(model, caplog):
     assert not background._compiler.is_alive()
 
 
+@pytest.mark.e2e  # a whole stage or a loaded engine: make test, not test-fast
 def test_prefix_caching_reuses_blocks_and_changes_no_token(model):
     rng = np.random.default_rng(1)
     system = rng.integers(0, CFG.vocab_size, 40).tolist()
@@ -208,6 +212,7 @@ def test_n_choices_share_the_prompt_blocks_and_sample_their_own(model):
     assert engine.blocks.used == 0
 
 
+@pytest.mark.e2e  # a whole stage or a loaded engine: make test, not test-fast
 def test_the_memory_of_16_contiguous_slots_holds_64_requests(model):
     """64 concurrent requests of mixed lengths in the blocks that 16 full-length slots used."""
     prompts, budgets = _mixed(64, seed=2, longest=60)

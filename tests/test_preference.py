@@ -191,6 +191,7 @@ def test_full_dpo_with_a_frozen_reference_resumes_exactly(tiny_run, tmp_path):
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.e2e  # a whole stage or a loaded engine: make test, not test-fast
 def test_lora_dpo_over_a_lora_fine_tune_loads_as_both_adapters(tiny_run, tmp_path):
     from pipeline.training.finetune import finetune
 

@@ -123,6 +123,7 @@ def test_a_sweep_groups_its_points_under_one_mlflow_parent_run(tmp_path):
         "sw",
         str(tmp_path),
         log=lambda _: None,
+        stage="pretrain",
     )
     client = MlflowClient(uri)
     ids = [json.loads((d / "trackers.json").read_text())["mlflow"] for d in dirs]

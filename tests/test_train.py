@@ -377,6 +377,7 @@ def test_pretraining_with_document_masking_trains_and_resumes(tiny_config, tmp_p
     assert losses(cfg) == losses(split) and all(np.isfinite(losses(cfg)))
 
 
+@pytest.mark.e2e  # a whole stage or a loaded engine: make test, not test-fast
 def test_pretraining_on_a_mixture_logs_a_loss_per_source_and_resumes(tiny_config, tmp_path):
     """data.mixture: rows from both sources, an evaluation loss per source (eval_loss is
     their weighted mean), and exact resume as for one source."""
