@@ -16,6 +16,7 @@ import logging
 import time
 from dataclasses import dataclass
 from functools import partial
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -64,6 +65,17 @@ def decode_step(model, tokens: jax.Array, positions: jax.Array, cache):
     return logits[:, 0], cache
 
 
+class _Decode(NamedTuple):
+    """The decode loop's state: the step, the tokens so far (B, max_new), the cache, the last
+    logits and which rows are done."""
+
+    step: jax.Array
+    out: jax.Array
+    cache: list
+    logits: jax.Array
+    done: jax.Array
+
+
 def decode_loop(
     model, logits, cache, lengths, budgets, temperature, top_k, top_p, seeds, eos_id, max_new
 ):
@@ -81,26 +93,25 @@ def decode_loop(
     full = cache[0]["k"].shape[2]
     furthest = jnp.max(lengths)  # the next position any row writes is furthest + step
 
-    def body(carry):
-        step, out, cache, logits, done = carry
-        keys = request_keys(seeds, step)
-        token = sample(logits, keys, temperature, top_k, top_p)
-        token = jnp.where(done, 0, token)
-        out = out.at[:, step].set(token)
-        done = done | (token == eos_id) | (step + 1 >= budgets)
-        logits, cache = decode_step(model, token, lengths + step, cache)
-        return step + 1, out, cache, logits, done
+    def body(s: _Decode) -> _Decode:
+        keys = request_keys(seeds, s.step)
+        token = sample(s.logits, keys, temperature, top_k, top_p)
+        token = jnp.where(s.done, 0, token)
+        out = s.out.at[:, s.step].set(token)
+        done = s.done | (token == eos_id) | (s.step + 1 >= budgets)
+        logits, cache = decode_step(model, token, lengths + s.step, s.cache)
+        return _Decode(s.step + 1, out, cache, logits, done)
 
-    carry = (0, out, cache, logits, budgets <= 0)
+    state = _Decode(0, out, cache, logits, budgets <= 0)
     for size in live_lengths(full - max_new, full):
 
-        def cond(carry, size=size):
-            step, _, _, _, done = carry
-            return (step < max_new) & ~jnp.all(done) & (furthest + step < size)
+        def cond(s: _Decode, size=size):
+            return (s.step < max_new) & ~jnp.all(s.done) & (furthest + s.step < size)
 
-        step, out, cache, logits, done = carry
-        carry = jax.lax.while_loop(cond, body, (step, out, resize_cache(cache, size), logits, done))
-    return carry[1], carry[0]
+        state = jax.lax.while_loop(
+            cond, body, state._replace(cache=resize_cache(state.cache, size))
+        )
+    return state.out, state.step
 
 
 # A decode loop of at least this many tokens runs in LIVE_PHASES phases; a shorter one in one.

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from functools import partial
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -101,6 +102,22 @@ def speculate(target, draft, pos, last, tcache, dcache, keys, sampling, k: int):
     return emitted, n, t, tcache, dcache
 
 
+class _Loop(NamedTuple):
+    """The speculative loop's state: its iteration, each row's next position, last token,
+    tokens so far and their count, both caches, which rows are done, and (accepted, proposed)
+    draft-token totals."""
+
+    it: jax.Array
+    pos: jax.Array
+    last: jax.Array
+    out: jax.Array
+    count: jax.Array
+    tcache: list
+    done: jax.Array
+    dcache: list
+    stats: jax.Array
+
+
 @partial(jax.jit, static_argnames=("tgraph", "dgraph", "max_new", "cache_len", "k"))
 def _speculative(
     tstate,
@@ -134,12 +151,11 @@ def _speculative(
     done = (count >= budgets) | (first == eos_id)
     sampling = (temperature, top_k, top_p)
 
-    def cond(carry):
-        it, _, _, _, _, _, done, _, _ = carry
-        return (it < max_new) & ~jnp.all(done)
+    def cond(s: _Loop):
+        return (s.it < max_new) & ~jnp.all(s.done)
 
-    def body(carry):
-        it, pos, last, out, count, tcache, done, dcache, stats = carry
+    def body(s: _Loop) -> _Loop:
+        it, pos, last, out, count, tcache, done, dcache, stats = s
         ikeys = request_keys(seeds, it + 1)  # per iteration
         emitted, n, t, tcache, dcache = speculate(
             target, draft, pos, last, tcache, dcache, ikeys, sampling, k
@@ -156,11 +172,11 @@ def _speculative(
         pos = pos + produced
         last = jnp.where(done, last, t)
         done = done | hit_eos | (count >= budgets)
-        return it + 1, pos, last, out, count, tcache, done, dcache, stats
+        return _Loop(it + 1, pos, last, out, count, tcache, done, dcache, stats)
 
-    carry = (0, lengths, first, out, count, tcache, done, dcache, jnp.zeros(2, jnp.int32))
-    it, _, _, out, count, _, _, _, stats = jax.lax.while_loop(cond, body, carry)
-    return out, count, stats, it
+    start = _Loop(0, lengths, first, out, count, tcache, done, dcache, jnp.zeros(2, jnp.int32))
+    end = jax.lax.while_loop(cond, body, start)
+    return end.out, end.count, end.stats, end.it
 
 
 def speculative_generate(
