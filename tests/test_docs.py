@@ -105,7 +105,7 @@ def check_pipeline(words: list[str]) -> list[str]:
     if verb == "bench":
         targets = next(a for a in sub._actions if a.dest == "target").choices
         positional = [w for w in words[1:] if not w.startswith("-") and "=" not in w]
-        if positional and positional[0] not in targets and positional[0] not in ("train|generate",):
+        if positional and positional[0] not in targets:
             problems.append(f"bench: unknown benchmark {positional[0]!r}")
     return problems
 

@@ -62,6 +62,7 @@ def _run_training(cfg: Config, stage: Stage, fresh: bool) -> RunResult:
     ckpt = Checkpointer(run_dir / "checkpoints", cfg.train.keep_checkpoints)
     state, start = restore_latest(ckpt, trainer.state)
     strategy, train_fn, eval_fn = trainer.strategy, trainer.train_step, trainer.eval_step
+    del trainer  # its initial state: a resumed run keeps only the restored one
     try:
         logger = MetricsLogger(run_dir, enabled=main, resume_step=start, cfg=cfg)
     except BaseException:  # a tracker that cannot start (its library missing, say)
