@@ -85,6 +85,11 @@ class ModelConfig:
     # Training cross-entropy this many positions at a time (0: all at once); never changes results
     # beyond rounding. Saves the (batch, sequence, vocabulary) float32 logits and their gradient.
     loss_chunk: int = 0
+    # The training cross-entropy's logits: float32 (made and kept in float32), or compute (kept
+    # in the compute dtype, the log-sum-exp and the gradient's softmax still taken in float32
+    # inside the same pass): half the memory and traffic of the (batch, sequence, vocabulary)
+    # logits in bfloat16 runs; the same as float32 where the compute dtype is float32.
+    loss_dtype: Literal["float32", "compute"] = "float32"
     # Training attention: auto (einsum on CPU, cuDNN flash attention on GPUs in bfloat16/float16,
     # XLA's jax.nn.dot_product_attention otherwise), or one of them by name. Never changes results
     # beyond rounding; decoding with a KV cache always reads the cache in place (einsum).

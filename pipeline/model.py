@@ -202,14 +202,15 @@ class Transformer(nnx.Module):
             x = x[jnp.arange(x.shape[0]), only][:, None]
         return self.final_norm(x), (None if cache is None else new_cache)
 
-    def head(self, x: jax.Array) -> jax.Array:
-        """Final-normed states (..., D) -> float32 logits (..., V)."""
+    def head(self, x: jax.Array, float32: bool = True) -> jax.Array:
+        """Final-normed states (..., D) -> float32 logits (..., V) (or, `float32=False`, in the
+        dtype the projection computes in)."""
         if self.cfg.tied_embeddings:  # as rows, for the reasons `Linear` gives
             logits = attend(self.embed, x.reshape(-1, x.shape[-1]))
             logits = logits.reshape(*x.shape[:-1], logits.shape[-1])
         else:  # a `Linear`, or an adapter around one that needs the rows of the batch apart
             logits = self.lm_head(x)
-        return logits.astype(jnp.float32)
+        return logits.astype(jnp.float32) if float32 else logits
 
 
 def _block_step(block: Block, x, positions, cache, rope, segments=None):
@@ -310,15 +311,19 @@ def count_params(cfg: ModelConfig) -> int:
 PASS_SHARE = {"train": 1.0, "frozen": 2 / 3, "forward": 1 / 3}
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int, kind: str = "train") -> float:
+def flops_per_token(
+    cfg: ModelConfig, seq_len: int, kind: str = "train", causal: bool = False
+) -> float:
     """FLOPs per token, as in PaLM appendix B: a training step (forward + backward) by default,
     `kind` "frozen" (trained through, its weights frozen: LoRA's base) or "forward".
 
     6 * (parameters used in matmuls: everything but the embedding lookups, with the output
-    projection counted even when it is tied) + 12 * layers * width * seq_len for attention.
+    projection counted even when it is tied) + 12 * layers * width * seq_len for attention
+    (every query against every key, as PaLM counts; `causal` halves it, as MaxText counts).
     """
     D, V = cfg.embed_dim, cfg.vocab_size
     lookups = V * D + (cfg.max_seq_len * D if cfg.positions == "learned" else 0)
     matmul_params = count_params(cfg) - lookups + (V * D if cfg.tied_embeddings else 0)
     attention = 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len
+    attention *= 0.5 if causal else 1.0
     return (6.0 * matmul_params + attention) * PASS_SHARE[kind]

@@ -8,6 +8,10 @@
 #   attention  cuDNN / XLA attention against a float32 einsum reference; forward+backward time
 #   train      gpt2-124m bf16 training tokens/s, MFU (measured and nominal peak), remat none and
 #              dots, and with XLA's attention instead of cuDNN's
+#   levers     the training step's levers one at a time against the same step (bf16 logits into
+#              the loss, the chunked loss, a vocabulary padded to 256, optax.flatten, XLA flags),
+#              each in a process of its own with its allocator's peak; then those that paid
+#              together, compiled cold and again from the persistent compilation cache
 #   fit        per-device bytes of that step (parameters, optimizer, XLA's temporaries)
 #   generate   decode tokens/s at batch 1 and 32
 #   serve      the OpenAI server's throughput at concurrency 1 and 32 (real HTTP on loopback)
@@ -93,8 +97,8 @@ if [ "$backend" != gpu ]; then
 fi
 
 sections=("$@")
-[ ${#sections[@]} -gt 0 ] || sections=(env matmul attention train fit generate serve torch peer_generate grpo)
-declare -A limit=([train]=240 [torch]=150 [peer_generate]=240 [grpo]=180 [serve]=300 [generate]=90 [fit]=90 [attention]=60 [env]=60 [matmul]=60)
+[ ${#sections[@]} -gt 0 ] || sections=(env matmul attention train levers fit generate serve torch peer_generate grpo)
+declare -A limit=([levers]=1500 [train]=240 [torch]=150 [peer_generate]=240 [grpo]=180 [serve]=300 [generate]=90 [fit]=90 [attention]=60 [env]=60 [matmul]=60)
 : >"$OUT_FILE"
 failed=0
 for section in "${sections[@]}"; do

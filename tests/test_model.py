@@ -452,6 +452,63 @@ def test_chunked_cross_entropy_equals_the_whole_one_with_its_gradients(variant):
     )
 
 
+def test_a_bfloat16_cross_entropy_is_the_float32_one_of_the_same_logits_with_its_gradient():
+    """model.loss_dtype=compute: bfloat16 logits give optax's float32 cross-entropy of the same
+    (widened) logits, and their gradient is the float32 one rounded to bfloat16."""
+    import optax
+
+    from pipeline.training.train import cross_entropy
+
+    logits = (4 * jax.random.normal(jax.random.key(0), (3, 5, 300))).astype(jnp.bfloat16)
+    targets = jax.random.randint(jax.random.key(1), (3, 5), 0, 300)
+    weights = jnp.arange(15.0).reshape(3, 5)  # a weight per position: the gradient's g
+
+    def reference(x):
+        wide = x.astype(jnp.float32)
+        return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(wide, targets) * weights)
+
+    def ours(x):
+        return jnp.sum(cross_entropy(x, targets) * weights)
+
+    assert cross_entropy(logits, targets).dtype == jnp.float32
+    np.testing.assert_allclose(ours(logits), reference(logits), rtol=1e-6)
+    grad, want = jax.grad(ours)(logits), jax.grad(reference)(logits)
+    assert grad.dtype == jnp.bfloat16
+    np.testing.assert_allclose(
+        np.asarray(grad, np.float32), np.asarray(want.astype(jnp.bfloat16), np.float32), atol=1e-6
+    )
+
+
+def test_the_loss_in_the_compute_dtype_trains_as_the_float32_loss():
+    """A bfloat16 model's per-token losses and gradients with loss_dtype=compute (bfloat16
+    logits) match loss_dtype=float32's within bfloat16's rounding; chunked as well."""
+    from pipeline.training.train import token_losses
+
+    tokens = _tokens((2, 21))
+    results = {}
+    for loss_dtype, chunk in (("float32", 0), ("compute", 0), ("compute", 7)):
+        cfg = ModelConfig(
+            **{**VARIANTS["gpt2"].__dict__, "compute_dtype": "bfloat16", "loss_chunk": chunk},
+        )
+        cfg = dataclasses.replace(cfg, loss_dtype=loss_dtype)
+        graphdef, state = nnx.split(create_model(cfg, seed=3))
+
+        def loss(state, graphdef=graphdef):
+            losses = token_losses(nnx.merge(graphdef, state), tokens[:, :-1], tokens[:, 1:])
+            return jnp.mean(losses), losses
+
+        results[loss_dtype, chunk] = jax.grad(loss, has_aux=True)(state)
+    g32, l32 = results["float32", 0]
+    for key in (("compute", 0), ("compute", 7)):
+        g, losses = results[key]
+        assert losses.dtype == jnp.float32
+        np.testing.assert_allclose(losses, l32, rtol=2e-2, atol=2e-2)
+        for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g32), strict=True):
+            scale = float(np.abs(np.asarray(b, np.float32)).max()) or 1.0
+            diff = np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32)).max()
+            assert diff <= 0.05 * scale, (key, diff, scale)
+
+
 @pytest.mark.parametrize(
     "d_in, d_out, transposed", [(8, 24, False), (8, 24, True), (24, 8, False), (16, 16, False)]
 )

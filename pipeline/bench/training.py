@@ -18,6 +18,7 @@ from pipeline.attention import attention_impl
 from pipeline.config import Config, with_overrides
 from pipeline.data import Dataset
 from pipeline.model import count_params, create_model
+from pipeline.model import flops_per_token as flops_per_token_of
 from pipeline.runtime import (
     aggregate_peak_flops,
     allocator,
@@ -36,8 +37,8 @@ def bench_train(cfg: Config, case: str, steps: int = 5, warmup: int = 3) -> dict
 
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, cfg.model.vocab_size, 200_000).astype(np.int32)
-    stage = build_stage(cfg, Dataset(byte_tokenizer(), tokens, tokens[:10_000], {}))
-    return {"case": f"train/{case}", "kind": "train", **time_stage(cfg, stage, steps, warmup)}
+    holder = [build_stage(cfg, Dataset(byte_tokenizer(), tokens, tokens[:10_000], {}))]
+    return {"case": f"train/{case}", "kind": "train", **time_stage(cfg, holder, steps, warmup)}
 
 
 def bench_finetune(cfg: Config, case: str, method: str, steps: int = 3, warmup: int = 2) -> dict:
@@ -52,27 +53,32 @@ def bench_finetune(cfg: Config, case: str, method: str, steps: int = 3, warmup: 
     shape = (4 * cfg.train.batch_size, cfg.data.seq_len + 1)
     tokens = rng.integers(0, cfg.model.vocab_size, shape).astype(np.int32)
     examples = Examples(tokens, np.ones((shape[0], shape[1] - 1), np.float32))
-    stage = stage_for_model(cfg, create_model(cfg.model), byte_tokenizer(), examples, examples)
+    holder = [stage_for_model(cfg, create_model(cfg.model), byte_tokenizer(), examples, examples)]
     return {
         "case": f"finetune/{case}/{method}",
         "kind": "train",
-        **time_stage(cfg, stage, steps, warmup),
+        **time_stage(cfg, holder, steps, warmup),
     }
 
 
-def time_stage(cfg: Config, stage, steps: int, warmup: int) -> dict:
-    """Steady-state time of a stage's pmapped step, and XLA's memory figures for it."""
+def time_stage(cfg: Config, holder: list, steps: int, warmup: int) -> dict:
+    """Steady-state time of a stage's pmapped step, and XLA's memory figures for it. The stage
+    comes in a list that this empties: once the state is placed, nothing else holds its
+    parameters, so the device's peak is the training step's alone (as PyTorch's is measured)."""
 
+    stage = holder.pop()
     trainer = create_trainer(stage, cfg, steps=max(cfg.train.steps, warmup + steps))
     strategy, train_fn = trainer.strategy, trainer.train_step
     state = strategy.replicate(trainer.state)
-    del trainer  # the host copy of the state: only the replicated one is measured and kept
+    trained_params = sum(int(np.size(x)) for x in jax.tree.leaves(stage.params))
+    flops_per_token, train_batch = stage.flops_per_token, stage.train_batch
+    del trainer, stage  # the unplaced state: only the placed one is measured and kept
     # per device, from the shard's shape (a shard's .data copied the state: +1.7 GiB on gpt2-124m)
     state_bytes = sum(
         math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
         for x in jax.tree.leaves(state)
     )
-    batches = [strategy.shard_batch(stage.train_batch(i)) for i in range(warmup + steps)]
+    batches = [strategy.shard_batch(train_batch(i)) for i in range(warmup + steps)]
     start = time.perf_counter()
     compiled = train_fn.lower(state, batches[0]).compile()
     compile_s = time.perf_counter() - start
@@ -94,10 +100,15 @@ def time_stage(cfg: Config, stage, steps: int, warmup: int) -> dict:
     peak = aggregate_peak_flops(cfg.train.peak_flops, cfg.model.compute_dtype)
     kind = jax.devices()[0].device_kind
     nominal = nominal_peak_flops(kind, cfg.model.compute_dtype)
-    flops_per_sec = tokens_per_step / step_s * stage.flops_per_token
+    flops_per_sec = tokens_per_step / step_s * flops_per_token
+    # MaxText's count: causal attention's half of the attention FLOPs (PaLM's counts all)
+    causal = flops_per_token_of(cfg.model, cfg.data.seq_len, causal=True) / flops_per_token_of(
+        cfg.model, cfg.data.seq_len
+    )
+    device_stats = jax.devices()[0].memory_stats() or {}  # None on CPU
     return {
         "params": count_params(cfg.model),
-        "trained_params": sum(int(np.size(x)) for x in jax.tree.leaves(stage.params)),
+        "trained_params": trained_params,
         "batch": cfg.train.batch_size,
         "seq_len": cfg.data.seq_len,
         "devices": strategy.num_devices,
@@ -106,11 +117,17 @@ def time_stage(cfg: Config, stage, steps: int, warmup: int) -> dict:
         "mfu": flops_per_sec / peak,
         # against the card's data-sheet peak (None where unknown, as on CPUs)
         "mfu_nominal": flops_per_sec / (nominal * strategy.num_devices) if nominal else None,
+        "mfu_nominal_causal": (
+            causal * flops_per_sec / (nominal * strategy.num_devices) if nominal else None
+        ),
         "compile_s": compile_s,
         # per device: the training state (weights, adapters, optimizer) and XLA's temporaries
         "state_bytes": state_bytes,
         "temp_bytes": temp_bytes,
         "peak_bytes": state_bytes + temp_bytes,
+        # the device allocator's peak over the process (not its preallocated pool), as
+        # PyTorch's max_memory_allocated: None where the backend keeps none (CPU)
+        "device_peak_bytes": device_stats.get("peak_bytes_in_use"),
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # process
         "peak_flops": peak,
         "compute_dtype": cfg.model.compute_dtype,

@@ -93,13 +93,51 @@ def token_losses(model, tokens, targets, segments=None) -> jax.Array:
 
     With `model.loss_chunk` > 0 the logits are made `loss_chunk` positions at a time and made
     again in the backward pass: the (B, T, V) float32 logits and their gradient never exist at
-    once (the largest temporaries of a model with a large vocabulary).
+    once (the largest temporaries of a model with a large vocabulary). With `model.loss_dtype:
+    compute` the logits stay in the compute dtype (`cross_entropy`).
     """
     x, _ = model.hidden(tokens, segments=segments)
+    head = partial(model.head, float32=model.cfg.loss_dtype == "float32")
     chunk = model.cfg.loss_chunk
     if not chunk or chunk >= x.shape[1]:
-        return optax.softmax_cross_entropy_with_integer_labels(model.head(x), targets)
-    return chunked_cross_entropy(model.head, x, targets, chunk)
+        return cross_entropy(head(x), targets)
+    return chunked_cross_entropy(head, x, targets, chunk)
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """(..., V) logits, (...) int targets -> (...) float32 cross-entropies.
+
+    float32 logits: optax's. Narrower logits (`model.loss_dtype: compute`) are read once into a
+    float32 log-sum-exp, and the backward pass writes their gradient, softmax - one-hot (taken
+    in float32), in their own dtype: neither float32 logits nor a float32 gradient is stored,
+    where autodiff of a float32 log-softmax keeps a (..., V) float32 array for the backward.
+    """
+    if logits.dtype == jnp.float32:
+        return optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    return _narrow_cross_entropy(logits, targets)
+
+
+@jax.custom_vjp
+def _narrow_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    return _cross_entropy_fwd(logits, targets)[0]
+
+
+def _cross_entropy_fwd(logits, targets):
+    wide = logits.astype(jnp.float32)
+    lse = jax.nn.logsumexp(wide, axis=-1)
+    picked = jnp.take_along_axis(wide, targets[..., None], axis=-1)[..., 0]
+    return lse - picked, (logits, lse, targets)
+
+
+def _cross_entropy_bwd(residuals, g):
+    logits, lse, targets = residuals
+    probs = jnp.exp(logits.astype(jnp.float32) - lse[..., None])
+    onehot = jax.nn.one_hot(targets, logits.shape[-1], dtype=jnp.float32)
+    grad = (g[..., None] * (probs - onehot)).astype(logits.dtype)
+    return grad, np.zeros(targets.shape, jax.dtypes.float0)
+
+
+_narrow_cross_entropy.defvjp(_cross_entropy_fwd, _cross_entropy_bwd)
 
 
 def chunked_cross_entropy(head: Callable, x: jax.Array, targets: jax.Array, chunk: int):
@@ -117,7 +155,7 @@ def chunked_cross_entropy(head: Callable, x: jax.Array, targets: jax.Array, chun
     @jax.checkpoint
     def one(carry, chunk_of):
         x_c, t_c = chunk_of
-        return carry, optax.softmax_cross_entropy_with_integer_labels(head(x_c), t_c)
+        return carry, cross_entropy(head(x_c), t_c)
 
     _, losses = jax.lax.scan(one, None, (xs, ts))
     return losses.swapaxes(0, 1).reshape(b, t + pad)[:, :t]
