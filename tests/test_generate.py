@@ -18,17 +18,20 @@ from pipeline.model import create_model
 CFG = tiny_model_config(vocab_size=97, max_seq_len=64)
 
 
+# one jitted forward for the module: compiled once per model structure, not once per call
+_forward = nnx.jit(lambda model, tokens: model(tokens)[0])
+
+
 def _greedy_uncached(model, prompt, n):
     """Greedy decoding by running the whole sequence again for every token (no cache).
 
     The sequence sits in a fixed-size buffer, so one compiled forward serves every step: the
     attention is causal, so the padding after position i cannot change its logits.
     """
-    forward = nnx.jit(lambda model, tokens: model(tokens)[0])
     buffer = np.zeros((1, model.cfg.max_seq_len), np.int32)
     buffer[0, : len(prompt)] = prompt
     for i in range(len(prompt), len(prompt) + n):
-        buffer[0, i] = int(jnp.argmax(forward(model, jnp.asarray(buffer))[0, i - 1]))
+        buffer[0, i] = int(jnp.argmax(_forward(model, jnp.asarray(buffer))[0, i - 1]))
     return buffer[0, len(prompt) : len(prompt) + n].tolist()
 
 

@@ -1,6 +1,7 @@
 """The Transformer: causality, KV cache, dtypes, sizes. Run: pytest tests/test_model.py"""
 
 import dataclasses
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -138,7 +139,7 @@ def test_dtype_policy():
     model = create_model(cfg)
     params = nnx.state(model, nnx.Param)
     assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype("float32")}
-    logits, _ = model(_tokens((1, 8), vocab=64))
+    logits = _jitted(model)(_tokens((1, 8), vocab=64))
     assert logits.dtype == jnp.float32
     cache = init_cache(cfg, 1)
     assert cache[0]["k"].dtype == jnp.bfloat16
@@ -167,7 +168,7 @@ def test_remat_keeps_values_and_gradients(remat):
             logits, _ = nnx.merge(graphdef, state)(tokens)
             return jnp.mean(jax.nn.logsumexp(logits, -1))
 
-        return jax.value_and_grad(loss)(state)
+        return jax.jit(jax.value_and_grad(loss))(state)
 
     (l1, g1), (l2, g2) = (
         loss_and_grad(base),
@@ -204,10 +205,11 @@ def test_xla_attention_equals_einsum(kv_heads, window, length):
         out = attention(q, k, v, positions, window, impl)
         return (out * jnp.cos(jnp.arange(out.size).reshape(out.shape))).sum(), out
 
-    (_, ref), ref_grads = jax.value_and_grad(lambda *a: loss("einsum", *a), (0, 1, 2), True)(
-        q, k, v
-    )
-    (_, out), grads = jax.value_and_grad(lambda *a: loss("xla", *a), (0, 1, 2), True)(q, k, v)
+    def value_and_grads(impl):  # jitted: eager dispatch compiles every op on its own
+        return jax.jit(jax.value_and_grad(partial(loss, impl), (0, 1, 2), True))(q, k, v)
+
+    (_, ref), ref_grads = value_and_grads("einsum")
+    (_, out), grads = value_and_grads("xla")
     np.testing.assert_allclose(out, ref, atol=1e-5)
     for g, r in zip(grads, ref_grads, strict=True):
         np.testing.assert_allclose(g, r, atol=1e-5)
@@ -272,7 +274,7 @@ def test_model_with_xla_attention_equals_einsum(name):
             logits, _ = nnx.merge(graphdef, params)(tokens)
             return jax.nn.log_softmax(logits).mean(), logits
 
-        (_, logits), grads = jax.value_and_grad(loss, has_aux=True)(params)
+        (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
         results.append((logits, grads))
     np.testing.assert_allclose(results[0][0], results[1][0], atol=1e-5)
     for a, b in zip(jax.tree.leaves(results[0][1]), jax.tree.leaves(results[1][1]), strict=True):
@@ -329,9 +331,21 @@ def test_remat_under_lora_gives_the_same_adapter_gradients():
             return jnp.sum(nnx.merge(graphdef, lora, frozen)(tokens)[0] ** 2)
 
         tokens = jnp.arange(16).reshape(2, 8) % 64
-        grads[remat] = jax.grad(loss)(lora, frozen, tokens)
+        grads[remat] = jax.jit(jax.grad(loss))(lora, frozen, tokens)
     for a, b in zip(jax.tree.leaves(grads["none"]), jax.tree.leaves(grads["block"]), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _jitted(model):
+    """`model(tokens, segments=)`'s logits under jit (eager dispatch compiles every op on its
+    own: several times slower for a whole model)."""
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def call(state, tokens, segments):
+        return nnx.merge(graphdef, state)(tokens, segments=segments)[0]
+
+    return lambda tokens, segments=None: call(state, tokens, segments)
 
 
 def _packed_row(rng, lengths, vocab, pad=3):
@@ -360,16 +374,16 @@ def test_each_example_of_a_packed_row_gets_its_logits_alone(family, attention):
         max_seq_len=32,
         attention=attention,
     )
-    model = create_model(cfg, seed=0)
+    model = _jitted(create_model(cfg, seed=0))
     examples, row, segments = _packed_row(np.random.default_rng(0), [5, 9, 7], 64)
-    packed, _ = model(row, segments=segments)
+    packed = model(row, segments=segments)
     start = 0
     for example in examples:
-        alone, _ = model(jnp.asarray(example[None], jnp.int32))
+        alone = model(jnp.asarray(example[None], jnp.int32))
         got = packed[0, start : start + len(example)]
         np.testing.assert_allclose(got, alone[0], atol=1e-5, rtol=1e-5)
         start += len(example)
-    unmasked, _ = model(row)  # without the segments example 2 sees example 1: different
+    unmasked = model(row)  # without the segments example 2 sees example 1: different
     assert not np.allclose(unmasked[0, 5:14], packed[0, 5:14], atol=1e-3)
 
 
@@ -392,13 +406,9 @@ def test_the_loss_of_a_packed_row_is_the_token_weighted_loss_of_its_examples(los
 
     examples, row, segments = _packed_row(np.random.default_rng(1), [6, 10, 8], 64)
     mask = (segments[:, 1:] > 0).astype(jnp.float32)  # padding targets do not count
-    total, count = lm_loss(
-        apply, params, {}, {"tokens": row, "mask": mask, "segments": segments}, None
-    )
-    alone = [
-        lm_loss(apply, params, {}, {"tokens": jnp.asarray(e[None], jnp.int32)}, None)
-        for e in examples
-    ]
+    loss = jax.jit(lambda params, batch: lm_loss(apply, params, {}, batch, None))
+    total, count = loss(params, {"tokens": row, "mask": mask, "segments": segments})
+    alone = [loss(params, {"tokens": jnp.asarray(e[None], jnp.int32)}) for e in examples]
     assert float(count) == sum(len(e) - 1 for e in examples)  # no target across a boundary
     np.testing.assert_allclose(float(total), sum(float(t) for t, _ in alone), rtol=1e-5)
 
@@ -437,7 +447,7 @@ def test_chunked_cross_entropy_equals_the_whole_one_with_its_gradients(variant):
             losses = token_losses(model, tokens[:, :-1], tokens[:, 1:])
             return jnp.sum(losses * jnp.arange(20)), losses  # a weight per position
 
-        results.append(jax.grad(loss, has_aux=True)(state))
+        results.append(jax.jit(jax.grad(loss, has_aux=True))(state))
     (g0, l0), (g7, l7) = results
     assert l0.shape == l7.shape == (2, 20)
     np.testing.assert_allclose(l0, l7, rtol=1e-5, atol=1e-6)
@@ -472,7 +482,7 @@ def test_a_bfloat16_cross_entropy_is_the_float32_one_of_the_same_logits_with_its
 
     assert cross_entropy(logits, targets).dtype == jnp.float32
     np.testing.assert_allclose(ours(logits), reference(logits), rtol=1e-6)
-    grad, want = jax.grad(ours)(logits), jax.grad(reference)(logits)
+    grad, want = jax.jit(jax.grad(ours))(logits), jax.jit(jax.grad(reference))(logits)
     assert grad.dtype == jnp.bfloat16
     np.testing.assert_allclose(
         np.asarray(grad, np.float32), np.asarray(want.astype(jnp.bfloat16), np.float32), atol=1e-6
@@ -497,7 +507,7 @@ def test_the_loss_in_the_compute_dtype_trains_as_the_float32_loss():
             losses = token_losses(nnx.merge(graphdef, state), tokens[:, :-1], tokens[:, 1:])
             return jnp.mean(losses), losses
 
-        results[loss_dtype, chunk] = jax.grad(loss, has_aux=True)(state)
+        results[loss_dtype, chunk] = jax.jit(jax.grad(loss, has_aux=True))(state)
     g32, l32 = results["float32", 0]
     for key in (("compute", 0), ("compute", 7)):
         g, losses = results[key]

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from helpers import CFG  # the serving tests' tiny Llama-style model
 
 from pipeline.attention import PagedLayer
@@ -60,13 +61,15 @@ def test_paged_attention_equals_the_contiguous_cache(model):
     paged = [PagedLayer(p["k"], p["v"], table) for p in init_paged_cache(CFG, 12, bs)]
     flat = init_cache(CFG, B, 20)
     pos = jnp.broadcast_to(jnp.arange(P), (B, P))
-    want, flat = model(tokens[:, :P], pos, flat)
-    got, paged = model(tokens[:, :P], pos, paged)
+    graphdef, state = nnx.split(model)
+    call = jax.jit(lambda *args: nnx.merge(graphdef, state)(*args))  # eager: op-by-op compiles
+    want, flat = call(tokens[:, :P], pos, flat)
+    got, paged = call(tokens[:, :P], pos, paged)
     np.testing.assert_allclose(got, want, atol=1e-5)
     for t in range(P, P + 3):  # decode, each row its own position
         p = jnp.full((B, 1), t)
-        want, flat = model(tokens[:, t : t + 1], p, flat)
-        got, paged = model(tokens[:, t : t + 1], p, paged)
+        want, flat = call(tokens[:, t : t + 1], p, flat)
+        got, paged = call(tokens[:, t : t + 1], p, paged)
         np.testing.assert_allclose(got, want, atol=1e-5)
 
 
@@ -192,6 +195,7 @@ def test_prefix_caching_reuses_blocks_and_changes_no_token(model):
     assert results[True] == [_alone(model, t, 8) for t in turns]
 
 
+@pytest.mark.e2e
 def test_n_choices_share_the_prompt_blocks_and_sample_their_own(model):
     engine = Engine(model, slots=4, block_size=8)
     engine.start()

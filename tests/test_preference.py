@@ -75,16 +75,18 @@ def test_identical_replies_give_log_2_and_no_gradient(tiny_run, tmp_path):
     params = jax.tree.map(
         lambda x: x + 0.1 * jnp.sin(jnp.arange(x.size).reshape(x.shape)), stage.params
     )
-    (loss, (count, extras)), grads = jax.value_and_grad(
-        lambda p: (lambda s, c, e: (s, (c, e)))(*stage.loss_fn(p, stage.frozen, batch, None)),
-        has_aux=True,
+    (loss, (count, extras)), grads = jax.jit(  # jitted: eager dispatch compiles op by op
+        jax.value_and_grad(
+            lambda p: (lambda s, c, e: (s, (c, e)))(*stage.loss_fn(p, stage.frozen, batch, None)),
+            has_aux=True,
+        )
     )(params)
     np.testing.assert_allclose(loss / count, math.log(2), rtol=1e-6)
     assert float(extras["reward_margin"]) == 0.0 and float(extras["reward_accuracy"]) == count / 2
     # the gradient of one reply's log-probability, scaled by beta, is what cancels: what is
     # left is float32 rounding, orders of magnitude below it
-    one_side = jax.grad(
-        lambda p: stage.loss_fn(p, stage.frozen, batch, None)[2]["chosen_logp"] * 50
+    one_side = jax.jit(
+        jax.grad(lambda p: stage.loss_fn(p, stage.frozen, batch, None)[2]["chosen_logp"] * 50)
     )(params)
     largest = lambda tree: max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(tree))  # noqa: E731
     assert largest(grads) < 1e-5 * largest(one_side), (largest(grads), largest(one_side))
@@ -112,7 +114,8 @@ def test_losses_equal_hand_computed_on_a_two_token_vocabulary():
     for loss_type in ("sigmoid", "ipo", "simpo"):
         dcfg = DpoConfig(loss=loss_type, beta=beta, simpo_gamma=gamma)
         batch = {"tokens": jnp.asarray(tokens), "mask": jnp.asarray(mask)}
-        total, count, extras = preference_loss(policy, reference, dcfg, params, frozen, batch, None)
+        loss = jax.jit(lambda *a, dcfg=dcfg: preference_loss(policy, reference, dcfg, *a, None))
+        total, count, extras = loss(params, frozen, batch)
         expected, margins = [], []
         for b in range(2):
             (pc, nc), (pr, nr) = (seq_logp(policy_model, tokens[b, j], mask[b, j]) for j in (0, 1))
@@ -333,7 +336,8 @@ def test_an_int8_reference_is_a_quarter_of_the_policy_and_close_to_it(tiny_run, 
         _config(tiny_run, tmp_path, data, "finetune.method=full", "dpo.reference_quantize=int8")
     )
     assert np.dtype("int8") in {x.dtype for x in jax.tree.leaves(stage.frozen["reference"])}
-    total, count, extras = stage.loss_fn(stage.params, stage.frozen, stage.train_batch(0), None)
+    loss = jax.jit(lambda *a: stage.loss_fn(*a, None))  # eager: op-by-op compiles
+    total, count, extras = loss(stage.params, stage.frozen, stage.train_batch(0))
     # the policy is the float model, the reference its int8 copy: nearly, not exactly, equal
     assert abs(float(total / count) - math.log(2)) < 0.01
     assert 0 < float(extras["kl"] / count) < 1e-3

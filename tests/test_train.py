@@ -119,7 +119,7 @@ def test_no_weight_decay_on_norms_biases_embeddings(tiny_config):
     # a zero gradient leaves an undecayed parameter unchanged and shrinks a decayed one
     tx, _ = make_optimizer(tiny_config.optimizer, 10, params)
     zeros = jax.tree.map(jnp.zeros_like, params)
-    updates, _ = tx.update(zeros, tx.init(params), params)
+    updates, _ = jax.jit(tx.update)(zeros, tx.init(params), params)
     new = optax.apply_updates(params, updates)
     moved = {
         jax.tree_util.keystr(p)
