@@ -37,17 +37,22 @@ def attention_impl(name: str, dtype, backend: str | None = None) -> str:
     """The training attention to use: `model.attention`, with "auto" resolved for the backend.
 
     auto: on CPU an explicit grouped einsum (faster there than XLA's dot_product_attention:
-    forward plus backward at the small model's shape, 74 ms against 105 ms a layer); on GPUs in
-    bfloat16 or float16, cuDNN's flash attention (fused, skips the masked blocks); otherwise
-    (TPUs, float32 on GPUs) XLA's `jax.nn.dot_product_attention`.
+    forward plus backward at the small model's shape, 74 ms against 105 ms a layer); on NVIDIA
+    GPUs in bfloat16 or float16, cuDNN's flash attention (fused, skips the masked blocks); on
+    TPUs, Pallas's splash attention (the same, in Pallas's TPU kernel, as MaxText runs it);
+    otherwise (float32 on GPUs, a backend this does not know) XLA's `dot_product_attention`.
     """
     backend = backend or jax.default_backend()
     if name == "cudnn" and backend not in ("gpu", "cuda", "rocm"):
         raise ValueError(f"model.attention=cudnn needs an NVIDIA GPU; this backend is {backend}")
+    if name == "splash" and backend != "tpu":
+        raise ValueError(f"model.attention=splash needs a TPU; this backend is {backend}")
     if name != "auto":
         return name
     if backend == "cpu":
         return "einsum"
+    if backend == "tpu":
+        return "splash"
     half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
     return "cudnn" if backend in ("gpu", "cuda") and half else "xla"
 
@@ -66,12 +71,15 @@ def attention(
 
     impl "einsum": `einsum_attention`; "xla" / "cudnn": `jax.nn.dot_product_attention` with that
     implementation, causal and windowed by its own arguments (no mask array, so cuDNN's flash
-    kernel skips the blocks above the diagonal). All compute the same thing (tested).
+    kernel skips the blocks above the diagonal); "splash": `splash_attention`. All compute the
+    same thing (tested).
 
     `segments` (B, T) int: packed rows, several documents each; a query sees only keys of its
     own segment (positions restart at each segment's start). An explicit mask then, on every
     path (cuDNN's kernel takes none: XLA's runs).
     """
+    if impl == "splash":
+        return splash_attention(q, k, v, window, segments)
     if segments is not None:
         mask = visible(positions, positions, window)
         mask &= segments[:, :, None] == segments[:, None, :]
@@ -92,6 +100,68 @@ def attention(
             # a shape or dtype cuDNN's kernel does not take (e.g. an odd head dim): XLA's
             return call("xla")
     return call(impl)
+
+
+SPLASH_BLOCKS = (512, 256, 128)  # the largest that divides the (padded) length is used
+
+
+def splash_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    window: int | None = None,
+    segments: jax.Array | None = None,
+    interpret: bool | None = None,
+) -> jax.Array:
+    """`attention` through Pallas's splash attention kernel for TPUs (causal or sliding-window
+    masks as block structure, packed rows as segment ids). Grouped heads run as multi-query
+    attention per key-value head. The sequence is padded to a multiple of 128 at the end (a
+    causal query never sees the keys after it, so the padding changes nothing before it).
+    `interpret` (default: off a TPU) runs the kernel in Pallas's interpreter, as the tests do.
+    """
+    # Pallas's TPU kernels: imported on the path that uses them
+    from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
+    B, T, N, H = q.shape
+    K = k.shape[2]
+    G = N // K
+    padded = -(-T // 128) * 128
+    block = next(b for b in SPLASH_BLOCKS if padded % b == 0)
+
+    def pad(x, value=0):
+        widths = [(0, 0), (0, padded - T)] + [(0, 0)] * (x.ndim - 2)
+        return jnp.pad(x, widths, constant_values=value)
+
+    shape = (padded, padded)
+    if window is None:
+        mask = splash.CausalMask(shape)
+    else:
+        mask = splash.LocalMask(shape, window_size=(window - 1, 0), offset=0)
+    sizes = {
+        f"block_{name}": block
+        for name in ("q", "kv", "kv_compute", "q_dkv", "kv_dkv", "kv_dkv_compute", "q_dq", "kv_dq")
+    }
+    kernel = splash.make_splash_mqa_single_device(
+        splash.MultiHeadMask([mask] * G),
+        block_sizes=splash.BlockSizes(**sizes),
+        interpret=jax.default_backend() != "tpu" if interpret is None else interpret,
+    )
+    # the kernel takes unscaled logits: the 1/sqrt(H) goes on the queries
+    q = pad(q * jnp.asarray(H**-0.5, q.dtype)).reshape(B, padded, K, G, H)
+    q = q.transpose(0, 2, 3, 1, 4)  # (B, K, G, T, H)
+    k, v = (pad(x).transpose(0, 2, 1, 3) for x in (k, v))  # (B, K, T, H)
+    if segments is None:
+        per_head = jax.vmap(kernel)  # over the key-value heads
+        out = jax.vmap(per_head)(q, k, v)
+    else:
+        ids = pad(segments.astype(jnp.int32), -1)  # the padding: a segment of its own
+
+        def row(q, k, v, ids):
+            seg = splash.SegmentIds(q=ids, kv=ids)
+            return jax.vmap(lambda q, k, v: kernel(q, k, v, segment_ids=seg))(q, k, v)
+
+        out = jax.vmap(row)(q, k, v, ids)
+    return out.transpose(0, 3, 1, 2, 4).reshape(B, padded, N, H)[:, :T]
 
 
 def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:

@@ -207,6 +207,11 @@ class _WriteGuard:
         names = [p.name for p in folder.iterdir()] if folder.is_dir() else []
         complete = [int(n) for n in names if n.isdigit() and int(n) != step]
         last = max(complete) if complete else None
+        # the incomplete write's folder goes: on a full disk it holds the room the run's
+        # state.json ("failed") needs, and it could never be resumed from
+        for name in names:
+            if name == str(step) or name.startswith(f"{step}."):
+                shutil.rmtree(folder / name, ignore_errors=True)
         raise CheckpointWriteError(
             f"checkpoint {step} could not be written to {self.ckpt.directory} ({_cause(err)}); "
             "the last complete "

@@ -90,10 +90,11 @@ class ModelConfig:
     # inside the same pass): half the memory and traffic of the (batch, sequence, vocabulary)
     # logits in bfloat16 runs; the same as float32 where the compute dtype is float32.
     loss_dtype: Literal["float32", "compute"] = "float32"
-    # Training attention: auto (einsum on CPU, cuDNN flash attention on GPUs in bfloat16/float16,
-    # XLA's jax.nn.dot_product_attention otherwise), or one of them by name. Never changes results
-    # beyond rounding; decoding with a KV cache always reads the cache in place (einsum).
-    attention: Literal["auto", "einsum", "xla", "cudnn"] = "auto"
+    # Training attention: auto (einsum on CPU, cuDNN flash attention on NVIDIA GPUs in bfloat16 or
+    # float16, Pallas's splash attention on TPUs, XLA's jax.nn.dot_product_attention otherwise), or
+    # one of them by name. Never changes results beyond rounding; decoding with a KV cache always
+    # reads the cache in place (einsum).
+    attention: Literal["auto", "einsum", "xla", "cudnn", "splash"] = "auto"
 
     # The options the family filled in, with the values it gave them (not a config key). A copy
     # made by `dataclasses.replace` receives it, so an option still holding its filled value is

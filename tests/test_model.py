@@ -285,10 +285,59 @@ def test_attention_impl_per_backend():
     assert attention_impl("auto", jnp.float32, "cpu") == "einsum"
     assert attention_impl("auto", jnp.bfloat16, "gpu") == "cudnn"
     assert attention_impl("auto", jnp.float32, "gpu") == "xla"
-    assert attention_impl("auto", jnp.bfloat16, "tpu") == "xla"
+    # TPUs: Pallas's splash attention in every dtype, never cuDNN's
+    assert attention_impl("auto", jnp.bfloat16, "tpu") == "splash"
+    assert attention_impl("auto", jnp.float32, "tpu") == "splash"
+    # a backend nobody here knows: XLA's portable path, nothing raised
+    for backend in ("metal", "neuron", "some-new-chip"):
+        for dtype in (jnp.float32, jnp.bfloat16):
+            assert attention_impl("auto", dtype, backend) == "xla"
     assert attention_impl("xla", jnp.float32, "cpu") == "xla"
     with pytest.raises(ValueError, match="cudnn needs an NVIDIA GPU"):
         attention_impl("cudnn", jnp.bfloat16, "cpu")
+    with pytest.raises(ValueError, match="cudnn needs an NVIDIA GPU"):
+        attention_impl("cudnn", jnp.bfloat16, "tpu")
+    with pytest.raises(ValueError, match="splash needs a TPU"):
+        attention_impl("splash", jnp.bfloat16, "gpu")
+
+
+@pytest.mark.parametrize(
+    "kv_heads, window, packed, length",
+    [(4, None, False, 20), (2, 5, False, 20), (1, None, True, 20), (2, 9, True, 150)],
+)
+def test_splash_attention_equals_einsum(monkeypatch, kv_heads, window, packed, length):
+    """Pallas's splash attention (the TPU path; here in Pallas's interpreter) computes what the
+    einsum path does, values and gradients: causal and windowed, grouped heads, packed rows
+    (segment ids), a length padded to the block size; 150 with 128-blocks: two blocks."""
+    import pipeline.attention as attn
+
+    monkeypatch.setattr(attn, "SPLASH_BLOCKS", (128,))
+    keys = jax.random.split(jax.random.key(0), 3)
+    q = jax.random.normal(keys[0], (2, length, 4, 8))
+    k = jax.random.normal(keys[1], (2, length, kv_heads, 8))
+    v = jax.random.normal(keys[2], (2, length, kv_heads, 8))
+    positions = jnp.broadcast_to(jnp.arange(length), (2, length))
+    segments = None
+    if packed:  # row 0: three documents; row 1: one, then padding (segment 0)
+        cuts = np.zeros((2, length), np.int32)
+        cuts[0, : length // 3], cuts[0, length // 3 : length // 2], cuts[0, length // 2 :] = 1, 2, 3
+        cuts[1, : length - 4] = 1
+        segments = jnp.asarray(cuts)
+        positions = segment_positions(segments)
+    weights = jnp.cos(jnp.arange(q.size).reshape(q.shape))
+
+    def value_and_grads(impl):
+        def loss(q, k, v):
+            out = attention(q, k, v, positions, window, impl, segments)
+            return (out * weights).sum(), out
+
+        return jax.jit(jax.value_and_grad(loss, (0, 1, 2), has_aux=True))(q, k, v)
+
+    (_, want), want_grads = value_and_grads("einsum")
+    (_, got), grads = value_and_grads("splash")
+    np.testing.assert_allclose(got, want, atol=2e-5)
+    for g, w in zip(grads, want_grads, strict=True):
+        np.testing.assert_allclose(g, w, atol=2e-5)
 
 
 def test_decode_never_transposes_the_cache():
