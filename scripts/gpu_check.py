@@ -45,6 +45,12 @@ def config(*extra: str):
     return load_config(CONFIG, [*OVERRIDES, *extra])
 
 
+def _on_tpu() -> bool:
+    import jax
+
+    return jax.default_backend() == "tpu"
+
+
 def env() -> None:
     from importlib import metadata
 
@@ -89,7 +95,8 @@ def attention() -> None:
     cfg = config().model
     B, T = (2, 64) if TINY else (16, 1024)
     N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    impls = ["einsum", "xla"] + (["cudnn"] if jax.default_backend() == "gpu" else [])
+    accelerated = {"gpu": ["cudnn"], "tpu": ["splash"]}.get(jax.default_backend(), [])
+    impls = ["einsum", "xla", *accelerated]
     keys = jax.random.split(jax.random.key(1), 3)
     q = jax.random.normal(keys[0], (B, T, N, H), jnp.float32)
     k = jax.random.normal(keys[1], (B, T, K, H), jnp.float32)
@@ -292,6 +299,9 @@ def peer_generate() -> None:
     if not importlib.util.find_spec("torch") or not importlib.util.find_spec("transformers"):
         emit("peer_generate", skipped="torch or transformers is not importable")
         return
+    if _on_tpu():
+        emit("peer_generate", skipped="a TPU: the PyTorch peer runs on GPUs")
+        return
     from pipeline.bench.peer import generate_rows
 
     for row in generate_rows(CONFIG.stem, str(CONFIG), OVERRIDES, ["b1", "b32"]):
@@ -347,6 +357,9 @@ def torch() -> None:
 
     if not importlib.util.find_spec("torch") or not importlib.util.find_spec("transformers"):
         emit("torch", skipped="torch or transformers is not importable")
+        return
+    if _on_tpu():
+        emit("torch", skipped="a TPU: the PyTorch peer runs on GPUs")
         return
     import torch as pt
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check, unattended, in minutes: one JSON line per figure on stdout (and in
+# The accelerator check (a GPU, or a TPU VM), unattended, in minutes: one JSON line per figure on stdout (and in
 # $GPU_CHECK_OUT, default gpu_check.jsonl), each section in its own process under a time limit,
 # so one failure does not hide the other figures.
 #
@@ -88,9 +88,10 @@ backend=$("$PY" -c "import jax; print(jax.default_backend())") || {
   echo "[gpu_check] JAX does not import with $PY" >&2
   exit 1
 }
-if [ "$backend" != gpu ]; then
+# A TPU VM runs the same sections (the PyTorch ones report themselves skipped there).
+if [ "$backend" != gpu ] && [ "$backend" != tpu ]; then
   if [ "${GPU_CHECK_ALLOW_CPU:-0}" != 1 ]; then
-    echo "[gpu_check] no GPU: JAX's backend is $backend (GPU_CHECK_ALLOW_CPU=1 rehearses on toy sizes)" >&2
+    echo "[gpu_check] no GPU or TPU: JAX's backend is $backend (GPU_CHECK_ALLOW_CPU=1 rehearses on toy sizes)" >&2
     exit 2
   fi
   export GPU_CHECK_SIZE=tiny
