@@ -44,6 +44,10 @@ class ModelConfig:
 
     family: Literal["gpt2", "llama", "qwen2", "qwen3", "mistral", "gemma"] = "gpt2"
     vocab_size: int = 320
+    # The tokens the vocabulary really has, where vocab_size pads the embedding past them (to a
+    # multiple of 128, as matrix units and TPU lanes want): the padded rows' logits are the
+    # lowest value, never sampled nor counted in a softmax; exports drop them. None: every row.
+    vocab_used: int | None = None
     num_layers: int = 2
     embed_dim: int = 32
     num_heads: int = 4
@@ -695,6 +699,11 @@ def _model_rules(m: ModelConfig, origins: dict) -> list[tuple[str, bool, str]]:
     """(key, holds, message) for the model section, a rule per line."""
     return [
         ("model.vocab_size", m.vocab_size > 0, "must be positive"),
+        (
+            "model.vocab_used",
+            m.vocab_used is None or 0 < m.vocab_used <= m.vocab_size,
+            f"must be in [1, model.vocab_size={m.vocab_size}] (or null: every row)",
+        ),
         ("model.num_layers", m.num_layers > 0, "must be positive"),
         ("model.embed_dim", m.embed_dim > 0, "must be positive"),
         ("model.num_heads", m.num_heads > 0, "must be positive"),

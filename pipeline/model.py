@@ -210,7 +210,12 @@ class Transformer(nnx.Module):
             logits = logits.reshape(*x.shape[:-1], logits.shape[-1])
         else:  # a `Linear`, or an adapter around one that needs the rows of the batch apart
             logits = self.lm_head(x)
-        return logits.astype(jnp.float32) if float32 else logits
+        logits = logits.astype(jnp.float32) if float32 else logits
+        used = self.cfg.vocab_used
+        if used is not None and used < logits.shape[-1]:  # padding rows: never a token
+            real = jnp.arange(logits.shape[-1]) < used
+            logits = jnp.where(real, logits, jnp.finfo(logits.dtype).min)
+        return logits
 
 
 def _block_step(block: Block, x, positions, cache, rope, segments=None):

@@ -58,7 +58,9 @@ def _logits(model, tokens: np.ndarray) -> np.ndarray:
 
 
 def _ours(model, tokens: np.ndarray) -> np.ndarray:
-    return np.asarray(model(jnp.asarray(tokens))[0])
+    """Our logits over the real vocabulary (an imported one is padded to a multiple of 128)."""
+    logits = np.asarray(model(jnp.asarray(tokens))[0])
+    return logits[..., : model.cfg.vocab_used or model.cfg.vocab_size]
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
@@ -77,8 +79,12 @@ def test_import_matches_transformers_logits_and_greedy_generation(tmp_path, kind
     # the imported tokenizer's own chat template renders chat prompts
     messages = [{"role": "user", "content": "hi"}]
     assert prompt_ids(tokenizer, messages) == tok.encode("[user] hi\n[assistant] ")
+    # 263 rows padded to 384, a multiple of 128; the padding's logits are never the answer
+    assert (cfg.model.vocab_size, cfg.model.vocab_used) == (384, 263)
     x = np.random.default_rng(0).integers(0, 263, (2, 24))
     assert np.abs(_logits(hf, x) - _ours(model, x)).max() < 1e-4
+    padding = np.asarray(model(jnp.asarray(x))[0])[..., 263:]
+    assert (padding == np.finfo(np.float32).min).all()
     prompt = [5, 17, 99, 3]
     with torch.no_grad():
         theirs = hf.generate(
@@ -86,6 +92,13 @@ def test_import_matches_transformers_logits_and_greedy_generation(tmp_path, kind
         )[0, len(prompt) :].tolist()
     ours = generate(model, [prompt], 12, eos_id=tok.eos_id).tokens[0]
     assert ours == theirs
+    # exported again: transformers' tensors as they were, the padding rows gone
+    export_hf(tmp_path / "run", tmp_path / "again")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "again").state_dict()
+    for name, tensor in hf.state_dict().items():
+        if name in back:
+            np.testing.assert_array_equal(back[name].numpy(), tensor.numpy(), err_msg=name)
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["vocab_size"] == 263
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])

@@ -281,6 +281,32 @@ def test_model_with_xla_attention_equals_einsum(name):
         np.testing.assert_allclose(a, b, atol=1e-6)
 
 
+def test_padding_rows_of_the_vocabulary_are_never_the_answer():
+    """model.vocab_used: rows past it (a vocabulary padded to a multiple of 128) get the lowest
+    logit, so greedy decoding never picks one even where their weights would win, and they take
+    no gradient through the softmax."""
+    from pipeline.inference.generate import generate
+    from pipeline.training.train import token_losses
+
+    cfg = ModelConfig(vocab_size=128, vocab_used=100, num_layers=1, embed_dim=16, num_heads=2)
+    model = create_model(cfg, seed=0)
+    table = model.embed.embedding  # tied: the head reads the same rows
+    table[...] = table[...].at[100:].set(5.0)  # padding rows that would outscore every token
+    logits = _jitted(model)(_tokens((2, 9), vocab=100))
+    assert (logits[..., 100:] == jnp.finfo(jnp.float32).min).all()
+    assert int(jnp.argmax(logits, -1).max()) < 100
+    out = generate(model, [[1, 2, 3]], 12).tokens[0]
+    assert len(out) == 12 and max(out) < 100
+    graphdef, state = nnx.split(model)
+    tokens = _tokens((2, 9), vocab=100)
+
+    def loss(state):
+        return token_losses(nnx.merge(graphdef, state), tokens[:, :-1], tokens[:, 1:]).mean()
+
+    grad = jax.jit(jax.grad(loss))(state)
+    assert float(jnp.abs(grad["embed"]["embedding"][...][100:]).max()) == 0.0
+
+
 def test_attention_impl_per_backend():
     assert attention_impl("auto", jnp.float32, "cpu") == "einsum"
     assert attention_impl("auto", jnp.bfloat16, "gpu") == "cudnn"

@@ -34,7 +34,7 @@ from pipeline.config import (
     dump_config,
 )
 from pipeline.inference.runs import load_model, save_params
-from pipeline.interop.hf_config import hf_config, model_config_from_hf
+from pipeline.interop.hf_config import exported_vocab, hf_config, model_config_from_hf
 from pipeline.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from pipeline.model import abstract_model
 from pipeline.tokenizer import Tokenizer
@@ -93,7 +93,12 @@ def _llama_layer(cfg: ModelConfig) -> dict[str, tuple[str, str]]:
 
 
 def to_hf(cfg: ModelConfig, ours: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Our parameters (by `weight_name`) -> transformers' state dict."""
+    """Our parameters (by `weight_name`) -> transformers' state dict (the vocabulary's padding
+    rows left out)."""
+    used = exported_vocab(cfg)
+    ours = {**ours, "embed.embedding": ours["embed.embedding"][:used]}
+    if "lm_head.kernel" in ours:
+        ours["lm_head.kernel"] = ours["lm_head.kernel"][:, :used]
     out = {}
     if _layout(cfg) == "gpt2":
         out["transformer.wte.weight"] = ours["embed.embedding"]
@@ -126,9 +131,17 @@ def hf_sources(cfg: ModelConfig) -> dict[str, tuple[str, Callable]]:
     """Our parameter name -> (the transformers tensor it comes from, how to turn one into the
     other): a transpose for torch Linear weights, a slice of GPT-2's fused c_attn."""
     same, transpose = (lambda x: x), (lambda x: x.T)
+    extra = cfg.vocab_size - exported_vocab(cfg)  # padding rows past the checkpoint's vocabulary
+
+    def rows(x):  # the embedding, its padding rows zero
+        return np.pad(x, ((0, extra), (0, 0))) if extra else x
+
+    def head(x):  # lm_head.weight (V, D) -> our kernel (D, V + padding)
+        return np.pad(x.T, ((0, 0), (0, extra))) if extra else x.T
+
     out = {}
     if _layout(cfg) == "gpt2":
-        out["embed.embedding"] = ("transformer.wte.weight", same)
+        out["embed.embedding"] = ("transformer.wte.weight", rows)
         out["pos_embed.embedding"] = ("transformer.wpe.weight", same)
         out["final_norm.scale"] = ("transformer.ln_f.weight", same)
         out["final_norm.bias"] = ("transformer.ln_f.bias", same)
@@ -142,10 +155,10 @@ def hf_sources(cfg: ModelConfig) -> dict[str, tuple[str, Callable]]:
             for name, (theirs, _) in _GPT2_LAYER.items():
                 out[b + name] = (h + theirs, same)
         return out
-    out["embed.embedding"] = ("model.embed_tokens.weight", same)
+    out["embed.embedding"] = ("model.embed_tokens.weight", rows)
     out["final_norm.scale"] = ("model.norm.weight", same)
     if not cfg.tied_embeddings:
-        out["lm_head.kernel"] = ("lm_head.weight", transpose)
+        out["lm_head.kernel"] = ("lm_head.weight", head)
     for i in range(cfg.num_layers):
         b, h = f"blocks.{i}.", f"model.layers.{i}."
         for name, (theirs, how) in _llama_layer(cfg).items():
@@ -359,7 +372,7 @@ def adapter_to_hf(cfg: ModelConfig, ours: dict, peft_config: dict, base: str):
                 ours["base_model.model.lm_head.lora_B.weight"],
             )
             out["base_model.model.lm_head.lora_A.weight"] = a
-            out["base_model.model.lm_head.lora_B.weight"] = b
+            out["base_model.model.lm_head.lora_B.weight"] = b[: exported_vocab(cfg)]
             if "lm_head" not in modules:
                 modules.append("lm_head")
     config = {

@@ -31,6 +31,22 @@ class _Unsupported:
         return ConfigError(f"{self.source}: {field}={value!r} is not supported{why}")
 
 
+VOCAB_MULTIPLE = 128  # an imported vocabulary's embedding rows: padded to a multiple of this
+
+
+def _vocab_fields(hf: dict) -> dict:
+    """vocab_size padded to a multiple of VOCAB_MULTIPLE (GPT-2's 50,257 -> 50,304; Llama 3's,
+    Qwen's, SmolLM's and Gemma's already are one), vocab_used the checkpoint's own."""
+    used = hf["vocab_size"]
+    padded = -(-used // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+    return {"vocab_size": padded, "vocab_used": used if padded != used else None}
+
+
+def exported_vocab(cfg: ModelConfig) -> int:
+    """The rows an export writes: the real vocabulary, without the padding."""
+    return cfg.vocab_used or cfg.vocab_size
+
+
 def model_config_from_hf(hf: dict, source: str = "config.json") -> ModelConfig:
     """Our model config for a transformers `config.json`; unsupported options name the field."""
     unsupported = _Unsupported(source)
@@ -54,7 +70,7 @@ def _gpt2_config(hf: dict, unsupported: _Unsupported) -> ModelConfig:
     D = hf["n_embd"]
     return ModelConfig(
         family="gpt2",
-        vocab_size=hf["vocab_size"],
+        **_vocab_fields(hf),
         num_layers=hf["n_layer"],
         embed_dim=D,
         num_heads=hf["n_head"],
@@ -81,7 +97,7 @@ def _llama_like_config(hf: dict, kind: str, unsupported: _Unsupported) -> ModelC
     D, N = hf["hidden_size"], hf["num_attention_heads"]
     return ModelConfig(
         family=kind,
-        vocab_size=hf["vocab_size"],
+        **_vocab_fields(hf),
         num_layers=hf["num_hidden_layers"],
         embed_dim=D,
         num_heads=N,
@@ -167,7 +183,7 @@ def hf_config(cfg: ModelConfig, tokenizer) -> dict:
     out = {
         "architectures": [ARCHITECTURES[cfg.family]],
         "model_type": cfg.family,
-        "vocab_size": cfg.vocab_size,
+        "vocab_size": exported_vocab(cfg),
         "hidden_size": cfg.embed_dim,
         "intermediate_size": cfg.mlp_dim,
         "num_hidden_layers": cfg.num_layers,
@@ -203,7 +219,7 @@ def _gpt2_hf_config(cfg: ModelConfig, ids: dict) -> dict:
     return {
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",
-        "vocab_size": cfg.vocab_size,
+        "vocab_size": exported_vocab(cfg),
         "n_positions": cfg.max_seq_len,
         "n_embd": cfg.embed_dim,
         "n_layer": cfg.num_layers,

@@ -43,7 +43,7 @@ from pipeline.training.train import (
 )
 
 # Model keys that may change between a run and its resume: they do not change parameters.
-RESUMABLE_MODEL_KEYS = {"remat", "compute_dtype", "loss_chunk", "loss_dtype"}
+RESUMABLE_MODEL_KEYS = {"remat", "compute_dtype", "loss_chunk", "loss_dtype", "vocab_used"}
 
 
 def run_training(cfg: Config, stage: Stage, fresh: bool = False) -> RunResult:
