@@ -72,7 +72,11 @@ def _run_training(cfg: Config, stage: Stage, fresh: bool) -> RunResult:
     if main:
         write_state(run_dir, status="running", step=start, steps=cfg.train.steps, stage=stage.name)
     try:
-        result = loop.run(strategy.replicate(state), start)
+        placed = strategy.replicate(state)
+        # the unplaced state (on an accelerator, a device copy of the weights and the optimizer)
+        # must not outlive its placement: the step donates `placed`, so only the run's copy stays
+        del state
+        result = loop.run(placed, start)
     except BaseException as err:
         if main:
             with contextlib.suppress(OSError):  # a full disk must not hide the first error
