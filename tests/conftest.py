@@ -23,6 +23,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture
+def optimized():
+    """XLA's optimisation passes back on for one test: for the tests whose time goes into
+    running programs (long training chains), not into compiling them."""
+    jax.config.update("jax_disable_most_optimizations", False)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_disable_most_optimizations", True)
+
+
+@pytest.fixture
 def tiny_config(tmp_path) -> Config:
     """configs/tiny.yaml with its data cache and run directory inside the test's temp dir."""
     return load_config(

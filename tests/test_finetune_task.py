@@ -53,7 +53,7 @@ def _exact_match(run_dir, words) -> float:
     return float(np.mean([a == w[::-1] for a, w in zip(answers, words, strict=True)]))
 
 
-def test_lora_learns_to_reverse_strings(tmp_path):
+def test_lora_learns_to_reverse_strings(tmp_path, optimized):
     base = load_config(
         os.path.join(ROOT, "configs", "pretrain_tiny.yaml"),
         [

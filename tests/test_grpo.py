@@ -245,7 +245,7 @@ def test_sweep_runs_grpo(tiny_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_make_grpo_raises_held_out_exact_match_by_30_points(tmp_path):
+def test_make_grpo_raises_held_out_exact_match_by_30_points(tmp_path, optimized):
     """`make grpo`'s chain with its configs as shipped (its run directories aside): a byte-level
     base, LoRA on the reversal task's training words until a fifth of the held-out words come
     out reversed (train.stop_when), then GRPO: greedy exact match on the held-out words rises by
