@@ -62,14 +62,15 @@ def test_paged_attention_equals_the_contiguous_cache(model):
     flat = init_cache(CFG, B, 20)
     pos = jnp.broadcast_to(jnp.arange(P), (B, P))
     graphdef, state = nnx.split(model)
-    call = jax.jit(lambda *args: nnx.merge(graphdef, state)(*args))  # eager: op-by-op compiles
-    want, flat = call(tokens[:, :P], pos, flat)
-    got, paged = call(tokens[:, :P], pos, paged)
+    # jitted (eager dispatch compiles op by op); the weights an argument, not constants
+    forward = jax.jit(lambda state, *args: nnx.merge(graphdef, state)(*args))
+    want, flat = forward(state, tokens[:, :P], pos, flat)
+    got, paged = forward(state, tokens[:, :P], pos, paged)
     np.testing.assert_allclose(got, want, atol=1e-5)
     for t in range(P, P + 3):  # decode, each row its own position
         p = jnp.full((B, 1), t)
-        want, flat = call(tokens[:, t : t + 1], p, flat)
-        got, paged = call(tokens[:, t : t + 1], p, paged)
+        want, flat = forward(state, tokens[:, t : t + 1], p, flat)
+        got, paged = forward(state, tokens[:, t : t + 1], p, paged)
         np.testing.assert_allclose(got, want, atol=1e-5)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import resource
 import time
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -29,7 +30,7 @@ from pipeline.tokenizer import byte_tokenizer
 from pipeline.training.finetune import stage_for_model
 from pipeline.training.instruct import Examples
 from pipeline.training.pretrain import build_stage
-from pipeline.training.train import create_trainer, wait_for_previous_step
+from pipeline.training.train import Stage, create_trainer, wait_for_previous_step
 
 
 def bench_train(cfg: Config, case: str, steps: int = 5, warmup: int = 3) -> dict:
@@ -37,8 +38,9 @@ def bench_train(cfg: Config, case: str, steps: int = 5, warmup: int = 3) -> dict
 
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, cfg.model.vocab_size, 200_000).astype(np.int32)
-    holder = [build_stage(cfg, Dataset(byte_tokenizer(), tokens, tokens[:10_000], {}))]
-    return {"case": f"train/{case}", "kind": "train", **time_stage(cfg, holder, steps, warmup)}
+    data = Dataset(byte_tokenizer(), tokens, tokens[:10_000], {})
+    timed = time_stage(cfg, lambda: build_stage(cfg, data), steps, warmup)
+    return {"case": f"train/{case}", "kind": "train", **timed}
 
 
 def bench_finetune(cfg: Config, case: str, method: str, steps: int = 3, warmup: int = 2) -> dict:
@@ -53,20 +55,23 @@ def bench_finetune(cfg: Config, case: str, method: str, steps: int = 3, warmup: 
     shape = (4 * cfg.train.batch_size, cfg.data.seq_len + 1)
     tokens = rng.integers(0, cfg.model.vocab_size, shape).astype(np.int32)
     examples = Examples(tokens, np.ones((shape[0], shape[1] - 1), np.float32))
-    holder = [stage_for_model(cfg, create_model(cfg.model), byte_tokenizer(), examples, examples)]
+
+    def build():
+        return stage_for_model(cfg, create_model(cfg.model), byte_tokenizer(), examples, examples)
+
     return {
         "case": f"finetune/{case}/{method}",
         "kind": "train",
-        **time_stage(cfg, holder, steps, warmup),
+        **time_stage(cfg, build, steps, warmup),
     }
 
 
-def time_stage(cfg: Config, holder: list, steps: int, warmup: int) -> dict:
-    """Steady-state time of a stage's pmapped step, and XLA's memory figures for it. The stage
-    comes in a list that this empties: once the state is placed, nothing else holds its
-    parameters, so the device's peak is the training step's alone (as PyTorch's is measured)."""
-
-    stage = holder.pop()
+def time_stage(cfg: Config, build: Callable[[], Stage], steps: int, warmup: int) -> dict:
+    """Steady-state time of the pmapped step of the stage `build()` makes, and the memory
+    figures for it. The stage is built here, and dropped once its state is placed: nothing else
+    holds its parameters, so the device's peak is the training step's alone (as PyTorch's is
+    measured)."""
+    stage = build()
     trainer = create_trainer(stage, cfg, steps=max(cfg.train.steps, warmup + steps))
     strategy, train_fn = trainer.strategy, trainer.train_step
     state = strategy.replicate(trainer.state)
@@ -83,8 +88,37 @@ def time_stage(cfg: Config, holder: list, steps: int, warmup: int) -> dict:
     compiled = train_fn.lower(state, batches[0]).compile()
     compile_s = time.perf_counter() - start
     temp_bytes = int(getattr(compiled.memory_analysis(), "temp_size_in_bytes", 0) or 0)
+    step_s = _step_seconds(compiled, state, batches, warmup)
+    device_stats = jax.devices()[0].memory_stats() or {}  # None on CPU
+    return {
+        "params": count_params(cfg.model),
+        "trained_params": trained_params,
+        "batch": cfg.train.batch_size,
+        "seq_len": cfg.data.seq_len,
+        "devices": strategy.num_devices,
+        **_throughput(cfg, step_s, flops_per_token, strategy.num_devices),
+        "compile_s": compile_s,
+        # per device: the training state (weights, adapters, optimizer) and XLA's temporaries
+        "state_bytes": state_bytes,
+        "temp_bytes": temp_bytes,
+        "peak_bytes": state_bytes + temp_bytes,
+        # the device allocator's peak over the process (not its preallocated pool), as
+        # PyTorch's max_memory_allocated: None where the backend keeps none (CPU)
+        "device_peak_bytes": device_stats.get("peak_bytes_in_use"),
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # process
+        "compute_dtype": cfg.model.compute_dtype,
+        "attention": attention_impl(cfg.model.attention, cfg.model.compute_dtype),
+        "remat": cfg.model.remat,
+        "device": jax.devices()[0].device_kind,
+        "allocator": allocator(),
+    }
 
-    def run(state, batches):  # as the training loop runs steps: on CPU one in flight
+
+def _step_seconds(compiled, state, batches: list, warmup: int) -> float:
+    """Seconds per step after `warmup` steps, the steps run as the training loop runs them (on
+    CPU one in flight)."""
+
+    def run(state, batches):
         metrics = []
         for batch in batches:
             wait_for_previous_step(metrics)
@@ -95,46 +129,26 @@ def time_stage(cfg: Config, holder: list, steps: int, warmup: int) -> dict:
     state = run(state, batches[:warmup])
     start = time.perf_counter()
     run(state, batches[warmup:])
-    step_s = (time.perf_counter() - start) / steps
+    return (time.perf_counter() - start) / (len(batches) - warmup)
+
+
+def _throughput(cfg: Config, step_s: float, flops_per_token: float, devices: int) -> dict:
+    """Tokens/s and MFU: against the measured matmul peak, the card's data-sheet peak (None
+    where unknown, as on CPUs), and that peak under MaxText's count (causal attention: half the
+    attention FLOPs of PaLM's count, which the other two use)."""
     tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
-    peak = aggregate_peak_flops(cfg.train.peak_flops, cfg.model.compute_dtype)
-    kind = jax.devices()[0].device_kind
-    nominal = nominal_peak_flops(kind, cfg.model.compute_dtype)
     flops_per_sec = tokens_per_step / step_s * flops_per_token
-    # MaxText's count: causal attention's half of the attention FLOPs (PaLM's counts all)
-    causal = flops_per_token_of(cfg.model, cfg.data.seq_len, causal=True) / flops_per_token_of(
-        cfg.model, cfg.data.seq_len
-    )
-    device_stats = jax.devices()[0].memory_stats() or {}  # None on CPU
+    peak = aggregate_peak_flops(cfg.train.peak_flops, cfg.model.compute_dtype)
+    nominal = nominal_peak_flops(jax.devices()[0].device_kind, cfg.model.compute_dtype)
+    m, T = cfg.model, cfg.data.seq_len
+    causal = flops_per_token_of(m, T, causal=True) / flops_per_token_of(m, T)
     return {
-        "params": count_params(cfg.model),
-        "trained_params": trained_params,
-        "batch": cfg.train.batch_size,
-        "seq_len": cfg.data.seq_len,
-        "devices": strategy.num_devices,
         "tokens_per_sec": tokens_per_step / step_s,
         "step_time_s": step_s,
         "mfu": flops_per_sec / peak,
-        # against the card's data-sheet peak (None where unknown, as on CPUs)
-        "mfu_nominal": flops_per_sec / (nominal * strategy.num_devices) if nominal else None,
-        "mfu_nominal_causal": (
-            causal * flops_per_sec / (nominal * strategy.num_devices) if nominal else None
-        ),
-        "compile_s": compile_s,
-        # per device: the training state (weights, adapters, optimizer) and XLA's temporaries
-        "state_bytes": state_bytes,
-        "temp_bytes": temp_bytes,
-        "peak_bytes": state_bytes + temp_bytes,
-        # the device allocator's peak over the process (not its preallocated pool), as
-        # PyTorch's max_memory_allocated: None where the backend keeps none (CPU)
-        "device_peak_bytes": device_stats.get("peak_bytes_in_use"),
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,  # process
+        "mfu_nominal": flops_per_sec / (nominal * devices) if nominal else None,
+        "mfu_nominal_causal": causal * flops_per_sec / (nominal * devices) if nominal else None,
         "peak_flops": peak,
-        "compute_dtype": cfg.model.compute_dtype,
-        "attention": attention_impl(cfg.model.attention, cfg.model.compute_dtype),
-        "remat": cfg.model.remat,
-        "device": kind,
-        "allocator": allocator(),
     }
 
 
