@@ -213,10 +213,11 @@ def cmd_export(args) -> int:
 
 def cmd_serve(args) -> int:
     """Serve a run over HTTP (OpenAI-compatible) until SIGTERM or Ctrl-C."""
-    from pipeline.runtime import enable_compilation_cache
+    from pipeline.runtime import enable_compilation_cache, serving_cache_dir
 
     cfg = _config(args)
     flags = {
+        "compilation_cache": args.compilation_cache,
         "host": args.host,
         "port": args.port,
         "api_key": args.api_key or os.environ.get("PIPELINE_API_KEY"),
@@ -226,7 +227,7 @@ def cmd_serve(args) -> int:
     }
     cfg = with_overrides(cfg, serve={k: v for k, v in flags.items() if v is not None})
     s = cfg.serve
-    enable_compilation_cache(s.compilation_cache)
+    enable_compilation_cache(serving_cache_dir(s.compilation_cache))
     from pipeline.serving.serve import serve
 
     serve(args.run, s, adapter_runs(args.adapter))
@@ -470,6 +471,12 @@ def _add_inference_commands(sub) -> None:
     srv.add_argument("--quantize", choices=["none", "int8", "int4"])
     srv.add_argument("--model-name", help="the model id clients use (default: the run's name)")
     srv.add_argument("--draft", help="a draft run: speculative decoding (serve.draft_k tokens)")
+    srv.add_argument(
+        "--compilation-cache",
+        metavar="DIR",
+        help="where compiled programs are kept between starts, or off (serve.compilation_cache; "
+        "default: ~/.cache/pipeline/jax)",
+    )
     srv.add_argument(
         "--adapter",
         action="append",

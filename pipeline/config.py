@@ -377,6 +377,14 @@ class ServeConfig:
     # a prompt's tokens per prefill call while other requests decode (each call delays their
     # next token); None: 32 on CPU, prefill_chunk on accelerators
     decode_prefill_chunk: int | None = None
+    # decode steps per device call while no request needs the host between its tokens (none
+    # waiting or prefilling, no grammar, no draft): the host's cost per call is shared by that
+    # many tokens; a request arriving meanwhile waits at most that many steps for its slot
+    decode_steps: int = 4
+    # tokens per streamed chunk: 1 sends each token as it comes; N, a chunk per N tokens (and
+    # the last), fewer messages for the server to write and the client to parse (vLLM's
+    # --stream-interval)
+    stream_interval: int = 1
     # LoRA adapters served beside the base (serve --adapter NAME=RUN; more can be loaded at run
     # time through /v1/load_lora_adapter): room for max_adapters of rank <= max_lora_rank
     max_adapters: int = 0
@@ -397,7 +405,9 @@ class ServeConfig:
     request_timeout_s: float | None = 600.0
     draft: str | None = None  # a draft run (e.g. a distilled student): speculative decoding
     draft_k: int = 4  # draft tokens per round
-    compilation_cache: str | None = None
+    # compiled programs kept on disk, so a restart loads them: "auto" (the user's cache,
+    # ~/.cache/pipeline/jax; see runtime.serving_cache_dir), a directory, or "off"
+    compilation_cache: str | None = "auto"
 
 
 @dataclass(frozen=True)
@@ -856,6 +866,8 @@ def _serve_rules(serve: ServeConfig) -> list[tuple[str, bool, str]]:
                 "block_size",
                 "prefill_chunk",
                 "max_connections",
+                "decode_steps",
+                "stream_interval",
             )
         ),
         ("serve.keep_alive_s", serve.keep_alive_s > 0, "must be positive"),

@@ -79,6 +79,24 @@ def _in_use(path: Path, holder: str, shared: bool) -> str:
     )
 
 
+def serving_cache_dir(setting: str | None) -> str | None:
+    """Where `serve` keeps compiled programs: `setting` (serve.compilation_cache or
+    --compilation-cache) when it names a directory; "off" (or "none", "") for no cache; unset
+    ("auto" or None): JAX's own $JAX_COMPILATION_CACHE_DIR when set, else
+    $PIPELINE_COMPILATION_CACHE, else the user's cache ($XDG_CACHE_HOME, or ~/.cache, then
+    pipeline/jax). A server restarted with the same model and settings loads its programs
+    instead of compiling them."""
+    if setting is not None and setting.lower() in ("off", "none", ""):
+        return None
+    if setting not in (None, "auto"):
+        return setting
+    for name in ("JAX_COMPILATION_CACHE_DIR", "PIPELINE_COMPILATION_CACHE"):
+        if os.environ.get(name):
+            return os.environ[name]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "pipeline", "jax")
+
+
 def enable_compilation_cache(path: str | None) -> None:
     """Keep compiled programs on disk under `path`, so the next process starts without compiling.
 

@@ -138,10 +138,10 @@ def test_a_long_request_decodes_in_a_step_of_its_own_and_changes_no_token(model)
     rng = np.random.default_rng(4)
     prompts = [rng.integers(0, CFG.vocab_size, n).tolist() for n in (3, 110, 5, 7, 4)]
     engine = Engine(model, slots=8, block_size=8)
-    engine.call_blocks = 4  # a second call is cheap next to 14 blocks per short row
+    engine.sched.call_blocks = 4  # a second call is cheap next to 14 blocks per short row
     groups = []
-    plan = engine._groups
-    engine._groups = lambda ready: groups.append(plan(ready)) or groups[-1]
+    plan = engine.sched.groups
+    engine.sched.groups = lambda ready: groups.append(plan(ready)) or groups[-1]
     out = _run(engine, prompts, [12] * 5)
     engine.stop()
     splits = [step for step in groups if len(step) == 2]
@@ -230,6 +230,78 @@ def test_the_memory_of_16_contiguous_slots_holds_64_requests(model):
     for got, p, n in zip(out, prompts, budgets, strict=True):
         assert got == _alone(model, p, n)
     assert engine.blocks.used == 0
+
+
+def _submit_all(engine, prompts, budgets, samplings, stops, controls):
+    """Start the engine, submit every request at once, wait for all: (the requests, their
+    tokens, their finish reasons)."""
+    out, ends, done = [[] for _ in prompts], [None] * len(prompts), threading.Semaphore(0)
+
+    def emitter(i):
+        def emit(token, reason):
+            if token is not None:
+                out[i].append(token)
+            if reason is not None:
+                ends[i] = reason
+                done.release()
+
+        return emit
+
+    requests = [
+        Request(p, n, s, emitter(i), stop_ids=stop, controls=c)
+        for i, (p, n, s, stop, c) in enumerate(
+            zip(prompts, budgets, samplings, stops, controls, strict=True)
+        )
+    ]
+    engine.start()
+    for request in requests:
+        engine.submit(request)
+    for _ in prompts:
+        assert done.acquire(timeout=300)
+    return requests, out, ends
+
+
+@pytest.mark.e2e  # a whole stage or a loaded engine: make test, not test-fast
+def test_several_decode_steps_per_call_change_no_token_logprob_or_stop(model):
+    """Decode calls of up to 4 (and 3) steps give the tokens, log-probabilities and endings of
+    one step per call: greedy and seeded sampling, a penalty, a stop id met mid-call, budgets
+    that are no multiple of the steps; and they take fewer calls."""
+    from pipeline.serving.controls import Controls
+
+    rng = np.random.default_rng(7)
+    prompts = [rng.integers(0, CFG.vocab_size, int(n)).tolist() for n in (3, 17, 9, 30, 5)]
+    budgets = [13, 7, 22, 10, 18]
+    alone = _alone(model, prompts[2], budgets[2])
+    stops = [frozenset(), frozenset(), frozenset({alone[9]}), frozenset(), frozenset()]
+    samplings = [
+        Sampling(temperature=0.8, top_k=30, seed=i) if i % 2 else Sampling() for i in range(5)
+    ]
+    controls = [
+        Controls(logprobs=True),
+        Controls(),
+        Controls(logprobs=True),
+        Controls(),
+        Controls(presence=0.3, frequency=0.5),
+    ]
+    results = {}
+    for steps in (1, 3, 4):
+        engine = Engine(model, slots=8, block_size=8, decode_steps=steps)
+        requests, out, ends = _submit_all(engine, prompts, budgets, samplings, stops, controls)
+        engine.stop()
+        results[steps] = (out, ends, [r.logprobs for r in requests], engine.stats.steps)
+        assert engine.blocks.used == 0
+    out, ends, logprobs, calls = results[1]
+    first = alone.index(alone[9])
+    assert ends[2] == "stop" and out[2] == alone[: first + 1]  # ended at its stop id
+    for steps in (3, 4):
+        assert results[steps][0] == out and results[steps][1] == ends
+        for mine, theirs in zip(results[steps][2], logprobs, strict=True):
+            assert len(mine) == len(theirs)
+            for (lp, ids, tops), (lp1, ids1, tops1) in zip(mine, theirs, strict=True):
+                assert ids == ids1 and abs(lp - lp1) < 1e-5
+                np.testing.assert_allclose(tops, tops1, atol=1e-5)
+    assert len(logprobs[0]) == budgets[0] and len(logprobs[1]) == 0
+    assert results[4][3] < calls / 2  # several steps per call
 
 
 def test_a_request_larger_than_the_pool_is_refused(model):

@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import hypothesis
+import numpy as np
 import pytest
 import schemathesis
 from helpers import CFG, NAME, Server, openai_client
@@ -241,6 +242,86 @@ def test_text_stream_never_splits_a_character_or_leaks_a_stop_sequence():
     assert "".join(pieces) == "héllo wörld " and stream.stopped
     plain = TextStream(tok, [])
     assert "".join(plain.push(i) for i in tok.encode("日本")) + plain.push(None, True) == "日本"
+
+
+MULTILINGUAL = [
+    "Grüße aus Köln, naïve café. 日本語のテキスト、絵文字 🙂🚀 and  two  spaces.",
+    "Ελληνικά και Русский текст; العربية; हिन्दी; 한국어 — done.\n\tindented line",
+]
+
+
+def _sentencepiece_tokenizer():
+    """A Llama-style tokenizer: SentencePiece's "▁" for spaces, byte fallback (<0xNN>) for
+    characters outside its vocabulary, a decoder that strips the first leading space."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, normalizers, trainers
+
+    from pipeline.tokenizer import Tokenizer
+
+    hf = HFTokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    hf.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    hf.decoder = decoders.Sequence(
+        [
+            decoders.Replace("▁", " "),
+            decoders.ByteFallback(),
+            decoders.Fuse(),
+            decoders.Strip(" ", 1, 0),
+        ]
+    )
+    byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<unk>", "<s>", "</s>", *byte_tokens],
+        show_progress=False,
+    )
+    hf.train_from_iterator(["the quick brown fox jumps over the lazy dog " * 8], trainer)
+    return Tokenizer(hf)
+
+
+def test_text_stream_of_random_bytes_ends_as_the_full_decode():
+    """Invalid UTF-8 anywhere (what an untrained model emits): the text sent, with the final
+    flush, is the full decode, replacement characters included."""
+    tok, rng = byte_tokenizer(), np.random.default_rng(0)
+    for _ in range(200):
+        ids = [int(i) for i in rng.integers(0, tok.vocab_size, 12)]
+        stream = TextStream(tok, [])
+        sent = "".join(stream.push(i) for i in ids) + stream.push(None, final=True)
+        assert sent == tok.decode(ids), ids
+
+
+@pytest.mark.parametrize("kind", ["byte", "bpe", "sentencepiece"])
+def test_text_stream_pieces_join_to_the_full_decode(kind):
+    from pipeline.tokenizer import train_bpe
+
+    if kind == "byte":
+        tok = byte_tokenizer()
+    elif kind == "bpe":
+        tok = train_bpe(iter(MULTILINGUAL * 4 + ["def f(x): return x"] * 4), 400)
+    else:
+        tok = _sentencepiece_tokenizer()
+    assert any(tok.hf.id_to_token(i).startswith("<0x") for i in tok.encode(MULTILINGUAL[0])) or (
+        kind != "sentencepiece"
+    )
+    decode, calls = tok.decode, []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return decode(*args, **kwargs)
+
+    for text in MULTILINGUAL:
+        ids = tok.encode(text)
+        stream = TextStream(tok, [])
+        tok.decode = counted
+        pieces = [stream.push(i) for i in ids]
+        tok.decode = decode
+        assert not calls  # each token decoded on its own, never the whole output again
+        assert all("\ufffd" not in p for p in pieces)
+        assert "".join(pieces) + stream.push(None, final=True) == tok.decode(ids)
+        # cut every 7 tokens: what was sent plus the final flush is the decode of the prefix
+        for cut in range(1, len(ids), 7):
+            stream = TextStream(tok, [])
+            sent = "".join(stream.push(i) for i in ids[:cut]) + stream.push(None, final=True)
+            assert sent == tok.decode(ids[:cut]), (kind, cut)
 
 
 async def _until_answered(client, url: str, i: int, seen: Counter) -> None:

@@ -73,12 +73,17 @@ class _LocalServer:
         return f"http://127.0.0.1:{self.port}/v1/completions"
 
     def measure(self, clients, load: tuple) -> dict:
-        """Run `load` in the client process; its figures, with the server's cores busy."""
+        """Run `load` in the client process; its figures, with the server's cores busy and
+        where the engine loop's time went (`serving/stats.py`)."""
+        from pipeline.serving.stats import per_iteration
+
+        loop = self.engine.stats.snapshot()
         cpu, start = os.times(), time.perf_counter()
         figures = clients.apply(run_load, load)
         wall, after = time.perf_counter() - start, os.times()
         busy = (after.user - cpu.user) + (after.system - cpu.system)
-        return {**figures, "cores_busy": busy / wall}
+        engine = per_iteration(loop, self.engine.stats.snapshot())
+        return {**figures, "cores_busy": busy / wall, **engine}
 
     def close(self):
         self.server.should_exit = True
@@ -204,6 +209,8 @@ def bench_serve(
                 for c in concurrencies:
                     prompts = random_prompts(np.random.default_rng(c), max(8, 4 * c), prompt_len)
                     figures = server.measure(clients, (server.url, c, prompts, max_tokens, extra))
+                    if label == "batched":
+                        figures.update(_raw_generate(cfg, c, prompt_len, max_tokens, figures))
                     yield _row(server, f"serve/{case}/{label}/c{c}", c, serve, figures, extra)
             finally:
                 server.close()
@@ -211,6 +218,20 @@ def bench_serve(
             yield from CASES[name](cfg, case, clients, extra)
     finally:
         clients.close()
+
+
+def _raw_generate(cfg: Config, batch: int, prompt_len: int, max_tokens: int, figures) -> dict:
+    """The same model's jitted `generate` at batch = concurrency, the same prompt and budget,
+    in the same sitting (the server idle meanwhile): its decode tokens/s and the server's
+    tokens/s over it (`vs_generate`), the figure of what the serving loop costs."""
+    from pipeline.bench.inference import bench_generate
+
+    raw = bench_generate(cfg, "raw", prompt_len, max_tokens, batch)
+    return {
+        "generate_tokens_per_sec": raw["tokens_per_sec"],
+        "generate_decode_tokens_per_sec": raw["decode_tokens_per_sec"],
+        "vs_generate": figures["tokens_per_sec"] / raw["decode_tokens_per_sec"],
+    }
 
 
 def _row(server, name, concurrency, serve, figures, extra, **more) -> dict:

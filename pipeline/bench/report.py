@@ -59,6 +59,24 @@ def _serving(r: dict) -> str:
         )
         + (f"  TTFT {r['ttft_speedup']:.1f}x lower cached" if "ttft_speedup" in r else "")
         + (
+            f"  = {r['vs_generate']:.1%} of generate's batch-{r['concurrency']} decode "
+            f"({r['generate_decode_tokens_per_sec']:,.0f} tokens/s)"
+            if "vs_generate" in r
+            else ""
+        )
+        + (
+            f"  engine: host {r['engine_host_ms_per_iteration']:.2f} ms + waiting "
+            f"{r['engine_wait_ms_per_iteration']:.2f} ms per iteration, "
+            f"{r['engine_tokens_per_iteration']:.1f} tokens per iteration"
+            + (
+                f", device {r['engine_device_ms_per_step']:.2f} ms per step"
+                if r["engine_device_ms_per_step"] is not None
+                else ""
+            )
+            if "engine_iterations" in r
+            else ""
+        )
+        + (
             f"  ours / this: {r['ours_tokens_per_sec_ratio']:.2f}x tokens/s, "
             f"{r['ours_ttft_p50_ratio']:.2f}x TTFT p50"
             if "ours_tokens_per_sec_ratio" in r

@@ -34,7 +34,6 @@ import logging
 import os
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -57,7 +56,7 @@ from pipeline.inference.sampling import (
 from pipeline.inference.speculative import speculate
 from pipeline.model import init_paged_cache
 from pipeline.serving.adapters import set_rows
-from pipeline.serving.blocks import BlockPool, OutOfBlocksError, block_digests
+from pipeline.serving.blocks import BlockPool
 from pipeline.serving.controls import (
     MAX_TOP_LOGPROBS,
     Controls,
@@ -71,6 +70,8 @@ from pipeline.serving.controls import (
     record,
     restore_counts,
 )
+from pipeline.serving.scheduler import Scheduler
+from pipeline.serving.stats import SAMPLE_EVERY, LoopStats
 
 log = logging.getLogger(__name__)
 
@@ -283,6 +284,35 @@ def _step(params, slots, ctl, pool, tables, ids, live, mask, *, graphdef):
     return tokens, info, _update(slots, part, rows), ctl, _pool(cache)
 
 
+@partial(jax.jit, static_argnames=("graphdef", "k"), donate_argnames=("slots", "ctl", "pool"))
+def _steps(params, slots, ctl, pool, tables, ids, live, mask, n, *, graphdef, k):
+    """`n` (at most `k`, a traced count: one program for every count) decode steps of slots
+    `ids` in one call, nothing from the host between them: tokens (k, rows) and their
+    log-probabilities ((k, rows), (k, rows, K), (k, rows, K)); rows past the n-th are zeros.
+    The tables must hold the blocks of the n positions each live row writes (or "none" where
+    its tokens will be dropped: the steps past its budget)."""
+    rows, top = ids.shape[0], min(MAX_TOP_LOGPROBS, ctl["counts"].shape[1])
+    out = (
+        jnp.zeros((k, rows), jnp.int32),
+        (
+            jnp.zeros((k, rows), jnp.float32),
+            jnp.zeros((k, rows, top), jnp.int32),
+            jnp.zeros((k, rows, top), jnp.float32),
+        ),
+    )
+
+    def body(i, carry):
+        slots, ctl, pool, (tokens, info) = carry
+        new, new_info, slots, ctl, pool = _step(
+            params, slots, ctl, pool, tables, ids, live, mask, graphdef=graphdef
+        )
+        info = jax.tree.map(lambda buf, x: buf.at[i].set(x), info, new_info)
+        return slots, ctl, pool, (tokens.at[i].set(new), info)
+
+    slots, ctl, pool, (tokens, info) = jax.lax.fori_loop(0, n, body, (slots, ctl, pool, out))
+    return tokens, info, slots, ctl, pool
+
+
 @partial(jax.jit, static_argnames=("graphdef",))
 def _score(params, tokens, adapter, *, graphdef):
     """Log-probabilities of a prompt's tokens under the model (with adapter `adapter`) (echo):
@@ -343,6 +373,7 @@ class Engine:
         prefill_chunk: int = 256,
         prefix_caching: bool = True,
         decode_prefill_chunk: int | None = None,
+        decode_steps: int = 4,
     ):
         """`observe(name, value)` receives, from the engine thread, "prompt_tokens" (per
         admitted request), "ttft" and "itl" (seconds: to a request's first token, between its
@@ -352,7 +383,9 @@ class Engine:
         (None: as many as `kv_memory_gb` holds, see `kv_budget`, and no more than every slot
         at full length needs). A prefill call takes at most `prefill_chunk` prompt tokens, and
         of one prompt at most `decode_prefill_chunk` while other requests are decoding (None:
-        32 on CPU, `prefill_chunk` on accelerators)."""
+        32 on CPU, `prefill_chunk` on accelerators). A decode call runs up to `decode_steps`
+        steps while no request needs the host between its tokens (none waiting or prefilling,
+        no grammar): the host's cost per call is shared by that many tokens per request."""
         cfg = model.cfg
         self.max_len = min(max_len or cfg.max_seq_len, cfg.max_seq_len)
         self.num_slots = slots
@@ -364,6 +397,9 @@ class Engine:
         self.admit_sizes = sorted({1, min(4, slots), min(16, slots)})
         self.graphdef, self.params = nnx.split(model)
         self.draft_k = draft_k if draft is not None else 0
+        if decode_steps < 1:
+            raise ValueError(f"decode_steps must be >= 1, got {decode_steps}")
+        self.decode_steps = decode_steps
         # a speculative round writes up to draft_k positions past a slot's last token
         self.lookahead = draft_k + 1 if draft is not None else 0
         self.width = -(-(self.max_len + self.lookahead) // block_size)  # table entries per slot
@@ -372,21 +408,41 @@ class Engine:
         self.ctl = init_controls(slots, cfg.vocab_size)
         self.vocab_size = cfg.vocab_size
         self._init_masks()
-        self.active: list[Request | None] = [None] * slots
-        self.waiting: deque[Request] = deque()
         self.observe = observe or (lambda name, value: None)
+        self._lock = threading.Condition()
+        self._init_scheduler(slots, decode_steps, draft is not None)
+        self._init_loop()
+
+    def _init_loop(self) -> None:
+        """The engine thread's state."""
         self.steps = 0
-        self.preemptions = 0
+        self.stats = LoopStats()  # where the loop's time goes (stats.py)
         self._inflight = None  # dispatched decode steps whose tokens are not delivered yet
         self._masks_due: list[Request] = []  # grammars that consumed a token: masks to refresh
         self._mask_executor = None
-        self._admitted = itertools.count()
-        self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
         self._running = False
         self.compile_seconds = 0.0
         self._compiler: threading.Thread | None = None  # warmup's background compilation
         self._stopping = False
+
+    def _init_scheduler(self, slots: int, decode_steps: int, speculative: bool) -> None:
+        """The host-side books (scheduler.py); this engine does their device work."""
+        self.sched = Scheduler(
+            self,
+            slots,
+            self.blocks,
+            self.width,
+            self.lookahead,
+            decode_steps,
+            speculative,
+            tuple(self.row_buckets),
+            self.call_blocks,
+            self._lock,
+        )
+        # the scheduler's books, read here (the same objects)
+        self.active, self.waiting = self.sched.active, self.sched.waiting
+        self.tables, self.none = self.sched.tables, self.sched.none
 
     def _init_chunks(self, prefill_chunk: int, decode_prefill_chunk: int | None) -> None:
         """The prefill chunk sizes: at most `prefill_chunk`, and while requests decode at most
@@ -421,8 +477,6 @@ class Engine:
             min(slots * self.width, int(kv_budget(kv_memory_gb) // per_block)), self.width
         )
         self.blocks = BlockPool(self.kv_blocks, block_size, prefix_caching)
-        self.none = self.kv_blocks  # the table entry of no block
-        self.tables = np.full((slots, self.width), self.none, np.int32)
         self.pool = init_paged_cache(cfg, self.kv_blocks, block_size)
         self.dgraph, self.dparams, self.dpool = None, None, None
         if draft is not None:
@@ -504,6 +558,10 @@ class Engine:
         return sum(r is not None for r in self.active)
 
     @property
+    def preemptions(self) -> int:
+        return self.sched.preemptions
+
+    @property
     def queue_depth(self) -> int:
         return len(self.waiting)
 
@@ -580,7 +638,8 @@ class Engine:
             live = jax.ShapeDtypeStruct((rows,), jnp.bool_)
             if self.dgraph is None:
                 ids, mask = jax.ShapeDtypeStruct((rows,), jnp.int32), _shapes(self._allow_all[rows])
-                step = _aot(_step, params, slots, ctl, pool, tables, ids, live, mask, **g)
+                args = (params, slots, ctl, pool, tables, ids, live, mask, i32)
+                step = _aot(_steps, *args, k=self.decode_steps, **g)
             else:
                 step = _aot(
                     _speculative_step,
@@ -631,18 +690,13 @@ class Engine:
                         if not self._running:
                             return
                         self._lock.wait()
-                    self._free_cancelled()
-                    self._compact()
-                    self._admit()
-                self._compact()
-                if any(r is not None and r.prefilling for r in self.active):
-                    self._prefill_round()
-                    self._compact()
-                if any(r is not None and not r.prefilling for r in self.active):
-                    self._decode()
-                    self._compact()
-                elif self._inflight is not None:
-                    self._flush()
+                    start = time.perf_counter()
+                    self.sched.free_cancelled()
+                    self.sched.compact()
+                    self.sched.admit()
+                self._iterate()
+                self.stats.iterations += 1
+                self.stats.busy_s += time.perf_counter() - start
         except Exception:  # a bug must not hang every client: end them all, then re-raise
             log.exception("engine loop failed")
             with self._lock:
@@ -650,107 +704,32 @@ class Engine:
                 for request in [*self.waiting, *filter(None, self.active)]:
                     request.emit(None, "error")
                 self.waiting.clear()
-                self.active = [None] * self.num_slots
+                self.active[:] = [None] * self.num_slots
             raise
 
+    def _iterate(self) -> None:
+        """One iteration past admission: a prefill call, a decode step, the tokens delivered."""
+        self.sched.compact()
+        if any(r is not None and r.prefilling for r in self.active):
+            self._prefill_round()
+            self.sched.compact()
+        if any(r is not None and not r.prefilling for r in self.active):
+            self._decode()
+            self.sched.compact()
+        elif self._inflight is not None:
+            self._flush()
+
+    def _fetch(self, x) -> np.ndarray:
+        """A device result on the host, the time blocked on it counted as waiting."""
+        start = time.perf_counter()
+        out = np.asarray(x)
+        self.stats.wait_s += time.perf_counter() - start
+        return out
+
     def _has_work(self) -> bool:
-        return bool(self.waiting) or self._running_any() or self._inflight is not None
+        return bool(self.waiting) or self.sched.running_any() or self._inflight is not None
 
-    def _free_cancelled(self) -> None:
-        for slot, request in enumerate(self.active):
-            if request is not None and request.cancelled:
-                self._finish(slot, None, "cancelled")
-        for request in [r for r in self.waiting if r.cancelled]:
-            self.waiting.remove(request)
-            request.emit(None, "cancelled")
-
-    # admission: a free slot and the blocks for the whole context --------------------------
-
-    def _admit(self) -> None:
-        """Waiting requests into free slots, first come first served, while the pool has the
-        blocks of their contexts (less what the prefix cache already holds) to spare; another
-        choice of a request that is decoding shares its prompt's blocks instead."""
-        reserve = max(1, self.kv_blocks // 100)  # room for the running requests to grow
-        skipped = []
-        while self.waiting and None in self.active:
-            request = self.waiting.popleft()
-            parent = request.parent
-            if parent is not None and parent in self.active:
-                if parent.prefilling:  # fork once its prompt is in the cache
-                    skipped.append(request)
-                    continue
-                if not self._fork_admit(request, parent, reserve):
-                    self.waiting.appendleft(request)
-                    break
-                continue
-            if not self._fresh_admit(request, reserve):
-                self.waiting.appendleft(request)
-                break
-        self.waiting.extendleft(reversed(skipped))
-
-    def _fresh_admit(self, request: Request, reserve: int) -> bool:
-        request.parent = None
-        request.context = request.prompt + request.output
-        bs = self.block_size
-        if not request.digests:
-            request.digests = block_digests(request.context, bs, request.salt)
-        cached = self.blocks.lookup(request.digests, (len(request.context) - 1) // bs)
-        need = -(-(len(request.context) + 1) // bs) - len(cached)
-        if self.blocks.available - need < reserve and self._running_any():
-            self.blocks.release(cached)
-            return False
-        try:
-            fresh = [self.blocks.allocate() for _ in range(need)]
-        except OutOfBlocksError:  # only when nothing else runs: it waits for nothing
-            raise RuntimeError("a request needs more KV blocks than the pool has") from None
-        slot = self.active.index(None)
-        request.blocks = cached + fresh
-        request.computed = request.started = len(cached) * bs
-        request.prefilling = True
-        request.order, request.slot = next(self._admitted), slot
-        request.scheduled = len(request.output)
-        self.tables[slot] = self.none
-        self.tables[slot, : len(request.blocks)] = request.blocks
-        self.active[slot] = request
-        if request.output and request.controls.shapes_logits:
-            ids = np.full((self.max_len,), self.vocab_size, np.int32)
-            ids[: len(request.output)] = request.output
-            self.ctl = _restore_counts(self.ctl, np.int32(slot), ids)
-        return True
-
-    def _fork_admit(self, request: Request, parent: Request, reserve: int) -> bool:
-        """Another choice of `parent`: its prompt's blocks shared, the block of the prompt's
-        last token copied (the choice rewrites that position), its state forked."""
-        if self.blocks.available - 1 < reserve:
-            return False
-        bs, L = self.block_size, len(request.prompt)
-        shared = [self.blocks.share(b) for b in parent.blocks[: (L - 1) // bs]]
-        copy = self.blocks.allocate()
-        self._copy(parent.blocks[(L - 1) // bs], copy)
-        src, slot = self.active.index(parent), self.active.index(None)
-        request.blocks, request.prefilling = [*shared, copy], False
-        request.context, request.position = list(request.prompt), L - 1
-        request.order, request.slot, request.scheduled = next(self._admitted), slot, 0
-        self.tables[slot] = self.none
-        self.tables[slot, : len(request.blocks)] = request.blocks
-        self.slots, self.ctl = _fork(
-            self.slots,
-            self.ctl,
-            np.int32(src),
-            np.int32(slot),
-            np.int32(request.prompt[-1]),
-            np.int32(L - 1),
-            np.uint32(request.sampling.seed),
-        )
-        self.active[slot] = request
-        if request.grammar is not None:
-            _fill_mask(request.grammar, self.masks, slot)
-        return True
-
-    def _running_any(self) -> bool:
-        return any(r is not None for r in self.active)
-
-    def _copy(self, src: int, dst: int) -> None:
+    def copy_block(self, src: int, dst: int) -> None:
         pools = (self.pool, self.dpool) if self.dpool is not None else (self.pool,)
         pools = _copy_block(pools, np.int32(src), np.int32(dst))
         self.pool = pools[0]
@@ -811,7 +790,7 @@ class Engine:
             graphdef=self.graphdef,
             dgraph=self.dgraph,
         )
-        return np.asarray(token), info
+        return self._fetch(token), info
 
     def _prefill_args(self, requests: list, pieces: list, P: int, slot_ids: list, n: int):
         """`_prefill`'s chunk, sampling values, controls and mask for these requests' next
@@ -854,41 +833,11 @@ class Engine:
 
     # decode ---------------------------------------------------------------------------------
 
-    def _grow(self) -> None:
-        """Give every decoding request the blocks its next step writes; when the pool is out,
-        preempt the most recently admitted request (it is recomputed later)."""
-        for slot, request in enumerate(self.active):
-            if request is None or request.prefilling:
-                continue
-            need = (request.position + self.lookahead) // self.block_size + 1
-            while self.active[slot] is request and len(request.blocks) < need:
-                try:
-                    block = self.blocks.allocate()
-                except OutOfBlocksError:
-                    self._preempt()
-                    continue
-                self.tables[slot, len(request.blocks)] = block
-                request.blocks.append(block)
-
-    def _preempt(self) -> None:
-        """Free the blocks of the latest admitted request and queue it first again: it will be
-        prefilled anew from its prompt and the tokens it produced."""
-        slot = max(
-            (i for i, r in enumerate(self.active) if r is not None),
-            key=lambda i: self.active[i].order,
-        )
-        request = self.active[slot]
-        self._release(slot)
-        request.digests, request.parent = [], None
-        request.preemptions += 1
-        self.preemptions += 1
-        with self._lock:
-            self.waiting.appendleft(request)
-
-    def _run_step(self, ids: np.ndarray, live: np.ndarray):
-        """One jitted step for slots `ids` (padded with the id past the last slot; only those
-        `live` advance): (tokens (rows, m), how many of them (rows,) (None: one each, tokens
-        (rows,)), their log-probabilities or None). A draft round runs slots 0..rows-1
+    def _run_step(self, ids: np.ndarray, live: np.ndarray, steps: int = 1):
+        """One jitted call for slots `ids` (padded with the id past the last slot; only those
+        `live` advance): `steps` decode steps, (tokens (k, rows), `steps`, their
+        log-probabilities ((k, rows), (k, rows, K), (k, rows, K))); or a draft round,
+        (tokens (rows, m), how many of them (rows,), None), for slots 0..rows-1
         (ids = arange(rows))."""
         rows = len(ids)
         safe = np.minimum(ids, self.num_slots - 1)  # (padding rows read the last slot)
@@ -898,7 +847,7 @@ class Engine:
                 self.active[i] is not None and self.active[i].grammar is not None for i in ids[live]
             )
             mask = self.masks[safe]
-            tokens, info, self.slots, self.ctl, self.pool = _step(
+            tokens, info, self.slots, self.ctl, self.pool = _steps(
                 self.params,
                 self.slots,
                 self.ctl,
@@ -907,9 +856,11 @@ class Engine:
                 ids.astype(np.int32),
                 live,
                 mask if constrained else self._allow_all[rows],
+                np.int32(steps),
                 graphdef=self.graphdef,
+                k=self.decode_steps,
             )
-            return tokens, None, info
+            return tokens, steps, info
         tokens, produced, self.slots, self.pool, self.dpool = _speculative_step(
             self.params,
             self.dparams,
@@ -934,66 +885,50 @@ class Engine:
         the device's. A request that needs its tokens first (a grammar's next mask, a draft
         round's count) makes the engine deliver at once. A request ended by step t wastes its
         row of step t + 1, whose token is dropped; one that reaches max_tokens is not scheduled
-        past it.
+        past it. A call runs several steps while nothing needs the host between them
+        (`Scheduler.run_ahead`). One call in `SAMPLE_EVERY` runs alone, timed (stats.py).
         """
-        self._grow()
-        self._compact()
-        ready = [
-            i
-            for i, r in enumerate(self.active)
-            if r is not None and not r.prefilling and r.scheduled < r.max_tokens
-        ]
+        timed = self.steps % SAMPLE_EVERY == SAMPLE_EVERY - 1
+        if timed:
+            self._flush()
+        steps = self.sched.run_ahead()
+        self.sched.grow(steps)
+        self.sched.compact()
+        ready = self.sched.ready()
         if not ready:
             self._flush()
             return
-        dispatched = []
-        for group in self._groups(ready):
-            rows = self._rows(len(group))
+        start, dispatched = time.perf_counter(), []
+        for group in self.sched.groups(ready):
+            rows = self.sched.rows(len(group))
             ids = np.full(rows, self.num_slots, np.int32)
             ids[: len(group)] = group
             if self.dgraph is not None:  # a draft round runs slots 0..rows-1
-                rows = self._rows(group[-1] + 1)
+                rows = self.sched.rows(group[-1] + 1)
                 ids = np.arange(rows, dtype=np.int32)
             batch = [self.active[i] if i in group else None for i in ids.tolist()]
-            tokens, produced, info = self._run_step(ids, np.asarray([r is not None for r in batch]))
-            dispatched.append((tokens, produced, info, batch))
+            live = np.asarray([r is not None for r in batch])
+            dispatched.append((*self._run_step(ids, live, steps), batch))
             for request in filter(None, batch):
-                request.scheduled += 1
+                request.scheduled += steps
                 if self.dgraph is None:
-                    request.position += 1  # (a draft round's advance is known once delivered)
+                    request.position += steps  # (a draft round's advance: known once delivered)
         self.steps += 1
+        self.stats.steps += 1
+        if timed:
+            jax.block_until_ready([step[0] for step in dispatched])
+            self.stats.timed_steps += steps
+            self.stats.timed_s += time.perf_counter() - start
         previous, self._inflight = self._inflight, dispatched
         for step in previous or ():
             self._deliver_step(step)
         if self.dgraph is not None or any(self.active[i].grammar for i in ready if self.active[i]):
             self._flush()
 
-    def _rows(self, n: int) -> int:
-        """The decode programs' row count for n rows (the next power of two)."""
-        return next(b for b in self.row_buckets if b >= n)
-
-    def _groups(self, ready: list[int]) -> list[list[int]]:
-        """The decoding slots in one step, or two when that reads fewer bytes: a step's
-        attention reads, for each of its rows, as many KV blocks as its longest row holds, so
-        the few long requests among many short ones go in a step of their own once the blocks
-        that spares outweigh a second read of the weights."""
-        if self.dgraph is not None or len(ready) < 2:
-            return [ready]
-        bs = self.block_size
-        ready = sorted(ready, key=lambda i: self.active[i].position)
-        columns = [self.active[i].position // bs + 1 for i in ready]
-        rows = self._rows
-        best, split = rows(len(ready)) * columns[-1], None
-        for k in range(1, len(ready)):
-            cost = rows(k) * columns[k - 1] + rows(len(ready) - k) * columns[-1] + self.call_blocks
-            if cost < best:
-                best, split = cost, k
-        return [ready] if split is None else [ready[:split], ready[split:]]
-
     def _fill_due_masks(self) -> None:
         """The next masks of the grammars that just consumed a token, in one parallel call
         (llguidance computes them on its own threads, without the interpreter lock)."""
-        due = [(r.grammar, r.slot) for r in self._masks_due if self._holds(r)]
+        due = [(r.grammar, r.slot) for r in self._masks_due if self.sched.holds(r)]
         self._masks_due.clear()
         if due:
             from llguidance import LLExecutor
@@ -1001,9 +936,6 @@ class Engine:
 
             self._mask_executor = self._mask_executor or LLExecutor()
             fill_next_token_bitmask_par(self._mask_executor, due, self.masks)
-
-    def _holds(self, request: Request) -> bool:
-        return request.slot >= 0 and self.active[request.slot] is request
 
     def _flush(self) -> None:
         inflight, self._inflight = self._inflight, None
@@ -1013,47 +945,57 @@ class Engine:
     def _deliver_step(self, inflight) -> None:
         """Deliver a dispatched step's tokens to the requests it ran for that are still on."""
         tokens, produced, info, batch = inflight
-        tokens = np.asarray(tokens)
-        if produced is None:  # a decode step: one token per row
-            tokens, produced = tokens[:, None], np.ones(len(tokens), np.int32)
-        produced = np.asarray(produced)
+        tokens = self._fetch(tokens)
+        if isinstance(produced, int):  # decode steps: (k, rows) -> (rows, produced) each
+            tokens = tokens[:produced].T
+            produced = np.full(len(tokens), produced, np.int32)
+        produced = self._fetch(produced)
         info = _host_info(info, any(r is not None and r.controls.logprobs for r in batch))
         for row, request in enumerate(batch):
-            if request is None or not self._holds(request):
+            if request is None or not self.sched.holds(request):
                 continue  # ended, cancelled or preempted since
             if self.dgraph is not None:
                 request.position += int(produced[row])
-            for token in tokens[row, : produced[row]]:
-                if not self._holds(request):  # it ended within this round
+            for j, token in enumerate(tokens[row, : produced[row]]):
+                if not self.sched.holds(request):  # it ended within this round
                     break
-                lp = info and (info[0][row], info[1][row], info[2][row])
+                lp = info and (info[0][j, row], info[1][j, row], info[2][j, row])
                 self._deliver(request.slot, int(token), lp)
         self._fill_due_masks()
 
-    def _compact(self) -> None:
-        """Keep the active requests in slots 0..n-1: move the highest into the lowest hole."""
-        while True:
-            used = [i for i, r in enumerate(self.active) if r is not None]
-            holes = [i for i, r in enumerate(self.active) if r is None]
-            if not used or not holes or holes[0] > used[-1]:
-                return
-            src, dst = used[-1], holes[0]
-            self._move(src, dst)
-            self.active[dst], self.active[src] = self.active[src], None
-            self.active[dst].slot = dst
+    # the device work of the scheduler's decisions (scheduler.SlotDevice) ----------------------
 
-    def _move(self, src: int, dst: int) -> None:
+    def move_slot(self, src: int, dst: int) -> None:
         self.slots, self.ctl = _move(self.slots, self.ctl, np.int32(src), np.int32(dst))
         self.masks[dst] = self.masks[src]
-        self.tables[dst] = self.tables[src]
-        if src != dst:
-            self.tables[src] = self.none
+
+    def fork_slot(self, src: int, dst: int, request: Request) -> None:
+        L = len(request.prompt)
+        self.slots, self.ctl = _fork(
+            self.slots,
+            self.ctl,
+            np.int32(src),
+            np.int32(dst),
+            np.int32(request.prompt[-1]),
+            np.int32(L - 1),
+            np.uint32(request.sampling.seed),
+        )
+        if request.grammar is not None:
+            _fill_mask(request.grammar, self.masks, dst)
+
+    def restore_counts(self, slot: int, request: Request) -> None:
+        ids = np.full((self.max_len,), self.vocab_size, np.int32)
+        ids[: len(request.output)] = request.output
+        self.ctl = _restore_counts(self.ctl, np.int32(slot), ids)
+
+    def clear_slot(self, slot: int) -> None:
+        self.masks[slot] = -1
 
     def _deliver(self, slot: int, token: int, info=None) -> None:
         request = self.active[slot]
         now = time.perf_counter()
         if request.cancelled:
-            self._finish(slot, None, "cancelled")
+            self.sched.finish(slot, None, "cancelled")
             return
         if request.controls.logprobs and info is not None:
             request.logprobs.append((float(info[0]), info[1].tolist(), info[2].tolist()))
@@ -1062,34 +1004,21 @@ class Engine:
         else:
             self.observe("itl", now - request.last_token_at)
         request.generated += 1
+        self.stats.tokens += 1
         request.output.append(token)
         request.last_token_at = now
         if request.grammar is not None and token not in request.stop_ids:
             request.grammar.consume_token(token)
             if request.grammar.is_stopped():  # the grammar is complete: this token ends it
-                self._finish(slot, token, "end")
+                self.sched.finish(slot, token, "end")
                 return
             self._masks_due.append(request)  # its next mask: all of a step's at once
         if token in request.stop_ids:
-            self._finish(slot, token, "stop")
+            self.sched.finish(slot, token, "stop")
         elif request.generated >= request.max_tokens:
-            self._finish(slot, token, "length")
+            self.sched.finish(slot, token, "length")
         else:
             request.emit(token, None)
-
-    def _release(self, slot: int) -> None:
-        request = self.active[slot]
-        self.blocks.release(request.blocks)
-        request.blocks = []
-        self.tables[slot] = self.none
-        self.active[slot] = None
-        self.masks[slot] = -1
-        request.slot = -1
-
-    def _finish(self, slot: int, token: int | None, reason: str) -> None:
-        request = self.active[slot]
-        self._release(slot)
-        request.emit(token, reason)
 
 
 def _aot(program, *args, **static):

@@ -102,6 +102,31 @@ class Metrics:
             "pipeline_preemptions", "Requests preempted (recomputed) for KV blocks", registry=r
         )
         preempted.set_function(lambda: engine.preemptions)
+        self._loop_gauges(engine)
+
+    def _loop_gauges(self, engine: Engine) -> None:
+        """The engine loop's running totals (`stats.py`): rates of these give the host's
+        milliseconds per iteration, the time waiting for the device, tokens per iteration."""
+        stats, r = engine.stats, self.registry
+        for name, doc, read in (
+            ("iterations", "Engine loop iterations", lambda: stats.iterations),
+            ("busy_seconds", "Engine loop time, waiting for work excluded", lambda: stats.busy_s),
+            ("device_wait_seconds", "Loop time blocked on device results", lambda: stats.wait_s),
+            (
+                "host_seconds",
+                "Loop time not blocked on the device",
+                lambda: stats.busy_s - stats.wait_s,
+            ),
+            ("delivered_tokens", "Tokens delivered by the engine loop", lambda: stats.tokens),
+            ("decode_steps", "Decode calls dispatched", lambda: stats.steps),
+        ):
+            Gauge(f"pipeline_engine_{name}", doc, registry=r).set_function(read)
+        step = Gauge(
+            "pipeline_engine_device_step_seconds",
+            "A decode step's device time (mean of the steps timed alone, one in 64)",
+            registry=r,
+        )
+        step.set_function(lambda: stats.timed_s / stats.timed_steps if stats.timed_steps else 0)
 
     def observe(self, name: str, value: float) -> None:
         """The engine's hook (called from the engine thread)."""
@@ -115,25 +140,73 @@ class Metrics:
             self.generated_tokens.inc()
 
 
+class Outbox:
+    """Tokens from the engine thread to the event loop, a batch per wake-up: the engine's
+    callbacks append under a lock, and the first one after a drain schedules one drain on the
+    loop. (`call_soon_threadsafe` writes to the loop's wake-up pipe: once per engine delivery
+    rather than once per token per request.)"""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._items: list = []
+        self._lock = threading.Lock()
+        self._scheduled = False
+
+    def put(self, queue: asyncio.Queue, item) -> None:
+        with self._lock:
+            self._items.append((queue, item))
+            if self._scheduled:
+                return
+            self._scheduled = True
+        self.loop.call_soon_threadsafe(self._drain)
+
+    def _drain(self) -> None:
+        with self._lock:
+            items, self._items, self._scheduled = self._items, [], False
+        for queue, item in items:
+            queue.put_nowait(item)
+
+
 class TextStream:
     """Incremental detokenisation with stop sequences.
 
     `push(token)` returns the text that is safe to send: never half a UTF-8 character, and never
     text that could still turn out to begin a stop sequence. `stopped` is set when one matched;
-    the text sent then ends right before it.
+    the text sent then ends right before it. Each token costs its own text, not the whole
+    output again: the `tokenizers` library's `DecodeStream` decodes a token against the few
+    before it (a UTF-8 character split over tokens, a decoder's leading-space rule), the way
+    the full decode would; the full decode runs once, at the end, for what the stream still
+    holds back then (an incomplete character, rendered as the full decode renders it).
     """
 
     def __init__(self, tokenizer, stop: list[str]):
+        from tokenizers.decoders import DecodeStream
+
         self.tokenizer, self.stop = tokenizer, [s for s in stop if s]
+        hf = getattr(tokenizer, "hf", None)
+        self._stream = (hf, DecodeStream(skip_special_tokens=True)) if hf is not None else None
         self.ids: list[int] = []
         self.sent = 0  # characters of the decoded text already returned
         self.text = ""
         self.stopped = False
 
-    def push(self, token: int | None, final: bool = False) -> str:
+    def _append(self, token: int | None, final: bool) -> None:
         if token is not None:
             self.ids.append(token)
-            self.text = self.tokenizer.decode(self.ids)
+            if self._stream is None:
+                self.text = self.tokenizer.decode(self.ids)
+                return
+            hf, stream = self._stream
+            piece = stream.step(hf, token) if 0 <= token < self.tokenizer.vocab_size else ""
+            self.text += piece or ""
+        if final and self._stream is not None:
+            whole = self.tokenizer.decode(self.ids)
+            if whole.startswith(self.text):
+                self.text = whole
+
+    def push(self, token: int | None, final: bool = False) -> str:
+        if not self.stopped:
+            self._append(token, final)
         text = self.text
         for stop in self.stop:
             at = text.find(stop, max(0, self.sent - len(stop) + 1))
@@ -146,7 +219,7 @@ class TextStream:
                 end -= 1
             for stop in self.stop:  # hold back a tail that may begin a stop sequence
                 for k in range(min(len(stop) - 1, end), 0, -1):
-                    if text[:end].endswith(stop[:k]):
+                    if text.endswith(stop[:k], 0, end):
                         end -= k
                         break
         end = max(end, self.sent)
@@ -238,6 +311,7 @@ class Routes:
         self.max_tokens = min(cfg.max_tokens or engine.max_len, engine.max_len)
         self.accepting = True  # False once the server drains for shutdown
         self._llt = None  # the tokenizer as llguidance sees it (structured outputs), on first use
+        self._outbox: Outbox | None = None  # the engine's tokens to the event loop
 
     async def guard(self, request: Request, call_next):
         """The API key and the body size, for every /v1 route; request counts."""
@@ -393,6 +467,9 @@ class Routes:
         queue). Choice i samples with seed + i; choices after the first (`first`, the engine's
         request of choice 0) copy its prefilled prompt."""
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+        if self._outbox is None or self._outbox.loop is not loop:
+            self._outbox = Outbox(loop)
+        outbox = self._outbox
         seed = body.seed if body.seed is not None else uuid.uuid4().int % (1 << 31)
         stop_ids = self._stop_ids(body, chat)
         controls = Controls(
@@ -416,7 +493,7 @@ class Routes:
             controls=controls,
             parent=first,
             grammar=self._matcher(grammar) if grammar else None,
-            emit=lambda token, reason: loop.call_soon_threadsafe(queue.put_nowait, (token, reason)),
+            emit=lambda token, reason: outbox.put(queue, (token, reason)),
         )
         try:
             self.engine.submit(job)
@@ -631,14 +708,19 @@ class Routes:
 
         limit = self.cfg.request_timeout_s
         deadline = None if limit is None else asyncio.get_running_loop().time() + limit
+        interval, held, held_items, count = self.cfg.stream_interval, "", [], 0
         try:
             while True:
-                try:
-                    token, reason = await asyncio.wait_for(queue.get(), _left(deadline))
+                try:  # (wait_for makes a task: only when the queue is empty)
+                    token, reason = (
+                        queue.get_nowait()
+                        if queue.qsize()
+                        else (await asyncio.wait_for(queue.get(), _left(deadline)))
+                    )
                 except TimeoutError:  # the request's time budget ran out: it ends like "length"
                     self.engine.cancel(job)
                     finished = True
-                    yield text.push(None, final=True), "length", []
+                    yield held + text.push(None, final=True), "length", held_items
                     return
                 before = len(text.text)
                 if reason is not None:
@@ -648,16 +730,20 @@ class Routes:
                     # a stop token is not text, but its log-probability is reported (as vLLM
                     # does: echo + max_tokens 1 scorers drop the last item, whatever it is)
                     items = items_of(token, before) if token is not None else []
-                    yield tail, "length" if reason == "length" else "stop", items
+                    finish = "length" if reason == "length" else "stop"
+                    yield held + tail, finish, held_items + items
                     return
                 delta = text.push(token)
                 items = items_of(token, before)
                 if text.stopped:
                     self.engine.cancel(job)
                     finished = True
-                    yield delta, "stop", items
+                    yield held + delta, "stop", held_items + items
                     return
-                yield delta, None, items  # one chunk per token, even while text is held back
+                held, held_items, count = held + delta, held_items + items, count + 1
+                if count >= interval:  # a chunk per `stream_interval` tokens, even while
+                    yield held, None, held_items  # text is held back (an empty delta)
+                    held, held_items, count = "", [], 0
         finally:
             if not finished:
                 self.engine.cancel(job)
@@ -738,6 +824,7 @@ def engine_args(cfg: ServeConfig) -> dict:
         "block_size": cfg.block_size,
         "prefill_chunk": cfg.prefill_chunk,
         "decode_prefill_chunk": cfg.decode_prefill_chunk,
+        "decode_steps": cfg.decode_steps,
         "prefix_caching": cfg.prefix_caching,
     }
 
