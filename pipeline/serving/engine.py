@@ -404,6 +404,7 @@ class Engine:
         self.lookahead = draft_k + 1 if draft is not None else 0
         self.width = -(-(self.max_len + self.lookahead) // block_size)  # table entries per slot
         self._init_pools(cfg, draft, kv_blocks, kv_memory_gb, prefix_caching)
+        self._init_programs()
         self.slots = _slot_state(slots)
         self.ctl = init_controls(slots, cfg.vocab_size)
         self.vocab_size = cfg.vocab_size
@@ -463,6 +464,23 @@ class Engine:
             rows: jnp.full((rows, self.masks.shape[1]), -1, jnp.int32)
             for rows in sorted({*self.row_buckets, *self.admit_sizes})
         }
+
+    def _init_programs(self) -> None:
+        """This engine's jitted programs, with the model's graph (and the decode call's step
+        count) bound once: a call hashes no graph (an nnx graph hashes in Python, 6% of a
+        serving process's time in a profile when passed as a static argument per call)."""
+        g, d = self.graphdef, self.dgraph
+        self._prefill = _bind(_prefill, ("slots", "ctl", "pool", "dpool"), graphdef=g, dgraph=d)
+        self._steps = _bind(_steps, ("slots", "ctl", "pool"), graphdef=g, k=self.decode_steps)
+        self._speculative = _bind(
+            _speculative_step,
+            ("slots", "pool", "dpool"),
+            static=("rows",),
+            graphdef=g,
+            dgraph=d,
+            k=self.draft_k,
+        )
+        self._score = _bind(_score, (), graphdef=g)
 
     def _init_pools(self, cfg, draft, kv_blocks, kv_memory_gb, prefix_caching) -> None:
         """The KV pools (the model's, the draft's), their bookkeeping and the block tables."""
@@ -545,7 +563,7 @@ class Engine:
         P = bucket(len(prompt), self.max_len)
         tokens = np.zeros((1, P), np.int32)
         tokens[0, : len(prompt)] = prompt
-        out = _score(self.params, tokens, np.int32(adapter), graphdef=self.graphdef)
+        out = self._score(self.params, tokens, np.int32(adapter))
         return tuple(np.asarray(x)[: len(prompt)] for x in out)
 
     def uses(self, adapter: int) -> bool:
@@ -612,43 +630,26 @@ class Engine:
         params, dparams, slots, ctl, pool, dpool = _shapes(
             (self.params, self.dparams, self.slots, self.ctl, self.pool, self.dpool)
         )
-        i32, g = np.int32(0), {"graphdef": self.graphdef}
+        i32 = np.int32(0)
         first, rest = [], []
         for P in self.buckets:
             for n in self.admit_sizes:
                 args = _shapes(self._prefill_args([], [], P, [], n))
                 (first if n == 1 else rest).append(
-                    _aot(
-                        _prefill,
-                        params,
-                        slots,
-                        ctl,
-                        pool,
-                        *args,
-                        dparams,
-                        dpool,
-                        dgraph=self.dgraph,
-                        **g,
-                    )
+                    _aot(self._prefill, params, slots, ctl, pool, *args, dparams, dpool)
                 )
         for P in buckets(self.max_len):  # echo's prompt scoring
-            rest.append(_aot(_score, params, jax.ShapeDtypeStruct((1, P), jnp.int32), i32, **g))
+            rest.append(_aot(self._score, params, jax.ShapeDtypeStruct((1, P), jnp.int32), i32))
         for rows in self.row_buckets:
             tables = jax.ShapeDtypeStruct((rows, self.width), jnp.int32)
             live = jax.ShapeDtypeStruct((rows,), jnp.bool_)
             if self.dgraph is None:
                 ids, mask = jax.ShapeDtypeStruct((rows,), jnp.int32), _shapes(self._allow_all[rows])
                 args = (params, slots, ctl, pool, tables, ids, live, mask, i32)
-                step = _aot(_steps, *args, k=self.decode_steps, **g)
+                step = _aot(self._steps, *args)
             else:
-                step = _aot(
-                    _speculative_step,
-                    *(params, dparams, slots, pool, dpool, tables, live),
-                    dgraph=self.dgraph,
-                    rows=rows,
-                    k=self.draft_k,
-                    **g,
-                )
+                args = (params, dparams, slots, pool, dpool, tables, live)
+                step = _aot(self._speculative, *args, rows=rows)
             (first if rows == 1 else rest).append(step)
         pools = (pool, dpool) if dpool is not None else (pool,)
         first += [
@@ -779,7 +780,7 @@ class Engine:
         """One `_prefill` call for these requests' next `pieces` tokens (in slots `slot_ids`),
         padded to an admit size: the tokens sampled and their log-probabilities."""
         n = next(size for size in self.admit_sizes if size >= len(requests))
-        token, info, self.slots, self.ctl, self.pool, self.dpool = _prefill(
+        token, info, self.slots, self.ctl, self.pool, self.dpool = self._prefill(
             self.params,
             self.slots,
             self.ctl,
@@ -787,8 +788,6 @@ class Engine:
             *self._prefill_args(requests, pieces, P, slot_ids, n),
             self.dparams,
             self.dpool,
-            graphdef=self.graphdef,
-            dgraph=self.dgraph,
         )
         return self._fetch(token), info
 
@@ -847,7 +846,7 @@ class Engine:
                 self.active[i] is not None and self.active[i].grammar is not None for i in ids[live]
             )
             mask = self.masks[safe]
-            tokens, info, self.slots, self.ctl, self.pool = _steps(
+            tokens, info, self.slots, self.ctl, self.pool = self._steps(
                 self.params,
                 self.slots,
                 self.ctl,
@@ -857,11 +856,9 @@ class Engine:
                 live,
                 mask if constrained else self._allow_all[rows],
                 np.int32(steps),
-                graphdef=self.graphdef,
-                k=self.decode_steps,
             )
             return tokens, steps, info
-        tokens, produced, self.slots, self.pool, self.dpool = _speculative_step(
+        tokens, produced, self.slots, self.pool, self.dpool = self._speculative(
             self.params,
             self.dparams,
             self.slots,
@@ -869,10 +866,7 @@ class Engine:
             self.dpool,
             tables,
             live,
-            graphdef=self.graphdef,
-            dgraph=self.dgraph,
             rows=rows,
-            k=self.draft_k,
         )
         return tokens, produced, None
 
@@ -1019,6 +1013,13 @@ class Engine:
             self.sched.finish(slot, token, "length")
         else:
             request.emit(token, None)
+
+
+def _bind(program, donate: tuple, static: tuple = (), **bound):
+    """`program` (a jitted function) jitted anew with arguments `bound` fixed."""
+    return jax.jit(
+        partial(program.__wrapped__, **bound), donate_argnames=donate, static_argnames=static
+    )
 
 
 def _aot(program, *args, **static):
