@@ -63,6 +63,49 @@ def test_openai_client_completions_chat_and_streaming(server):
 
 
 @pytest.mark.e2e
+def test_stream_interval_sends_a_chunk_per_n_tokens_with_the_same_text_and_logprobs():
+    s = Server(stream_interval=4)
+    try:
+        client = openai_client(s)
+        for n in (10, 7, 1):
+            kw = {"model": NAME, "prompt": "def f(x):", "max_tokens": n, "temperature": 0}
+            whole = client.completions.create(**kw, logprobs=1)
+            chunks = list(
+                client.completions.create(
+                    **kw, logprobs=1, stream=True, stream_options={"include_usage": True}
+                )
+            )
+            pieces = [c.choices[0] for c in chunks if c.choices]
+            tokens = chunks[-1].usage.completion_tokens
+            assert tokens == whole.usage.completion_tokens
+            # a chunk per 4 tokens and one for the last ones, then the finish reason's own
+            assert len(pieces) == -(-tokens // 4) + 1 and pieces[-1].text == ""
+            assert "".join(p.text for p in pieces) == whole.choices[0].text
+            streamed = [t for p in pieces[:-1] for t in p.logprobs.tokens]
+            assert streamed == whole.choices[0].logprobs.tokens
+            assert pieces[-1].finish_reason == whole.choices[0].finish_reason
+    finally:
+        s.close()
+
+
+def test_the_servers_compilation_cache_is_on_by_default_and_can_move_or_stop(monkeypatch, tmp_path):
+    from pipeline.runtime import serving_cache_dir
+
+    for name in ("JAX_COMPILATION_CACHE_DIR", "PIPELINE_COMPILATION_CACHE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert (
+        serving_cache_dir(None) == serving_cache_dir("auto") == str(tmp_path / "xdg/pipeline/jax")
+    )
+    assert serving_cache_dir("off") is None and serving_cache_dir("none") is None
+    assert serving_cache_dir(str(tmp_path / "mine")) == str(tmp_path / "mine")
+    monkeypatch.setenv("PIPELINE_COMPILATION_CACHE", str(tmp_path / "env"))
+    assert serving_cache_dir("auto") == str(tmp_path / "env")
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "jax"))
+    assert serving_cache_dir("auto") == str(tmp_path / "jax")
+
+
+@pytest.mark.e2e
 def test_32_concurrent_requests_each_equal_their_generation_alone(server):
     """Continuous batching: 32 requests over 4 slots, joining and leaving at different steps."""
     client = openai_client(server)
