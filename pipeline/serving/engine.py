@@ -275,10 +275,14 @@ def _step(params, slots, ctl, pool, tables, ids, live, mask, *, graphdef):
     positions = jnp.where(live, part["position"], 0)
     logits, cache = decode_step(model, part["token"], positions, _paged(pool, tables))
     keys = request_keys(part["seed"], part["step"])
-    view = {k: v[safe] for k, v in ctl.items()}
-    shaped = adjust(logits, view, part["step"], mask)  # step: tokens generated so far
+    # the rows' controls are gathered only when one of them has any: (rows, vocab) arrays each
+    shaped = jax.lax.cond(
+        jnp.any(ctl["active"][safe] & live),
+        lambda: adjust(logits, {k: v[safe] for k, v in ctl.items()}, part["step"], mask),
+        lambda: logits,
+    )  # step: tokens generated so far
     tokens = sample(shaped, keys, part["temperature"], part["top_k"], part["top_p"])
-    info = logprobs(logits, tokens, view["logprobs"])
+    info = logprobs(logits, tokens, ctl["logprobs"][safe])
     ctl = record(ctl, tokens, rows)
     part = {**part, "token": tokens, "position": part["position"] + 1, "step": part["step"] + 1}
     return tokens, info, _update(slots, part, rows), ctl, _pool(cache)
