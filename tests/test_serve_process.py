@@ -78,3 +78,27 @@ def test_serve_a_lora_run_then_sigterm_finishes_the_stream_and_exits(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+@pytest.mark.e2e
+def test_bench_serve_reports_the_engine_loop_the_generate_ratio_and_start_up(tiny_config):
+    """`bench serve` on a tiny model: the load's figures come with the engine loop's (host time,
+    device waits, tokens per iteration), the same model's `generate` at the same batch and
+    the server's share of it; the `startup` case times a real `pipeline serve` process from a
+    cold and then a warm compilation cache to its first answer."""
+    from dataclasses import replace
+
+    from pipeline.bench.loadgen import bench_serve
+
+    cfg = replace(tiny_config, serve=replace(tiny_config.serve, slots=4))
+    rows = list(bench_serve(cfg, "tiny", (4, "startup"), 8, 8, baseline_concurrency=0))
+    load, *startup = rows
+    assert load["case"] == "serve/tiny/batched/c4" and load["tokens_per_sec"] > 0
+    assert load["engine_iterations"] > 0 and load["engine_tokens_per_iteration"] >= 1
+    assert load["engine_host_ms_per_iteration"] > 0 and 0 < load["engine_host_share"] <= 1
+    assert load["generate_decode_tokens_per_sec"] > 0
+    assert load["vs_generate"] == load["tokens_per_sec"] / load["generate_decode_tokens_per_sec"]
+    assert [r["case"] for r in startup] == [
+        f"serve/tiny/startup/{label}" for label in ("cold", "warm", "warm")
+    ]
+    assert all(r["seconds_to_first_answer"] > 0 for r in startup)

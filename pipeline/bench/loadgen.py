@@ -17,6 +17,9 @@ Named cases beside the concurrency levels:
   (p50 / p99) shows what the long prefill costs them (chunked prefill bounds it).
 - `mixed`: 64 clients with prompts and budgets of mixed lengths up to the context, in the KV
   blocks that 16 full-length slots use: how many ran at once, and the preemptions.
+- `startup`: seconds from starting `pipeline serve` (a process of its own, the model saved as a
+  run, the config's `serve` section) to its first answered completion, with an empty
+  compilation cache (cold) and then twice with the one that start filled (warm).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import numpy as np
 
 from pipeline.config import Config, ServeConfig
 
-NAMED_CASES = ("prefix", "long", "mixed")
+NAMED_CASES = ("prefix", "long", "mixed", "startup")
 
 
 class _LocalServer:
@@ -329,4 +332,61 @@ def _mixed_case(cfg, case, clients, extra):
         server.close()
 
 
-CASES = {"prefix": _prefix_case, "long": _long_case, "mixed": _mixed_case}
+def _startup_case(cfg, case, clients, extra):
+    """`pipeline serve` from a cold and a warm compilation cache to its first answer."""
+    import tempfile
+
+    import jax
+
+    from pipeline.config import dump_config
+    from pipeline.inference.runs import save_model
+    from pipeline.model import create_model
+    from pipeline.runtime import allocator
+    from pipeline.tokenizer import byte_tokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        run = save_model(cfg, create_model(cfg.model), byte_tokenizer(), f"{tmp}/run")
+        dump_config(cfg, f"{tmp}/serve.yaml")
+        for label in ("cold", "warm", "warm"):
+            seconds = _first_answer(run, f"{tmp}/serve.yaml", f"{tmp}/cache")
+            yield {
+                "case": f"serve/{case}/startup/{label}",
+                "kind": "serve-startup",
+                "seconds_to_first_answer": seconds,
+                "slots": cfg.serve.slots,
+                "device": jax.devices()[0].device_kind,
+                "allocator": allocator(),
+            }
+
+
+def _first_answer(run, config: str, cache: str) -> float:
+    """Seconds from launching `pipeline serve` on `run` to its first answered completion."""
+    import subprocess
+    import sys
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-m", "pipeline", "serve", "--run", str(run), "--config", config]
+    command += ["--port", str(port), "--compilation-cache", cache]
+    body = {"model": "run", "prompt": "def f(x):", "max_tokens": 8}
+    start = time.perf_counter()
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"pipeline serve exited: {proc.stderr.read().decode()[-2000:]}")
+            try:
+                url = f"http://127.0.0.1:{port}/v1/completions"
+                if httpx.post(url, json=body, timeout=120).status_code == 200:
+                    return time.perf_counter() - start
+            except httpx.TransportError:
+                time.sleep(0.05)
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
+CASES = {"prefix": _prefix_case, "long": _long_case, "mixed": _mixed_case, "startup": _startup_case}

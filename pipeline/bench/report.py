@@ -42,6 +42,10 @@ def _distilled(r: dict) -> str:
     )
 
 
+def _startup(r: dict) -> str:
+    return f"{r['case']:<32} {r['seconds_to_first_answer']:6.1f} s to the first answer"
+
+
 def _serving(r: dict) -> str:
     return (
         f"{r['case']:<32} {r['requests_per_sec']:6.2f} req/s  "
@@ -170,6 +174,7 @@ FORMATS = {
     "distill": _distilled,
     "speculative": _speculative,
     "serve": _serving,
+    "serve-startup": _startup,
     "soak": _soak,
     "torch_train": _torch,
     "torch_generate": _torch_generation,

@@ -76,6 +76,12 @@ from pipeline.serving.stats import SAMPLE_EVERY, LoopStats
 log = logging.getLogger(__name__)
 
 
+# Prefill chunks up to this many tokens are compiled before the server listens (with the one-row
+# decode call and the slot moves): a first short request runs at once; a longer prompt's
+# program, if the background compilation has not reached it yet, compiles on its first use.
+FIRST_CHUNK = 32
+
+
 class QueueFullError(Exception):
     """Every slot is busy and the waiting queue is at its limit: retry later."""
 
@@ -591,10 +597,10 @@ class Engine:
         """Compile every program ahead of time (prefill per chunk size and row count, the
         decode step per row count, prompt scoring per length, the slot and block moves):
         lowered and compiled from the shapes alone, never run, so no state is touched. With
-        `background`, only what a first request needs (the one-row prefills and decode step,
-        the moves) before returning, and the rest on a thread of its own while the engine
-        serves (a request needing a program not ready yet compiles it itself). Seconds taken
-        (in the foreground)."""
+        `background`, only what a first short request needs (the one-row prefills of chunks up
+        to `FIRST_CHUNK` tokens, the one-row decode call, the moves) before returning, and the
+        rest on a thread of its own while the engine serves (a request needing a program not
+        ready yet compiles it itself). Seconds taken (in the foreground)."""
         start = time.perf_counter()
         first, rest = self._programs()
         for compile_ in first:
@@ -639,7 +645,7 @@ class Engine:
         for P in self.buckets:
             for n in self.admit_sizes:
                 args = _shapes(self._prefill_args([], [], P, [], n))
-                (first if n == 1 else rest).append(
+                (first if n == 1 and P <= FIRST_CHUNK else rest).append(
                     _aot(self._prefill, params, slots, ctl, pool, *args, dparams, dpool)
                 )
         for P in buckets(self.max_len):  # echo's prompt scoring
