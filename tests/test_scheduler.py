@@ -58,10 +58,11 @@ def test_admission_growth_preemption_and_prefix_reuse_without_a_device():
     sched.admit()  # two slots: a and b in, c waits; 6 tokens + 1 = 2 blocks each
     assert sched.active == [a, b] and list(sched.waiting) == [c]
     assert sched.blocks.used == 4 and (a.slot, b.slot) == (0, 1)
-    assert sched.run_ahead() == 1  # a request waits: one step per call
+    assert sched.run_ahead() == 1  # prefilling: one step per call
     for r in (a, b):
         _prefilled(sched, r)
     assert b.computed == 6 and len(b.digests) == 1  # one full block of 4 in its prompt
+    assert sched.run_ahead() == 4  # c waits, but for a slot: nothing to admit between steps
     sched.waiting.clear()
     assert sched.run_ahead() == 4
     sched.grow(4)  # positions 6..9 -> 3 blocks each

@@ -225,9 +225,11 @@ class Scheduler:
 
     def run_ahead(self) -> int:
         """Decode steps the next call may run: `decode_steps` while no request needs the host
-        between its tokens (none waiting for a slot or prefilling, no grammar, no draft, none
-        cancelled), else 1; never more than the largest budget left."""
-        if self.decode_steps == 1 or self.speculative or self.waiting:
+        between its tokens (none that a free slot could admit, none prefilling, no grammar, no
+        draft, none cancelled), else 1; never more than the largest budget left. (Requests
+        waiting while every slot is busy wait for a request to end either way: one ending
+        inside a call frees its slot when the call returns.)"""
+        if self.decode_steps == 1 or self.speculative or (self.waiting and None in self.active):
             return 1
         running = [r for r in self.active if r is not None]
         if any(r.prefilling or r.grammar is not None or r.cancelled for r in running):
