@@ -58,7 +58,8 @@ gpu-wheels:
 TEST_WORKERS ?= 2
 PYTEST := $(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile
 SERVING_TESTS := tests/test_adapters.py tests/test_eval.py tests/test_paged.py \
-  tests/test_serve.py tests/test_serve_api.py tests/test_serve_process.py tests/test_speculative.py
+  tests/test_engine_process.py tests/test_serve.py tests/test_serve_api.py tests/test_serve_process.py \
+  tests/test_speculative.py
 test: install
 	$(PYTEST) --durations=15 $(addprefix --ignore=,$(SERVING_TESTS))
 	$(PYTEST) --durations=15 $(SERVING_TESTS)

@@ -227,11 +227,11 @@ def cmd_serve(args) -> int:
     }
     cfg = with_overrides(cfg, serve={k: v for k, v in flags.items() if v is not None})
     s = cfg.serve
-    enable_compilation_cache(serving_cache_dir(s.compilation_cache))
+    cache_dir = serving_cache_dir(s.compilation_cache)
+    enable_compilation_cache(cache_dir)
     from pipeline.serving.serve import serve
 
-    serve(args.run, s, adapter_runs(args.adapter))
-    return 0
+    return serve(args.run, s, adapter_runs(args.adapter), cache_dir)
 
 
 def adapter_runs(specs: list[str]) -> dict[str, str]:

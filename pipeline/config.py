@@ -408,6 +408,10 @@ class ServeConfig:
     # compiled programs kept on disk, so a restart loads them: "auto" (the user's cache,
     # ~/.cache/pipeline/jax; see runtime.serving_cache_dir), a directory, or "off"
     compilation_cache: str | None = "auto"
+    # the engine (model, scheduler, device loop) in a process of its own, apart from the HTTP
+    # side's tokenising, detokenising and streaming (which then never hold its interpreter
+    # lock); false: a thread of the server's process
+    engine_process: bool = True
 
 
 @dataclass(frozen=True)

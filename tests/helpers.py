@@ -3,10 +3,14 @@
 Not a test module; import from it (`from helpers import Server, tiny_model_config`).
 """
 
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 
+import httpx
 import openai
 import uvicorn
 
@@ -89,3 +93,32 @@ class Server:
 def openai_client(server, key="unused"):
     """The official `openai` client for `server`."""
     return openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0)
+
+
+def serve_process(run: str, cache, *overrides: str, port: int | None = None):
+    """`pipeline serve` on `run` as a real process (configs/serve.yaml, the compilation cache
+    in `cache`), once /health answers: (the process, its URL)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    port = port or free_port()
+    command = [sys.executable, "-m", "pipeline", "serve", "--run", run, "--port", str(port)]
+    command += ["--config", os.path.join(root, "configs", "serve.yaml")]
+    command += [f"serve.compilation_cache={cache}", *overrides]
+    proc = subprocess.Popen(
+        command,
+        cwd=root,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""},
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 240
+    while True:
+        assert proc.poll() is None, proc.stdout.read()
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        assert time.time() < deadline, "server did not come up"
+        time.sleep(0.3)

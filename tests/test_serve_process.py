@@ -4,55 +4,19 @@ Run: pytest -m slow tests/test_serve_process.py
 """
 
 import json
-import os
 import signal
-import subprocess
-import sys
-import time
 
 import httpx
 import pytest
-from conftest import ROOT, make_tiny_runs
-from helpers import free_port
+from conftest import make_tiny_runs
+from helpers import serve_process
 
 
 @pytest.mark.slow
 def test_serve_a_lora_run_then_sigterm_finishes_the_stream_and_exits(tmp_path):
     make_tiny_runs(tmp_path)
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "pipeline",
-            "serve",
-            "--run",
-            str(tmp_path / "ft"),
-            "--config",
-            os.path.join(ROOT, "configs", "serve.yaml"),
-            "--port",
-            str(port),
-            f"serve.compilation_cache={tmp_path / 'jax'}",
-            "serve.slots=2",
-        ],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""},
-    )
-    url = f"http://127.0.0.1:{port}"
+    proc, url = serve_process(str(tmp_path / "ft"), tmp_path / "jax", "serve.slots=2")
     try:
-        deadline = time.time() + 240
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.time() < deadline, "server did not come up"
-            time.sleep(0.3)
         assert httpx.get(url + "/v1/models").json()["data"][0]["id"] == "ft"
         body = {
             "model": "ft",

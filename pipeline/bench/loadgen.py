@@ -41,18 +41,17 @@ NAMED_CASES = ("prefix", "long", "mixed", "startup")
 
 
 class _LocalServer:
+    """The server under load: the engine in a process of its own (`serve.engine_process`, as
+    `pipeline serve` runs it) or on a thread, the HTTP side on a thread of this process."""
+
     def __init__(self, cfg: Config, serve: ServeConfig, max_queue: int = 4096):
         import uvicorn
 
-        from pipeline.model import create_model
-        from pipeline.serving.engine import Engine
-        from pipeline.serving.serve import create_app, engine_args, uvicorn_config
+        from pipeline.serving.serve import create_app, uvicorn_config
         from pipeline.tokenizer import byte_tokenizer
 
-        args = {**engine_args(serve), "max_queue": max_queue}
-        self.engine = Engine(create_model(cfg.model), **args)
-        self.compile_s = self.engine.warmup()
-        self.engine.start()
+        serve = replace(serve, max_queue=max_queue)
+        self.engine, self._stop = self._engine(cfg, serve)
         app = create_app(self.engine, byte_tokenizer(), "bench", replace(serve, api_key=None))
         self.peak = 0  # the most requests running at once
         observe = self.engine.observe
@@ -67,9 +66,35 @@ class _LocalServer:
         while not self.server.started:
             time.sleep(0.02)
 
+    def _engine(self, cfg: Config, serve: ServeConfig):
+        """(the routes' engine, its stop), every program compiled (`compile_s`)."""
+        if serve.engine_process:
+            from pipeline.serving.core import start_engine
+
+            engine = start_engine(cfg.model, serve, background=False)
+            self.compile_s, self.engine_pid = engine.compile_s, engine.pid
+            return engine, engine.stop
+        from pipeline.serving.client import LocalEngine
+        from pipeline.serving.serve import build_engine
+
+        local, tokenizer, _ = build_engine(cfg.model, serve, background=False)
+        self.compile_s, self.engine_pid = local.compile_seconds, None
+        local.start()
+        return LocalEngine(local, tokenizer), local.stop
+
     def _observe(self, observe, name, value):
         self.peak = max(self.peak, self.engine.busy_slots)
         observe(name, value)
+
+    def _cpu_seconds(self) -> float:
+        """CPU seconds of this process and of the engine's."""
+        now = os.times()
+        seconds = now.user + now.system
+        if self.engine_pid is not None:
+            with open(f"/proc/{self.engine_pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            seconds += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return seconds
 
     @property
     def url(self) -> str:
@@ -81,17 +106,17 @@ class _LocalServer:
         from pipeline.serving.stats import per_iteration
 
         loop = self.engine.stats.snapshot()
-        cpu, start = os.times(), time.perf_counter()
+        cpu, start = self._cpu_seconds(), time.perf_counter()
         figures = clients.apply(run_load, load)
-        wall, after = time.perf_counter() - start, os.times()
-        busy = (after.user - cpu.user) + (after.system - cpu.system)
+        wall = time.perf_counter() - start
+        busy = self._cpu_seconds() - cpu
         engine = per_iteration(loop, self.engine.stats.snapshot())
         return {**figures, "cores_busy": busy / wall, **engine}
 
     def close(self):
         self.server.should_exit = True
         self.thread.join(30)
-        self.engine.stop(drain=False, timeout=30)
+        self._stop(drain=False, timeout=30)
 
 
 async def _stream(http, url, body) -> tuple[float, float, int, list[float]]:
@@ -255,7 +280,7 @@ def _row(server, name, concurrency, serve, figures, extra, **more) -> dict:
         **more,
         "peak_running": server.peak,
         "preemptions": server.engine.preemptions,
-        "prefix_hit_rate": server.engine.blocks.hit_rate,
+        "prefix_hit_rate": server.engine.hit_rate,
         "compile_s": server.compile_s,
         "device": jax.devices()[0].device_kind,
         "allocator": allocator(),

@@ -166,9 +166,13 @@ def run_soak(*args) -> dict:
     return asyncio.run(_soak(*args))
 
 
-def _rss() -> int:
-    with open(f"/proc/{os.getpid()}/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def _rss(*pids: int | None) -> int:
+    """Resident bytes of this process and of `pids` (the engine's process, when it has one)."""
+    total = 0
+    for pid in (os.getpid(), *filter(None, pids)):
+        with open(f"/proc/{pid}/statm") as f:
+            total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    return total
 
 
 def _settle(engine, timeout: float = 60.0) -> None:
@@ -203,7 +207,7 @@ def bench_soak(
         context = cfg.model.max_seq_len
         clients.apply(run_soak, (base, context, warmup, seconds, concurrency, 1))
         _settle(server.engine)
-        rss_start = _rss()
+        rss_start = _rss(server.engine_pid)
         figures = clients.apply(run_soak, (base, context, requests, seconds, concurrency, 2))
         _settle(server.engine)
         engine = server.engine
@@ -217,9 +221,9 @@ def bench_soak(
             "busy_slots_after": engine.busy_slots,
             "queue_after": engine.queue_depth,
             "kv_blocks": engine.kv_blocks,
-            "kv_blocks_in_use_after": engine.blocks.used,
+            "kv_blocks_in_use_after": engine.blocks_used,
             "rss_start_bytes": rss_start,
-            "rss_end_bytes": _rss(),
+            "rss_end_bytes": _rss(server.engine_pid),
             "device": jax.devices()[0].device_kind,
             "allocator": allocator(),
         }

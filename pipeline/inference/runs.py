@@ -62,6 +62,15 @@ def load_model(
     return cfg, model, Tokenizer.load(run_dir)
 
 
+def load_tokenizer(run_dir: str | Path, key: str = "--run") -> Tokenizer:
+    """The tokenizer of a run alone (a LoRA run's is its base's)."""
+    run_dir = Path(run_dir)
+    cfg = load_run_config(run_dir, key)
+    if (run_dir / ADAPTER_CONFIG).is_file() and cfg.init.from_run:
+        return load_tokenizer(cfg.init.from_run, f"{run_dir}/config.yaml init.from")
+    return Tokenizer.load(run_dir)
+
+
 @dataclass
 class Loaded:
     """A run ready for inference: its config, model (quantised if asked), tokenizer, draft."""

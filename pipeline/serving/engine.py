@@ -436,6 +436,9 @@ class Engine:
         self.compile_seconds = 0.0
         self._compiler: threading.Thread | None = None  # warmup's background compilation
         self._stopping = False
+        self.failed: str | None = None  # why the loop ended with an error
+        # called on the engine thread after each iteration (core.py sends its tokens then)
+        self.after_iteration: Callable[[], None] = lambda: None
 
     def _init_scheduler(self, slots: int, decode_steps: int, speculative: bool) -> None:
         """The host-side books (scheduler.py); this engine does their device work."""
@@ -582,6 +585,11 @@ class Engine:
             return any(r.adapter == adapter for r in [*self.waiting, *filter(None, self.active)])
 
     @property
+    def alive(self) -> bool:
+        """Whether the loop runs (started, not stopped, not failed)."""
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
     def busy_slots(self) -> int:
         return sum(r is not None for r in self.active)
 
@@ -708,14 +716,17 @@ class Engine:
                 self._iterate()
                 self.stats.iterations += 1
                 self.stats.busy_s += time.perf_counter() - start
-        except Exception:  # a bug must not hang every client: end them all, then re-raise
+                self.after_iteration()
+        except Exception as err:  # a bug must not hang every client: end them all, then re-raise
             log.exception("engine loop failed")
             with self._lock:
                 self._running = False
+                self.failed = f"the engine loop failed ({type(err).__name__})"
                 for request in [*self.waiting, *filter(None, self.active)]:
                     request.emit(None, "error")
                 self.waiting.clear()
                 self.active[:] = [None] * self.num_slots
+            self.after_iteration()
             raise
 
     def _iterate(self) -> None:

@@ -427,11 +427,16 @@ async def sse_events(pieces, meta: dict, chat: bool, n: int, include_usage: bool
     if chat:
         for index in range(n):
             yield chunk(index, None, None, first=True)
-    async for index, delta, finish, logprobs in pieces:
-        if delta or logprobs or not finish:
-            yield chunk(index, delta, None, logprobs)
-        if finish:
-            yield chunk(index, None if chat else "", finish)
+    try:
+        async for index, delta, finish, logprobs in pieces:
+            if delta or logprobs or not finish:
+                yield chunk(index, delta, None, logprobs)
+            if finish:
+                yield chunk(index, None if chat else "", finish)
+    except APIError as err:  # after the status line: an error event ends the stream
+        yield f"data: {json.dumps(error_body(err.message, err.status, err.param, err.code))}\n\n"
+        yield "data: [DONE]\n\n"
+        return
     if include_usage:
         yield f"data: {json.dumps({**meta, 'object': kind, 'choices': [], 'usage': usage()})}\n\n"
     yield "data: [DONE]\n\n"

@@ -4,8 +4,9 @@
 as Server-Sent Events in OpenAI's chunk format, ending with `data: [DONE]`), `GET /health` and
 `GET /metrics` (Prometheus text). Every client mistake is a 4xx with an OpenAI-style
 `{"error": {...}}` body; a full queue is 429 with `Retry-After`; a client that goes away frees
-its slot. This module knows requests, text and tokens; the model lives behind `Engine`, the
-wire format in `protocol.py`.
+its slot. This module knows requests, text and tokens; the model lives behind the engine (in
+a process of its own, `core.py`, or on a thread, `client.py`), the wire format in
+`protocol.py`.
 """
 
 from __future__ import annotations
@@ -27,13 +28,20 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from pipeline.config import ConfigError, ServeConfig
-from pipeline.inference.runs import load_for_inference
+from pipeline.config import ConfigError, ModelConfig, ServeConfig
+from pipeline.inference.runs import Loaded, load_for_inference
 from pipeline.inference.sampling import Sampling
+from pipeline.model import create_model
 from pipeline.serving.adapters import Adapters
+from pipeline.serving.client import (
+    AdapterInUseError,
+    EngineDeadError,
+    Job,
+    LocalEngine,
+    ll_tokenizer,
+)
 from pipeline.serving.controls import Controls
 from pipeline.serving.engine import Engine, QueueFullError
-from pipeline.serving.engine import Request as EngineRequest
 from pipeline.serving.protocol import (
     APIError,
     ChatRequest,
@@ -53,7 +61,7 @@ from pipeline.serving.protocol import (
     validation_message,
 )
 from pipeline.serving.tools import call_schema, parse_call, plain_messages, system_message
-from pipeline.tokenizer import prompt_ids
+from pipeline.tokenizer import byte_tokenizer, prompt_ids
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +69,7 @@ log = logging.getLogger(__name__)
 class Metrics:
     """Prometheus metrics of one server (its own registry)."""
 
-    def __init__(self, engine: Engine):
+    def __init__(self, engine):
         self.registry = r = CollectorRegistry()
         self.requests = Counter(
             "pipeline_requests",
@@ -91,20 +99,20 @@ class Metrics:
         Gauge("pipeline_slots", "Decode slots", registry=r).set(engine.num_slots)
         Gauge("pipeline_kv_blocks", "KV cache blocks in the pool", registry=r).set(engine.kv_blocks)
         used = Gauge("pipeline_kv_blocks_used", "KV cache blocks held by requests", registry=r)
-        used.set_function(lambda: engine.blocks.used)
+        used.set_function(lambda: engine.blocks_used)
         hit = Gauge(
             "pipeline_prefix_cache_hit_rate",
             "Prompt tokens found in the prefix cache / prompt tokens looked up",
             registry=r,
         )
-        hit.set_function(lambda: engine.blocks.hit_rate)
+        hit.set_function(lambda: engine.hit_rate)
         preempted = Gauge(
             "pipeline_preemptions", "Requests preempted (recomputed) for KV blocks", registry=r
         )
         preempted.set_function(lambda: engine.preemptions)
         self._loop_gauges(engine)
 
-    def _loop_gauges(self, engine: Engine) -> None:
+    def _loop_gauges(self, engine) -> None:
         """The engine loop's running totals (`stats.py`): rates of these give the host's
         milliseconds per iteration, the time waiting for the device, tokens per iteration."""
         stats, r = engine.stats, self.registry
@@ -138,33 +146,6 @@ class Metrics:
         elif name == "itl":
             self.itl.observe(value)
             self.generated_tokens.inc()
-
-
-class Outbox:
-    """Tokens from the engine thread to the event loop, a batch per wake-up: the engine's
-    callbacks append under a lock, and the first one after a drain schedules one drain on the
-    loop. (`call_soon_threadsafe` writes to the loop's wake-up pipe: once per engine delivery
-    rather than once per token per request.)"""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop):
-        self.loop = loop
-        self._items: list = []
-        self._lock = threading.Lock()
-        self._scheduled = False
-
-    def put(self, queue: asyncio.Queue, item) -> None:
-        with self._lock:
-            self._items.append((queue, item))
-            if self._scheduled:
-                return
-            self._scheduled = True
-        self.loop.call_soon_threadsafe(self._drain)
-
-    def _drain(self) -> None:
-        with self._lock:
-            items, self._items, self._scheduled = self._items, [], False
-        for queue, item in items:
-            queue.put_nowait(item)
 
 
 class TextStream:
@@ -228,16 +209,33 @@ class TextStream:
 
 
 def create_app(
-    engine: Engine,
+    engine,
     tokenizer,
     model_name: str,
     cfg: ServeConfig | None = None,
     adapters: Adapters | None = None,
 ):
-    """The ASGI app. The engine must be started (and warmed up) by the caller; `adapters`: the
-    LoRA adapters it serves beside its base (the request's `model` picks one)."""
-    routes = Routes(engine, tokenizer, model_name, cfg or ServeConfig(), adapters)
-    app = FastAPI(title="pipeline", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
+    """The ASGI app over `engine`: an `Engine` whose loop runs on a thread of this process
+    (started and warmed up by the caller; `adapters`: the LoRA adapters it serves beside its
+    base, the request's `model` picks one), or a `core.EngineClient`."""
+    if isinstance(engine, Engine):
+        engine = LocalEngine(engine, tokenizer, adapters)
+    routes = Routes(engine, tokenizer, model_name, cfg or ServeConfig())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        attach = getattr(engine, "attach", None)
+        if attach is not None:  # the engine's process: its pipe read from this event loop
+            attach()
+        yield
+
+    app = FastAPI(
+        title="pipeline",
+        docs_url=None,
+        redoc_url=None,
+        openapi_url="/openapi.json",
+        lifespan=lifespan,
+    )
     app.state.metrics, app.state.routes = routes.metrics, routes
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
@@ -339,22 +337,28 @@ class Guard:
 
 
 class Routes:
-    """One method per route, over one engine and tokenizer."""
+    """One method per route, over one engine (`client.LocalEngine` or `core.EngineClient`) and
+    tokenizer."""
 
-    def __init__(self, engine: Engine, tokenizer, model_name: str, cfg: ServeConfig, adapters):
+    def __init__(self, engine, tokenizer, model_name: str, cfg: ServeConfig):
         self.engine, self.tokenizer, self.model_name, self.cfg = engine, tokenizer, model_name, cfg
-        self.adapters = adapters
         self.metrics = Metrics(engine)
         engine.observe = self.metrics.observe
         self.max_tokens = min(cfg.max_tokens or engine.max_len, engine.max_len)
         self.accepting = True  # False once the server drains for shutdown
         self._llt = None  # the tokenizer as llguidance sees it (structured outputs), on first use
-        self._outbox: Outbox | None = None  # the engine's tokens to the event loop
+
+    @property
+    def adapters(self):
+        """The adapters served beside the base (names -> index, salt, run), or None."""
+        return self.engine.adapters
 
     async def health(self):
+        engine = self.engine
+        if engine.dead is not None:
+            return JSONResponse({"status": "failed", "error": engine.dead}, status_code=503)
         if not self.accepting:
             return JSONResponse({"status": "shutting down"}, status_code=503)
-        engine = self.engine
         return {"status": "ok", "busy_slots": engine.busy_slots, "queue_depth": engine.queue_depth}
 
     async def prometheus(self):
@@ -376,10 +380,11 @@ class Routes:
         if body.lora_name == self.model_name:
             raise APIError(400, f"{body.lora_name!r} is the base model's name", "lora_name")
         try:
-            await asyncio.to_thread(self.adapters.load, body.lora_name, body.lora_path)
+            await self.engine.load_adapter(body.lora_name, body.lora_path)
         except ValueError as err:
             raise APIError(400, str(err), "lora_path") from None
-        self.engine.params = self.adapters.params()
+        except EngineDeadError as err:
+            raise APIError(503, str(err)) from None
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
     async def unload_adapter(self, body: UnloadAdapterRequest):
@@ -388,12 +393,14 @@ class Routes:
         if index is None:
             message = f"no adapter named {body.lora_name!r} is loaded"
             raise APIError(404, message, "lora_name", "model_not_found")
-        if self.engine.uses(index):
+        try:
+            await self.engine.unload_adapter(body.lora_name)
+        except AdapterInUseError:
             raise APIError(
                 409, f"adapter {body.lora_name!r} is in use; retry when its requests end"
-            )
-        self.adapters.unload(body.lora_name)
-        self.engine.params = self.adapters.params()
+            ) from None
+        except EngineDeadError as err:
+            raise APIError(503, str(err)) from None
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
     def _adapter(self, model: str) -> tuple[int, str]:
@@ -439,6 +446,8 @@ class Routes:
     def _check(self, body: SamplingRequest, ids: list[int], chat: bool) -> int:
         """The rules that depend on this server; returns max_tokens (0: echo scores the prompt
         and generates nothing)."""
+        if self.engine.dead is not None:
+            raise APIError(503, f"the server cannot generate: {self.engine.dead}")
         if not self.accepting:
             raise APIError(503, "the server is shutting down")
         self._adapter(body.model)
@@ -475,23 +484,20 @@ class Routes:
             ends.add(self.tokenizer.end_id)
         return frozenset((ends | set(body.stop_token_ids or [])) - {None})
 
-    def _submit(
+    def _job(
         self,
         body: SamplingRequest,
         ids: list[int],
         chat: bool,
         max_tokens: int,
         index: int,
-        first,
+        first: Job | None,
         grammar: str | None = None,
-    ):
-        """Hand choice `index` of the request to the engine: (the engine's request, its token
-        queue). Choice i samples with seed + i; choices after the first (`first`, the engine's
-        request of choice 0) copy its prefilled prompt."""
-        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-        if self._outbox is None or self._outbox.loop is not loop:
-            self._outbox = Outbox(loop)
-        outbox = self._outbox
+    ) -> tuple[Job, asyncio.Queue]:
+        """Choice `index` of the request as the engine takes it, and the queue its tokens come
+        to. Choice i samples with seed + i; choices after the first (`first`) copy its
+        prefilled prompt."""
+        queue: asyncio.Queue = asyncio.Queue()
         seed = body.seed if body.seed is not None else random.getrandbits(31)
         stop_ids = self._stop_ids(body, chat)
         controls = Controls(
@@ -505,7 +511,7 @@ class Routes:
             constrained=grammar is not None,
         )
         adapter, salt = self._adapter(body.model)
-        job = EngineRequest(
+        job = Job(
             prompt=ids,
             adapter=adapter,
             salt=salt,
@@ -514,17 +520,9 @@ class Routes:
             stop_ids=stop_ids,
             controls=controls,
             parent=first,
-            grammar=self._matcher(grammar) if grammar else None,
-            emit=lambda token, reason: outbox.put(queue, (token, reason)),
+            grammar=grammar,
+            emit=self.engine.sink(queue),
         )
-        try:
-            self.engine.submit(job)
-        except QueueFullError as err:
-            error = APIError(429, f"the server is busy ({err}); retry shortly")
-            error.headers["Retry-After"] = "1"
-            raise error from None
-        except ValueError as err:
-            raise APIError(400, str(err)) from None
         return job, queue
 
     def _grammar(self, body: SamplingRequest, schema: dict | None = None) -> str | None:
@@ -548,27 +546,13 @@ class Routes:
             )
         except ValueError as err:
             raise APIError(400, f"response_format: {err}", "response_format") from None
-        failed, messages = LLMatcher.validate_grammar_with_warnings(grammar, self._lltokenizer())
+        if self._llt is None:
+            self._llt = ll_tokenizer(self.tokenizer, self.engine.vocab_size)
+        failed, messages = LLMatcher.validate_grammar_with_warnings(grammar, self._llt)
         if failed:
             message = f"response_format: the schema is not supported: {messages[0]}"
             raise APIError(400, message, "response_format")
         return grammar
-
-    def _lltokenizer(self):
-        if self._llt is None:
-            from llguidance import LLTokenizer
-
-            self._llt = LLTokenizer(
-                self.tokenizer.hf.to_str(),
-                n_vocab=self.engine.vocab_size,
-                eos_token=self.tokenizer.eos_id,
-            )
-        return self._llt
-
-    def _matcher(self, grammar: str):
-        from llguidance import LLMatcher
-
-        return LLMatcher(self._lltokenizer(), grammar)
 
     def _token(self, token: int) -> str:
         return self.tokenizer.token_text(token)
@@ -593,9 +577,11 @@ class Routes:
             return []
         try:
             adapter = self._adapter(model)[0]
-            lp, top_ids, top_lp = await asyncio.to_thread(self.engine.score, ids, adapter)
+            lp, top_ids, top_lp = await self.engine.score(ids, adapter)
         except ValueError as err:
             raise APIError(400, str(err), "prompt") from None
+        except EngineDeadError as err:
+            raise APIError(503, f"the server cannot score: {err}") from None
         logprobs = [None] + [float(x) for x in lp[1:]]
         tops = [None] + [
             list(zip(i.tolist(), v.tolist(), strict=True))
@@ -625,7 +611,7 @@ class Routes:
         prompt_text = self.tokenizer.decode(ids) if echo else ""
         scored = echo and k is not None
         prompt_items = await self._prompt_items(ids, scored, body.model) if echo else []
-        jobs = self._submit_choices(body, ids, chat, max_tokens, grammar)
+        jobs = await self._submit_choices(body, ids, chat, max_tokens, grammar)
         meta = response_meta(chat, body.model, int(time.time()))
         streams = [
             self._pieces(job, queue, TextStream(self.tokenizer, body.stop), k, len(prompt_text))
@@ -663,18 +649,25 @@ class Routes:
             return _sse(sse_whole(list(choices), meta, body.include_usage, usage()))
         return completion_body(meta, chat, list(choices), usage())
 
-    def _submit_choices(self, body, ids: list[int], chat: bool, max_tokens: int, grammar):
-        """The request's n choices handed to the engine (none with max_tokens 0); all refused
-        together."""
-        jobs = []
+    async def _submit_choices(self, body, ids: list[int], chat: bool, max_tokens: int, grammar):
+        """The request's n choices handed to the engine (none with max_tokens 0), taken or
+        refused together: [(job, its token queue)]."""
+        jobs: list[tuple[Job, asyncio.Queue]] = []
+        for index in range(body.n if max_tokens else 0):
+            first = jobs[0][0] if jobs else None
+            jobs.append(self._job(body, ids, chat, max_tokens, index, first, grammar))
+        if not jobs:
+            return jobs
         try:
-            for index in range(body.n if max_tokens else 0):
-                first = jobs[0][0] if jobs else None
-                jobs.append(self._submit(body, ids, chat, max_tokens, index, first, grammar))
-        except APIError:
-            for job, _ in jobs:
-                self.engine.cancel(job)
-            raise
+            await self.engine.submit([job for job, _ in jobs])
+        except QueueFullError as err:
+            error = APIError(429, f"the server is busy ({err}); retry shortly")
+            error.headers["Retry-After"] = "1"
+            raise error from None
+        except ValueError as err:
+            raise APIError(400, str(err)) from None
+        except EngineDeadError as err:
+            raise APIError(503, f"the server cannot generate: {err}") from None
         return jobs
 
     async def _merged(self, streams, prompt_text, prompt_items, logprobs_of, n: int):
@@ -692,6 +685,8 @@ class Routes:
             try:
                 async for delta, reason, items in pieces:
                     await queue.put((index, delta, reason, logprobs_of(items) if items else None))
+            except APIError as err:  # (the engine failed): the stream ends with it
+                await queue.put(err)
             finally:
                 await queue.put(None)
 
@@ -702,6 +697,8 @@ class Routes:
                 item = await queue.get()
                 if item is None:
                     left -= 1
+                elif isinstance(item, APIError):
+                    raise item
                 else:
                     yield item
         finally:
@@ -745,6 +742,10 @@ class Routes:
                     yield held + text.push(None, final=True), "length", held_items
                     return
                 before = len(text.text)
+                if reason == "error":  # the engine failed: the request cannot go on
+                    finished = True
+                    message = "the engine failed; this request was lost"
+                    raise APIError(500, message, code="engine_error")
                 if reason is not None:
                     finished = True
                     kept = None if reason == "stop" else token  # "end": a grammar's last token
@@ -851,11 +852,17 @@ def engine_args(cfg: ServeConfig) -> dict:
     }
 
 
-def serve(run_dir: str, cfg: ServeConfig, adapter_runs: dict[str, str] | None = None) -> None:
-    """Load a run (and the LoRA adapters to serve beside it), compile everything, then serve
-    until SIGTERM / SIGINT (which drains)."""
-
-    loaded = load_for_inference(run_dir, cfg.quantize, cfg.draft)
+def build_engine(
+    run_dir, cfg: ServeConfig, adapter_runs: dict[str, str] | None = None, background=True
+):
+    """Load a run (and the LoRA adapters to serve beside it) into a warmed-up engine, not
+    started: (engine, tokenizer, adapters or None). `run_dir` may be a ModelConfig instead:
+    a model of random weights and the byte tokenizer (benchmarks). `background`: compile
+    only what a first request needs before returning, the rest while serving."""
+    if isinstance(run_dir, ModelConfig):
+        loaded = Loaded(None, create_model(run_dir), byte_tokenizer(), None)
+    else:
+        loaded = load_for_inference(run_dir, cfg.quantize, cfg.draft)
     adapters = None
     capacity = max(cfg.max_adapters, len(adapter_runs or {}))
     if capacity:
@@ -868,21 +875,46 @@ def serve(run_dir: str, cfg: ServeConfig, adapter_runs: dict[str, str] | None = 
         except ValueError as err:
             raise ConfigError(f"--adapter: {err}") from None
     engine = Engine(loaded.model, draft=loaded.draft, draft_k=cfg.draft_k, **engine_args(cfg))
-    engine.warmup(background=True)  # what a first request needs; the rest while serving
-    engine.start()
+    engine.warmup(background=background)
+    return engine, loaded.tokenizer, adapters
+
+
+def serve(
+    run_dir: str,
+    cfg: ServeConfig,
+    adapter_runs: dict[str, str] | None = None,
+    cache_dir: str | None = None,
+) -> int:
+    """Serve a run until SIGTERM / SIGINT (which drain): the engine in a process of its own
+    (`core.py`; `serve.engine_process`), else on a thread of this one. The exit status: 0, or 1
+    when the engine died (for the supervisor to restart the server)."""
+    if cfg.engine_process:
+        from pipeline.inference.runs import load_tokenizer
+        from pipeline.serving.core import start_engine
+
+        engine = start_engine(run_dir, cfg, adapter_runs, cache_dir)
+        tokenizer, stop = load_tokenizer(run_dir), engine.stop
+    else:
+        local, tokenizer, adapters = build_engine(run_dir, cfg, adapter_runs)
+        local.start()
+        engine, stop = LocalEngine(local, tokenizer, adapters), local.stop
     name = cfg.model_name or Path(run_dir).resolve().name
-    app = create_app(engine, loaded.tokenizer, name, cfg, adapters)
-    config = uvicorn_config(app, cfg)
+    app = create_app(engine, tokenizer, name, cfg)
     if not cfg.api_key and not _loopback(cfg.host):
         log.warning(
             "serving on %s without an API key: anyone who can reach this address can use the "
             "model; set serve.api_key (or $PIPELINE_API_KEY)",
             cfg.host,
         )
-    server = _server_class()(config)
+    server = _server_class()(uvicorn_config(app, cfg))
+    engine.on_death = lambda: setattr(server, "should_exit", True)
     log.info("serving %s as %r on http://%s:%d", run_dir, name, cfg.host, cfg.port)
     try:
         server.run()  # SIGTERM: stop accepting, finish in-flight requests, return
     finally:
         app.state.routes.accepting = False
-        engine.stop(drain=True, timeout=cfg.graceful_seconds)
+        stop(drain=True, timeout=cfg.graceful_seconds)
+    if engine.dead is not None:
+        log.error("exiting: %s", engine.dead)
+        return 1
+    return 0
