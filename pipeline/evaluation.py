@@ -148,8 +148,9 @@ def local_server(run_dir: str, cfg: ServeConfig):
     import uvicorn
 
     from pipeline.inference.runs import load_for_inference
+    from pipeline.serving.core import engine_args
     from pipeline.serving.engine import Engine
-    from pipeline.serving.serve import create_app, engine_args
+    from pipeline.serving.serve import create_app
 
     loaded = load_for_inference(run_dir, cfg.quantize, None)
     engine = Engine(loaded.model, **engine_args(cfg))

@@ -75,7 +75,7 @@ class _LocalServer:
             self.compile_s, self.engine_pid = engine.compile_s, engine.pid
             return engine, engine.stop
         from pipeline.serving.client import LocalEngine
-        from pipeline.serving.serve import build_engine
+        from pipeline.serving.core import build_engine
 
         local, tokenizer, _ = build_engine(cfg.model, serve, background=False)
         self.compile_s, self.engine_pid = local.compile_seconds, None

@@ -33,9 +33,21 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-from pipeline.config import ConfigError, ServeConfig
-from pipeline.serving.client import AdapterInUseError, EngineDeadError, Job
+from pipeline.config import ConfigError, ModelConfig, ServeConfig
+from pipeline.inference.runs import Loaded, load_for_inference
+from pipeline.model import create_model
+from pipeline.runtime import enable_compilation_cache
+from pipeline.serving.adapters import Adapters
+from pipeline.serving.client import (
+    AdapterInUseError,
+    EngineDeadError,
+    Job,
+    Matchers,
+    submit_all,
+)
+from pipeline.serving.engine import Engine, QueueFullError
 from pipeline.serving.stats import LoopStats
+from pipeline.tokenizer import byte_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +68,6 @@ class Core:
     """The engine core process's side: the engine, its requests by job id, the pipe."""
 
     def __init__(self, conn, engine, tokenizer, adapters):
-        from pipeline.serving.client import Matchers
-
         self.conn, self.engine, self.adapters = conn, engine, adapters
         self.matchers = Matchers(tokenizer, engine.vocab_size)
         self.requests: dict = {}  # job id -> the engine's request, until it ends
@@ -134,8 +144,6 @@ class Core:
             self._work.submit(self.reply, message[1], self._unload, message[2])
 
     def _submit(self, jobs: list[Job]) -> None:
-        from pipeline.serving.client import submit_all
-
         submit_all(self.engine, jobs, self.emit_of, self.matchers, self.requests)
 
     def _load(self, name: str, run: str) -> dict:
@@ -151,8 +159,6 @@ class Core:
         return adapter_books(self.adapters)
 
     def reply(self, call: int, fn, *args) -> None:
-        from pipeline.serving.engine import QueueFullError
-
         try:
             value, error = fn(*args), None
         except (QueueFullError, ValueError, AdapterInUseError) as err:
@@ -170,6 +176,49 @@ def adapter_books(adapters) -> dict | None:
     return {"index": dict(adapters.index), "salts": dict(adapters.salts), "runs": adapters.runs}
 
 
+def engine_args(cfg: ServeConfig) -> dict:
+    """The Engine's keyword arguments from the serve config."""
+    return {
+        "slots": cfg.slots,
+        "max_len": cfg.max_len,
+        "max_queue": cfg.max_queue,
+        "kv_blocks": cfg.kv_blocks,
+        "kv_memory_gb": cfg.kv_memory_gb,
+        "block_size": cfg.block_size,
+        "prefill_chunk": cfg.prefill_chunk,
+        "decode_prefill_chunk": cfg.decode_prefill_chunk,
+        "decode_steps": cfg.decode_steps,
+        "prefix_caching": cfg.prefix_caching,
+    }
+
+
+def build_engine(
+    run_dir, cfg: ServeConfig, adapter_runs: dict[str, str] | None = None, background=True
+):
+    """Load a run (and the LoRA adapters to serve beside it) into a warmed-up engine, not
+    started: (engine, tokenizer, adapters or None). `run_dir` may be a ModelConfig instead:
+    a model of random weights and the byte tokenizer (benchmarks). `background`: compile
+    only what a first request needs before returning, the rest while serving."""
+    if isinstance(run_dir, ModelConfig):
+        loaded = Loaded(None, create_model(run_dir), byte_tokenizer(), None)
+    else:
+        loaded = load_for_inference(run_dir, cfg.quantize, cfg.draft)
+    adapters = None
+    capacity = max(cfg.max_adapters, len(adapter_runs or {}))
+    if capacity:
+        if cfg.draft:
+            raise ConfigError("serve: adapters and a draft model (serve.draft) exclude each other")
+        try:
+            adapters = Adapters(loaded.model, capacity, cfg.max_lora_rank)
+            for adapter, run in (adapter_runs or {}).items():
+                adapters.load(adapter, run)
+        except ValueError as err:
+            raise ConfigError(f"--adapter: {err}") from None
+    engine = Engine(loaded.model, draft=loaded.draft, draft_k=cfg.draft_k, **engine_args(cfg))
+    engine.warmup(background=background)
+    return engine, loaded.tokenizer, adapters
+
+
 def core_main(conn, run_dir, cfg: ServeConfig, adapter_runs, cache_dir, level, background):
     """The engine core process: load, compile (with `background`, only what a first request
     needs before saying ready), serve."""
@@ -177,9 +226,6 @@ def core_main(conn, run_dir, cfg: ServeConfig, adapter_runs, cache_dir, level, b
         signal.signal(sig, signal.SIG_IGN)
     logging.basicConfig(format="%(name)s: %(message)s")
     logging.getLogger("pipeline").setLevel(level)
-    from pipeline.runtime import enable_compilation_cache
-    from pipeline.serving.serve import build_engine
-
     enable_compilation_cache(cache_dir)
     try:
         engine, tokenizer, adapters = build_engine(run_dir, cfg, adapter_runs, background)
@@ -357,8 +403,6 @@ class EngineClient:
 
 
 def _error(name: str, message: str) -> Exception:
-    from pipeline.serving.engine import QueueFullError
-
     kinds = {
         "QueueFullError": QueueFullError,
         "AdapterInUseError": AdapterInUseError,

@@ -36,7 +36,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
 import jax
@@ -44,32 +43,23 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pipeline.attention import PagedLayer
-from pipeline.inference.generate import bucket, buckets, check_request, decode_step
+from pipeline.inference.generate import bucket, buckets, check_request
 from pipeline.inference.sampling import (
     Sampling,
     check_sampling,
-    request_keys,
-    sample,
     sampling_arrays,
 )
-from pipeline.inference.speculative import speculate
 from pipeline.model import init_paged_cache
-from pipeline.serving.adapters import set_rows
+from pipeline.serving import programs
 from pipeline.serving.blocks import BlockPool
 from pipeline.serving.controls import (
-    MAX_TOP_LOGPROBS,
     Controls,
-    adjust,
-    admit_controls,
     check_controls,
     control_arrays,
     init_controls,
-    logprobs,
     mask_words,
-    record,
-    restore_counts,
 )
+from pipeline.serving.decoding import Speculative, Steps
 from pipeline.serving.scheduler import Scheduler
 from pipeline.serving.stats import SAMPLE_EVERY, LoopStats
 
@@ -126,12 +116,6 @@ class Request:
     salt: str = ""
 
 
-def block_bytes(cfg, block_size: int) -> int:
-    """Bytes of one KV block of `cfg` (keys and values of every layer)."""
-    itemsize = jnp.dtype(cfg.compute_dtype).itemsize
-    return 2 * cfg.num_layers * cfg.num_kv_heads * block_size * cfg.head_dim * itemsize
-
-
 def kv_budget(gigabytes: float | None) -> float:
     """Bytes for the KV pool: `gigabytes` when given; else, on an accelerator, 70% of its
     memory left after the weights (vLLM's gpu_memory_utilization spirit); on CPU a quarter
@@ -142,227 +126,6 @@ def kv_budget(gigabytes: float | None) -> float:
     if "bytes_limit" in stats:
         return 0.7 * (stats["bytes_limit"] - stats.get("bytes_in_use", 0))
     return 0.25 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def _slot_state(slots: int) -> dict:
-    """Each slot's sampling state on the device: its last token, position, step, sampling
-    values, seed and adapter."""
-    zeros = lambda dtype: jnp.zeros((slots,), dtype)  # noqa: E731
-    return {
-        "token": zeros(jnp.int32),
-        "position": zeros(jnp.int32),
-        "step": zeros(jnp.int32),
-        "temperature": zeros(jnp.float32),
-        "top_k": zeros(jnp.int32),
-        "top_p": jnp.ones((slots,), jnp.float32),
-        "seed": zeros(jnp.uint32),
-        "adapter": zeros(jnp.int32),
-    }
-
-
-def _paged(pool, tables):
-    """The model's view of a paged cache: each layer's pool with the call's block table."""
-    return [PagedLayer(layer["k"], layer["v"], tables) for layer in pool]
-
-
-def _pool(cache):
-    return [{"k": layer.k, "v": layer.v} for layer in cache]
-
-
-def _update(slots: dict, values: dict, ids) -> dict:
-    """Rows `ids` of the slot state := values (ids past the last slot: dropped)."""
-    return {
-        k: v.at[ids].set(values[k], mode="drop") if k in values else v for k, v in slots.items()
-    }
-
-
-@partial(
-    jax.jit,
-    static_argnames=("graphdef", "dgraph"),
-    donate_argnames=("slots", "ctl", "pool", "dpool"),
-)
-def _prefill(
-    params, slots, ctl, pool, chunk, sampling, controls, mask, dparams, dpool, *, graphdef, dgraph
-):
-    """Run one chunk of n prompts (tokens (n, P), `lengths` of them real, from positions
-    `starts`) into their blocks (`tables` (n, W)); sample a token for every row and keep it,
-    with the slot's state, where the chunk is its prompt's last (`final`). A slot id past the
-    last slot marks a padding row (its writes are dropped; its table is all "none")."""
-    model = nnx.merge(graphdef, params)
-    tokens, starts, lengths, tables = (
-        chunk["tokens"],
-        chunk["starts"],
-        chunk["lengths"],
-        chunk["tables"],
-    )
-    slot_ids, final, steps = chunk["slot_ids"], chunk["final"], chunk["steps"]
-    P = tokens.shape[1]
-    offsets = jnp.arange(P)[None]
-    positions = jnp.where(offsets < lengths[:, None], starts[:, None] + offsets, -1)
-    set_rows(model, chunk["adapters"])
-    logits, cache = model(tokens, positions, _paged(pool, tables), only=lengths - 1)
-    logits, pool = logits[:, 0], _pool(cache)
-    if dgraph is not None:
-        draft = nnx.merge(dgraph, dparams)
-        _, dcache = draft(tokens, positions, _paged(dpool, tables), only=lengths - 1)
-        dpool = _pool(dcache)
-    temperature, top_k, top_p, seed = sampling
-    ctl, rows = admit_controls(
-        ctl, controls, tokens, lengths, slot_ids, chunk["first"], chunk["fresh"]
-    )
-    shaped = adjust(logits, rows, steps, mask)
-    token = sample(shaped, request_keys(seed, steps), temperature, top_k, top_p)
-    info = logprobs(logits, token, rows["logprobs"])
-    done = jnp.where(final, slot_ids, slots["token"].shape[0])
-    ctl = record(ctl, token, done)
-    values = {
-        "token": token,
-        "position": starts + lengths,
-        "step": steps + 1,
-        "temperature": temperature,
-        "top_k": top_k,
-        "top_p": top_p,
-        "seed": seed,
-        "adapter": chunk["adapters"],
-    }
-    return token, info, _update(slots, values, done), ctl, pool, dpool
-
-
-def _live_update(slots, part, live, rows):
-    """Slots 0..rows-1 := `part` where `live`, unchanged elsewhere."""
-    old = jax.tree.map(lambda x: x[:rows], slots)
-    new = jax.tree.map(lambda n, o: jnp.where(live, n, o), part, old)
-    return jax.tree.map(
-        lambda whole, x: jax.lax.dynamic_update_slice_in_dim(whole, x, 0, axis=0), slots, new
-    )
-
-
-@partial(
-    jax.jit,
-    static_argnames=("graphdef", "dgraph", "rows", "k"),
-    donate_argnames=("slots", "pool", "dpool"),
-)
-def _speculative_step(
-    params, dparams, slots, pool, dpool, tables, live, *, graphdef, dgraph, rows, k
-):
-    """One speculative round for slots 0..rows-1: candidates (rows, k+1) and how many of them
-    (n + 1) each slot produced (rows not `live` have "none" tables: nothing is written)."""
-    target, draft = nnx.merge(graphdef, params), nnx.merge(dgraph, dparams)
-    part = jax.tree.map(lambda x: x[:rows], slots)
-    keys = request_keys(part["seed"], part["step"])
-    emitted, n, t, cache, dcache = speculate(
-        target,
-        draft,
-        part["position"],
-        part["token"],
-        _paged(pool, tables),
-        _paged(dpool, tables),
-        keys,
-        (part["temperature"], part["top_k"], part["top_p"]),
-        k,
-    )
-    part = {**part, "token": t, "position": part["position"] + n + 1, "step": part["step"] + 1}
-    return emitted, n + 1, _live_update(slots, part, live, rows), _pool(cache), _pool(dcache)
-
-
-@partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("slots", "ctl", "pool"))
-def _step(params, slots, ctl, pool, tables, ids, live, mask, *, graphdef):
-    """Feed the last token of slots `ids` (rows,), sample their next tokens: tokens (rows,) and
-    their log-probabilities (zeros unless a slot asked for them). Rows not `live` (padding, or
-    a slot still prefilling) have "none" tables, so they write nothing, and keep their state;
-    their position counts as 0, so the attention reads as many block columns as the furthest
-    live row needs, no more."""
-    model = nnx.merge(graphdef, params)
-    n = slots["token"].shape[0]
-    rows = jnp.where(live, ids, n)  # where the results go (n: dropped)
-    safe = jnp.minimum(ids, n - 1)  # (padding rows read the last slot)
-    part = jax.tree.map(lambda x: x[safe], slots)
-    set_rows(model, part["adapter"])
-    positions = jnp.where(live, part["position"], 0)
-    logits, cache = decode_step(model, part["token"], positions, _paged(pool, tables))
-    keys = request_keys(part["seed"], part["step"])
-    # the rows' controls are gathered only when one of them has any: (rows, vocab) arrays each
-    shaped = jax.lax.cond(
-        jnp.any(ctl["active"][safe] & live),
-        lambda: adjust(logits, {k: v[safe] for k, v in ctl.items()}, part["step"], mask),
-        lambda: logits,
-    )  # step: tokens generated so far
-    tokens = sample(shaped, keys, part["temperature"], part["top_k"], part["top_p"])
-    info = logprobs(logits, tokens, ctl["logprobs"][safe])
-    ctl = record(ctl, tokens, rows)
-    part = {**part, "token": tokens, "position": part["position"] + 1, "step": part["step"] + 1}
-    return tokens, info, _update(slots, part, rows), ctl, _pool(cache)
-
-
-@partial(jax.jit, static_argnames=("graphdef", "k"), donate_argnames=("slots", "ctl", "pool"))
-def _steps(params, slots, ctl, pool, tables, ids, live, mask, n, *, graphdef, k):
-    """`n` (at most `k`, a traced count: one program for every count) decode steps of slots
-    `ids` in one call, nothing from the host between them: tokens (k, rows) and their
-    log-probabilities ((k, rows), (k, rows, K), (k, rows, K)); rows past the n-th are zeros.
-    The tables must hold the blocks of the n positions each live row writes (or "none" where
-    its tokens will be dropped: the steps past its budget)."""
-    rows, top = ids.shape[0], min(MAX_TOP_LOGPROBS, ctl["counts"].shape[1])
-    out = (
-        jnp.zeros((k, rows), jnp.int32),
-        (
-            jnp.zeros((k, rows), jnp.float32),
-            jnp.zeros((k, rows, top), jnp.int32),
-            jnp.zeros((k, rows, top), jnp.float32),
-        ),
-    )
-
-    def body(i, carry):
-        slots, ctl, pool, (tokens, info) = carry
-        new, new_info, slots, ctl, pool = _step(
-            params, slots, ctl, pool, tables, ids, live, mask, graphdef=graphdef
-        )
-        info = jax.tree.map(lambda buf, x: buf.at[i].set(x), info, new_info)
-        return slots, ctl, pool, (tokens.at[i].set(new), info)
-
-    slots, ctl, pool, (tokens, info) = jax.lax.fori_loop(0, n, body, (slots, ctl, pool, out))
-    return tokens, info, slots, ctl, pool
-
-
-@partial(jax.jit, static_argnames=("graphdef",))
-def _score(params, tokens, adapter, *, graphdef):
-    """Log-probabilities of a prompt's tokens under the model (with adapter `adapter`) (echo):
-    for position i >= 1, that of token i given tokens 0..i-1 (position 0 gets 0), and the top
-    ones there."""
-    model = nnx.merge(graphdef, params)
-    set_rows(model, adapter[None])
-    logits, _ = model(tokens)  # (1, P, V) float32
-    lp = jax.nn.log_softmax(logits[0, :-1], axis=-1)
-    chosen = jnp.take_along_axis(lp, tokens[0, 1:, None], axis=-1)[:, 0]
-    top_lp, top_ids = jax.lax.top_k(lp, min(MAX_TOP_LOGPROBS, lp.shape[-1]))
-    pad = lambda x: jnp.concatenate([jnp.zeros_like(x[:1]), x])  # noqa: E731
-    return pad(chosen), pad(top_ids), pad(top_lp)
-
-
-@partial(jax.jit, donate_argnames=("slots", "ctl"))
-def _fork(slots, ctl, src, dst, token, position, seed):
-    """Another choice of the request in slot `src`, in slot `dst`: its state and controls
-    copied (its prompt's blocks are shared or copied by the caller). It restarts at the
-    prompt's last token (position `position`), so the next step samples its first token from
-    its own seed."""
-    slots, ctl = jax.tree.map(lambda x: x.at[dst].set(x[src]), (slots, ctl))
-    restart = {"token": token, "position": position, "step": jnp.int32(0), "seed": seed}
-    slots = {k: v.at[dst].set(restart[k]) if k in restart else v for k, v in slots.items()}
-    return slots, {**ctl, "counts": ctl["counts"].at[dst].set(0)}
-
-
-@partial(jax.jit, donate_argnames=("slots", "ctl"))
-def _move(slots, ctl, src, dst):
-    """Copy slot `src`'s sampling state and controls into slot `dst` (its blocks stay put)."""
-    return jax.tree.map(lambda x: x.at[dst].set(x[src]), (slots, ctl))
-
-
-@partial(jax.jit, donate_argnames=("pools",))
-def _copy_block(pools, src, dst):
-    """Block `dst` := block `src` in every layer of every pool (copy on write)."""
-    return jax.tree.map(lambda x: x.at[dst].set(x[src]), pools)
-
-
-_restore_counts = jax.jit(restore_counts, donate_argnames=("ctl",))
 
 
 class Engine:
@@ -406,22 +169,26 @@ class Engine:
         # Prompts prefilled together share one call (padded to one of these sizes).
         self.admit_sizes = sorted({1, min(4, slots), min(16, slots)})
         self.graphdef, self.params = nnx.split(model)
-        self.draft_k = draft_k if draft is not None else 0
         if decode_steps < 1:
             raise ValueError(f"decode_steps must be >= 1, got {decode_steps}")
         self.decode_steps = decode_steps
+        self.decoding = (  # how a decode call runs (decoding.py)
+            Steps(self.graphdef, decode_steps)
+            if draft is None
+            else Speculative(self.graphdef, draft, draft_k, cfg.vocab_size)
+        )
         # a speculative round writes up to draft_k positions past a slot's last token
-        self.lookahead = draft_k + 1 if draft is not None else 0
+        self.lookahead = self.decoding.lookahead
         self.width = -(-(self.max_len + self.lookahead) // block_size)  # table entries per slot
-        self._init_pools(cfg, draft, kv_blocks, kv_memory_gb, prefix_caching)
+        self._init_pools(cfg, kv_blocks, kv_memory_gb, prefix_caching)
         self._init_programs()
-        self.slots = _slot_state(slots)
+        self.slots = programs.slot_state(slots)
         self.ctl = init_controls(slots, cfg.vocab_size)
         self.vocab_size = cfg.vocab_size
         self._init_masks()
         self.observe = observe or (lambda name, value: None)
         self._lock = threading.Condition()
-        self._init_scheduler(slots, decode_steps, draft is not None)
+        self._init_scheduler(slots, decode_steps, self.decoding.speculative)
         self._init_loop()
 
     def _init_loop(self) -> None:
@@ -473,48 +240,34 @@ class Engine:
         grammar after each of its tokens and sent to the device only while a grammar is active;
         and the all-ones masks of every row count, for the steps without one."""
         self.masks = np.full((self.num_slots, mask_words(self.vocab_size)), -1, np.int32)
-        self._allow_all = {
+        self.allow_all = {
             rows: jnp.full((rows, self.masks.shape[1]), -1, jnp.int32)
             for rows in sorted({*self.row_buckets, *self.admit_sizes})
         }
 
     def _init_programs(self) -> None:
-        """This engine's jitted programs, with the model's graph (and the decode call's step
-        count) bound once: a call hashes no graph (an nnx graph hashes in Python, 6% of a
-        serving process's time in a profile when passed as a static argument per call)."""
-        g, d = self.graphdef, self.dgraph
-        self._prefill = _bind(_prefill, ("slots", "ctl", "pool", "dpool"), graphdef=g, dgraph=d)
-        self._steps = _bind(_steps, ("slots", "ctl", "pool"), graphdef=g, k=self.decode_steps)
-        self._speculative = _bind(
-            _speculative_step,
-            ("slots", "pool", "dpool"),
-            static=("rows",),
-            graphdef=g,
-            dgraph=d,
-            k=self.draft_k,
+        """This engine's jitted programs, with the model's graph bound once: a call hashes no
+        graph (an nnx graph hashes in Python, 6% of a serving process's time in a profile when
+        passed as a static argument per call). The decode call is the decoding's."""
+        g, d = self.graphdef, self.decoding.graph
+        self._prefill = programs.bind(
+            programs.prefill, ("slots", "ctl", "pool", "dpool"), graphdef=g, dgraph=d
         )
-        self._score = _bind(_score, (), graphdef=g)
+        self._score = programs.bind(programs.score, (), graphdef=g)
 
-    def _init_pools(self, cfg, draft, kv_blocks, kv_memory_gb, prefix_caching) -> None:
-        """The KV pools (the model's, the draft's), their bookkeeping and the block tables."""
+    def _init_pools(self, cfg, kv_blocks, kv_memory_gb, prefix_caching) -> None:
+        """The KV pools (the model's, a draft's), their bookkeeping and the block tables."""
         block_size, slots = self.block_size, self.num_slots
-        per_block = block_bytes(cfg, block_size) + (
-            block_bytes(draft.cfg, block_size) if draft is not None else 0
-        )
+        per_block = programs.block_bytes(cfg, block_size) + self.decoding.block_bytes(block_size)
         # a decode call reads the weights once: as many bytes as this many KV blocks
         weights = sum(x.nbytes for x in jax.tree.leaves(self.params))
-        self.call_blocks = weights // block_bytes(cfg, block_size)
+        self.call_blocks = weights // programs.block_bytes(cfg, block_size)
         self.kv_blocks = kv_blocks or max(
             min(slots * self.width, int(kv_budget(kv_memory_gb) // per_block)), self.width
         )
         self.blocks = BlockPool(self.kv_blocks, block_size, prefix_caching)
         self.pool = init_paged_cache(cfg, self.kv_blocks, block_size)
-        self.dgraph, self.dparams, self.dpool = None, None, None
-        if draft is not None:
-            if draft.cfg.vocab_size != cfg.vocab_size:
-                raise ValueError("the draft's vocabulary differs from the model's")
-            self.dgraph, self.dparams = nnx.split(draft)
-            self.dpool = init_paged_cache(draft.cfg, self.kv_blocks, block_size)
+        self.decoding.init_pool(self.kv_blocks, block_size)
 
     # --- public, thread-safe ---------------------------------------------------------------
 
@@ -530,11 +283,7 @@ class Engine:
         check_request(prompt_len, max_tokens, self.max_len)
         check_sampling(sampling)
         check_controls(controls, self.vocab_size)
-        if self.dgraph is not None and (controls.shapes_logits or controls.logprobs or adapter):
-            raise ValueError(
-                "logprobs, penalties, logit_bias, min_tokens and adapters are not supported "
-                "with speculative decoding (serve.draft)"
-            )
+        self.decoding.check(controls, adapter)
         need = -(-(prompt_len + max_tokens + self.lookahead) // self.block_size)
         if need > self.kv_blocks:
             raise ValueError(
@@ -645,36 +394,28 @@ class Engine:
         """Thunks that compile each program ahead of time: (those a first request needs, the
         rest). The state's shapes are read here, once, so the thunks can run on another
         thread while the engine runs (and donates its buffers)."""
-        params, dparams, slots, ctl, pool, dpool = _shapes(
-            (self.params, self.dparams, self.slots, self.ctl, self.pool, self.dpool)
-        )
+        d = self.decoding
+        shapes = programs.shapes((self.params, d.params, self.slots, self.ctl, self.pool, d.pool))
+        params, dparams, slots, ctl, pool, dpool = shapes
         i32 = np.int32(0)
         first, rest = [], []
         for P in self.buckets:
             for n in self.admit_sizes:
-                args = _shapes(self._prefill_args([], [], P, [], n))
+                args = programs.shapes(self._prefill_args([], [], P, [], n))
                 (first if n == 1 and P <= FIRST_CHUNK else rest).append(
-                    _aot(self._prefill, params, slots, ctl, pool, *args, dparams, dpool)
+                    programs.aot(self._prefill, params, slots, ctl, pool, *args, dparams, dpool)
                 )
         for P in buckets(self.max_len):  # echo's prompt scoring
-            rest.append(_aot(self._score, params, jax.ShapeDtypeStruct((1, P), jnp.int32), i32))
+            tokens = jax.ShapeDtypeStruct((1, P), jnp.int32)
+            rest.append(programs.aot(self._score, params, tokens, i32))
         for rows in self.row_buckets:
-            tables = jax.ShapeDtypeStruct((rows, self.width), jnp.int32)
-            live = jax.ShapeDtypeStruct((rows,), jnp.bool_)
-            if self.dgraph is None:
-                ids, mask = jax.ShapeDtypeStruct((rows,), jnp.int32), _shapes(self._allow_all[rows])
-                args = (params, slots, ctl, pool, tables, ids, live, mask, i32)
-                step = _aot(self._steps, *args)
-            else:
-                args = (params, dparams, slots, pool, dpool, tables, live)
-                step = _aot(self._speculative, *args, rows=rows)
-            (first if rows == 1 else rest).append(step)
-        pools = (pool, dpool) if dpool is not None else (pool,)
+            (first if rows == 1 else rest).append(d.compile_thunk(self, shapes, rows))
+        counts = jax.ShapeDtypeStruct((self.max_len,), jnp.int32)
         first += [
-            _aot(_move, slots, ctl, i32, i32),
-            _aot(_fork, slots, ctl, i32, i32, i32, i32, np.uint32(0)),
-            _aot(_copy_block, pools, i32, i32),
-            _aot(_restore_counts, ctl, i32, jax.ShapeDtypeStruct((self.max_len,), jnp.int32)),
+            programs.aot(programs.move, slots, ctl, i32, i32),
+            programs.aot(programs.fork, slots, ctl, i32, i32, i32, i32, np.uint32(0)),
+            programs.aot(programs.copy_block, (pool, *programs.shapes(d.pools)), i32, i32),
+            programs.aot(programs.restore_slot_counts, ctl, i32, counts),
         ]
         return first, rest
 
@@ -752,11 +493,10 @@ class Engine:
         return bool(self.waiting) or self.sched.running_any() or self._inflight is not None
 
     def copy_block(self, src: int, dst: int) -> None:
-        pools = (self.pool, self.dpool) if self.dpool is not None else (self.pool,)
-        pools = _copy_block(pools, np.int32(src), np.int32(dst))
+        pools = (self.pool, *self.decoding.pools)
+        pools = programs.copy_block(pools, np.int32(src), np.int32(dst))
         self.pool = pools[0]
-        if self.dpool is not None:
-            self.dpool = pools[1]
+        self.decoding.set_pools(pools[1:])
 
     # prefill ------------------------------------------------------------------------------
 
@@ -798,22 +538,25 @@ class Engine:
         self._fill_due_masks()
 
     def _prefill_call(self, requests: list, pieces: list, P: int, slot_ids: list):
-        """One `_prefill` call for these requests' next `pieces` tokens (in slots `slot_ids`),
-        padded to an admit size: the tokens sampled and their log-probabilities."""
+        """One prefill call (`programs.prefill`) for these requests' next `pieces` tokens (in
+        slots `slot_ids`), padded to an admit size: the tokens sampled and their
+        log-probabilities."""
         n = next(size for size in self.admit_sizes if size >= len(requests))
-        token, info, self.slots, self.ctl, self.pool, self.dpool = self._prefill(
+        d = self.decoding
+        token, info, self.slots, self.ctl, self.pool, dpool = self._prefill(
             self.params,
             self.slots,
             self.ctl,
             self.pool,
             *self._prefill_args(requests, pieces, P, slot_ids, n),
-            self.dparams,
-            self.dpool,
+            d.params,
+            d.pool,
         )
+        d.set_pools(() if dpool is None else (dpool,))
         return self._fetch(token), info
 
     def _prefill_args(self, requests: list, pieces: list, P: int, slot_ids: list, n: int):
-        """`_prefill`'s chunk, sampling values, controls and mask for these requests' next
+        """`programs.prefill`'s chunk, sampling values, controls and mask for these requests' next
         `pieces` tokens, in n rows (the rest padding)."""
         chunk = {
             "tokens": np.zeros((n, P), np.int32),
@@ -848,48 +591,18 @@ class Engine:
             chunk,
             sampling_arrays(samplings),
             control_arrays(controls),
-            self._allow_all[n] if mask is None else mask,
+            self.allow_all[n] if mask is None else mask,
         )
 
     # decode ---------------------------------------------------------------------------------
 
     def _run_step(self, ids: np.ndarray, live: np.ndarray, steps: int = 1):
-        """One jitted call for slots `ids` (padded with the id past the last slot; only those
-        `live` advance): `steps` decode steps, (tokens (k, rows), `steps`, their
-        log-probabilities ((k, rows), (k, rows, K), (k, rows, K))); or a draft round,
-        (tokens (rows, m), how many of them (rows,), None), for slots 0..rows-1
-        (ids = arange(rows))."""
-        rows = len(ids)
+        """One decode call for slots `ids` (padded with the id past the last slot; only those
+        `live` advance): the decoding's results (`decoding.py`): tokens, how many, their
+        log-probabilities."""
         safe = np.minimum(ids, self.num_slots - 1)  # (padding rows read the last slot)
         tables = np.where(live[:, None], self.tables[safe], self.none)
-        if self.dgraph is None:
-            constrained = any(
-                self.active[i] is not None and self.active[i].grammar is not None for i in ids[live]
-            )
-            mask = self.masks[safe]
-            tokens, info, self.slots, self.ctl, self.pool = self._steps(
-                self.params,
-                self.slots,
-                self.ctl,
-                self.pool,
-                tables,
-                ids.astype(np.int32),
-                live,
-                mask if constrained else self._allow_all[rows],
-                np.int32(steps),
-            )
-            return tokens, steps, info
-        tokens, produced, self.slots, self.pool, self.dpool = self._speculative(
-            self.params,
-            self.dparams,
-            self.slots,
-            self.pool,
-            self.dpool,
-            tables,
-            live,
-            rows=rows,
-        )
-        return tokens, produced, None
+        return self.decoding.run(self, ids, live, tables, steps)
 
     def _decode(self) -> None:
         """Dispatch this iteration's decode steps, then deliver the previous iteration's tokens
@@ -914,20 +627,15 @@ class Engine:
             self._flush()
             return
         start, dispatched = time.perf_counter(), []
+        decoding = self.decoding
         for group in self.sched.groups(ready):
-            rows = self.sched.rows(len(group))
-            ids = np.full(rows, self.num_slots, np.int32)
-            ids[: len(group)] = group
-            if self.dgraph is not None:  # a draft round runs slots 0..rows-1
-                rows = self.sched.rows(group[-1] + 1)
-                ids = np.arange(rows, dtype=np.int32)
+            ids = decoding.ids(self.sched, group, self.num_slots)
             batch = [self.active[i] if i in group else None for i in ids.tolist()]
             live = np.asarray([r is not None for r in batch])
             dispatched.append((*self._run_step(ids, live, steps), batch))
             for request in filter(None, batch):
                 request.scheduled += steps
-                if self.dgraph is None:
-                    request.position += steps  # (a draft round's advance: known once delivered)
+                decoding.dispatched(request, steps)
         self.steps += 1
         self.stats.steps += 1
         if timed:
@@ -937,7 +645,7 @@ class Engine:
         previous, self._inflight = self._inflight, dispatched
         for step in previous or ():
             self._deliver_step(step)
-        if self.dgraph is not None or any(self.active[i].grammar for i in ready if self.active[i]):
+        if decoding.must_deliver() or any(self.active[i].grammar for i in ready if self.active[i]):
             self._flush()
 
     def _fill_due_masks(self) -> None:
@@ -969,8 +677,7 @@ class Engine:
         for row, request in enumerate(batch):
             if request is None or not self.sched.holds(request):
                 continue  # ended, cancelled or preempted since
-            if self.dgraph is not None:
-                request.position += int(produced[row])
+            self.decoding.delivered(request, int(produced[row]))
             for j, token in enumerate(tokens[row, : produced[row]]):
                 if not self.sched.holds(request):  # it ended within this round
                     break
@@ -981,12 +688,12 @@ class Engine:
     # the device work of the scheduler's decisions (scheduler.SlotDevice) ----------------------
 
     def move_slot(self, src: int, dst: int) -> None:
-        self.slots, self.ctl = _move(self.slots, self.ctl, np.int32(src), np.int32(dst))
+        self.slots, self.ctl = programs.move(self.slots, self.ctl, np.int32(src), np.int32(dst))
         self.masks[dst] = self.masks[src]
 
     def fork_slot(self, src: int, dst: int, request: Request) -> None:
         L = len(request.prompt)
-        self.slots, self.ctl = _fork(
+        self.slots, self.ctl = programs.fork(
             self.slots,
             self.ctl,
             np.int32(src),
@@ -1001,7 +708,7 @@ class Engine:
     def restore_counts(self, slot: int, request: Request) -> None:
         ids = np.full((self.max_len,), self.vocab_size, np.int32)
         ids[: len(request.output)] = request.output
-        self.ctl = _restore_counts(self.ctl, np.int32(slot), ids)
+        self.ctl = programs.restore_slot_counts(self.ctl, np.int32(slot), ids)
 
     def clear_slot(self, slot: int) -> None:
         self.masks[slot] = -1
@@ -1034,31 +741,6 @@ class Engine:
             self.sched.finish(slot, token, "length")
         else:
             request.emit(token, None)
-
-
-def _bind(program, donate: tuple, static: tuple = (), **bound):
-    """`program` (a jitted function) jitted anew with arguments `bound` fixed."""
-    return jax.jit(
-        partial(program.__wrapped__, **bound), donate_argnames=donate, static_argnames=static
-    )
-
-
-def _aot(program, *args, **static):
-    """A thunk that compiles `program` for these argument shapes ahead of time (a later call
-    with arrays of those shapes finds it compiled)."""
-    return lambda: program.lower(*args, **static).compile()
-
-
-def _shapes(tree):
-    """The shapes and types of a tree's arrays (what compiling ahead of time needs)."""
-    return jax.tree.map(
-        lambda x: (
-            jax.ShapeDtypeStruct(x.shape, x.dtype, weak_type=x.weak_type)
-            if isinstance(x, jax.Array)
-            else x
-        ),
-        tree,
-    )
 
 
 def _host_info(info, wanted: bool):

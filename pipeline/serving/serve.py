@@ -28,10 +28,9 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from pipeline.config import ConfigError, ModelConfig, ServeConfig
-from pipeline.inference.runs import Loaded, load_for_inference
+from pipeline.config import ServeConfig
+from pipeline.inference.runs import load_tokenizer
 from pipeline.inference.sampling import Sampling
-from pipeline.model import create_model
 from pipeline.serving.adapters import Adapters
 from pipeline.serving.client import (
     AdapterInUseError,
@@ -41,6 +40,7 @@ from pipeline.serving.client import (
     ll_tokenizer,
 )
 from pipeline.serving.controls import Controls
+from pipeline.serving.core import build_engine, start_engine
 from pipeline.serving.engine import Engine, QueueFullError
 from pipeline.serving.protocol import (
     APIError,
@@ -61,7 +61,7 @@ from pipeline.serving.protocol import (
     validation_message,
 )
 from pipeline.serving.tools import call_schema, parse_call, plain_messages, system_message
-from pipeline.tokenizer import byte_tokenizer, prompt_ids
+from pipeline.tokenizer import prompt_ids
 
 log = logging.getLogger(__name__)
 
@@ -836,49 +836,6 @@ def _server_class():
     return Server
 
 
-def engine_args(cfg: ServeConfig) -> dict:
-    """The Engine's keyword arguments from the serve config."""
-    return {
-        "slots": cfg.slots,
-        "max_len": cfg.max_len,
-        "max_queue": cfg.max_queue,
-        "kv_blocks": cfg.kv_blocks,
-        "kv_memory_gb": cfg.kv_memory_gb,
-        "block_size": cfg.block_size,
-        "prefill_chunk": cfg.prefill_chunk,
-        "decode_prefill_chunk": cfg.decode_prefill_chunk,
-        "decode_steps": cfg.decode_steps,
-        "prefix_caching": cfg.prefix_caching,
-    }
-
-
-def build_engine(
-    run_dir, cfg: ServeConfig, adapter_runs: dict[str, str] | None = None, background=True
-):
-    """Load a run (and the LoRA adapters to serve beside it) into a warmed-up engine, not
-    started: (engine, tokenizer, adapters or None). `run_dir` may be a ModelConfig instead:
-    a model of random weights and the byte tokenizer (benchmarks). `background`: compile
-    only what a first request needs before returning, the rest while serving."""
-    if isinstance(run_dir, ModelConfig):
-        loaded = Loaded(None, create_model(run_dir), byte_tokenizer(), None)
-    else:
-        loaded = load_for_inference(run_dir, cfg.quantize, cfg.draft)
-    adapters = None
-    capacity = max(cfg.max_adapters, len(adapter_runs or {}))
-    if capacity:
-        if cfg.draft:
-            raise ConfigError("serve: adapters and a draft model (serve.draft) exclude each other")
-        try:
-            adapters = Adapters(loaded.model, capacity, cfg.max_lora_rank)
-            for adapter, run in (adapter_runs or {}).items():
-                adapters.load(adapter, run)
-        except ValueError as err:
-            raise ConfigError(f"--adapter: {err}") from None
-    engine = Engine(loaded.model, draft=loaded.draft, draft_k=cfg.draft_k, **engine_args(cfg))
-    engine.warmup(background=background)
-    return engine, loaded.tokenizer, adapters
-
-
 def serve(
     run_dir: str,
     cfg: ServeConfig,
@@ -889,9 +846,6 @@ def serve(
     (`core.py`; `serve.engine_process`), else on a thread of this one. The exit status: 0, or 1
     when the engine died (for the supervisor to restart the server)."""
     if cfg.engine_process:
-        from pipeline.inference.runs import load_tokenizer
-        from pipeline.serving.core import start_engine
-
         engine = start_engine(run_dir, cfg, adapter_runs, cache_dir)
         tokenizer, stop = load_tokenizer(run_dir), engine.stop
     else:
