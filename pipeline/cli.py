@@ -213,8 +213,6 @@ def cmd_export(args) -> int:
 
 def cmd_serve(args) -> int:
     """Serve a run over HTTP (OpenAI-compatible) until SIGTERM or Ctrl-C."""
-    from pipeline.runtime import enable_compilation_cache, serving_cache_dir
-
     cfg = _config(args)
     flags = {
         "compilation_cache": args.compilation_cache,
@@ -226,12 +224,19 @@ def cmd_serve(args) -> int:
         "draft": args.draft,
     }
     cfg = with_overrides(cfg, serve={k: v for k, v in flags.items() if v is not None})
-    s = cfg.serve
-    cache_dir = serving_cache_dir(s.compilation_cache)
-    enable_compilation_cache(cache_dir)
+    s, runs = cfg.serve, adapter_runs(args.adapter) if args.adapter else {}
+    spawned = None
+    if s.engine_process:  # first: the engine imports and loads while this process imports
+        from pipeline.serving.launch import spawn_engine
+
+        spawned = spawn_engine(args.run, s, runs)
+    else:  # the engine on a thread of this process, which compiles: the cache here
+        from pipeline.runtime import enable_compilation_cache, serving_cache_dir
+
+        enable_compilation_cache(serving_cache_dir(s.compilation_cache))
     from pipeline.serving.serve import serve
 
-    return serve(args.run, s, adapter_runs(args.adapter), cache_dir)
+    return serve(args.run, s, runs, spawned)
 
 
 def adapter_runs(specs: list[str]) -> dict[str, str]:

@@ -71,7 +71,8 @@ class _LocalServer:
         if serve.engine_process:
             from pipeline.serving.core import start_engine
 
-            engine = start_engine(cfg.model, serve, background=False)
+            # (no compilation cache: a benchmark compiles as the thread's engine does)
+            engine = start_engine(cfg.model, replace(serve, compilation_cache="off"), None, False)
             self.compile_s, self.engine_pid = engine.compile_s, engine.pid
             return engine, engine.stop
         from pipeline.serving.client import LocalEngine

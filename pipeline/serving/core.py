@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import multiprocessing
 import os
 import signal
 import threading
@@ -36,7 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pipeline.config import ConfigError, ModelConfig, ServeConfig
 from pipeline.inference.runs import Loaded, load_for_inference
 from pipeline.model import create_model
-from pipeline.runtime import enable_compilation_cache
+from pipeline.runtime import enable_compilation_cache, serving_cache_dir
 from pipeline.serving.adapters import Adapters
 from pipeline.serving.client import (
     AdapterInUseError,
@@ -46,6 +45,7 @@ from pipeline.serving.client import (
     submit_all,
 )
 from pipeline.serving.engine import Engine, QueueFullError
+from pipeline.serving.launch import spawn_engine
 from pipeline.serving.stats import LoopStats
 from pipeline.tokenizer import byte_tokenizer
 
@@ -219,14 +219,14 @@ def build_engine(
     return engine, loaded.tokenizer, adapters
 
 
-def core_main(conn, run_dir, cfg: ServeConfig, adapter_runs, cache_dir, level, background):
+def core_main(conn, run_dir, cfg: ServeConfig, adapter_runs, level, background):
     """The engine core process: load, compile (with `background`, only what a first request
     needs before saying ready), serve."""
     for sig in (signal.SIGINT, signal.SIGTERM):  # the server decides when this process ends
         signal.signal(sig, signal.SIG_IGN)
     logging.basicConfig(format="%(name)s: %(message)s")
     logging.getLogger("pipeline").setLevel(level)
-    enable_compilation_cache(cache_dir)
+    enable_compilation_cache(serving_cache_dir(cfg.compilation_cache))
     try:
         engine, tokenizer, adapters = build_engine(run_dir, cfg, adapter_runs, background)
     except ConfigError as err:
@@ -411,27 +411,10 @@ def _error(name: str, message: str) -> Exception:
     return kinds.get(name, RuntimeError)(message)
 
 
-def start_engine(
-    run_dir,
-    cfg: ServeConfig,
-    adapter_runs: dict | None = None,
-    cache_dir: str | None = None,
-    background: bool = True,
-) -> EngineClient:
-    """Start the engine core process on a run (or a ModelConfig: random weights, see
-    `serve.build_engine`) and wait until it can serve a first request (its loading errors are
-    ConfigErrors here, as if it had loaded in this process)."""
-    context = multiprocessing.get_context("spawn")  # never fork a process that may run XLA
-    ours, theirs = context.Pipe()
-    level = logging.getLogger("pipeline").getEffectiveLevel()
-    process = context.Process(
-        target=core_main,
-        args=(theirs, run_dir, cfg, adapter_runs, cache_dir, level, background),
-        name="engine-core",
-        daemon=True,
-    )
-    process.start()
-    theirs.close()
+def connect(spawned) -> EngineClient:
+    """The client of an engine process `launch.spawn_engine` started, once it can serve a first
+    request (its loading errors are ConfigErrors here, as if it had loaded in this process)."""
+    ours, process = spawned
     try:
         message = ours.recv()
     except EOFError:
@@ -442,3 +425,11 @@ def start_engine(
         process.join()
         raise ConfigError(message[1])
     return EngineClient(ours, process, message[1])
+
+
+def start_engine(
+    run_dir, cfg: ServeConfig, adapter_runs: dict | None = None, background: bool = True
+) -> EngineClient:
+    """Start the engine core process on a run (or a ModelConfig: random weights, see
+    `build_engine`) and wait until it can serve a first request."""
+    return connect(spawn_engine(run_dir, cfg, adapter_runs, background))

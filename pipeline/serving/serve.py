@@ -40,8 +40,9 @@ from pipeline.serving.client import (
     ll_tokenizer,
 )
 from pipeline.serving.controls import Controls
-from pipeline.serving.core import build_engine, start_engine
+from pipeline.serving.core import build_engine, connect
 from pipeline.serving.engine import Engine, QueueFullError
+from pipeline.serving.launch import spawn_engine
 from pipeline.serving.protocol import (
     APIError,
     ChatRequest,
@@ -840,14 +841,17 @@ def serve(
     run_dir: str,
     cfg: ServeConfig,
     adapter_runs: dict[str, str] | None = None,
-    cache_dir: str | None = None,
+    spawned=None,
 ) -> int:
     """Serve a run until SIGTERM / SIGINT (which drain): the engine in a process of its own
-    (`core.py`; `serve.engine_process`), else on a thread of this one. The exit status: 0, or 1
-    when the engine died (for the supervisor to restart the server)."""
+    (`core.py`; `serve.engine_process`; `spawned`: that process if already started, see
+    `launch.py`), else on a thread of this one. The exit status: 0, or 1 when the engine died
+    (for the supervisor to restart the server)."""
     if cfg.engine_process:
-        engine = start_engine(run_dir, cfg, adapter_runs, cache_dir)
-        tokenizer, stop = load_tokenizer(run_dir), engine.stop
+        spawned = spawned or spawn_engine(run_dir, cfg, adapter_runs)
+        tokenizer = load_tokenizer(run_dir)  # while the engine loads and compiles
+        engine = connect(spawned)
+        stop = engine.stop
     else:
         local, tokenizer, adapters = build_engine(run_dir, cfg, adapter_runs)
         local.start()
