@@ -57,8 +57,20 @@ def test_the_engine_process_serves_what_the_model_generates(runs):
         got = client.completions.create(
             model=name, prompt=prompt, max_tokens=12, temperature=0, extra_body={"ignore_eos": True}
         )
-        assert got.choices[0].text == want[: len(got.choices[0].text)]
-        assert got.usage.completion_tokens == 12 or got.choices[0].finish_reason == "stop"
+        assert got.choices[0].text == want
+        assert got.usage.completion_tokens == 12
+        scored = client.completions.create(
+            model=name,
+            prompt=prompt,
+            max_tokens=5,
+            temperature=0,
+            logprobs=2,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+        chunks = [c.choices[0] for c in scored if c.choices]
+        lps = [x for c in chunks if c.logprobs for x in c.logprobs.token_logprobs]
+        assert len(lps) == 5 and all(x <= 0 for x in lps)  # each token's, over the pipe
         echo = client.completions.create(
             model=name, prompt=prompt, max_tokens=0, echo=True, logprobs=2
         )
@@ -75,8 +87,10 @@ def test_the_engine_process_serves_what_the_model_generates(runs):
             max_tokens=40,
             response_format={"type": "json_schema", "json_schema": {"name": "n", "schema": schema}},
         )
+        content = shaped.choices[0].message.content
+        assert content.startswith('{"a":')  # the grammar, followed in the engine's process
         if shaped.choices[0].finish_reason == "stop":
-            assert isinstance(json.loads(shaped.choices[0].message.content)["a"], int)
+            assert isinstance(json.loads(content)["a"], int)
         body = {"lora_name": "ft", "lora_path": lora}
         assert httpx.post(url + "/v1/load_lora_adapter", json=body).status_code == 200
         assert "ft" in [m.id for m in client.models.list().data]

@@ -171,8 +171,9 @@ async def _load(
         await asyncio.sleep(late[0])
         await _stream(http, url, body(late[1], late[2]))
 
-    # aiohttp, as vLLM's serving benchmark: httpx's connection pool took more of the client's
-    # core per request than the server on the tiny model (57% of a profile of the load)
+    # aiohttp, as vLLM's serving benchmark uses: with httpx the client process was the limit
+    # on the tiny model (57% of its samples opening each request's stream, 47% in the
+    # connection pool's choice of a connection)
     connector = aiohttp.TCPConnector(limit=concurrency + 4)
     timeout = aiohttp.ClientTimeout(total=600)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:

@@ -102,6 +102,21 @@ def submit_all(engine, jobs: list[Job], emit_of, matcher, books: dict) -> None:
         raise
 
 
+def load_adapter(engine, adapters, name: str, run: str) -> None:
+    """Load LoRA run `run` as adapter `name` and give the engine the new stacks (ValueError:
+    a run it cannot serve)."""
+    adapters.load(name, run)
+    engine.params = adapters.params()
+
+
+def unload_adapter(engine, adapters, name: str) -> None:
+    """Unload adapter `name` (AdapterInUseError while a running or waiting request uses it)."""
+    if engine.uses(adapters.index[name]):
+        raise AdapterInUseError(name)
+    adapters.unload(name)
+    engine.params = adapters.params()
+
+
 def ll_tokenizer(tokenizer, n_vocab: int):
     """The tokenizer as llguidance sees it (grammars are checked and followed with it)."""
     from llguidance import LLTokenizer
@@ -213,11 +228,7 @@ class LocalEngine:
         return await asyncio.to_thread(self.engine.score, ids, adapter)
 
     async def load_adapter(self, name: str, path: str) -> None:
-        await asyncio.to_thread(self.adapters.load, name, path)
-        self.engine.params = self.adapters.params()
+        await asyncio.to_thread(load_adapter, self.engine, self.adapters, name, path)
 
     async def unload_adapter(self, name: str) -> None:
-        if self.engine.uses(self.adapters.index[name]):
-            raise AdapterInUseError(name)
-        self.adapters.unload(name)
-        self.engine.params = self.adapters.params()
+        unload_adapter(self.engine, self.adapters, name)

@@ -42,7 +42,9 @@ from pipeline.serving.client import (
     EngineDeadError,
     Job,
     Matchers,
+    load_adapter,
     submit_all,
+    unload_adapter,
 )
 from pipeline.serving.engine import Engine, QueueFullError
 from pipeline.serving.launch import spawn_engine
@@ -71,7 +73,6 @@ class Core:
         self.conn, self.engine, self.adapters = conn, engine, adapters
         self.matchers = Matchers(tokenizer, engine.vocab_size)
         self.requests: dict = {}  # job id -> the engine's request, until it ends
-        self._sent_lp: dict[int, int] = {}  # job id -> log-probabilities sent
         self._out: list = []  # (job id, token, reason, new log-probabilities) to send
         self._obs: list = []  # (metric, value) to send
         self._send_lock = threading.Lock()
@@ -85,15 +86,12 @@ class Core:
 
     def emit_of(self, job: Job) -> Callable:
         def emit(token, reason):  # the engine thread
-            request = self.requests.get(job.id)
-            lps = []
-            if request is not None and request.logprobs:
-                sent = self._sent_lp.get(job.id, 0)
-                lps = request.logprobs[sent:]
-                self._sent_lp[job.id] = len(request.logprobs)
+            # the log-probabilities the engine appended since the last token (this process
+            # keeps none: the server's job collects them)
+            lps = job.logprobs[:]
+            job.logprobs.clear()
             if reason is not None:
                 self.requests.pop(job.id, None)
-                self._sent_lp.pop(job.id, None)
             self._out.append((job.id, token, reason, lps))
 
         return emit
@@ -147,15 +145,11 @@ class Core:
         submit_all(self.engine, jobs, self.emit_of, self.matchers, self.requests)
 
     def _load(self, name: str, run: str) -> dict:
-        self.adapters.load(name, run)
-        self.engine.params = self.adapters.params()
+        load_adapter(self.engine, self.adapters, name, run)
         return adapter_books(self.adapters)
 
     def _unload(self, name: str) -> dict:
-        if self.engine.uses(self.adapters.index[name]):
-            raise AdapterInUseError(name)
-        self.adapters.unload(name)
-        self.engine.params = self.adapters.params()
+        unload_adapter(self.engine, self.adapters, name)
         return adapter_books(self.adapters)
 
     def reply(self, call: int, fn, *args) -> None:
