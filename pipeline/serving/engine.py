@@ -504,8 +504,11 @@ class Engine:
         """One prefill call: the next chunk of the earliest admitted prompt (at most
         `prefill_chunk` tokens, `decode_prefill_chunk` while requests are decoding: a long
         prompt's chunk reads its whole context so far, and delays their next token), with as
-        many other prompts' chunks of the same length or shorter as fit in `prefill_chunk`
-        tokens."""
+        many other prompts' chunks of the same length or shorter as fit in twice
+        `prefill_chunk` tokens, padding rows counted: short prompts that arrive together go in
+        one call (16 of 32 tokens on `small`: 4.1 ms a prompt, against 4.7 in calls of 4, and
+        while they prefill the running requests decode a step at a time, so fewer calls also
+        means fewer single-step decode calls)."""
         waiting = sorted(
             (i for i, r in enumerate(self.active) if r is not None and r.prefilling),
             key=lambda i: self.active[i].order,
@@ -517,7 +520,7 @@ class Engine:
         picked = []
         for slot in waiting:
             n = next((s for s in self.admit_sizes if s > len(picked)), None)
-            if n is None or (picked and n * P > max(self.chunk, P)):
+            if n is None or (picked and n * P > max(2 * self.chunk, P)):
                 break
             picked.append(slot)
         pieces = [min(left(i), P) for i in picked]
