@@ -139,10 +139,13 @@ def cmd_generate(args) -> int:
     from pipeline.inference.runs import load_for_inference
     from pipeline.inference.sampling import Sampling, check_sampling
     from pipeline.runtime import enable_compilation_cache
-    from pipeline.tokenizer import prompt_ids
+    from pipeline.tokenizer import prompt_ids, read_chat_template
 
     if not args.prompt:
         raise ConfigError("--prompt is empty")
+    if args.chat_template and not args.chat:
+        raise ConfigError("--chat-template is for --chat")
+    template = read_chat_template(args.chat_template) if args.chat_template else None
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
     try:
         check_sampling(sampling)
@@ -151,13 +154,15 @@ def cmd_generate(args) -> int:
     enable_compilation_cache(args.compilation_cache)
     loaded = load_for_inference(args.run, args.quantize, args.draft)
     tokenizer = loaded.tokenizer
+    tokenizer.template_override = template
     try:
+        stop = set(tokenizer.stop_ids)  # the end of text, and the model's other end ids
         if args.chat:
             ids = prompt_ids(tokenizer, [{"role": "user", "content": args.prompt}])
-            stop = tokenizer.end_id
+            stop.add(tokenizer.end_id)  # the end of a turn
         else:
-            ids, stop = tokenizer.encode(args.prompt), tokenizer.eos_id
-        result = _generate(loaded, ids, sampling, -1 if stop is None else stop, args)
+            ids = tokenizer.encode(args.prompt)
+        result = _generate(loaded, ids, sampling, tuple(stop - {None}), args)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     tokens = result.tokens[0]
@@ -180,7 +185,7 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def _generate(loaded, ids: list[int], sampling, eos_id: int, args):
+def _generate(loaded, ids: list[int], sampling, eos_id: tuple[int, ...], args):
     """One prompt through `generate`, or speculative decoding with a draft."""
     if loaded.draft is None:
         from pipeline.inference.generate import generate
@@ -222,9 +227,14 @@ def cmd_serve(args) -> int:
         "quantize": args.quantize,
         "model_name": args.model_name,
         "draft": args.draft,
+        "chat_template": args.chat_template,
     }
     cfg = with_overrides(cfg, serve={k: v for k, v in flags.items() if v is not None})
     s, runs = cfg.serve, adapter_runs(args.adapter) if args.adapter else {}
+    if s.chat_template:  # a missing or unreadable file: refused before anything loads
+        from pipeline.tokenizer import read_chat_template
+
+        read_chat_template(s.chat_template)
     spawned = None
     if s.engine_process:  # first: the engine imports and loads while this process imports
         from pipeline.serving.launch import spawn_engine
@@ -267,7 +277,7 @@ def cmd_import_hf(args) -> int:
     """A local Hugging Face GPT-2 / Llama directory -> a run directory."""
     from pipeline.interop.hf import import_hf
 
-    out = import_hf(args.src, args.out, args.dtype)
+    out = import_hf(args.src, args.out, args.dtype, chat_template=args.chat_template)
     print(f"imported {args.src} into {out}")
     return 0
 
@@ -456,6 +466,9 @@ def _add_inference_commands(sub) -> None:
     gen.add_argument("--top-p", type=float, default=1.0, help="1: off")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    gen.add_argument(
+        "--chat-template", metavar="FILE", help="with --chat: this template (Jinja, or JSON)"
+    )
     gen.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantisation")
     gen.add_argument("--json", action="store_true", help="one JSON object: text, tokens, timings")
     gen.add_argument("--draft", help="a draft run (e.g. a distilled student): speculative decoding")
@@ -476,6 +489,11 @@ def _add_inference_commands(sub) -> None:
     srv.add_argument("--quantize", choices=["none", "int8", "int4"])
     srv.add_argument("--model-name", help="the model id clients use (default: the run's name)")
     srv.add_argument("--draft", help="a draft run: speculative decoding (serve.draft_k tokens)")
+    srv.add_argument(
+        "--chat-template",
+        metavar="FILE",
+        help="the template of /v1/chat/completions (serve.chat_template; default: the model's)",
+    )
     srv.add_argument(
         "--compilation-cache",
         metavar="DIR",
@@ -539,6 +557,11 @@ def _add_interop_commands(sub) -> None:
     )
     imp.add_argument("src", help="a directory with config.json, *.safetensors, tokenizer.json")
     imp.add_argument("--out", required=True, help="the run directory to write")
+    imp.add_argument(
+        "--chat-template",
+        metavar="FILE",
+        help="a chat template kept in the run, in place of the model's (Jinja, or JSON)",
+    )
     imp.add_argument(
         "--dtype",
         default="float32",

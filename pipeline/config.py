@@ -412,6 +412,9 @@ class ServeConfig:
     # side's tokenising, detokenising and streaming (which then never hold its interpreter
     # lock); false: a thread of the server's process
     engine_process: bool = True
+    # a chat template file (Jinja, or JSON with "chat_template") for /v1/chat/completions, in
+    # place of the model's own (an imported model without one refuses chat requests otherwise)
+    chat_template: str | None = None
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ SPECIAL_TOKENS = (PAD, BOS, EOS, SYSTEM, USER, ASSISTANT, END)
 ROLES = {"system": SYSTEM, "user": USER, "assistant": ASSISTANT}
 FILENAME = "tokenizer.json"
 IMPORTED_CONFIG = "tokenizer_config.json"  # Hugging Face's: special token names, chat template
+GENERATION_EOS = "generation_eos_token_ids"  # in IMPORTED_CONFIG: generation_config's end ids
 
 
 class TokenizerProtocol(Protocol):
@@ -45,7 +46,9 @@ class Tokenizer:
 
     A tokenizer brought from elsewhere (`imported`, e.g. a Hugging Face model's) is used as it
     is: nothing is added to its vocabulary, its end-of-text token comes from its
-    `tokenizer_config.json`, and the chat role markers it lacks are written as plain text.
+    `tokenizer_config.json`, its conversations render with its own chat template (a
+    conversation without one is refused, never laid out in role markers the model never saw),
+    and the end ids of its `generation_config.json` stop generation too (`stop_ids`).
     """
 
     def __init__(self, hf: HFTokenizer, imported: dict | None = None):
@@ -72,10 +75,46 @@ class Tokenizer:
         if self.pad_id is None:
             self.pad_id = self.eos_id if self.eos_id is not None else 0
         self.role_ids = {role: hf.token_to_id(token) for role, token in ROLES.items()}
+        # end ids beyond eos_id: generation_config.json's eos_token_id (e.g. Llama 3's end of
+        # turn beside its end of text), kept by import-hf under this key
+        extra = names.get(GENERATION_EOS, [])
+        extra = extra if isinstance(extra, list) else [extra]
+        self.stop_ids = frozenset(i for i in (self.eos_id, *extra) if i is not None)
+        self.template_override: str | None = None  # a user's template (--chat-template FILE)
         self._texts: dict[int, str] = {}
         self._fast_bytes = self.is_byte_level and all(
             hf.id_to_token(b) == ch for b, ch in enumerate(_bytes_to_unicode())
         )
+
+    def chat_template(self, tools: bool = False) -> str | None:
+        """The Jinja template a conversation renders with, as transformers picks it: the
+        user's (`template_override`), else the model's own (of several named ones, `tool_use`
+        when tools are offered and it has one, else `default`). None: this project's role
+        markers (a tokenizer it trained). An imported tokenizer without a template raises."""
+        if self.template_override is not None:
+            return self.template_override
+        if self.imported is None:
+            return None
+        templates = self.imported.get("chat_template")
+        if isinstance(templates, list):  # [{"name": ..., "template": ...}]
+            templates = {t["name"]: t["template"] for t in templates}
+        if isinstance(templates, dict):
+            name = "tool_use" if tools and "tool_use" in templates else "default"
+            if name not in templates:
+                raise ValueError(
+                    f"the model's chat templates are {sorted(templates)}, none named 'default'; "
+                    "give one with --chat-template FILE (serve.chat_template)"
+                )
+            return templates[name]
+        if not templates:
+            raise ValueError(
+                "this model has no chat template (none in its tokenizer_config.json, "
+                "chat_template.jinja or chat_template.json), so a conversation cannot be laid "
+                "out as it was trained; give one with --chat-template FILE (serve.chat_template "
+                "for the server, import-hf --chat-template to keep it in the run), or send a "
+                "plain completion"
+            )
+        return templates
 
     @property
     def vocab_size(self) -> int:
@@ -226,6 +265,24 @@ def _byte_alphabet() -> dict[str, int]:
     return {ch: b for b, ch in enumerate(_bytes_to_unicode())}
 
 
+def read_chat_template(path: str | Path) -> str:
+    """A chat template from a file: a Jinja file's text, or a JSON file's `chat_template` (as
+    in `chat_template.json`)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"chat template file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        try:
+            template = json.loads(text).get("chat_template")
+        except (ValueError, AttributeError):
+            template = None
+        if not isinstance(template, str):
+            raise ConfigError(f'{path}: no "chat_template" string in this JSON file')
+        return template
+    return text
+
+
 def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
 
@@ -236,11 +293,11 @@ def token_dtype(vocab_size: int) -> np.dtype:
 def render(tokenizer: Tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
     """Token ids of a conversation and, per id, 1 where the loss counts it (assistant turns).
 
-    A tokenizer imported with a chat template renders the conversation with it (see
+    A tokenizer with a chat template renders the conversation with it (see
     `render_with_template`); ours writes role markers, contents and end markers.
     """
-    template = (tokenizer.imported or {}).get("chat_template")
-    if template:
+    template = tokenizer.chat_template()
+    if template is not None:
         return render_with_template(tokenizer, template, messages)
     ids, trained = ([tokenizer.bos_id], [0]) if tokenizer.bos_id is not None else ([], [])
     for message in messages:
@@ -263,11 +320,11 @@ def prompt_ids(
 ) -> list[int]:
     """The ids that ask for the next assistant turn (for generation after fine-tuning).
 
-    A tokenizer imported with a chat template (Hugging Face's Jinja `chat_template`) uses it,
-    as transformers' `apply_chat_template(..., add_generation_prompt=True)` would.
+    A tokenizer with a chat template (Hugging Face's Jinja `chat_template`, or the user's) uses
+    it, as transformers' `apply_chat_template(..., add_generation_prompt=True)` would.
     """
-    template = (tokenizer.imported or {}).get("chat_template")
-    if template:
+    template = tokenizer.chat_template(tools=bool(tools))
+    if template is not None:
         return tokenizer.encode(render_template(tokenizer, template, messages, tools=tools))
     ids, _ = render(tokenizer, messages)
     return ids[:-1] + role_marker(tokenizer, "assistant")

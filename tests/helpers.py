@@ -52,11 +52,15 @@ class Server:
         start_engine=True,
         cfg=CFG,
         adapters=None,
+        model=None,
+        tokenizer=None,
         **app_kw,
     ):
-        """`adapters(model)`: the model's Adapters (wrapped before the engine takes it)."""
-        self.model = create_model(cfg, seed=7)
-        self.tokenizer = byte_tokenizer()
+        """`adapters(model)`: the model's Adapters (wrapped before the engine takes it);
+        `model`, `tokenizer`: those (e.g. an imported run's) in place of a tiny random model
+        and the byte tokenizer."""
+        self.model = model if model is not None else create_model(cfg, seed=7)
+        self.tokenizer = tokenizer if tokenizer is not None else byte_tokenizer()
         self.adapters = adapters(self.model) if adapters else None
         self.engine = Engine(self.model, slots=slots, max_queue=max_queue)
         self.engine.warmup()

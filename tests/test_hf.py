@@ -158,6 +158,13 @@ def test_an_imported_run_generates_and_fine_tunes_like_any_other(tmp_path, capsy
     args = ["generate", "--run", str(tmp_path / "run"), "--prompt", "def", "--max-new-tokens", "8"]
     assert main([*args, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["tokens"]
+    # the fine-tuning data are conversations: a model without a chat template refuses them
+    with pytest.raises(ConfigError, match="no chat template"):
+        finetune(imported_finetune_config(tmp_path / "run", tmp_path))
+    template = tmp_path / "template.jinja"
+    template.write_text("{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}")
+    imported = ["import-hf", str(tmp_path / "hf"), "--out", str(tmp_path / "run")]
+    assert main([*imported, "--chat-template", str(template)]) == 0
     cfg = imported_finetune_config(tmp_path / "run", tmp_path)
     result = finetune(cfg)
     assert result.status == "finished" and (tmp_path / "ft" / "adapter_config.json").is_file()

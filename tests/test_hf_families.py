@@ -144,7 +144,9 @@ def test_a_lora_fine_tune_of_an_imported_model_loads_in_peft(tmp_path, case):
     from pipeline.training.finetune import finetune
 
     _save(case, tmp_path / "hf")
-    import_hf(tmp_path / "hf", tmp_path / "run")
+    template = tmp_path / "template.jinja"  # the fine-tuning data are conversations
+    template.write_text(TEMPLATES["qwen2"])
+    import_hf(tmp_path / "hf", tmp_path / "run", chat_template=str(template))
     cfg = imported_finetune_config(
         tmp_path / "run",
         tmp_path,

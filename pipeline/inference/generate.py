@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import partial
 from typing import NamedTuple
@@ -98,7 +99,7 @@ def decode_loop(
         token = sample(s.logits, keys, temperature, top_k, top_p)
         token = jnp.where(s.done, 0, token)
         out = s.out.at[:, s.step].set(token)
-        done = s.done | (token == eos_id) | (s.step + 1 >= budgets)
+        done = s.done | jnp.isin(token, eos_id) | (s.step + 1 >= budgets)
         logits, cache = decode_step(model, token, lengths + s.step, s.cache)
         return _Decode(s.step + 1, out, cache, logits, done)
 
@@ -253,12 +254,20 @@ def make_batch(prompts, max_new_tokens, sampling, context: int) -> Batch:
     )
 
 
-def trim_rows(out: np.ndarray, counts, eos_id: int) -> list[list[int]]:
-    """Each row's first `counts[i]` tokens, cut after its first EOS."""
-    rows = []
+def stop_ids(eos_id) -> tuple[int, ...]:
+    """The ids that end a row: one id (-1: none) or several (an imported model's end of turn
+    beside its end of text, `Tokenizer.stop_ids`)."""
+    ids = (eos_id,) if isinstance(eos_id, int | np.integer) else tuple(eos_id)
+    return tuple(sorted(int(i) for i in ids)) or (-1,)
+
+
+def trim_rows(out: np.ndarray, counts, eos_id) -> list[list[int]]:
+    """Each row's first `counts[i]` tokens, cut after its first end id (`stop_ids`)."""
+    stops, rows = set(stop_ids(eos_id)), []
     for row, n in zip(out, counts, strict=True):
         ids = [int(t) for t in row[: int(n)]]
-        rows.append(ids[: ids.index(eos_id) + 1] if eos_id in ids else ids)
+        end = next((i for i, t in enumerate(ids) if t in stops), None)
+        rows.append(ids if end is None else ids[: end + 1])
     return rows
 
 
@@ -283,9 +292,10 @@ def generate(
     prompts: list[list[int]],
     max_new_tokens: int | list[int],
     sampling: Sampling | list[Sampling] = Sampling(),
-    eos_id: int = -1,
+    eos_id: int | Iterable[int] = -1,
 ) -> Generation:
-    """Generate for a batch of prompts (token ids). Returns ids per row and timings.
+    """Generate for a batch of prompts (token ids). Returns ids per row and timings. A row ends
+    at `eos_id` (or any of several ids), which it includes.
 
     Timings exclude compilation (reported as `compile_s`): `ttft_s` is the prefill (the first
     token's logits), `decode_s` the device loop, `tokens_per_sec` generated tokens over both.
@@ -293,7 +303,12 @@ def generate(
     batch = make_batch(prompts, max_new_tokens, sampling, model.cfg.max_seq_len)
     P, max_new = batch.tokens.shape[1], batch.max_new
     graphdef, state = nnx.split(model)
-    loop_args = (batch.lengths, jnp.asarray(batch.budgets), *batch.sampling, jnp.int32(eos_id))
+    loop_args = (
+        batch.lengths,
+        jnp.asarray(batch.budgets),
+        *batch.sampling,
+        jnp.asarray(stop_ids(eos_id), jnp.int32),
+    )
     compiled_before = PROGRAMS.seconds
     prefill_args = (state, batch.tokens, batch.lengths)
     prefill_fn = PROGRAMS.get(
@@ -323,7 +338,11 @@ def generate(
 
 
 def stream(
-    model, prompt: list[int], max_new_tokens: int, sampling: Sampling = Sampling(), eos_id: int = -1
+    model,
+    prompt: list[int],
+    max_new_tokens: int,
+    sampling: Sampling = Sampling(),
+    eos_id: int | Iterable[int] = -1,
 ):
     """Yield generated token ids one at a time, as they are produced.
 
@@ -334,6 +353,7 @@ def stream(
     cfg = model.cfg
     check_request(len(prompt), max_new_tokens, cfg.max_seq_len)
     check_sampling(sampling)
+    stops = set(stop_ids(eos_id))
     P = bucket(len(prompt), cfg.max_seq_len)
     tokens = np.zeros((1, P), np.int32)
     tokens[0, : len(prompt)] = prompt
@@ -366,5 +386,5 @@ def stream(
         token, logits, cache = step_fn(*args)
         token = int(token)
         yield token
-        if token == eos_id:
+        if token in stops:
             return

@@ -24,6 +24,7 @@ from pipeline.inference.generate import (
     decode_step,
     make_batch,
     prefill,
+    stop_ids,
     trim_rows,
 )
 from pipeline.inference.sampling import Sampling, greedy_tokens, request_keys, sample, truncate
@@ -148,7 +149,7 @@ def _speculative(
     first = sample(tlogits, keys, temperature, top_k, top_p)  # as `generate`'s first token
     out = jnp.zeros((B, max_new + k + 1), jnp.int32).at[:, 0].set(first)
     count = jnp.ones((B,), jnp.int32)
-    done = (count >= budgets) | (first == eos_id)
+    done = (count >= budgets) | jnp.isin(first, eos_id)
     sampling = (temperature, top_k, top_p)
 
     def cond(s: _Loop):
@@ -166,7 +167,7 @@ def _speculative(
         current = out[rows[:, None], index]
         out = out.at[rows[:, None], index].set(jnp.where(valid, emitted, current))
         produced = jnp.where(done, 0, n + 1)
-        hit_eos = jnp.any(valid & (emitted == eos_id), axis=1)
+        hit_eos = jnp.any(valid & jnp.isin(emitted, eos_id), axis=1)
         stats = stats + jnp.stack([jnp.sum(jnp.where(done, 0, n)), jnp.sum(jnp.where(done, 0, k))])
         count = count + produced
         pos = pos + produced
@@ -185,7 +186,7 @@ def speculative_generate(
     prompts: list[list[int]],
     max_new_tokens: int | list[int],
     sampling: Sampling | list[Sampling] = Sampling(),
-    eos_id: int = -1,
+    eos_id: int | tuple[int, ...] = -1,
     k: int = 4,
 ) -> Generation:
     """`generate` with a draft model proposing k tokens per target pass.
@@ -214,7 +215,7 @@ def speculative_generate(
         batch.lengths,
         jnp.asarray(batch.budgets),
         *batch.sampling,
-        jnp.int32(eos_id),
+        jnp.asarray(stop_ids(eos_id), jnp.int32),
     )
     static = {"tgraph": tgraph, "dgraph": dgraph, "max_new": max_new, "k": k}
     compiled_before = PROGRAMS.seconds

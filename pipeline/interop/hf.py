@@ -37,9 +37,11 @@ from pipeline.inference.runs import load_model, save_params
 from pipeline.interop.hf_config import exported_vocab, hf_config, model_config_from_hf
 from pipeline.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from pipeline.model import abstract_model
-from pipeline.tokenizer import Tokenizer
+from pipeline.tokenizer import GENERATION_EOS, Tokenizer, read_chat_template
 from pipeline.weights import SafetensorsReader, weight_name, write_safetensors
 
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # transformers' names
+CHAT_TEMPLATE_DIR = "additional_chat_templates"
 ADAPTER_DIR = "adapter"  # export-hf of a LoRA run: the base in DST, the adapter in DST/adapter
 
 
@@ -206,11 +208,14 @@ def _layout(cfg: ModelConfig) -> str:
     return "gpt2" if cfg.positions == "learned" else "llama"
 
 
-def import_hf(src: str | Path, out: str | Path, dtype: str = "float32") -> Path:
+def import_hf(
+    src: str | Path, out: str | Path, dtype: str = "float32", chat_template: str | None = None
+) -> Path:
     """A transformers model directory -> a run directory (`model/`, config.yaml, tokenizer).
 
     `dtype` (float32 or bfloat16) is the parameters' and the computation's: each tensor is
-    converted as it is read.
+    converted as it is read. The tokenizer keeps the model's chat templates (wherever
+    transformers saves them, see `chat_templates`) or the one in the file `chat_template`.
     """
 
     src = Path(src)
@@ -222,7 +227,7 @@ def import_hf(src: str | Path, out: str | Path, dtype: str = "float32") -> Path:
     hf = json.loads(config_file.read_text())
     model_cfg = model_config_from_hf(hf, str(config_file))
     model_cfg = dataclasses.replace(model_cfg, param_dtype=dtype, compute_dtype=dtype)
-    tokenizer = _imported_tokenizer(src, hf)
+    tokenizer = _imported_tokenizer(src, hf, chat_template)
     _, like = nnx.split(abstract_model(model_cfg))
     params = read_params(model_cfg, hf_reader(src), like)
     cfg = config_from_dict(
@@ -242,8 +247,9 @@ def import_hf(src: str | Path, out: str | Path, dtype: str = "float32") -> Path:
     return out
 
 
-def _imported_tokenizer(src: Path, hf: dict):
-    """The model's own tokenizer.json, with its special tokens and chat template."""
+def _imported_tokenizer(src: Path, hf: dict, chat_template: str | None = None):
+    """The model's own tokenizer.json, with its special tokens, chat templates and the end
+    ids of its generation config."""
     from tokenizers import Tokenizer as HFTokenizer
 
     tokenizer_file = src / "tokenizer.json"
@@ -257,8 +263,47 @@ def _imported_tokenizer(src: Path, hf: dict):
         token_id = hf.get(f"{key}_id")
         if key not in names and isinstance(token_id, int):
             names[key] = hf_tok.id_to_token(token_id)
-    imported = {k: v for k, v in names.items() if k.endswith("_token") or k == "chat_template"}
+    imported = {k: v for k, v in names.items() if k.endswith("_token")}
+    templates = read_chat_template(chat_template) if chat_template else chat_templates(src, names)
+    if templates:
+        imported["chat_template"] = templates
+    ends = generation_eos(src)
+    if ends:
+        imported[GENERATION_EOS] = ends
     return Tokenizer(hf_tok, imported=imported)
+
+
+def chat_templates(src: Path, tokenizer_config: dict) -> str | list | None:
+    """A model directory's chat template(s) as transformers finds them: `chat_template.jinja`
+    and `additional_chat_templates/NAME.jinja` (what transformers writes today), else
+    `chat_template.json`'s, else `tokenizer_config.json`'s `chat_template` (a string, or a
+    list of {"name", "template"}). Several come back as that list, one as its string."""
+    found = {}
+    jinja = src / CHAT_TEMPLATE_FILE
+    if jinja.is_file():
+        found["default"] = jinja.read_text(encoding="utf-8")
+    for path in sorted((src / CHAT_TEMPLATE_DIR).glob("*.jinja")):
+        found[path.name.removesuffix(".jinja")] = path.read_text(encoding="utf-8")
+    legacy = src / "chat_template.json"
+    if not found and legacy.is_file():
+        template = json.loads(legacy.read_text(encoding="utf-8")).get("chat_template")
+        if isinstance(template, str):
+            found["default"] = template
+    if not found:
+        return tokenizer_config.get("chat_template") or None
+    if list(found) == ["default"]:
+        return found["default"]
+    return [{"name": name, "template": text} for name, text in found.items()]
+
+
+def generation_eos(src: Path) -> list[int]:
+    """`generation_config.json`'s `eos_token_id` (an int or a list) as a list."""
+    path = src / "generation_config.json"
+    if not path.is_file():
+        return []
+    ends = json.loads(path.read_text()).get("eos_token_id")
+    ends = ends if isinstance(ends, list) else [ends]
+    return [int(i) for i in ends if isinstance(i, int)]
 
 
 def export_hf(run_dir: str | Path, dst: str | Path) -> Path:
@@ -304,15 +349,33 @@ def save_hf(cfg: ModelConfig, model, tokenizer, dst: Path) -> Path:
         "model_max_length": cfg.max_seq_len,
     }
     (dst / "tokenizer_config.json").write_text(json.dumps(special, indent=2))
+    write_chat_templates((tokenizer.imported or {}).get("chat_template"), dst)
     return dst
+
+
+def write_chat_templates(templates, dst: Path) -> None:
+    """Chat templates where transformers writes them: the one (or the `default`) in
+    `chat_template.jinja`, the others in `additional_chat_templates/NAME.jinja`."""
+    if isinstance(templates, str):
+        templates = [{"name": "default", "template": templates}]
+    for entry in templates or []:
+        name, text = entry["name"], entry["template"]
+        if name == "default":
+            (dst / CHAT_TEMPLATE_FILE).write_text(text, encoding="utf-8")
+            continue
+        if Path(name).name != name or name.startswith("."):
+            raise ValueError(f"a chat template's name is not a file name: {name!r}")
+        (dst / CHAT_TEMPLATE_DIR).mkdir(exist_ok=True)
+        (dst / CHAT_TEMPLATE_DIR / f"{name}.jinja").write_text(text, encoding="utf-8")
 
 
 def generation_config(tokenizer) -> dict:
     """`generation_config.json`: sampling on, so a client's temperature and top_p take effect
     (without it transformers decodes greedily whatever the request asks); nothing truncated."""
+    ends = [tokenizer.eos_id, *sorted(tokenizer.stop_ids - {tokenizer.eos_id})]
     return {
         "bos_token_id": tokenizer.bos_id,
-        "eos_token_id": tokenizer.eos_id,
+        "eos_token_id": ends[0] if len(ends) == 1 else ends,  # several: a list, as Llama 3's
         "pad_token_id": tokenizer.pad_id,
         "do_sample": True,
         "temperature": 1.0,

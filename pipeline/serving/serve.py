@@ -62,7 +62,7 @@ from pipeline.serving.protocol import (
     validation_message,
 )
 from pipeline.serving.tools import call_schema, parse_call, plain_messages, system_message
-from pipeline.tokenizer import prompt_ids
+from pipeline.tokenizer import prompt_ids, read_chat_template
 
 log = logging.getLogger(__name__)
 
@@ -343,6 +343,8 @@ class Routes:
 
     def __init__(self, engine, tokenizer, model_name: str, cfg: ServeConfig):
         self.engine, self.tokenizer, self.model_name, self.cfg = engine, tokenizer, model_name, cfg
+        if cfg.chat_template:
+            tokenizer.template_override = read_chat_template(cfg.chat_template)
         self.metrics = Metrics(engine)
         engine.observe = self.metrics.observe
         self.max_tokens = min(cfg.max_tokens or engine.max_len, engine.max_len)
@@ -428,9 +430,9 @@ class Routes:
         messages = [m.model_dump(exclude_none=True) for m in body.messages]
         mode = body.tool_mode
         tools = [t.model_dump(exclude_none=True) for t in body.tools or []] if mode else None
-        template = (self.tokenizer.imported or {}).get("chat_template") or ""
         try:
-            if template:  # the model's own layout of tools, calls and results where it has one
+            template = self.tokenizer.chat_template(tools=bool(tools))
+            if template is not None:  # the model's layout of tools, calls and results
                 offered = tools if "tools" in template else None
                 if tools and offered is None:
                     messages = [system_message(tools), *messages]
@@ -440,7 +442,7 @@ class Routes:
                 ids = prompt_ids(
                     self.tokenizer, [system_message(tools), *plain] if tools else plain
                 )
-        except ValueError as err:  # the model's chat template refused the conversation
+        except ValueError as err:  # no chat template, or the template refused the conversation
             raise APIError(400, str(err), "messages") from None
         return await self._complete(body, ids, chat=True, tools=tools, mode=mode)
 
@@ -480,7 +482,7 @@ class Routes:
         return max_tokens
 
     def _stop_ids(self, body: SamplingRequest, chat: bool) -> frozenset[int]:
-        ends = set() if body.ignore_eos else {self.tokenizer.eos_id}
+        ends = set() if body.ignore_eos else set(self.tokenizer.stop_ids)
         if chat and not body.ignore_eos:
             ends.add(self.tokenizer.end_id)
         return frozenset((ends | set(body.stop_token_ids or [])) - {None})
