@@ -277,7 +277,12 @@ def cmd_import_hf(args) -> int:
     """A local Hugging Face GPT-2 / Llama directory -> a run directory."""
     from pipeline.interop.hf import import_hf
 
-    out = import_hf(args.src, args.out, args.dtype, chat_template=args.chat_template)
+    if args.src.endswith(".gguf"):  # one GGUF file (llama.cpp's format)
+        from pipeline.interop.gguf import import_gguf
+
+        out = import_gguf(args.src, args.out, args.dtype, chat_template=args.chat_template)
+    else:
+        out = import_hf(args.src, args.out, args.dtype, chat_template=args.chat_template)
     print(f"imported {args.src} into {out}")
     return 0
 
@@ -289,6 +294,17 @@ def cmd_export_hf(args) -> int:
 
     with run_dir_lock(args.run, shared=True):  # not while a training process writes it
         out = export_hf(args.run, args.out)
+    print(f"exported {args.run} to {out}")
+    return 0
+
+
+def cmd_export_gguf(args) -> int:
+    """A run directory -> one GGUF file (a LoRA run merged into its base first)."""
+    from pipeline.interop.gguf import export_gguf
+    from pipeline.runtime import run_dir_lock
+
+    with run_dir_lock(args.run, shared=True):
+        out = export_gguf(args.run, args.out, args.dtype)
     print(f"exported {args.run} to {out}")
     return 0
 
@@ -553,9 +569,13 @@ def _add_experiment_commands(sub) -> None:
 
 def _add_interop_commands(sub) -> None:
     imp = sub.add_parser(
-        "import-hf", help="import a local Hugging Face model (GPT-2, Llama, Qwen, Mistral, Gemma)"
+        "import-hf",
+        help="import a local Hugging Face model (GPT-2, Llama, Qwen, Mistral, Gemma) or GGUF",
     )
-    imp.add_argument("src", help="a directory with config.json, *.safetensors, tokenizer.json")
+    imp.add_argument(
+        "src",
+        help="a directory with config.json, *.safetensors, tokenizer.json; or a .gguf file",
+    )
     imp.add_argument("--out", required=True, help="the run directory to write")
     imp.add_argument(
         "--chat-template",
@@ -573,6 +593,13 @@ def _add_interop_commands(sub) -> None:
     exp.add_argument("run", help="a run directory")
     exp.add_argument("--out", required=True, help="the directory to write")
     exp.set_defaults(func=cmd_export_hf)
+    gg = sub.add_parser("export-gguf", help="write a run as one GGUF file (llama.cpp, Ollama)")
+    gg.add_argument("run", help="a run directory (llama, mistral, qwen2, qwen3; LoRA: merged)")
+    gg.add_argument("--out", required=True, help="the .gguf file to write")
+    gg.add_argument(
+        "--dtype", default="f16", choices=["f32", "f16", "bf16", "q8_0"], help="the tensors' type"
+    )
+    gg.set_defaults(func=cmd_export_gguf)
     export = sub.add_parser("export", help="serialise a run's generate programs (jax.export)")
     export.add_argument("--run", required=True, help="a run directory")
     export.add_argument("--out", required=True, help="the artifact to write (a zip file)")

@@ -230,16 +230,21 @@ def import_hf(
     tokenizer = _imported_tokenizer(src, hf, chat_template)
     _, like = nnx.split(abstract_model(model_cfg))
     params = read_params(model_cfg, hf_reader(src), like)
+    return write_run(model_cfg, tokenizer, params, out, str(config_file))
+
+
+def write_run(model_cfg: ModelConfig, tokenizer, params, out: str | Path, origin: str) -> Path:
+    """An imported model as a run directory: config.yaml, the tokenizer, `model/`."""
+    out = Path(out).absolute()
     cfg = config_from_dict(
         {
             "model": Config(model=model_cfg).to_dict()["model"],
-            "tokenizer": {"kind": "bpe", "path": str(Path(out).absolute() / "tokenizer.json")},
+            "tokenizer": {"kind": "bpe", "path": str(out / "tokenizer.json")},
             "data": {"seq_len": min(DataConfig().seq_len, model_cfg.max_seq_len)},
-            "run": {"name": Path(out).name, "dir": str(out)},
+            "run": {"name": out.name, "dir": str(out)},
         },
-        origin=str(config_file),
+        origin=origin,
     )
-    out = Path(out).absolute()
     out.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, out / "config.yaml")
     tokenizer.save(out)
