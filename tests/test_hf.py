@@ -124,6 +124,27 @@ def test_export_loads_in_transformers_and_the_adapter_in_peft(tmp_path, family):
     assert np.abs(_logits(adapted, x) - ours_logits).max() < 1e-4
 
 
+def test_a_hub_id_downloads_and_an_unreachable_hub_is_one_error_line(tmp_path, monkeypatch, capsys):
+    """ORG/NAME where no such path exists goes to the Hub (here an address nothing listens
+    on: one error line naming the local form, nothing written); where the path exists, it is
+    read locally and nothing is downloaded."""
+    from helpers import free_port
+
+    from pipeline.cli import main
+
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.chdir(tmp_path)
+    assert main(["import-hf", "some-org/some-model", "--out", "run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: some-org/some-model: not a local"), err
+    assert "import-hf path/to/model" in err[0] and not (tmp_path / "run").exists()
+    tok = byte_tokenizer()
+    _hf_model("llama", tok.eos_id).save_pretrained(tmp_path / "some-org" / "some-model")
+    tok.hf.save(str(tmp_path / "some-org" / "some-model" / "tokenizer.json"))
+    assert main(["import-hf", "some-org/some-model", "--out", "run"]) == 0
+    assert (tmp_path / "run" / "config.yaml").is_file()
+
+
 def test_bad_checkpoints_and_unsupported_options_are_clear_errors(tmp_path):
     tok = byte_tokenizer()
     _hf_model("llama", tok.eos_id).save_pretrained(tmp_path / "hf")

@@ -523,25 +523,29 @@ def test_a_client_leaving_an_n_3_stream_frees_every_choice_without_an_error(serv
 @pytest.mark.e2e
 def test_a_reader_that_does_not_read_stalls_no_other_stream(server):
     """A streaming client that reads nothing for seconds: 8 other streams finish meanwhile
-    as fast as alone; the paused one then reads its whole answer."""
+    as fast as alone, each with its 20 tokens (`ignore_eos`: a random model samples its end
+    token first now and then); the paused one then reads its whole answer."""
     body = {"model": NAME, "prompt": "slow", "max_tokens": 60, "stream": True}
     url = server.url + "/v1/completions"
     with httpx.Client(timeout=60) as client, client.stream("POST", url, json=body) as paused:
         start = time.time()
         with ThreadPoolExecutor(8) as pool:
-            texts = list(pool.map(lambda i: _streamed_text(server, f"fast {i}"), range(8)))
+            streams = list(pool.map(lambda i: _streamed_chunks(server, f"fast {i}"), range(8)))
         fast = time.time() - start
-        assert all(texts) and fast < 15, fast
+        assert fast < 15, fast
+        for chunks in streams:
+            assert [c["usage"]["completion_tokens"] for c in chunks if c.get("usage")] == [20]
+            assert chunks[-2]["choices"][0]["finish_reason"] == "length"
         time.sleep(1.0)
         lines = [line for line in paused.iter_lines() if line.startswith("data: ")]
         assert lines[-1] == "data: [DONE]" and len(lines) > 2
 
 
-def _streamed_text(server, prompt: str) -> str:
+def _streamed_chunks(server, prompt: str) -> list:
     body = {"model": NAME, "prompt": prompt, "max_tokens": 20, "stream": True}
+    body |= {"ignore_eos": True, "stream_options": {"include_usage": True}}
     with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=60) as r:
-        chunks = [json.loads(x[6:]) for x in r.iter_lines() if x.startswith("data: {")]
-    return "".join(c["choices"][0]["text"] for c in chunks if c["choices"])
+        return [json.loads(x[6:]) for x in r.iter_lines() if x.startswith("data: {")]
 
 
 @pytest.mark.e2e

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -218,7 +220,7 @@ def import_hf(
     transformers saves them, see `chat_templates`) or the one in the file `chat_template`.
     """
 
-    src = Path(src)
+    src = model_source(src)
     config_file = src / "config.json"
     if not config_file.is_file():
         raise ConfigError(f"{src}: no config.json (not a Hugging Face model directory)")
@@ -231,6 +233,51 @@ def import_hf(
     _, like = nnx.split(abstract_model(model_cfg))
     params = read_params(model_cfg, hf_reader(src), like)
     return write_run(model_cfg, tokenizer, params, out, str(config_file))
+
+
+# A Hub id (ORG/NAME) where no such local path exists, and the files an import reads from it.
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+HUB_FILES = [
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    CHAT_TEMPLATE_FILE,
+    "chat_template.json",
+    f"{CHAT_TEMPLATE_DIR}/*.jinja",
+    "*.safetensors",
+    "model.safetensors.index.json",
+]
+
+
+def model_source(src: str | Path) -> Path:
+    """A local model directory, or, for ORG/NAME where no such path exists, the Hub's files of
+    that model (only those an import reads: configs, tokenizer, templates, safetensors) in
+    huggingface_hub's cache. An unreachable Hub is one error naming the local form."""
+    path = Path(src).expanduser()
+    if path.exists() or not HUB_ID.fullmatch(str(src)):
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise ConfigError(
+            f"{src}: not a local directory, and downloading it needs huggingface_hub "
+            "(pip install huggingface_hub)"
+        ) from None
+    try:
+        return Path(
+            snapshot_download(
+                str(src), allow_patterns=HUB_FILES, endpoint=os.environ.get("HF_ENDPOINT") or None
+            )
+        )
+    except Exception as err:  # offline, unknown repository, gated model: one line says which
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(
+            f"{src}: not a local directory, and the Hugging Face Hub did not give it "
+            f"({type(err).__name__}: {reason}); download it elsewhere and import the directory: "
+            "import-hf path/to/model --out RUN"
+        ) from None
 
 
 def write_run(model_cfg: ModelConfig, tokenizer, params, out: str | Path, origin: str) -> Path:
