@@ -28,10 +28,11 @@ from pipeline.attention import (
     cached_attention,
     paged_attention,
     paged_write,
+    take,
     visible,
 )
 from pipeline.config import ModelConfig
-from pipeline.cpu_forms import Linear, attend, remat
+from pipeline.cpu_forms import Linear, after, attend, remat
 from pipeline.rope import apply_rope, rope_tables
 
 # Per layer: {"k", "v": (B, K, S, H)} (contiguous), or a `PagedLayer` (the serving engine's).
@@ -182,12 +183,12 @@ class Transformer(nnx.Module):
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
             if segments is not None:
                 positions = segment_positions(segments)
-        x = self.embed(tokens)  # (B, T, D)
+        x = _lookup(self.embed, tokens)  # (B, T, D)
         if cfg.embed_scale:  # Gemma: sqrt(D) in the compute dtype, as transformers rounds it
             x = x * jnp.asarray(cfg.embed_dim**0.5, x.dtype)
         rope = None
         if cfg.positions == "learned":
-            x = x + self.pos_embed(positions)
+            x = x + _lookup(self.pos_embed, positions)
         else:  # once per forward, shared by every layer
             # a prefill's rows are right-padded: its real length ends at the `only` positions
             real = None if only is None else jnp.take_along_axis(positions, only[:, None], 1)
@@ -196,6 +197,7 @@ class Transformer(nnx.Module):
         new_cache = []
         for i, block in enumerate(self.blocks):
             layer_cache = None if cache is None else cache[i]
+            block = after(block, x)  # on CPU, narrow weights converted as the layer runs
             x, layer_cache = step(block, x, positions, layer_cache, rope, segments)
             new_cache.append(layer_cache)
         if only is not None:
@@ -206,7 +208,8 @@ class Transformer(nnx.Module):
         """Final-normed states (..., D) -> float32 logits (..., V) (or, `float32=False`, in the
         dtype the projection computes in)."""
         if self.cfg.tied_embeddings:  # as rows, for the reasons `Linear` gives
-            logits = attend(self.embed, x.reshape(-1, x.shape[-1]))
+            # on CPU, a narrow table converted for the product here, not held from the start
+            logits = attend(after(self.embed, x), x.reshape(-1, x.shape[-1]))
             logits = logits.reshape(*x.shape[:-1], logits.shape[-1])
         else:  # a `Linear`, or an adapter around one that needs the rows of the batch apart
             logits = self.lm_head(x)
@@ -293,6 +296,16 @@ def init_paged_cache(cfg: ModelConfig, num_blocks: int, block_size: int, dtype=N
     return [
         {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.num_layers)
     ]
+
+
+def _lookup(embed: nnx.Module, ids: jax.Array) -> jax.Array:
+    """`embed(ids)`, with `nnx.Embed`'s table gathered by `take` (rows as bits on CPU: no
+    float32 copy of the whole table) and then cast to its compute dtype, as `nnx.Embed` does
+    in the other order; another embedding (int8's) through its own call."""
+    if not isinstance(embed, nnx.Embed) or embed.num_embeddings == 1:
+        return embed(ids)
+    rows = take(embed.embedding[...], ids)
+    return rows if embed.dtype is None else rows.astype(embed.dtype)
 
 
 def create_model(cfg: ModelConfig, seed: int = 0) -> Transformer:

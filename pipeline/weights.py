@@ -13,7 +13,7 @@ tensor, for a format any safetensors reader opens.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -123,8 +123,11 @@ def save_state(state: Any, path: Path) -> None:
     write_safetensors(path, ((weight_name(p), leaf) for p, leaf in paths_leaves))
 
 
-def load_state(path: Path, like: Any) -> Any:
-    """The parameters saved by `save_state`, in the structure and dtypes of `like`."""
+def load_state(path: Path, like: Any, place: Callable | None = None) -> Any:
+    """The parameters saved by `save_state`, in the structure and dtypes of `like`.
+
+    `place` (e.g. `jnp.asarray`) takes each array as it is read, so its host copy is freed
+    before the next is read: memory holds the placed model plus one tensor, not two models."""
     reader = SafetensorsReader([path], str(path))
     paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(like)
     leaves = []
@@ -134,5 +137,7 @@ def load_state(path: Path, like: Any) -> Any:
             raise ConfigError(
                 f"{path}: {weight_name(p)} has shape {value.shape}, expected {tuple(leaf.shape)}"
             )
-        leaves.append(value.astype(leaf.dtype, copy=False))
+        value = value.astype(leaf.dtype, copy=False)
+        leaves.append(place(value) if place is not None else value)
+        del value
     return jax.tree.unflatten(treedef, leaves)

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pipeline.cpu_forms import compiler_options
 from pipeline.inference.sampling import (
     Sampling,
     check_sampling,
@@ -183,7 +184,7 @@ class Programs:
         program = self.compiled.get(key)
         if program is None:
             start = time.perf_counter()
-            program = fn.lower(*args, **static).compile()
+            program = fn.lower(*args, **static).compile(compiler_options(args[0]))
             seconds = time.perf_counter() - start
             self.compiled[key] = program
             self.seconds += seconds

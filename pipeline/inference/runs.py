@@ -57,8 +57,8 @@ def load_model(
         return cfg, load_adapter(merge(model), run_dir), tokenizer
     # The structure alone (nothing allocated), then the stored arrays put in its place.
     graphdef, shapes = nnx.split(abstract_model(cfg.model))
-    params = load_params(run_dir, shapes, key)
-    model = nnx.merge(graphdef, params if host else jax.tree.map(jnp.asarray, params))
+    params = load_params(run_dir, shapes, key, place=None if host else jnp.asarray)
+    model = nnx.merge(graphdef, params)
     return cfg, model, Tokenizer.load(run_dir)
 
 
@@ -104,11 +104,18 @@ def load_for_inference(
     return Loaded(cfg, model, tokenizer, draft_model)
 
 
-def load_params(run_dir: Path, like, key: str = "init.from"):
-    """A run's parameters (host arrays shaped like `like`): `model/`, else the last checkpoint."""
+def load_params(run_dir: Path, like, key: str = "init.from", place=None):
+    """A run's parameters shaped like `like`: `model/`, else the last checkpoint. Host arrays,
+    or each array passed to `place` (e.g. `jnp.asarray`) as it is read."""
     weights = run_dir / MODEL_DIR / WEIGHTS_FILE
     if weights.is_file():
-        return load_state(weights, like)
+        return load_state(weights, like, place)
+    params = _load_stored(run_dir, like, key)
+    return params if place is None else jax.tree.map(place, params)
+
+
+def _load_stored(run_dir: Path, like, key: str):
+    """Host arrays from an earlier version's orbax `model/`, else the latest checkpoint."""
     if (run_dir / MODEL_DIR).is_dir():  # written by an earlier version: an orbax checkpoint
         target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), like)
         with ocp.StandardCheckpointer() as checkpointer:

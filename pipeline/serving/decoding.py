@@ -26,10 +26,10 @@ class Steps:
     graph = params = pool = None
     pools: tuple = ()
 
-    def __init__(self, graphdef, k: int):
+    def __init__(self, graphdef, k: int, options: dict | None = None):
         self.k = k
         self.program = programs.bind(
-            programs.steps, ("slots", "ctl", "pool"), graphdef=graphdef, k=k
+            programs.steps, ("slots", "ctl", "pool"), options=options, graphdef=graphdef, k=k
         )
 
     def block_bytes(self, block_size: int) -> int:
@@ -100,7 +100,7 @@ class Speculative(Steps):
 
     speculative = True
 
-    def __init__(self, graphdef, draft, k: int, vocab_size: int):
+    def __init__(self, graphdef, draft, k: int, vocab_size: int, options: dict | None = None):
         if draft.cfg.vocab_size != vocab_size:
             raise ValueError("the draft's vocabulary differs from the model's")
         self.k, self.cfg, self.lookahead = k, draft.cfg, k + 1
@@ -110,6 +110,7 @@ class Speculative(Steps):
             programs.speculative_step,
             ("slots", "pool", "dpool"),
             static=("rows",),
+            options=options,
             graphdef=graphdef,
             dgraph=self.graph,
             k=k,

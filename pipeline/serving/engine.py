@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pipeline.cpu_forms import compiler_options
 from pipeline.inference.generate import bucket, buckets, check_request
 from pipeline.inference.sampling import (
     Sampling,
@@ -169,13 +170,14 @@ class Engine:
         # Prompts prefilled together share one call (padded to one of these sizes).
         self.admit_sizes = sorted({1, min(4, slots), min(16, slots)})
         self.graphdef, self.params = nnx.split(model)
+        self.options = compiler_options(self.params)  # the programs' (cpu_forms.py)
         if decode_steps < 1:
             raise ValueError(f"decode_steps must be >= 1, got {decode_steps}")
         self.decode_steps = decode_steps
         self.decoding = (  # how a decode call runs (decoding.py)
-            Steps(self.graphdef, decode_steps)
+            Steps(self.graphdef, decode_steps, self.options)
             if draft is None
-            else Speculative(self.graphdef, draft, draft_k, cfg.vocab_size)
+            else Speculative(self.graphdef, draft, draft_k, cfg.vocab_size, self.options)
         )
         # a speculative round writes up to draft_k positions past a slot's last token
         self.lookahead = self.decoding.lookahead
@@ -251,9 +253,13 @@ class Engine:
         passed as a static argument per call). The decode call is the decoding's."""
         g, d = self.graphdef, self.decoding.graph
         self._prefill = programs.bind(
-            programs.prefill, ("slots", "ctl", "pool", "dpool"), graphdef=g, dgraph=d
+            programs.prefill,
+            ("slots", "ctl", "pool", "dpool"),
+            options=self.options,
+            graphdef=g,
+            dgraph=d,
         )
-        self._score = programs.bind(programs.score, (), graphdef=g)
+        self._score = programs.bind(programs.score, (), options=self.options, graphdef=g)
 
     def _init_pools(self, cfg, kv_blocks, kv_memory_gb, prefix_caching) -> None:
         """The KV pools (the model's, a draft's), their bookkeeping and the block tables."""

@@ -257,10 +257,14 @@ def copy_block(pools, src, dst):
 restore_slot_counts = jax.jit(restore_counts, donate_argnames=("ctl",))
 
 
-def bind(program, donate: tuple, static: tuple = (), **bound):
-    """`program` (a jitted function) jitted anew with arguments `bound` fixed."""
+def bind(program, donate: tuple, static: tuple = (), options: dict | None = None, **bound):
+    """`program` (a jitted function) jitted anew with arguments `bound` fixed, compiled with
+    the compiler `options` (`cpu_forms.compiler_options`)."""
     return jax.jit(
-        partial(program.__wrapped__, **bound), donate_argnames=donate, static_argnames=static
+        partial(program.__wrapped__, **bound),
+        donate_argnames=donate,
+        static_argnames=static,
+        compiler_options=options,
     )
 
 

@@ -1,0 +1,89 @@
+"""bfloat16 weights on CPU: generation and the serving engine hold no float32 copy of the model.
+
+XLA's CPU compiler multiplies bfloat16 matrices in float32. Left to itself it converted every
+weight at the start of a program (all layers' at once), hoisted the conversions out of the
+decode loop, and converted whole KV pools and embedding tables ahead of their gathers and
+scatters; the compiled programs' temporaries measure what is left (`memory_analysis`).
+
+Run: pytest tests/test_narrow_weights.py
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from helpers import tiny_model_config
+from test_paged import _run
+
+from pipeline.inference import generate as gen
+from pipeline.model import create_model
+from pipeline.serving.engine import Engine
+
+# Weights that dwarf the activations: 4 layers of width 256 and a 4,096-token tied table.
+CFG = tiny_model_config(
+    vocab_size=4096,
+    num_layers=4,
+    embed_dim=256,
+    mlp_dim=1024,
+    num_heads=4,
+    num_kv_heads=2,
+    max_seq_len=256,
+    tied_embeddings=True,
+    param_dtype="bfloat16",
+    compute_dtype="bfloat16",
+)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return create_model(CFG, seed=3)
+
+
+def _float32_copy_bytes(model) -> int:
+    """What a float32 copy of every matrix takes."""
+    leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
+    return sum(4 * x.size for x in leaves if x.ndim >= 2)
+
+
+def test_generate_holds_no_float32_copy_of_the_weights(model, optimized):
+    prompts = [[5, 6, 7, 8, 9], [10, 11]]
+    gen.PROGRAMS.compiled.clear()
+    out = gen.generate(model, prompts, 12)
+    copy = _float32_copy_bytes(model)
+    temps = {k[0]: p.memory_analysis().temp_size_in_bytes for k, p in gen.PROGRAMS.compiled.items()}
+    assert set(temps) == {"prefill", "decode_loop"}
+    # one layer's matrices at a time (a quarter of the copy here) and the tied table's
+    # float32 form for the head (a third of it): never the whole copy
+    assert max(temps.values()) < 0.5 * copy, (temps, copy)
+    # the same tokens a step at a time (`stream`: no loop to hoist anything out of)
+    for prompt, tokens in zip(prompts, out.tokens, strict=True):
+        assert list(gen.stream(model, prompt, 12)) == tokens
+
+
+def test_the_engine_holds_no_float32_copy_of_the_weights_or_the_kv_pool(model, optimized):
+    engine = Engine(model, slots=4, kv_blocks=64, block_size=16, prefill_chunk=64)
+    pool_bytes = sum(x.nbytes for x in jax.tree.leaves(engine.pool))
+    first, rest = engine._programs()
+    temps = [compile_().memory_analysis().temp_size_in_bytes for compile_ in first + rest]
+    copy = _float32_copy_bytes(model)
+    assert max(temps) < 0.5 * copy + pool_bytes, (max(temps), copy, pool_bytes)
+    prompts = [list(range(3, 3 + n)) for n in (5, 40, 70)]
+    got = _run(engine, prompts, [10, 10, 10])
+    engine.stop()
+    want = [gen.generate(model, [p], 10).tokens[0] for p in prompts]
+    assert got == want
+
+
+def test_bit_gathers_and_scatters_equal_the_plain_ones():
+    from pipeline.attention import _put, take
+
+    rng = np.random.default_rng(0)
+    pool = jnp.asarray(rng.normal(size=(6, 2, 4, 3)), jnp.bfloat16)
+    rows = jnp.asarray([[0, 5, 6], [2, 2, 1]])  # 6: past the pool (clamped when read)
+    assert jnp.array_equal(take(pool, rows), pool[rows])
+    new = jnp.asarray(rng.normal(size=(2, 3, 2, 3)), jnp.float32)
+    at = (rows, slice(None), jnp.asarray([[1, 2, 3], [0, 0, 1]]))
+    want = pool.at[at].set(new.astype(jnp.bfloat16), mode="drop")
+    assert jnp.array_equal(_put(pool, at, new), want)
+    assert _put(pool, at, new).dtype == jnp.bfloat16
