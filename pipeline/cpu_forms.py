@@ -158,16 +158,19 @@ def _recomputed_after_cotangent(f):
 _KEEP_CONVERSIONS_IN_LOOPS = {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
 
 
-def compiler_options(params) -> dict | None:
-    """The compiler options of a program that reads the weights `params` (a pytree of arrays
-    or shapes): on CPU, with any matrix narrower than float32, keep per-weight conversions in
-    their loops (see above); otherwise None, the defaults."""
-    if jax.default_backend() != "cpu":
-        return None
-    narrow = any(
+def converts_weights(params) -> bool:
+    """Whether XLA converts these weights (a pytree of arrays or shapes) before their
+    products: on CPU, when any matrix is narrower than float32."""
+    return jax.default_backend() == "cpu" and any(
         len(np.shape(x)) >= 2 and np.dtype(x.dtype) != np.float32 for x in jax.tree.leaves(params)
     )
-    return dict(_KEEP_CONVERSIONS_IN_LOOPS) if narrow else None
+
+
+def compiler_options(params) -> dict | None:
+    """The compiler options of a program that reads the weights `params`: where they are
+    converted before their products, keep the conversions in their loops (see above);
+    otherwise None, the defaults."""
+    return dict(_KEEP_CONVERSIONS_IN_LOOPS) if converts_weights(params) else None
 
 
 def after(module: nnx.Module, x: jax.Array) -> nnx.Module:
@@ -180,7 +183,7 @@ def after(module: nnx.Module, x: jax.Array) -> nnx.Module:
     layer's conversions depend on its input, so they run, one matrix at a time, as the layer
     does. Elsewhere, or with float32 weights, `module` as it is."""
     graphdef, state = nnx.split(module)
-    if compiler_options(state) is None:
+    if not converts_weights(state):
         return module
     first = x.reshape(-1)[0]
     nan = first != first  # XLA does not fold this for floats: a real dependency on x

@@ -48,13 +48,17 @@ def _float32_copy_bytes(model) -> int:
 
 def test_generate_holds_no_float32_copy_of_the_weights(model, optimized):
     prompts = [[5, 6, 7, 8, 9], [10, 11]]
-    gen.PROGRAMS.compiled.clear()
+    before = set(gen.PROGRAMS.compiled)
     out = gen.generate(model, prompts, 12)
     copy = _float32_copy_bytes(model)
-    temps = {k[0]: p.memory_analysis().temp_size_in_bytes for k, p in gen.PROGRAMS.compiled.items()}
+    temps = {
+        k[0]: p.memory_analysis().temp_size_in_bytes
+        for k, p in gen.PROGRAMS.compiled.items()
+        if k not in before  # this model's programs (its shapes are no other test's)
+    }
     assert set(temps) == {"prefill", "decode_loop"}
-    # one layer's matrices at a time (a quarter of the copy here) and the tied table's
-    # float32 form for the head (a third of it): never the whole copy
+    # one layer's matrices, or the tied table's float32 form for the head, at a time (each a
+    # fifth of the copy here): never the whole copy (1.43x it before)
     assert max(temps.values()) < 0.5 * copy, (temps, copy)
     # the same tokens a step at a time (`stream`: no loop to hoist anything out of)
     for prompt, tokens in zip(prompts, out.tokens, strict=True):
