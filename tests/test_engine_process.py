@@ -62,7 +62,7 @@ def test_the_engine_process_serves_what_the_model_generates(runs):
         scored = client.completions.create(
             model=name,
             prompt=prompt,
-            max_tokens=5,
+            max_tokens=12,
             temperature=0,
             logprobs=2,
             stream=True,
@@ -70,7 +70,13 @@ def test_the_engine_process_serves_what_the_model_generates(runs):
         )
         chunks = [c.choices[0] for c in scored if c.choices]
         lps = [x for c in chunks if c.logprobs for x in c.logprobs.token_logprobs]
-        assert len(lps) == 5 and all(x <= 0 for x in lps)  # each token's, over the pipe
+        assert len(lps) == 12 and all(x <= 0 for x in lps)  # each token's, over the pipe
+        assert "".join(c.text for c in chunks) == want
+        # the tokens of one engine call (4 decode steps) reach the server together and go out
+        # as one chunk (or with later ones, when the stream is behind): at most the prefill's
+        # token, then 4 + 4 + 3, where one chunk per token would be 12
+        sizes = [len(c.logprobs.tokens) for c in chunks if c.logprobs and c.logprobs.tokens]
+        assert sum(sizes) == 12 and len(sizes) <= 4
         echo = client.completions.create(
             model=name, prompt=prompt, max_tokens=0, echo=True, logprobs=2
         )

@@ -50,20 +50,22 @@ class Steps:
         ids[: len(group)] = group
         return ids
 
-    def run(self, engine, ids: np.ndarray, live: np.ndarray, tables: np.ndarray, steps: int):
-        """`steps` steps for slots `ids`: (tokens (k, rows), steps, log-probabilities)."""
+    def run(self, engine, ids: np.ndarray, live: np.ndarray, inputs: tuple, steps: int):
+        """`steps` steps for slots `ids`: (tokens (k, rows), steps, log-probabilities).
+        `inputs`: (every slot's block table, ids, live) on the device."""
         safe = np.minimum(ids, engine.num_slots - 1)
         constrained = any(
             engine.active[i] is not None and engine.active[i].grammar is not None for i in ids[live]
         )
         mask = engine.masks[safe] if constrained else engine.allow_all[len(ids)]
+        tables, ids, live = inputs
         tokens, info, engine.slots, engine.ctl, engine.pool = self.program(
             engine.params,
             engine.slots,
             engine.ctl,
             engine.pool,
             tables,
-            ids.astype(np.int32),
+            ids,
             live,
             mask,
             np.int32(steps),
@@ -72,7 +74,7 @@ class Steps:
 
     def compile_thunk(self, engine, shapes: tuple, rows: int):
         params, _, slots, ctl, pool, _ = shapes
-        tables = jax.ShapeDtypeStruct((rows, engine.width), jnp.int32)
+        tables = jax.ShapeDtypeStruct((engine.num_slots, engine.width), jnp.int32)
         live = jax.ShapeDtypeStruct((rows,), jnp.bool_)
         ids = jax.ShapeDtypeStruct((rows,), jnp.int32)
         mask = programs.shapes(engine.allow_all[rows])
@@ -140,8 +142,9 @@ class Speculative(Steps):
         """A round runs slots 0..rows-1 (those not in the group are not live)."""
         return np.arange(sched.rows(group[-1] + 1), dtype=np.int32)
 
-    def run(self, engine, ids: np.ndarray, live: np.ndarray, tables: np.ndarray, steps: int):
+    def run(self, engine, ids: np.ndarray, live: np.ndarray, inputs: tuple, steps: int):
         """One round: (tokens (rows, k + 1), how many of them each row produced, None)."""
+        tables, _, live = inputs
         tokens, produced, engine.slots, engine.pool, self.pool = self.program(
             engine.params,
             self.params,
@@ -156,7 +159,7 @@ class Speculative(Steps):
 
     def compile_thunk(self, engine, shapes: tuple, rows: int):
         params, dparams, slots, _, pool, dpool = shapes
-        tables = jax.ShapeDtypeStruct((rows, engine.width), jnp.int32)
+        tables = jax.ShapeDtypeStruct((engine.num_slots, engine.width), jnp.int32)
         live = jax.ShapeDtypeStruct((rows,), jnp.bool_)
         args = (params, dparams, slots, pool, dpool, tables, live)
         return programs.aot(self.program, *args, rows=rows)

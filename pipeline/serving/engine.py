@@ -226,6 +226,10 @@ class Engine:
         # the scheduler's books, read here (the same objects)
         self.active, self.waiting = self.sched.active, self.sched.waiting
         self.tables, self.none = self.sched.tables, self.sched.none
+        # the device's copies of the block tables and of the last call's rows: sent again only
+        # when the scheduler changed the tables (`Scheduler.version`) or the rows changed
+        self._device_tables, self._tables_version = None, -1
+        self._rows_key, self._device_rows = None, None
 
     def _init_chunks(self, prefill_chunk: int, decode_prefill_chunk: int | None) -> None:
         """The prefill chunk sizes: at most `prefill_chunk`, and while requests decode at most
@@ -608,10 +612,22 @@ class Engine:
     def _run_step(self, ids: np.ndarray, live: np.ndarray, steps: int = 1):
         """One decode call for slots `ids` (padded with the id past the last slot; only those
         `live` advance): the decoding's results (`decoding.py`): tokens, how many, their
-        log-probabilities."""
-        safe = np.minimum(ids, self.num_slots - 1)  # (padding rows read the last slot)
-        tables = np.where(live[:, None], self.tables[safe], self.none)
-        return self.decoding.run(self, ids, live, tables, steps)
+        log-probabilities. The call reads its rows' block tables on the device, from the
+        device's copy of every slot's (`device_inputs`)."""
+        return self.decoding.run(self, ids, live, self.device_inputs(ids, live), steps)
+
+    def device_inputs(self, ids: np.ndarray, live: np.ndarray) -> tuple:
+        """(every slot's block table, ids, live) on the device, each sent only when it changed
+        since the last call: in a run of decode calls over the same requests, the tables change
+        when a request crosses into a new block, and the rows not at all (vLLM's persistent
+        batch, its block table committed to the device as a whole after a change)."""
+        if self._tables_version != self.sched.version:
+            self._device_tables = jax.device_put(self.tables)
+            self._tables_version = self.sched.version
+        key = (ids.tobytes(), live.tobytes())
+        if key != self._rows_key:
+            self._rows_key, self._device_rows = key, jax.device_put((ids.astype(np.int32), live))
+        return (self._device_tables, *self._device_rows)
 
     def _decode(self) -> None:
         """Dispatch this iteration's decode steps, then deliver the previous iteration's tokens

@@ -52,6 +52,14 @@ def slot_state(slots: int) -> dict:
     }
 
 
+def _rows_tables(pool, tables, ids, live):
+    """The block tables of a call's rows from every slot's (`tables` (slots, W)): slot `ids`'s
+    where `live`, "none" (the pool's block count: writes dropped, nothing read) elsewhere."""
+    none = pool[0]["k"].shape[0]
+    safe = jnp.minimum(ids, tables.shape[0] - 1)
+    return jnp.where(live[:, None], tables[safe], none)
+
+
 def _paged(pool, tables):
     """The model's view of a paged cache: each layer's pool with the call's block table."""
     return [PagedLayer(layer["k"], layer["v"], tables) for layer in pool]
@@ -138,9 +146,11 @@ def speculative_step(
     params, dparams, slots, pool, dpool, tables, live, *, graphdef, dgraph, rows, k
 ):
     """One speculative round for slots 0..rows-1: candidates (rows, k+1) and how many of them
-    (n + 1) each slot produced (rows not `live` have "none" tables: nothing is written)."""
+    (n + 1) each slot produced. `tables`: every slot's block tables; rows not `live` read
+    "none" tables: nothing is written."""
     target, draft = nnx.merge(graphdef, params), nnx.merge(dgraph, dparams)
     part = jax.tree.map(lambda x: x[:rows], slots)
+    tables = _rows_tables(pool, tables, jnp.arange(rows), live)
     keys = request_keys(part["seed"], part["step"])
     emitted, n, t, cache, dcache = speculate(
         target,
@@ -160,14 +170,16 @@ def speculative_step(
 @partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("slots", "ctl", "pool"))
 def step(params, slots, ctl, pool, tables, ids, live, mask, *, graphdef):
     """Feed the last token of slots `ids` (rows,), sample their next tokens: tokens (rows,) and
-    their log-probabilities (zeros unless a slot asked for them). Rows not `live` (padding, or
-    a slot still prefilling) have "none" tables, so they write nothing, and keep their state;
+    their log-probabilities (zeros unless a slot asked for them). `tables`: every slot's block
+    tables (slots, W). Rows not `live` (padding, or a slot still prefilling) read "none"
+    tables, so they write nothing, and keep their state;
     their position counts as 0, so the attention reads as many block columns as the furthest
     live row needs, no more."""
     model = nnx.merge(graphdef, params)
     n = slots["token"].shape[0]
     rows = jnp.where(live, ids, n)  # where the results go (n: dropped)
     safe = jnp.minimum(ids, n - 1)  # (padding rows read the last slot)
+    tables = _rows_tables(pool, tables, ids, live)
     part = jax.tree.map(lambda x: x[safe], slots)
     set_rows(model, part["adapter"])
     positions = jnp.where(live, part["position"], 0)

@@ -57,7 +57,11 @@ class Scheduler:
         self.row_buckets, self.call_blocks = row_buckets, call_blocks
         self.lock = lock or threading.Condition()
         self.none = blocks.num_blocks  # the table entry of no block
+        # each slot's block table, kept here and changed by differences (a row set at
+        # admission, a block appended as a request grows, a row moved or emptied); `version`
+        # counts the changes, so the device's copy is sent again only after one
         self.tables = np.full((slots, width), self.none, np.int32)
+        self.version = 0
         self.active: list[Request | None] = [None] * slots
         self.waiting: deque[Request] = deque()
         self.preemptions = 0
@@ -78,6 +82,7 @@ class Scheduler:
         self.blocks.release(request.blocks)
         request.blocks = []
         self.tables[slot] = self.none
+        self.version += 1
         self.active[slot] = None
         self.device.clear_slot(slot)
         request.slot = -1
@@ -106,8 +111,14 @@ class Scheduler:
             self.device.move_slot(src, dst)
             self.tables[dst] = self.tables[src]
             self.tables[src] = self.none
+            self.version += 1
             self.active[dst], self.active[src] = self.active[src], None
             self.active[dst].slot = dst
+
+    def _set_table(self, slot: int, blocks: list[int]) -> None:
+        self.tables[slot] = self.none
+        self.tables[slot, : len(blocks)] = blocks
+        self.version += 1
 
     # admission: a free slot and the blocks for the whole context -------------------------------
 
@@ -154,8 +165,7 @@ class Scheduler:
         request.prefilling = True
         request.order, request.slot = next(self._admitted), slot
         request.scheduled = len(request.output)
-        self.tables[slot] = self.none
-        self.tables[slot, : len(request.blocks)] = request.blocks
+        self._set_table(slot, request.blocks)
         self.active[slot] = request
         if request.output and request.controls.shapes_logits:
             self.device.restore_counts(slot, request)
@@ -174,8 +184,7 @@ class Scheduler:
         request.blocks, request.prefilling = [*shared, copy], False
         request.context, request.position = list(request.prompt), L - 1
         request.order, request.slot, request.scheduled = next(self._admitted), slot, 0
-        self.tables[slot] = self.none
-        self.tables[slot, : len(request.blocks)] = request.blocks
+        self._set_table(slot, request.blocks)
         self.active[slot] = request
         self.device.fork_slot(src, slot, request)
         return True
@@ -198,6 +207,7 @@ class Scheduler:
                     self.preempt()
                     continue
                 self.tables[slot, len(request.blocks)] = block
+                self.version += 1
                 request.blocks.append(block)
 
     def preempt(self) -> None:

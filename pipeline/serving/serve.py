@@ -767,8 +767,11 @@ class Routes:
                     yield held + delta, "stop", held_items + items
                     return
                 held, held_items, count = held + delta, held_items + items, count + 1
-                if count >= interval:  # a chunk per `stream_interval` tokens, even while
-                    yield held, None, held_items  # text is held back (an empty delta)
+                # a chunk once `stream_interval` tokens are held and no more have arrived
+                # (the tokens of one engine call arrive together: one chunk, one write), even
+                # while text is held back (an empty delta)
+                if count >= interval and not queue.qsize():
+                    yield held, None, held_items
                     held, held_items, count = "", [], 0
         finally:
             if not finished:
