@@ -35,6 +35,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -370,13 +371,15 @@ class Engine:
         ready yet compiles it itself). Seconds taken (in the foreground)."""
         start = time.perf_counter()
         first, rest = self._programs()
-        for compile_ in first:
-            compile_()
+        cores = os.cpu_count() or 1
         if background:
-            self._compiler = threading.Thread(target=self._compile_all, args=(rest,), daemon=True)
+            self._compile_all(first, min(cores, 8))
+            # (on its own thread, with half the cores: the engine serves meanwhile)
+            args = (rest, max(1, min(cores // 2, 8)))
+            self._compiler = threading.Thread(target=self._compile_all, args=args, daemon=True)
             self._compiler.start()
         else:
-            self._compile_all(rest)
+            self._compile_all(first + rest, min(cores, 8))
         self.compile_seconds = time.perf_counter() - start
         log.info(
             "engine ready: %d slots, %d positions each, %d KV blocks of %d, prefill chunks %s, "
@@ -392,12 +395,21 @@ class Engine:
         )
         return self.compile_seconds
 
-    def _compile_all(self, programs: list) -> None:
+    def _compile_all(self, programs: list, workers: int) -> None:
+        """Compile `programs` on `workers` threads (XLA compiles without the interpreter lock:
+        31 programs of `small` in 42-47 s on 2 threads against 48-50 s on one, on 2 cores)."""
         start = time.perf_counter()
-        for compile_ in programs:
-            if self._stopping:  # (a process must not exit while XLA compiles on a thread)
-                return
-            compile_()
+
+        def one(compile_) -> None:
+            if not self._stopping:  # (a process must not exit while XLA compiles on a thread)
+                compile_()
+
+        if workers <= 1:
+            for compile_ in programs:
+                one(compile_)
+        else:
+            with ThreadPoolExecutor(workers, thread_name_prefix="compile") as pool:
+                list(pool.map(one, programs))
         log.debug("%d programs compiled in %.1f s", len(programs), time.perf_counter() - start)
 
     def _programs(self) -> tuple[list, list]:
