@@ -62,6 +62,31 @@ def test_exported_artifact_generates_the_live_models_tokens(tmp_path, quantize):
     assert out["sampled"] == generate(model, [[5, 6, 7]], 12, sampling).tokens
 
 
+def test_the_artifact_stops_at_every_end_id_of_the_model(tmp_path):
+    """An imported model's generation_config.json may name several end ids (the tokenizer's
+    `stop_ids`): the manifest keeps them all and the artifact's generation stops at each."""
+    model = create_model(CFG, seed=5)
+    tokenizer = byte_tokenizer()
+    ids = tokenizer.encode("def f(")
+    (tokens,) = generate(model, [ids], 12).tokens
+    at = next(i for i in range(2, 12) if tokens[i] not in tokens[:i])
+    tokenizer.stop_ids = frozenset({tokenizer.eos_id, tokens[at]})  # as import-hf sets them
+    artifact = tmp_path / "model.zip"
+    manifest = export_model(model, tokenizer, artifact)
+    assert manifest["stop_ids"] == sorted({tokenizer.eos_id, tokens[at]})
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.exported", str(artifact), "--prompt", "def f("]
+        + ["--max-new-tokens", "12", "--json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout)["tokens"] == tokens[: at + 1]
+
+
 def test_a_truncated_artifact_is_a_clear_error(tmp_path):
     from pipeline.exported import ExportedModel
 

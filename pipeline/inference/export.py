@@ -49,6 +49,9 @@ def export_model(model, tokenizer, out: str | Path, platforms: tuple[str, ...] |
         "prefill_buckets": prompt_buckets,
         "platforms": list(exported.platforms),
         "eos_id": tokenizer.eos_id,
+        # every id that ends a generation (an imported model's generation_config.json may
+        # name several: Llama 3's end of turn beside its end of text)
+        "stop_ids": sorted(tokenizer.stop_ids),
         "end_id": tokenizer.end_id,
         "jax_version": jax.__version__,
     }

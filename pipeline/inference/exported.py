@@ -71,9 +71,11 @@ class ExportedModel:
         top_k: int = 0,
         top_p: float = 1.0,
         seed: int = 0,
-        eos_id: int = -1,
+        eos_id: int | list[int] = -1,
     ) -> list[list[int]]:
-        """Token ids for each prompt (each row stops at `eos_id`, which it includes)."""
+        """Token ids for each prompt (each row stops at `eos_id`, or at any of a list of end
+        ids, which it includes)."""
+        stops = {eos_id} if isinstance(eos_id, int) else set(eos_id)
         B, longest = len(prompts), max(len(p) for p in prompts)
         if min(len(p) for p in prompts) == 0 or longest + max_new_tokens > self.max_seq_len:
             raise ValueError(
@@ -101,7 +103,7 @@ class ExportedModel:
             for i, t in enumerate(np.asarray(token)):
                 if not done[i]:
                     out[i].append(int(t))
-                    done[i] = int(t) == eos_id
+                    done[i] = int(t) in stops
             if done.all():
                 break
         return out
@@ -130,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             args.top_k,
             args.top_p,
             args.seed,
-            eos_id=model.manifest["eos_id"],
+            eos_id=model.manifest.get("stop_ids", model.manifest["eos_id"]),
         )
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
