@@ -217,17 +217,36 @@ def _narrow_on_cpu(array: jax.Array) -> bool:
     return array.dtype in (jnp.bfloat16, jnp.float16) and jax.default_backend() == "cpu"
 
 
-def _put(pool: jax.Array, index: tuple, new: jax.Array) -> jax.Array:
-    """`pool.at[index].set(new)`, out-of-range rows dropped. A bfloat16 or float16 pool on CPU
-    takes the values as bits (uint16): XLA's CPU compiler otherwise scatters in float32, into
+def pool_dtype(dtype) -> jnp.dtype:
+    """The type a paged KV pool of `dtype` values is stored as: on CPU a bfloat16 or float16
+    pool holds their bits (uint16). XLA's CPU compiler scatters narrow floats in float32, into
     a float32 copy of the whole pool (every layer's at once: 2.1 GB in a 1.24B bfloat16 model's
-    prefill with a 1 GB pool)."""
-    new = new.astype(pool.dtype)
-    if not _narrow_on_cpu(pool):
-        return pool.at[index].set(new, mode="drop")
-    bits = jax.lax.bitcast_convert_type(pool, jnp.uint16)
-    bits = bits.at[index].set(jax.lax.bitcast_convert_type(new, jnp.uint16), mode="drop")
-    return jax.lax.bitcast_convert_type(bits, pool.dtype)
+    prefill with a 1 GB pool), and a pool converted to bits for each write and back was still
+    copied per layer (half the pool's bytes in the decode call's temporaries): a pool of bits
+    is written in place and read a gathered block at a time (`read_blocks`)."""
+    dtype = jnp.dtype(dtype)
+    narrow = dtype in (jnp.bfloat16, jnp.float16) and jax.default_backend() == "cpu"
+    return jnp.dtype(jnp.uint16) if narrow else dtype
+
+
+def read_blocks(pool: jax.Array, blocks: jax.Array, dtype) -> jax.Array:
+    """`pool[blocks]` as `dtype` values (a pool of bits holds values of that 16-bit type)."""
+    if pool.dtype != jnp.uint16:
+        return take(pool, blocks).astype(dtype)
+    return jax.lax.bitcast_convert_type(pool[blocks], _narrow(dtype)).astype(dtype)
+
+
+def _narrow(dtype) -> jnp.dtype:
+    dtype = jnp.dtype(dtype)
+    return dtype if dtype in (jnp.bfloat16, jnp.float16) else jnp.dtype(jnp.bfloat16)
+
+
+def _put(pool: jax.Array, index: tuple, new: jax.Array) -> jax.Array:
+    """`pool.at[index].set(new)`, out-of-range rows dropped; a pool of bits (`pool_dtype`)
+    takes the values' bits."""
+    if pool.dtype == jnp.uint16:
+        new = jax.lax.bitcast_convert_type(new.astype(_narrow(new.dtype)), jnp.uint16)
+    return pool.at[index].set(new.astype(pool.dtype), mode="drop")
 
 
 def paged_attention(q: jax.Array, cache: PagedLayer, positions: jax.Array, window: int | None):
@@ -250,7 +269,7 @@ def paged_attention(q: jax.Array, cache: PagedLayer, positions: jax.Array, windo
         top, total, acc = carry
         block = jax.lax.dynamic_slice_in_dim(table, j * per, per, axis=1)  # (B, per)
         k, v = (
-            take(pool, block).astype(q.dtype).transpose(0, 2, 1, 3, 4).reshape(B, K, per * bs, H)
+            read_blocks(pool, block, q.dtype).transpose(0, 2, 1, 3, 4).reshape(B, K, per * bs, H)
             for pool in (cache.k, cache.v)
         )
         scores = jnp.einsum("bkgth,bksh->bkgts", q, k).astype(jnp.float32)

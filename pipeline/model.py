@@ -28,6 +28,7 @@ from pipeline.attention import (
     cached_attention,
     paged_attention,
     paged_write,
+    pool_dtype,
     take,
     visible,
 )
@@ -77,7 +78,8 @@ class Attention(nnx.Module):
             impl = attention_impl(cfg.attention, q.dtype)
             out = attention(q, k, v, positions, self.window, impl, segments)
         elif isinstance(cache, PagedLayer):  # the serving engine's paged cache
-            cache = paged_write(cache, positions, k, v)
+            # (in the queries' type: a pool of bits holds values of the compute type)
+            cache = paged_write(cache, positions, k.astype(q.dtype), v.astype(q.dtype))
             out = paged_attention(q, cache, positions, self.window)
         else:
             rows = jnp.arange(B)[:, None]
@@ -208,8 +210,9 @@ class Transformer(nnx.Module):
         """Final-normed states (..., D) -> float32 logits (..., V) (or, `float32=False`, in the
         dtype the projection computes in)."""
         if self.cfg.tied_embeddings:  # as rows, for the reasons `Linear` gives
-            # on CPU, a narrow table converted for the product here, not held from the start
-            logits = attend(after(self.embed, x), x.reshape(-1, x.shape[-1]))
+            # on CPU, a narrow table converted for the product here (a slice at a time), not
+            # held from the start
+            logits = attend(self.embed, x.reshape(-1, x.shape[-1]))
             logits = logits.reshape(*x.shape[:-1], logits.shape[-1])
         else:  # a `Linear`, or an adapter around one that needs the rows of the batch apart
             logits = self.lm_head(x)
@@ -291,7 +294,7 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int | None = None, dtype=N
 def init_paged_cache(cfg: ModelConfig, num_blocks: int, block_size: int, dtype=None) -> Cache:
     """An empty paged KV cache's pools: per layer {"k", "v": (num_blocks, K, block_size, H)};
     a call passes each layer as a `PagedLayer` of its pools and the call's block table."""
-    dtype = dtype or dtype_of(cfg.compute_dtype)
+    dtype = pool_dtype(dtype or dtype_of(cfg.compute_dtype))  # (on CPU, narrow floats as bits)
     shape = (num_blocks, cfg.num_kv_heads, block_size, cfg.head_dim)
     return [
         {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.num_layers)

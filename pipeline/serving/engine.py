@@ -634,7 +634,9 @@ class Engine:
         when a request crosses into a new block, and the rows not at all (vLLM's persistent
         batch, its block table committed to the device as a whole after a change)."""
         if self._tables_version != self.sched.version:
-            self._device_tables = jax.device_put(self.tables)
+            # (a copy: on CPU the device may read a numpy array in place, and the scheduler
+            # changes its tables while a dispatched call still reads them)
+            self._device_tables = jax.device_put(self.tables.copy())
             self._tables_version = self.sched.version
         key = (ids.tobytes(), live.tobytes())
         if key != self._rows_key:
