@@ -214,7 +214,11 @@ def paged_write(cache: PagedLayer, positions: jax.Array, k: jax.Array, v: jax.Ar
 
 
 def _narrow_on_cpu(array: jax.Array) -> bool:
-    return array.dtype in (jnp.bfloat16, jnp.float16) and jax.default_backend() == "cpu"
+    return _narrow_float_on_cpu(array.dtype)
+
+
+def _narrow_float_on_cpu(dtype) -> bool:
+    return jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) and jax.default_backend() == "cpu"
 
 
 def pool_dtype(dtype) -> jnp.dtype:
@@ -224,9 +228,7 @@ def pool_dtype(dtype) -> jnp.dtype:
     prefill with a 1 GB pool), and a pool converted to bits for each write and back was still
     copied per layer (half the pool's bytes in the decode call's temporaries): a pool of bits
     is written in place and read a gathered block at a time (`read_blocks`)."""
-    dtype = jnp.dtype(dtype)
-    narrow = dtype in (jnp.bfloat16, jnp.float16) and jax.default_backend() == "cpu"
-    return jnp.dtype(jnp.uint16) if narrow else dtype
+    return jnp.dtype(jnp.uint16) if _narrow_float_on_cpu(dtype) else jnp.dtype(dtype)
 
 
 def read_blocks(pool: jax.Array, blocks: jax.Array, dtype) -> jax.Array:

@@ -36,6 +36,20 @@ print(json.dumps({"greedy": greedy, "sampled": sampled}))
 """
 
 
+def _python(*args) -> dict:
+    """What a fresh interpreter running `args` prints (JSON), on CPU."""
+    proc = subprocess.run(
+        [sys.executable, *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout)
+
+
 @pytest.mark.parametrize("quantize", [None, "int8"])
 def test_exported_artifact_generates_the_live_models_tokens(tmp_path, quantize):
     model = create_model(CFG, seed=5)
@@ -46,16 +60,7 @@ def test_exported_artifact_generates_the_live_models_tokens(tmp_path, quantize):
     artifact = tmp_path / "model.zip"
     manifest = export_model(model, byte_tokenizer(), artifact)
     assert manifest["prefill_buckets"] == [16, 32, 64]
-    proc = subprocess.run(
-        [sys.executable, "-c", LOADER, str(artifact)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""},
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout)
+    out = _python("-c", LOADER, str(artifact))
     prompts = [[5, 6, 7], list(range(1, 18))]
     assert out["greedy"] == generate(model, prompts, 12).tokens
     sampling = Sampling(temperature=0.9, top_k=20, top_p=0.9, seed=4)
@@ -74,17 +79,9 @@ def test_the_artifact_stops_at_every_end_id_of_the_model(tmp_path):
     artifact = tmp_path / "model.zip"
     manifest = export_model(model, tokenizer, artifact)
     assert manifest["stop_ids"] == sorted({tokenizer.eos_id, tokens[at]})
-    proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.exported", str(artifact), "--prompt", "def f("]
-        + ["--max-new-tokens", "12", "--json"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""},
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads(proc.stdout)["tokens"] == tokens[: at + 1]
+    args = ("--prompt", "def f(", "--max-new-tokens", "12", "--json")
+    out = _python("-m", "pipeline.exported", str(artifact), *args)
+    assert out["tokens"] == tokens[: at + 1]
 
 
 def test_a_truncated_artifact_is_a_clear_error(tmp_path):

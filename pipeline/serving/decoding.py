@@ -58,15 +58,12 @@ class Steps:
             engine.active[i] is not None and engine.active[i].grammar is not None for i in ids[live]
         )
         mask = engine.masks[safe] if constrained else engine.allow_all[len(ids)]
-        tables, ids, live = inputs
         tokens, info, engine.slots, engine.ctl, engine.pool = self.program(
             engine.params,
             engine.slots,
             engine.ctl,
             engine.pool,
-            tables,
-            ids,
-            live,
+            *inputs,  # (the device's tables, ids and live)
             mask,
             np.int32(steps),
         )

@@ -733,12 +733,8 @@ class Routes:
         interval, held, held_items, count = self.cfg.stream_interval, "", [], 0
         try:
             while True:
-                try:  # (wait_for makes a task: only when the queue is empty)
-                    token, reason = (
-                        queue.get_nowait()
-                        if queue.qsize()
-                        else (await asyncio.wait_for(queue.get(), _left(deadline)))
-                    )
+                try:
+                    token, reason = await _next_item(queue, deadline)
                 except TimeoutError:  # the request's time budget ran out: it ends like "length"
                     self.engine.cancel(job)
                     finished = True
@@ -776,6 +772,14 @@ class Routes:
         finally:
             if not finished:
                 self.engine.cancel(job)
+
+
+async def _next_item(queue: asyncio.Queue, deadline: float | None):
+    """A request's next (token, reason); TimeoutError once `deadline` passes. (`wait_for`
+    makes a task: only when the queue is empty.)"""
+    if queue.qsize():
+        return queue.get_nowait()
+    return await asyncio.wait_for(queue.get(), _left(deadline))
 
 
 def _left(deadline: float | None) -> float | None:
