@@ -96,6 +96,15 @@ class ResponseFormat(BaseModel):
         return None
 
 
+class StreamOptions(BaseModel):
+    """`stream_options`: OpenAI's `include_usage` (a last chunk with the usage); any other key
+    is refused by name."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: StrictBool = False
+
+
 class SamplingRequest(BaseModel):
     """The fields completions and chat completions share. A field this server does not know is
     refused (400 naming it), never silently dropped."""
@@ -124,13 +133,13 @@ class SamplingRequest(BaseModel):
     seed: StrictInt | None = Field(None, ge=0, lt=1 << 32)
     stop: str | list[str] | None = Field(None, validate_default=True)  # -> list[str]
     stream: StrictBool = False
-    stream_options: dict[str, Any] | None = None
+    stream_options: StreamOptions | None = None  # only with stream: true
     n: StrictInt = Field(1, ge=1)  # the server's limit: serve.max_n
     best_of: StrictInt | None = None
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
-    user: str | None = None  # accepted, unused (OpenAI's end-user id)
+    user: str | None = None  # OpenAI's end-user id: written to the server's log
     response_format: ResponseFormat | None = None
     # extensions, as in vLLM
     repetition_penalty: float = Field(1.0, gt=0.0)
@@ -165,9 +174,16 @@ class SamplingRequest(BaseModel):
             raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences")
         return stop
 
+    @field_validator("stream_options")
+    @classmethod
+    def _streaming(cls, value, info):
+        if value is not None and not info.data.get("stream"):
+            raise ValueError("stream_options is only allowed with stream: true")
+        return value
+
     @property
     def include_usage(self) -> bool:
-        return bool((self.stream_options or {}).get("include_usage"))
+        return self.stream_options is not None and self.stream_options.include_usage
 
 
 class CompletionRequest(SamplingRequest):
@@ -218,8 +234,8 @@ class Message(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     role: Literal["system", "user", "assistant", "tool"]
-    content: str | None = None
-    name: str | None = None  # accepted, unused
+    content: str | None = Field(None, validate_default=True)
+    name: str | None = None  # the author: ours writes "name: content", a template its way
     tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
     tool_call_id: str | None = None  # a tool's result answers this call
 
@@ -267,7 +283,7 @@ class ChatRequest(SamplingRequest):
     max_completion_tokens: StrictInt | None = None  # OpenAI's newer name for max_tokens
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
-    parallel_tool_calls: StrictBool | None = None  # accepted; one call per choice
+    parallel_tool_calls: StrictBool | None = None  # false: an answer of several calls is text
 
     @field_validator("tool_choice")
     @classmethod
@@ -324,10 +340,26 @@ def _surrogate(value: Any, path: str = "") -> str | None:
     return None
 
 
+_TYPE_NAMES = {"str", "int", "float", "bool", "dict", "list", "none"}
+
+
+def _field_path(loc) -> list:
+    """A pydantic error's location less "body" and its union branches' tags ("literal[...]",
+    "NamedToolChoice", "str"): the path of fields a client wrote."""
+    return [
+        p
+        for p in loc
+        if p != "body"
+        and not (isinstance(p, str) and ("[" in p or p[:1].isupper() or p in _TYPE_NAMES))
+    ]
+
+
 def validation_message(errors: list[dict]) -> tuple[str, str | None]:
-    """(message, param) for the first of pydantic's validation errors."""
-    first = errors[0] if errors else {"msg": "invalid request", "loc": ()}
-    loc = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+    """(message, param) for pydantic's most specific validation error: the first of those
+    deepest in the request (a union's errors: the branch that got furthest)."""
+    first = max(errors, key=lambda e: len(_field_path(e.get("loc", ()))), default=None)
+    first = first or {"msg": "invalid request", "loc": ()}
+    loc = ".".join(str(p) for p in _field_path(first.get("loc", ())))
     if first.get("type") == "json_invalid":
         return f"the body is not valid JSON: {first.get('ctx', {}).get('error', '')}", None
     message = str(first["msg"]).removeprefix("Value error, ")
@@ -445,26 +477,29 @@ async def sse_events(pieces, meta: dict, chat: bool, n: int, include_usage: bool
 async def sse_whole(choices: list[dict], meta: dict, include_usage: bool, usage: dict):
     """Chat choices decided as a whole (tool calls: known once the answer is complete) as
     OpenAI streams them: the role, then per call its id and name and then its arguments (or
-    the content), then the finish reason."""
+    the content), then the finish reason. A choice's log-probabilities (all its tokens') come
+    with the chunk of its arguments or content."""
     base = {**meta, "object": "chat.completion.chunk"}
 
-    def chunk(index: int, delta: dict, finish: str | None = None) -> str:
-        choice = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}
+    def chunk(index: int, delta: dict, finish: str | None = None, logprobs=None) -> str:
+        choice = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
         out = {**base, "choices": [choice]} | ({"usage": None} if include_usage else {})
         return f"data: {json.dumps(out)}\n\n"
 
     for choice in choices:
-        index, message = choice["index"], choice["message"]
+        index, message, logprobs = choice["index"], choice["message"], choice.get("logprobs")
         yield chunk(index, {"role": "assistant", "content": ""})
         for j, call in enumerate(message.get("tool_calls") or []):
             head = {"index": j, "id": call["id"], "type": "function"}
             head["function"] = {"name": call["function"]["name"], "arguments": ""}
             yield chunk(index, {"tool_calls": [head]})
             arguments = {"index": j, "function": {"arguments": call["function"]["arguments"]}}
-            yield chunk(index, {"tool_calls": [arguments]})
+            yield chunk(index, {"tool_calls": [arguments]}, None, logprobs)
+            logprobs = None
         if message.get("content"):
-            yield chunk(index, {"content": message["content"]})
-        yield chunk(index, {}, choice["finish_reason"])
+            yield chunk(index, {"content": message["content"]}, None, logprobs)
+            logprobs = None
+        yield chunk(index, {}, choice["finish_reason"], logprobs)
     if include_usage:
         yield f"data: {json.dumps({**base, 'choices': [], 'usage': usage})}\n\n"
     yield "data: [DONE]\n\n"
@@ -483,4 +518,11 @@ class UnloadAdapterRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     lora_name: str = Field(min_length=1)
-    lora_int_id: int | None = None  # vLLM's clients may send it; names are what we key on
+    lora_int_id: int | None = None  # vLLM's: refused unless null (adapters go by name here)
+
+    @field_validator("lora_int_id")
+    @classmethod
+    def _by_name(cls, value):
+        if value is not None:
+            raise ValueError("adapters are unloaded by lora_name here; leave lora_int_id out")
+        return value

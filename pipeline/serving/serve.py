@@ -61,7 +61,13 @@ from pipeline.serving.protocol import (
     sse_whole,
     validation_message,
 )
-from pipeline.serving.tools import call_schema, parse_call, plain_messages, system_message
+from pipeline.serving.tools import (
+    auto_grammar,
+    call_schema,
+    parse_call,
+    plain_messages,
+    system_message,
+)
 from pipeline.tokenizer import prompt_ids, read_chat_template
 
 log = logging.getLogger(__name__)
@@ -167,6 +173,7 @@ class TextStream:
         self.tokenizer, self.stop = tokenizer, [s for s in stop if s]
         hf = getattr(tokenizer, "hf", None)
         self._stream = (hf, DecodeStream(skip_special_tokens=True)) if hf is not None else None
+        self._vocab = tokenizer.vocab_size if hf is not None else 0  # (asked once, not per token)
         self.ids: list[int] = []
         self.sent = 0  # characters of the decoded text already returned
         self.text = ""
@@ -179,7 +186,7 @@ class TextStream:
                 self.text = self.tokenizer.decode(self.ids)
                 return
             hf, stream = self._stream
-            piece = stream.step(hf, token) if 0 <= token < self.tokenizer.vocab_size else ""
+            piece = stream.step(hf, token) if 0 <= token < self._vocab else ""
             self.text += piece or ""
         if final and self._stream is not None:
             whole = self.tokenizer.decode(self.ids)
@@ -207,6 +214,18 @@ class TextStream:
         end = max(end, self.sent)
         out, self.sent = text[self.sent : end], end
         return out
+
+
+def _budget(body: SamplingRequest) -> tuple[str, int | None]:
+    """(the field, its value) of the request's token budget: `max_tokens`, or chat's newer name
+    `max_completion_tokens` (both given: they must agree)."""
+    newer = getattr(body, "max_completion_tokens", None)
+    if newer is None:
+        return "max_tokens", body.max_tokens
+    if body.max_tokens is not None and body.max_tokens != newer:
+        message = f"max_tokens ({body.max_tokens}) and max_completion_tokens ({newer}) differ"
+        raise APIError(400, message + ": give one", "max_completion_tokens")
+    return "max_completion_tokens", newer
 
 
 def create_app(
@@ -454,13 +473,13 @@ class Routes:
         if not self.accepting:
             raise APIError(503, "the server is shutting down")
         self._adapter(body.model)
-        asked = getattr(body, "max_completion_tokens", None) or body.max_tokens
+        name, asked = _budget(body)
         max_tokens = self.cfg.default_max_tokens if asked is None else asked
         echo = getattr(body, "echo", False)
         if not (0 if echo else 1) <= max_tokens <= self.max_tokens:
             low = "0 (with echo)" if echo else "1"
-            message = f"max_tokens must be {low}..{self.max_tokens}, got {max_tokens}"
-            raise APIError(400, message, "max_tokens")
+            message = f"{name} must be {low}..{self.max_tokens}, got {max_tokens}"
+            raise APIError(400, message, name)
         if body.n > self.cfg.max_n:
             raise APIError(400, f"n must be 1..{self.cfg.max_n} on this server", "n")
         prompt_field = "messages" if chat else "prompt"
@@ -528,33 +547,40 @@ class Routes:
         )
         return job, queue
 
-    def _grammar(self, body: SamplingRequest, schema: dict | None = None) -> str | None:
-        """The llguidance grammar of the request's response_format, or of `schema` (a tool
-        call's); None: free text. A schema it cannot follow is a 400 naming what."""
+    def _grammar(self, body: SamplingRequest, schema=None, lark: str | None = None):
+        """The llguidance grammar of the request's response_format, of `schema` (a required
+        tool call's) or of `lark` (strict functions under "auto"); None: free text. A schema it
+        cannot follow is a 400 naming what."""
         fmt = body.response_format
-        if schema is not None and fmt is not None and fmt.type != "text":
-            raise APIError(400, "response_format and a required tool call exclude each other")
+        if (schema is not None or lark is not None) and fmt is not None and fmt.type != "text":
+            what = "a required tool call" if lark is None else "a strict function under auto"
+            raise APIError(400, f"response_format and {what} exclude each other")
         try:
             schema = schema or (fmt.schema if fmt is not None else None)
         except ValueError as err:
             raise APIError(400, f"response_format: {err}", "response_format") from None
-        if schema is None:
+        if schema is None and lark is None:
             return None
         from llguidance import LLMatcher
 
+        field = "response_format" if lark is None and body.response_format else "tools"
         try:
             # compact JSON: no free whitespace for the model to spend its tokens on
-            grammar = LLMatcher.grammar_from_json_schema(
-                schema, overrides={"whitespace_flexible": False}
+            grammar = (
+                LLMatcher.grammar_from_lark(lark)
+                if lark is not None
+                else LLMatcher.grammar_from_json_schema(
+                    schema, overrides={"whitespace_flexible": False}
+                )
             )
         except ValueError as err:
-            raise APIError(400, f"response_format: {err}", "response_format") from None
+            raise APIError(400, f"{field}: {err}", field) from None
         if self._llt is None:
             self._llt = ll_tokenizer(self.tokenizer, self.engine.vocab_size)
         failed, messages = LLMatcher.validate_grammar_with_warnings(grammar, self._llt)
         if failed:
-            message = f"response_format: the schema is not supported: {messages[0]}"
-            raise APIError(400, message, "response_format")
+            message = f"{field}: the schema is not supported: {messages[0]}"
+            raise APIError(400, message, field)
         return grammar
 
     def _token(self, token: int) -> str:
@@ -608,7 +634,7 @@ class Routes:
         max_tokens = self._check(body, ids, chat)
         named = mode if mode not in (None, "auto", "required") else None
         call = call_schema(tools, named) if mode not in (None, "auto") else None
-        grammar = self._grammar(body, call)
+        grammar = self._grammar(body, call, auto_grammar(tools) if mode == "auto" else None)
         k = body.top_logprobs_wanted
         echo = getattr(body, "echo", False)
         prompt_text = self.tokenizer.decode(ids) if echo else ""
@@ -616,6 +642,8 @@ class Routes:
         prompt_items = await self._prompt_items(ids, scored, body.model) if echo else []
         jobs = await self._submit_choices(body, ids, chat, max_tokens, grammar)
         meta = response_meta(chat, body.model, int(time.time()))
+        if body.user is not None:  # OpenAI's end-user id: for the operator's logs
+            log.info("%s: %d prompt tokens for user %r", meta["id"], len(ids), body.user)
         streams = [
             self._pieces(job, queue, TextStream(self.tokenizer, body.stop), k, len(prompt_text))
             for job, queue in jobs
@@ -641,7 +669,8 @@ class Routes:
                     items.extend(token_items)
                     finish = reason or finish
             text = "".join(texts)
-            calls = parse_call(text, tools) if tools and pieces else None
+            parallel = getattr(body, "parallel_tool_calls", None) is not False
+            calls = parse_call(text, tools, parallel) if tools and pieces else None
             return choice_body(chat, index, text, finish, logprobs_of(items), calls)
 
         # echo with max_tokens 0: no stream; each choice is the prompt, scored
