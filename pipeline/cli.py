@@ -400,10 +400,16 @@ def _report(result) -> None:
     print(f"{result.status} at step {result.step}; {loss_text}; run directory {result.run_dir}")
 
 
+SOAK = {"requests": 5000, "seconds": 600.0, "concurrency": 32}  # bench soak's defaults
+
+
 def cmd_bench(args) -> int:
     """Benchmarks: one line (or JSON object) per case."""
-    from pipeline.bench import run_bench
+    from pipeline.bench import check_flags, run_bench
 
+    options = ("config", "cases", "steps", "run", "request", "peer")
+    given = [f"--{name}" for name in (*options, *SOAK) if getattr(args, name) is not None]
+    check_flags(args.target, given + (["overrides"] if args.overrides else []))
     cases = args.cases.split(",") if args.cases else None
     try:
         request = json.loads(args.request) if args.request else None
@@ -414,12 +420,12 @@ def cmd_bench(args) -> int:
         args.config,
         args.overrides,
         cases,
-        args.steps,
+        5 if args.steps is None else args.steps,
         args.json,
         args.run,
         request,
         peer=args.peer,
-        soak={"requests": args.requests, "seconds": args.seconds, "concurrency": args.concurrency},
+        soak={k: v if getattr(args, k) is None else getattr(args, k) for k, v in SOAK.items()},
     )
     return 0
 
@@ -625,10 +631,11 @@ def _add_bench_command(sub) -> None:
         "generate: b1,b32,int8,int4,recompute (default all); quantize: int8,int4; "
         "serve: concurrency levels (default 1,8,32) and prefix, long, mixed",
     )
-    bench.add_argument("--steps", type=int, default=5, help="timed steps per case")
-    bench.add_argument("--requests", type=int, default=5000, help="soak: requests to send")
-    bench.add_argument("--seconds", type=float, default=600.0, help="soak: at most this long")
-    bench.add_argument("--concurrency", type=int, default=32, help="soak: clients at a time")
+    # (no defaults here: a verb refuses the options it does not read, so "given" must show)
+    bench.add_argument("--steps", type=int, help="train, finetune: timed steps per case (5)")
+    bench.add_argument("--requests", type=int, help="soak: requests to send (5000)")
+    bench.add_argument("--seconds", type=float, help="soak: at most this long (600)")
+    bench.add_argument("--concurrency", type=int, help="soak: clients at a time (32)")
     bench.add_argument("--json", action="store_true", help="one JSON object per case")
     bench.add_argument(
         "--request",

@@ -88,3 +88,18 @@ def test_export_of_a_run_being_trained_is_one_line_and_readers_share(tmp_path):
         pass
     with run_dir_lock(run):  # all released
         pass
+
+
+def test_bench_refuses_the_options_its_verb_does_not_read():
+    """Each bench verb names an option it would ignore (one `error:` line, nothing run)."""
+    for args, named in (
+        (("bench", "quantize", "--run", "r", "--steps", "3"), "--steps"),
+        (("bench", "generate", "--steps", "3"), "--steps"),
+        (("bench", "serve", "--requests", "10"), "--requests"),
+        (("bench", "distill", "--run", "r", "model.num_layers=2"), "key=value overrides"),
+        (("bench", "soak", "--cases", "32"), "--cases"),
+    ):
+        proc = _run(*args)
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert proc.stderr.startswith(f"error: bench {args[1]} does not use {named}"), proc.stderr
+        assert proc.stderr.count("\n") == 1, proc.stderr

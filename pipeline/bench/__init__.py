@@ -18,6 +18,27 @@ DEFAULT_TRAIN_CASES = ("small", "gpt2-124m")
 # command-line overrides come after these and win.
 CASE_OVERRIDES = {"gpt2-124m": ["train.batch_size=2"]}
 FINETUNE_METHODS = ("lora", "qlora", "full")
+# The options each verb reads (--json: all); any other given is refused, naming it.
+FLAGS = {
+    "train": ("--config", "overrides", "--cases", "--steps", "--peer"),
+    "finetune": ("--config", "overrides", "--cases", "--steps"),
+    "generate": ("--config", "overrides", "--cases", "--peer"),
+    "quantize": ("--run", "--cases"),
+    "serve": ("--config", "overrides", "--cases", "--request", "--peer"),
+    "soak": ("--config", "overrides", "--requests", "--seconds", "--concurrency"),
+    "distill": ("--run",),
+}
+
+
+def check_flags(target: str, given: list[str]) -> None:
+    """ConfigError naming the first of `given` (options set on the command line; "overrides":
+    key=value ones) that `bench target` does not read."""
+    unused = [flag for flag in given if flag not in FLAGS[target]]
+    if unused:
+        what = "key=value overrides" if unused[0] == "overrides" else unused[0]
+        takes = ", ".join(f for f in FLAGS[target] if f != "overrides")
+        extra = " and key=value overrides" if "overrides" in FLAGS[target] else ""
+        raise ConfigError(f"bench {target} does not use {what}; it takes {takes}, --json{extra}")
 
 
 def run_bench(
