@@ -488,9 +488,10 @@ def test_the_loss_of_a_packed_row_is_the_token_weighted_loss_of_its_examples(los
     np.testing.assert_allclose(float(total), sum(float(t) for t, _ in alone), rtol=1e-5)
 
 
-def test_remat_block_lowers_the_compiled_temporaries():
+def test_remat_block_lowers_the_compiled_temporaries(optimized):
     """jax.checkpoint alone saves nothing on XLA's CPU compiler (it merges the recomputation
-    back into the forward pass); the block's own recomputation must."""
+    back into the forward pass); the block's own recomputation must, with XLA's optimisations on
+    (what a run compiles)."""
     cfg = ModelConfig(vocab_size=64, num_layers=4, embed_dim=64, num_heads=4, max_seq_len=256)
     tokens = _tokens((4, 256))
     temp = {}
@@ -597,7 +598,9 @@ def test_the_loss_in_the_compute_dtype_trains_as_the_float32_loss():
 @pytest.mark.parametrize(
     "d_in, d_out, transposed", [(8, 24, False), (8, 24, True), (24, 8, False), (16, 16, False)]
 )
-def test_a_projections_gradients_in_the_forms_for_cpu_are_autodiffs(d_in, d_out, transposed):
+def test_a_projections_gradients_in_the_forms_for_cpu_are_autodiffs(
+    d_in, d_out, transposed, optimized
+):
     """`rows_dot_general`: a widening projection takes its own gradient forms (a custom VJP)
     on CPU, a square or narrowing one plain autodiff's; the values are autodiff's (also for a
     matrix given as a transpose, the tied head's table.T), and a gradient nobody asks for (a

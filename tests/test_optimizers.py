@@ -6,7 +6,6 @@ Run: pytest tests/test_optimizers.py
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -165,12 +164,26 @@ def test_adafactor_trains_and_an_optimizer_switch_on_resume_is_named(tiny_config
         run_training(longer, build_stage(longer))
 
 
-def test_lion_update_is_a_sign(tiny_config):
+def test_lion_update_is_the_sign_of_its_interpolated_momentum(tiny_config):
+    """Two steps: random gradients, then a fifth of their opposite. Lion's second update is
+    -lr x sign(b1 x m + (1 - b1) x g) with m = (1 - b2) x g1, which here keeps the first
+    step's direction at full size; AdamW would move 0.52 lr that way, a plain sign step the
+    other way (so the test tells Lion from both)."""
     tx, params = _first_step(tiny_config, "lion")
-    grads = jax.tree.map(lambda x: jnp.full_like(x, 0.3), params)
-    updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)  # eager: op-by-op compiles
-    for u in jax.tree.leaves(updates):
-        np.testing.assert_allclose(np.asarray(u), -0.01)
+    opt = tiny_config.optimizer
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(0), len(leaves))
+    normal = [jax.random.normal(k, x.shape) for k, x in zip(keys, leaves, strict=True)]
+    g1 = jax.tree.unflatten(tree, normal)
+    g2 = jax.tree.map(lambda g: -0.2 * g, g1)
+    update = jax.jit(tx.update)  # eager: op-by-op compiles
+    first, state = update(g1, tx.init(params), params)
+    second, _ = update(g2, state, params)
+    for u1, u2, a, b in zip(*map(jax.tree.leaves, (first, second, g1, g2)), strict=True):
+        np.testing.assert_allclose(np.asarray(u1), -0.01 * np.sign(a))
+        expected = -0.01 * np.sign(opt.b1 * (1 - opt.b2) * a + (1 - opt.b1) * b)
+        np.testing.assert_allclose(np.asarray(u2), expected)
+        np.testing.assert_allclose(np.asarray(u2), -0.01 * np.sign(a))  # momentum wins
     assert isinstance(tx, optax.GradientTransformation)
 
 
