@@ -119,15 +119,18 @@ def _generation(r: dict) -> str:
 
 def _matmul(r: dict) -> str:
     gflops = r["flops_per_sec"] / 1e9
-    return f"{r['case']:<22} {gflops:8.1f} GFLOP/s  ({r['device']}, {r['allocator']})"
+    precision = r.get("precision", "")
+    return f"{r['case']:<22} {gflops:8.1f} GFLOP/s {precision} ({r['device']}, {r['allocator']})"
 
 
 def _torch(r: dict) -> str:
     return (
         f"{r['case']:<22} {r['tokens_per_sec']:10,.0f} tokens/s  "
-        f"step {r['step_time_s'] * 1e3:8.1f} ms  MFU {r['mfu']:.3f}  "
-        f"peak RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB  (torch {r['torch']}, "
-        f"batch {r['batch']}x{r['seq_len']}, {r['compute_dtype']}, {r['allocator']})"
+        f"step {r['step_time_s'] * 1e3:8.1f} ms  MFU {r['mfu']:.3f} (PaLM's count), "
+        f"{r['mfu_causal']:.3f} (causal)  "
+        f"peak RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB  ({r['peer_config']}, "
+        f"torch {r['torch']}, batch {r['batch']}x{r['seq_len']}, {r['compute_dtype']}, "
+        f"{r['allocator']})"
     )
 
 
@@ -135,7 +138,7 @@ def _torch_generation(r: dict) -> str:
     return (
         f"{r['case']:<22} {r['tokens_per_sec']:10,.0f} tokens/s  "
         f"(decode {r['decode_tokens_per_sec']:,.0f})  TTFT {r['ttft_ms']:7.1f} ms  "
-        f"(torch {r['torch']}, batch {r['batch']}, prompt {r['prompt_len']}, "
+        f"({r['peer_config']}, torch {r['torch']}, batch {r['batch']}, prompt {r['prompt_len']}, "
         f"{r['new_tokens']} new tokens, {r['allocator']})"
     )
 
@@ -150,18 +153,24 @@ def _ratios(r: dict) -> str:
             ours, peer, unit = ours / 2**30, peer / 2**30, " GiB"
         parts.append(f"{field} {r[key]:.2f}x ({ours:,.2f} vs {peer:,.2f}{unit})")
     rounds = f"ours / torch, medians of {r['rounds']} alternated rounds: "
-    return f"{r['case']:<22} {rounds}" + ", ".join(parts)
+    against = f" (against {r['peer_config']})" if r.get("peer_config") else ""
+    return f"{r['case']:<22} {rounds}" + ", ".join(parts) + against
 
 
 def _training(r: dict) -> str:
     return (
         f"{r['case']:<22} {r['tokens_per_sec']:10,.0f} tokens/s  "
-        f"step {r['step_time_s'] * 1e3:8.1f} ms  MFU {r['mfu']:.3f}  "
-        f"compile {r['compile_s']:.1f} s  memory {r['peak_bytes'] / 2**20:,.0f} MiB "
+        f"step {r['step_time_s'] * 1e3:8.1f} ms  MFU {r['mfu']:.3f} (PaLM's count), "
+        f"{r['mfu_causal']:.3f} (causal)  compile {r['compile_s']:.1f} s  "
+        f"memory {r['peak_bytes'] / 2**20:,.0f} MiB "
         f"(state {r['state_bytes'] / 2**20:,.0f})  ({r['params'] / 1e6:.1f}M params, "
         f"batch {r['batch']}x{r['seq_len']}, {r['devices']} device(s), "
         f"{r['compute_dtype']}, {r['allocator']})"
     )
+
+
+def _peer_failed(r: dict) -> str:
+    return f"{r['case']:<22} {r['peer_config']} did not run: {r['error']}"
 
 
 # A result's kind -> its line (every benchmark result carries its kind).
@@ -179,4 +188,5 @@ FORMATS = {
     "torch_train": _torch,
     "torch_generate": _torch_generation,
     "ratio": _ratios,
+    "peer_failed": _peer_failed,
 }

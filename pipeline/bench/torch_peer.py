@@ -75,7 +75,8 @@ def matmul_flops_per_token(model, m: ModelConfig, seq_len: int) -> float:
 
 def make_step(model, o, device, compute_dtype: str, cuda: bool):
     """One training step (forward under autocast, float32 cross-entropy, backward, clipping,
-    fused AdamW on CUDA): `step(batch (B, T+1)) -> loss`."""
+    fused AdamW: torch's single-kernel AdamW, on CPU and CUDA): `step(batch (B, T+1)) ->
+    loss`."""
     import torch
 
     optimizer = torch.optim.AdamW(
@@ -84,7 +85,7 @@ def make_step(model, o, device, compute_dtype: str, cuda: bool):
         betas=(o.b1, o.b2),
         eps=o.eps,
         weight_decay=o.weight_decay,
-        **({"fused": True} if cuda else {}),
+        fused=True,
     )
     half = compute_dtype in ("bfloat16", "float16")
     autocast_dtype = getattr(torch, compute_dtype) if half else None
@@ -103,6 +104,12 @@ def make_step(model, o, device, compute_dtype: str, cuda: bool):
         return loss
 
     return step
+
+
+PEER_TRAIN = {
+    False: "PyTorch eager, fused AdamW",
+    True: "PyTorch + torch.compile (inductor), fused AdamW",
+}
 
 
 def _timed(fn, batches, steps: range, sync) -> tuple[float, float]:
@@ -149,6 +156,7 @@ def run(cfg: Config, steps: int, warmup: int, compile_model: bool) -> dict:
         "peer": "torch",
         "torch": torch.__version__,
         "compiled": compile_model,
+        "peer_config": PEER_TRAIN[compile_model],
         "batch": B,
         "seq_len": T,
         "tokens_per_sec": tokens_per_sec,
@@ -164,10 +172,15 @@ def run(cfg: Config, steps: int, warmup: int, compile_model: bool) -> dict:
     }
 
 
-def generate_run(cfg: Config, batch: int, prompt_len: int = 64, new_tokens: int = 128) -> dict:
-    """transformers' `generate` (greedy, KV cache) on the same model and prompt shape as
-    `pipeline bench generate`: tokens/s over prefill and decode, the time to first token (a
-    one-token generate), decode tokens/s over the rest."""
+def generate_run(
+    cfg: Config, batch: int, compiled: bool = False, prompt_len: int = 64, new_tokens: int = 128
+) -> dict:
+    """transformers' `generate` (greedy) on the same model and prompt shape as `pipeline bench
+    generate`, in one of its two configurations: eager with its dynamic cache (the default), or
+    `compiled`: a static cache with `torch.compile` of the forward (transformers' own fast
+    path, `cache_implementation="static"` + `compile_config`; on CPU too). Tokens/s over
+    prefill and decode; the time to first token as ours is timed: a whole one-token `generate`
+    call, from the call to the token on the host; decode tokens/s over the rest."""
     import torch
 
     torch.manual_seed(cfg.train.seed)
@@ -179,22 +192,27 @@ def generate_run(cfg: Config, batch: int, prompt_len: int = 64, new_tokens: int 
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, cfg.model.vocab_size, (batch, prompt_len), generator=gen).to(device)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
+    fast = _static_compiled(cuda) if compiled else {}
 
     def timed(n):
         args = {"max_new_tokens": n, "min_new_tokens": n, "do_sample": False, "use_cache": True}
         start = time.perf_counter()
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), pad_token_id=0, **args)
+        out = model.generate(
+            ids, attention_mask=torch.ones_like(ids), pad_token_id=0, **args, **fast
+        )
         sync()
         assert out.shape[1] == prompt_len + n
         return time.perf_counter() - start
 
     with torch.inference_mode():
-        timed(new_tokens)  # warm-up
+        timed(new_tokens), timed(1)  # warm-up (compiled: both shapes of the static cache)
         first, total = timed(1), timed(new_tokens)
     return {
         "case": f"generate/torch/b{batch}",
         "kind": "torch_generate",
         "peer": "torch",
+        "peer_config": PEER_GENERATE[compiled],
+        "compiled": compiled,
         "torch": torch.__version__,
         "batch": batch,
         "prompt_len": prompt_len,
@@ -207,20 +225,41 @@ def generate_run(cfg: Config, batch: int, prompt_len: int = 64, new_tokens: int 
     }
 
 
+PEER_GENERATE = {
+    False: "transformers generate, eager, dynamic cache",
+    True: "transformers generate, static cache + torch.compile",
+}
+
+
+def _static_compiled(cuda: bool) -> dict:
+    """`generate`'s arguments for a static cache and a compiled forward (CUDA graphs on a GPU:
+    "reduce-overhead"; on CPU inductor's default mode, which transformers compiles only when
+    asked to on every device)."""
+    from transformers import CompileConfig
+
+    config = CompileConfig(fullgraph=True, mode="reduce-overhead" if cuda else "default")
+    config._compile_all_devices = True  # transformers' own switch for compiling on CPU
+    return {"cache_implementation": "static", "compile_config": config}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.bench.torch_peer")
     parser.add_argument("--config", required=True)
     parser.add_argument("overrides", nargs="*", help="key=value, as the pipeline's commands take")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--compile", action="store_true", help="torch.compile the step")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the training step; with --generate: a static cache + compiled forward",
+    )
     parser.add_argument(
         "--generate", type=int, metavar="BATCH", help="time greedy `generate` at this batch"
     )
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     if args.generate:
-        result = generate_run(cfg, args.generate)
+        result = generate_run(cfg, args.generate, args.compile)
     else:
         result = run(cfg, args.steps, args.warmup, args.compile)
     print(json.dumps(result), flush=True)

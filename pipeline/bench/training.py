@@ -133,9 +133,10 @@ def _step_seconds(compiled, state, batches: list, warmup: int) -> float:
 
 
 def _throughput(cfg: Config, step_s: float, flops_per_token: float, devices: int) -> dict:
-    """Tokens/s and MFU: against the measured matmul peak, the card's data-sheet peak (None
-    where unknown, as on CPUs), and that peak under MaxText's count (causal attention: half the
-    attention FLOPs of PaLM's count, which the other two use)."""
+    """Tokens/s and MFU against the measured matmul peak and against the card's data-sheet
+    peak (None where unknown, as on CPUs), each under two counts of the FLOPs: PaLM's (every
+    query against every key: `mfu`, `mfu_nominal`) and MaxText's (causal attention, half of
+    PaLM's attention FLOPs: `mfu_causal`, `mfu_nominal_causal`)."""
     tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
     flops_per_sec = tokens_per_step / step_s * flops_per_token
     peak = aggregate_peak_flops(cfg.train.peak_flops, cfg.model.compute_dtype)
@@ -146,6 +147,7 @@ def _throughput(cfg: Config, step_s: float, flops_per_token: float, devices: int
         "tokens_per_sec": tokens_per_step / step_s,
         "step_time_s": step_s,
         "mfu": flops_per_sec / peak,
+        "mfu_causal": causal * flops_per_sec / peak,
         "mfu_nominal": flops_per_sec / (nominal * devices) if nominal else None,
         "mfu_nominal_causal": causal * flops_per_sec / (nominal * devices) if nominal else None,
         "peak_flops": peak,
@@ -155,9 +157,14 @@ def _throughput(cfg: Config, step_s: float, flops_per_token: float, devices: int
 def bench_matmul(dtype: str = "float32") -> dict:
     peak = measure_matmul_peak(dtype)
     size = 2048 if jax.devices()[0].platform == "cpu" else 8192
+    platform = jax.devices()[0].platform
+    # float32 matmuls on a GPU run as TF32 at JAX's default precision: say so
+    default = jax.config.jax_default_matmul_precision in (None, "default", "tensorfloat32")
+    tf32 = platform == "gpu" and dtype == "float32" and default
     return {
         "case": f"matmul/{size}/{dtype}",
         "kind": "matmul",
+        "precision": "tf32" if tf32 else dtype,
         "flops_per_sec": peak,
         "nominal_flops_per_sec": nominal_peak_flops(jax.devices()[0].device_kind, dtype),
         "device": jax.devices()[0].device_kind,
