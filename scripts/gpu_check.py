@@ -31,8 +31,17 @@ else:
 OVERRIDES += os.environ.get("GPU_CHECK_OVERRIDES", "").split()
 
 
+# Every line says which invocation of gpu_check.sh wrote it and with what settings, so lines
+# of several runs in one file need no note added by hand.
+RUN = {
+    "run": os.environ.get("GPU_CHECK_RUN"),
+    "run_overrides": OVERRIDES,
+    "xla_flags": os.environ.get("XLA_FLAGS"),
+}
+
+
 def emit(check: str, **fields) -> None:
-    print(json.dumps({"check": check, **fields}, default=str), flush=True)
+    print(json.dumps({"check": check, **fields, **RUN}, default=str), flush=True)
 
 
 def log(message: str) -> None:
@@ -71,8 +80,28 @@ def env() -> None:
         backend=jax.default_backend(),
         device=device.device_kind,
         devices=jax.device_count(),
-        memory_bytes=stats.get("bytes_limit"),
+        memory_bytes=stats.get("bytes_limit"),  # what JAX may allocate (its pool)
+        **_nvidia_smi(),
     )
+
+
+def _nvidia_smi() -> dict:
+    """The driver, CUDA version and the card's total memory as `nvidia-smi` reports them
+    (empty off NVIDIA machines)."""
+    query = "--query-gpu=driver_version,memory.total"
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", query, "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        ).stdout.splitlines()
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    if not out or "," not in out[0]:
+        return {}
+    driver, total = (x.strip() for x in out[0].split(",")[:2])
+    return {"driver": driver, "card_memory_mib": int(total) if total.isdigit() else total}
 
 
 def matmul() -> None:

@@ -74,12 +74,14 @@ class _LocalServer:
             # (no compilation cache: a benchmark compiles as the thread's engine does)
             engine = start_engine(cfg.model, replace(serve, compilation_cache="off"), None, False)
             self.compile_s, self.engine_pid = engine.compile_s, engine.pid
+            self.programs = engine.program_count
             return engine, engine.stop
         from pipeline.serving.client import LocalEngine
         from pipeline.serving.core import build_engine
 
         local, tokenizer, _ = build_engine(cfg.model, serve, background=False)
         self.compile_s, self.engine_pid = local.compile_seconds, None
+        self.programs = local.program_count
         local.start()
         return LocalEngine(local, tokenizer), local.stop
 
@@ -289,6 +291,7 @@ def _row(server, name, concurrency, serve, figures, extra, **more) -> dict:
         "preemptions": server.engine.preemptions,
         "prefix_hit_rate": server.engine.hit_rate,
         "compile_s": server.compile_s,
+        "programs": server.programs,
         "device": jax.devices()[0].device_kind,
         "allocator": allocator(),
     }

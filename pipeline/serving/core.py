@@ -236,6 +236,7 @@ def core_main(conn, run_dir, cfg: ServeConfig, adapter_runs, level, background):
         "adapters": adapter_books(adapters),
         "pid": os.getpid(),
         "compile_s": engine.compile_seconds,
+        "programs": engine.program_count,
     }
     core.send(("ready", facts))
     try:
@@ -260,6 +261,7 @@ class EngineClient:
         self.max_len, self.vocab_size = facts["max_len"], facts["vocab_size"]
         self.num_slots, self.kv_blocks = facts["num_slots"], facts["kv_blocks"]
         self.pid, self.compile_s = facts["pid"], facts["compile_s"]
+        self.program_count = facts["programs"]
         self.adapters = Books(facts["adapters"]) if facts["adapters"] is not None else None
         self.stats = LoopStats()
         self.busy_slots = self.queue_depth = self.preemptions = self.blocks_used = 0

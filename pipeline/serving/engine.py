@@ -204,6 +204,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._running = False
         self.compile_seconds = 0.0
+        self.program_count = 0  # the programs warmup compiles (in the background too)
         self._compiler: threading.Thread | None = None  # warmup's background compilation
         self._stopping = False
         self.failed: str | None = None  # why the loop ended with an error
@@ -371,6 +372,7 @@ class Engine:
         ready yet compiles it itself). Seconds taken (in the foreground)."""
         start = time.perf_counter()
         first, rest = self._programs()
+        self.program_count = len(first) + len(rest)
         cores = os.cpu_count() or 1
         if background:
             self._compile_all(first, min(cores, 8))
