@@ -99,7 +99,7 @@ fi
 
 sections=("$@")
 [ ${#sections[@]} -gt 0 ] || sections=(env matmul attention train levers fit generate serve torch peer_generate grpo)
-declare -A limit=([levers]=1500 [train]=240 [torch]=150 [peer_generate]=240 [grpo]=180 [serve]=300 [generate]=90 [fit]=90 [attention]=60 [env]=60 [matmul]=60)
+declare -A limit=([levers]=1500 [train]=240 [torch]=150 [peer_generate]=600 [grpo]=180 [serve]=300 [generate]=90 [fit]=90 [attention]=60 [env]=60 [matmul]=60)
 : >"$OUT_FILE"
 # every JSON line carries this run's stamp (with its overrides and XLA_FLAGS): see gpu_check.py
 GPU_CHECK_RUN="$(date -u +%Y-%m-%dT%H:%M:%SZ)"
