@@ -123,6 +123,10 @@ eval: install
 	@test -n "$(RUN)" || { echo "error: no run in runs/: make pretrain first"; exit 2; }
 	$(BIN)/python -m pipeline eval --run $(RUN) $(if $(LIMIT),--limit $(LIMIT),) $(if $(CHAT),--chat,) $(ARGS)
 
+# The server is a long-lived process: jemalloc returns pages idle for 5 s (compilation's
+# leftovers; a 1B model's engine peaked at 6.8 GB against 7.8 never returning them, and served
+# no slower: docs/models.md), where training keeps every page for its per-step temporaries.
+serve: export MALLOC_CONF := oversize_threshold:0,dirty_decay_ms:5000,muzzy_decay_ms:5000
 serve: install
 	@test -n "$(RUN)" || { echo "error: no run in runs/: make pretrain first"; exit 2; }
 	$(BIN)/python -m pipeline serve --run $(RUN) --config configs/serve.yaml $(ARGS)
