@@ -192,7 +192,7 @@ def take(array: jax.Array, index: jax.Array) -> jax.Array:
     embedding lookup the whole table, to float32 first (2.1 GB and 1 GB of temporaries in a
     1.24B bfloat16 model's prefill of 16 x 256 tokens); an integer gather it leaves alone."""
     array = jnp.asarray(array)  # a host array (numpy) indexes with a traced index too
-    if not _narrow_on_cpu(array):
+    if not _narrow_float_on_cpu(array.dtype):
         return array[index]
     bits = jax.lax.bitcast_convert_type(array, jnp.uint16)[index]
     return jax.lax.bitcast_convert_type(bits, array.dtype)
@@ -211,10 +211,6 @@ def paged_write(cache: PagedLayer, positions: jax.Array, k: jax.Array, v: jax.Ar
     at = (block, slice(None), offset)
     k, v = (_put(pool, at, new) for pool, new in ((cache.k, k), (cache.v, v)))
     return cache._replace(k=k, v=v)
-
-
-def _narrow_on_cpu(array: jax.Array) -> bool:
-    return _narrow_float_on_cpu(array.dtype)
 
 
 def _narrow_float_on_cpu(dtype) -> bool:

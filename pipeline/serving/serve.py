@@ -552,7 +552,8 @@ class Routes:
         tool call's) or of `lark` (strict functions under "auto"); None: free text. A schema it
         cannot follow is a 400 naming what."""
         fmt = body.response_format
-        if (schema is not None or lark is not None) and fmt is not None and fmt.type != "text":
+        field = "tools" if schema is not None or lark is not None else "response_format"
+        if field == "tools" and fmt is not None and fmt.type != "text":
             what = "a required tool call" if lark is None else "a strict function under auto"
             raise APIError(400, f"response_format and {what} exclude each other")
         try:
@@ -563,7 +564,6 @@ class Routes:
             return None
         from llguidance import LLMatcher
 
-        field = "response_format" if lark is None and body.response_format else "tools"
         try:
             # compact JSON: no free whitespace for the model to spend its tokens on
             grammar = (
