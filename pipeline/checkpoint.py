@@ -176,13 +176,21 @@ class _OrbaxWriteNoise(logging.Filter):
         return not (record.exc_info and f"{os.sep}orbax{os.sep}" in record.pathname)
 
 
+_WRITES_FAILED = []  # set once a checkpoint write has failed in this process
+
+
 class _OrbaxTaskNoise(logging.Filter):
-    """Drops asyncio's 'Task exception was never retrieved' for orbax's other write tasks when a
-    write fails (e.g. a full disk): the first failure is reported in one line, at exit
-    the rest would follow it as tracebacks."""
+    """Drops asyncio's 'Task (or Future) exception was never retrieved' for orbax's other write
+    tasks when a write fails (e.g. a full disk): the first failure is reported in one line, at
+    exit the rest would follow it as tracebacks. A Future's record names no orbax source file,
+    only the failed write (`...orbax-checkpoint-tmp...`, `OCDBT`): once a write has failed, every
+    such record goes."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return f"{os.sep}orbax{os.sep}" not in record.getMessage()
+        message = record.getMessage()
+        if f"{os.sep}orbax{os.sep}" in message:
+            return False
+        return not (_WRITES_FAILED and "exception was never retrieved" in message)
 
 
 logging.getLogger("absl").addFilter(_OrbaxWriteNoise())
@@ -202,6 +210,7 @@ class _WriteGuard:
         if err is None or isinstance(err, CheckpointError) or not isinstance(err, Exception):
             return False
         step, self.ckpt.failed = self.step, True
+        _WRITES_FAILED.append(step)
         # orbax renames a checkpoint's folder to its step only once it is complete
         folder = self.ckpt.directory
         names = [p.name for p in folder.iterdir()] if folder.is_dir() else []
