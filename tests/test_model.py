@@ -235,6 +235,21 @@ def test_blockwise_einsum_attention_of_packed_rows_equals_the_whole_square():
     np.testing.assert_allclose(got, expected, atol=1e-5)
 
 
+def test_long_sequences_take_at_most_max_query_blocks_and_equal_the_whole_square():
+    """Past `MAX_QUERY_BLOCKS` x `QUERY_BLOCK` positions the blocks grow instead of multiplying
+    (the program holds each one), and the result is still the whole square's."""
+    from pipeline.attention import MAX_QUERY_BLOCKS, QUERY_BLOCK, einsum_attention
+
+    T = MAX_QUERY_BLOCKS * QUERY_BLOCK + 37  # uneven: the last block is shorter
+    q, k, v = (jax.random.normal(jax.random.key(i), (1, T, 2, 4)) for i in range(3))
+    got = einsum_attention(q, k, v, None)
+    expected = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    jaxpr = jax.make_jaxpr(lambda q, k, v: einsum_attention(q, k, v, None))(q, k, v)
+    products = sum(e.primitive.name == "dot_general" for e in jaxpr.eqns)
+    assert 2 * (MAX_QUERY_BLOCKS - 1) <= products <= 2 * MAX_QUERY_BLOCKS
+
+
 def test_cached_attention_equals_dot_product_attention():
     """Attention over a (B, K, S, H) cache, masked per row, is dot_product_attention's."""
     q = jax.random.normal(jax.random.key(0), (2, 6, 4, 8))

@@ -5,6 +5,7 @@ Run: pytest tests/test_paged.py
 """
 
 import threading
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -309,3 +310,27 @@ def test_a_request_larger_than_the_pool_is_refused(model):
     with pytest.raises(ValueError, match="KV blocks"):
         engine.check(30, 10, Sampling())
     jax.block_until_ready(engine.pool[0]["k"])
+
+
+def test_prompt_scoring_in_chunks_of_positions_equals_the_whole_forward(model, monkeypatch):
+    """Echo's scoring runs a prompt a chunk of positions at a time through a KV cache, each
+    chunk's logits reduced before the next (bounded memory on a long prompt of a large
+    vocabulary): with chunks of 16 positions over a 37-token prompt (the last chunk padded),
+    every token's log-probability and the top ones are the whole forward's."""
+    from pipeline.serving import programs
+    from pipeline.serving.controls import MAX_TOP_LOGPROBS
+
+    monkeypatch.setattr(programs, "SCORE_CHUNK", 16)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, CFG.vocab_size, (1, 37)), jnp.int32)
+    graphdef, params = nnx.split(model)
+    score = programs.score.__wrapped__  # traced anew: the patched chunk size
+    chosen, top_ids, top_lp = jax.jit(partial(score, graphdef=graphdef))(
+        params, tokens, jnp.int32(0)
+    )
+    lp = jax.nn.log_softmax(model(tokens)[0][0, :-1], axis=-1)
+    want = np.take_along_axis(np.asarray(lp), np.asarray(tokens[0, 1:, None]), axis=-1)[:, 0]
+    np.testing.assert_allclose(chosen, np.concatenate([[0.0], want]), atol=1e-5)
+    want_lp, want_ids = jax.lax.top_k(lp, MAX_TOP_LOGPROBS)
+    np.testing.assert_array_equal(top_ids[1:], want_ids)
+    np.testing.assert_allclose(top_lp[1:], want_lp, atol=1e-5)
+    assert chosen.shape == top_ids.shape[:1] == (37,)

@@ -19,6 +19,7 @@ from pipeline.attention import PagedLayer
 from pipeline.inference.generate import decode_step
 from pipeline.inference.sampling import request_keys, sample
 from pipeline.inference.speculative import speculate
+from pipeline.model import init_cache
 from pipeline.serving.adapters import set_rows
 from pipeline.serving.controls import (
     MAX_TOP_LOGPROBS,
@@ -227,19 +228,46 @@ def steps(params, slots, ctl, pool, tables, ids, live, mask, n, *, graphdef, k):
     return tokens, info, slots, ctl, pool
 
 
+# Prompt scoring runs a long prompt this many positions at most at a time through a KV cache,
+# and makes its float32 logits this many at most at a time: 4,096 positions of a 1B Llama in one
+# forward held 2.1 GB of attention scores, and its 128,256-token vocabulary 2.1 GB of logits and
+# as much again of log-probabilities.
+SCORE_CHUNK = 512
+SCORE_LOGITS = 1 << 25
+
+
+def score_chunk(length: int, vocab: int) -> int:
+    """Positions per chunk of prompt scoring: a power of two (16 at least), at most
+    `SCORE_CHUNK`, `SCORE_LOGITS` // `vocab`, or the prompt's length."""
+    fits = max(16, min(SCORE_CHUNK, SCORE_LOGITS // vocab))
+    return min(length, 1 << (fits.bit_length() - 1))
+
+
 @partial(jax.jit, static_argnames=("graphdef",))
 def score(params, tokens, adapter, *, graphdef):
     """Log-probabilities of a prompt's tokens under the model (with adapter `adapter`) (echo):
     for position i >= 1, that of token i given tokens 0..i-1 (position 0 gets 0), and the top
-    ones there."""
+    ones there. The prompt goes a chunk of positions at a time (`score_chunk`) through a KV
+    cache, each chunk's logits reduced to those before the next."""
     model = nnx.merge(graphdef, params)
     set_rows(model, adapter[None])
-    logits, _ = model(tokens)  # (1, P, V) float32
-    lp = jax.nn.log_softmax(logits[0, :-1], axis=-1)
-    chosen = jnp.take_along_axis(lp, tokens[0, 1:, None], axis=-1)[:, 0]
-    top_lp, top_ids = jax.lax.top_k(lp, min(MAX_TOP_LOGPROBS, lp.shape[-1]))
+    P, V = tokens.shape[1], model.cfg.vocab_size
+    size = score_chunk(P, V)
+    n = -(-P // size)
+    padded = jnp.pad(tokens[0], (0, n * size - P))
+    targets = jnp.pad(tokens[0, 1:], (0, n * size - P + 1))  # position i predicts token i + 1
+
+    def chunk(cache, i):
+        ids = jax.lax.dynamic_slice_in_dim(padded, i * size, size)[None]
+        x, cache = model.hidden(ids, (i * size + jnp.arange(size))[None], cache)
+        lp = jax.nn.log_softmax(model.head(x)[0], axis=-1)  # (size, V)
+        target = jax.lax.dynamic_slice_in_dim(targets, i * size, size)
+        chosen = jnp.take_along_axis(lp, target[:, None], axis=-1)[:, 0]
+        return cache, (chosen, *jax.lax.top_k(lp, min(MAX_TOP_LOGPROBS, V))[::-1])
+
+    _, out = jax.lax.scan(chunk, init_cache(model.cfg, 1, n * size), jnp.arange(n))
     pad = lambda x: jnp.concatenate([jnp.zeros_like(x[:1]), x])  # noqa: E731
-    return pad(chosen), pad(top_ids), pad(top_lp)
+    return tuple(pad(y.reshape(n * size, *y.shape[2:])[: P - 1]) for y in out)
 
 
 @partial(jax.jit, donate_argnames=("slots", "ctl"))
