@@ -52,6 +52,7 @@ from pipeline.inference.sampling import (
     sampling_arrays,
 )
 from pipeline.model import init_paged_cache
+from pipeline.runtime import release_free_memory
 from pipeline.serving import programs
 from pipeline.serving.blocks import BlockPool
 from pipeline.serving.controls import (
@@ -413,6 +414,7 @@ class Engine:
             with ThreadPoolExecutor(workers, thread_name_prefix="compile") as pool:
                 list(pool.map(one, programs))
         log.debug("%d programs compiled in %.1f s", len(programs), time.perf_counter() - start)
+        release_free_memory()  # the compiler's leftovers (0.26 GB for a 1B model's 35 programs)
 
     def _programs(self) -> tuple[list, list]:
         """Thunks that compile each program ahead of time: (those a first request needs, the
