@@ -204,7 +204,7 @@ def tied(w: jax.Array, x: jax.Array) -> jax.Array:
     is 0.24 GB of float32 matrices, its largest 67 MB). Elsewhere, `w` as it is."""
     if len(np.shape(w)) < 2 or not converts_weights(w):
         return w
-    first = x.reshape(-1)[0]
+    first = x.reshape(-1)[0]  # XLA does not fold `first != first` for floats: a real dependency
     return w + (first != first).astype(w.dtype)
 
 
@@ -220,10 +220,4 @@ def after(module: nnx.Module, x: jax.Array) -> nnx.Module:
     graphdef, state = nnx.split(module)
     if not converts_weights(state):
         return module
-    first = x.reshape(-1)[0]
-    nan = first != first  # XLA does not fold this for floats: a real dependency on x
-
-    def tied(w):
-        return w + nan.astype(w.dtype) if len(np.shape(w)) >= 2 else w
-
-    return nnx.merge(graphdef, jax.tree.map(tied, state))
+    return nnx.merge(graphdef, jax.tree.map(lambda w: tied(w, x), state))
