@@ -319,6 +319,17 @@ def serve() -> None:
         emit("serve", **result)
 
 
+def engine() -> None:
+    """`bench serve --cases engine`: the serving engine alone (no HTTP) and its decode step
+    against `generate` at batch 32, alternated (the engine's step target: within 1.3x)."""
+    from pipeline.bench.engine_case import engine_case
+
+    cfg = config("model.max_seq_len=256", "data.seq_len=256")
+    sizes = {"rounds": 1, "waves": 1, "batch": 4} if TINY else {}
+    for result in engine_case(cfg, CONFIG.stem, None, {}, **sizes):
+        emit("engine", **result)
+
+
 def peer_generate() -> None:
     """`bench generate --peer torch` at batch 1 and 32: our jitted generate and transformers'
     `generate` (bfloat16 weights on a GPU) on the same model, alternated, each in processes of
@@ -416,6 +427,7 @@ SECTIONS = {
         fit,
         generate,
         serve,
+        engine,
         torch,
         peer_generate,
         grpo,

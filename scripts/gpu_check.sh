@@ -15,6 +15,7 @@
 #   fit        per-device bytes of that step (parameters, optimizer, XLA's temporaries)
 #   generate   decode tokens/s at batch 1 and 32
 #   serve      the OpenAI server's throughput at concurrency 1 and 32 (real HTTP on loopback)
+#   engine     the serving engine alone (no HTTP) and its decode step against generate's, batch 32
 #   torch      the same training step in PyTorch (HF GPT-2, fused AdamW, bf16 autocast), eager
 #              and torch.compile'd, when torch is importable
 #   peer_generate  decode against transformers' `generate` (bench generate --peer torch), b1 and b32,
@@ -99,8 +100,8 @@ if [ "$backend" != gpu ] && [ "$backend" != tpu ]; then
 fi
 
 sections=("$@")
-[ ${#sections[@]} -gt 0 ] || sections=(env matmul attention train levers fit generate serve torch peer_generate grpo)
-declare -A limit=([levers]=1500 [train]=240 [torch]=300 [peer_generate]=600 [grpo]=180 [serve]=300 [generate]=90 [fit]=90 [attention]=60 [env]=60 [matmul]=60)
+[ ${#sections[@]} -gt 0 ] || sections=(env matmul attention train levers fit generate serve engine torch peer_generate grpo)
+declare -A limit=([levers]=1500 [train]=240 [torch]=300 [peer_generate]=600 [grpo]=180 [serve]=300 [engine]=240 [generate]=90 [fit]=90 [attention]=60 [env]=60 [matmul]=60)
 : >"$OUT_FILE"
 # every JSON line carries this run's stamp (with its overrides and XLA_FLAGS): see gpu_check.py
 GPU_CHECK_RUN="$(date -u +%Y-%m-%dT%H:%M:%SZ)"

@@ -66,3 +66,23 @@ def test_bench_serve_reports_the_engine_loop_the_generate_ratio_and_start_up(tin
         f"serve/tiny/startup/{label}" for label in ("cold", "warm", "warm")
     ]
     assert all(r["seconds_to_first_answer"] > 0 for r in startup)
+
+
+@pytest.mark.e2e
+def test_bench_serve_engine_case_times_the_engine_alone_and_its_step_against_generate(
+    tiny_config,
+):
+    """`bench serve --cases engine`: every request of the engine-alone waves delivers its whole
+    budget (no stop token), and the row's ratios are the engine's figures over `generate`'s
+    at the same batch, measured in the same round."""
+    from pipeline.bench.engine_case import MAX_TOKENS, engine_case
+
+    (row,) = engine_case(tiny_config, "tiny", None, {}, rounds=1, waves=2, batch=4)
+    assert row["case"] == "serve/tiny/engine/b4" and row["kind"] == "serve-engine"
+    assert row["engine_tokens"] == 2 * 4 * MAX_TOKENS
+    assert row["engine_tokens_per_sec"] > 0 and row["engine_device_ms_per_step"] > 0
+    assert row["generate_step_ms"] == 4e3 / row["generate_decode_tokens_per_sec"]
+    assert (
+        row["vs_generate"] == row["engine_tokens_per_sec"] / row["generate_decode_tokens_per_sec"]
+    )
+    assert row["step_vs_generate"] == row["engine_device_ms_per_step"] / row["generate_step_ms"]

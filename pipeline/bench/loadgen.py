@@ -20,6 +20,8 @@ Named cases beside the concurrency levels:
 - `startup`: seconds from starting `pipeline serve` (a process of its own, the model saved as a
   run, the config's `serve` section) to its first answered completion, with an empty
   compilation cache (cold) and then twice with the one that start filled (warm).
+- `engine`: the engine alone (requests submitted in this process: no HTTP, no clients) and
+  its decode step, against `generate` at batch 32, alternated three times (`engine_case.py`).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ import numpy as np
 
 from pipeline.config import Config, ServeConfig
 
-NAMED_CASES = ("prefix", "long", "mixed", "startup")
+NAMED_CASES = ("prefix", "long", "mixed", "startup", "engine")
 
 
 class _LocalServer:
@@ -424,4 +426,16 @@ def _first_answer(run, config: str, cache: str) -> float:
         proc.wait(60)
 
 
-CASES = {"prefix": _prefix_case, "long": _long_case, "mixed": _mixed_case, "startup": _startup_case}
+def _engine_case(cfg, case, clients, extra):
+    from pipeline.bench.engine_case import engine_case
+
+    yield from engine_case(cfg, case, clients, extra)
+
+
+CASES = {
+    "prefix": _prefix_case,
+    "long": _long_case,
+    "mixed": _mixed_case,
+    "startup": _startup_case,
+    "engine": _engine_case,
+}

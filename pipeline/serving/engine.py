@@ -199,6 +199,7 @@ class Engine:
         """The engine thread's state."""
         self.steps = 0
         self.stats = LoopStats()  # where the loop's time goes (stats.py)
+        self.sample_every = SAMPLE_EVERY  # one decode call in this many runs alone, timed
         self._inflight = None  # dispatched decode steps whose tokens are not delivered yet
         self._masks_due: list[Request] = []  # grammars that consumed a token: masks to refresh
         self._mask_executor = None
@@ -657,9 +658,9 @@ class Engine:
         round's count) makes the engine deliver at once. A request ended by step t wastes its
         row of step t + 1, whose token is dropped; one that reaches max_tokens is not scheduled
         past it. A call runs several steps while nothing needs the host between them
-        (`Scheduler.run_ahead`). One call in `SAMPLE_EVERY` runs alone, timed (stats.py).
+        (`Scheduler.run_ahead`). One call in `sample_every` runs alone, timed (stats.py).
         """
-        timed = self.steps % SAMPLE_EVERY == SAMPLE_EVERY - 1
+        timed = self.steps % self.sample_every == self.sample_every - 1
         if timed:
             self._flush()
         steps = self.sched.run_ahead()
