@@ -109,7 +109,14 @@ def test_prompt_scoring_never_holds_a_long_prompts_logits_whole():
     assert temp < P * cfg.vocab_size * 4 * 0.75, temp
 
 
-def test_release_free_memory_runs_under_either_allocator(tmp_path):
+JEMALLOC = (
+    "/lib/x86_64-linux-gnu/libjemalloc.so.2",
+    "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
+    "/lib/aarch64-linux-gnu/libjemalloc.so.2",
+)
+
+
+def test_release_free_memory_runs_under_either_allocator():
     """After compiling, the engine hands the allocator's freed pages back: jemalloc's purge of
     every arena where it is preloaded, glibc's malloc_trim otherwise (both say they ran)."""
     code = "from pipeline.runtime import release_free_memory as r; assert r(); print('ok')"
@@ -121,13 +128,6 @@ def test_release_free_memory_runs_under_either_allocator(tmp_path):
             [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True
         )
         assert run.stdout.strip() == "ok", (preload, run.stderr[-2000:])
-
-
-JEMALLOC = (
-    "/lib/x86_64-linux-gnu/libjemalloc.so.2",
-    "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
-    "/lib/aarch64-linux-gnu/libjemalloc.so.2",
-)
 
 
 def test_bit_gathers_and_scatters_equal_the_plain_ones():

@@ -6,9 +6,8 @@ process (its own thread, no HTTP, no tokenising, no clients) wave after wave, an
 model's jitted `generate` at batch = `batch`, alternated round by round. Each round gives:
 
 - `engine_tokens_per_sec`: tokens the engine alone delivered (`engine_tokens`) per second over
-  `waves` waves
-  (prefill included), and `vs_generate`: that over `generate`'s decode tokens/s (the ratio
-  `bench serve` reports for the server; the server's own ratio is at most this one);
+  `waves` waves (prefill included), and `vs_generate`: that over `generate`'s decode tokens/s
+  (the ratio `bench serve` reports for the server; the server's own ratio is at most this one);
 - `engine_device_ms_per_step`: one more wave where every decode call runs alone (the previous
   call's tokens delivered first, the host blocking on the call's result): the engine's decode
   step with its dispatch, as `generate`'s step is timed inside its loop; `generate_step_ms`
@@ -53,10 +52,8 @@ def engine_case(
             before = engine.stats.snapshot()
             _waves(engine, rng, cfg.model.vocab_size, batch, 1)
             after = engine.stats.snapshot()
-            step_ms = (after["timed_s"] - before["timed_s"]) / (
-                after["timed_steps"] - before["timed_steps"]
-            )
-            step_ms *= 1e3
+            timed = after["timed_steps"] - before["timed_steps"]
+            step_ms = (after["timed_s"] - before["timed_s"]) / timed * 1e3
             raw = bench_generate(cfg, "raw", PROMPT_LEN, MAX_TOKENS, batch)
             engine_tps = tokens / seconds
             generate_step_ms = batch * 1e3 / raw["decode_tokens_per_sec"]
