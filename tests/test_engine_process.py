@@ -110,6 +110,10 @@ def test_the_engine_process_serves_what_the_model_generates(runs):
             line.rsplit(" ", 1) for line in metrics.splitlines() if not line.startswith("#")
         )
         assert float(figures["pipeline_engine_iterations"]) > 0
+        steps, rows = (
+            float(figures[f"pipeline_engine_decode_{k}"]) for k in ("steps_run", "row_steps")
+        )
+        assert float(figures["pipeline_engine_prefill_calls"]) > 0 and 0 < steps <= rows
         assert float(figures["pipeline_generated_tokens_total"]) >= 12
     finally:
         proc.send_signal(signal.SIGTERM)

@@ -154,6 +154,27 @@ def test_a_long_request_decodes_in_a_step_of_its_own_and_changes_no_token(model)
 
 
 @pytest.mark.e2e  # a whole stage or a loaded engine: make test, not test-fast
+def test_on_cpu_a_small_model_decodes_short_and_long_requests_in_one_call(model):
+    """Nine short requests beside a long one, the call's cost as the engine prices it: the
+    weights alone (100 blocks here) made a second call worth its 16 rows x 13 blocks spared;
+    on CPU a call also costs its dispatch (`CPU_CALL_BYTES`, 1,024 blocks here), so every
+    step is one call (two doubled the dispatches for tens of microseconds of reads)."""
+    assert jax.default_backend() == "cpu"
+    rng = np.random.default_rng(4)
+    lengths = (3, 110, 5, 7, 4, 6, 3, 5, 4, 6)
+    prompts = [rng.integers(0, CFG.vocab_size, n).tolist() for n in lengths]
+    engine = Engine(model, slots=16, block_size=8)
+    groups = []
+    plan = engine.sched.groups
+    engine.sched.groups = lambda ready: groups.append(plan(ready)) or groups[-1]
+    out = _run(engine, prompts, [12] * 10)
+    engine.stop()
+    assert groups and all(len(step) == 1 for step in groups), groups
+    assert max(len(step[0]) for step in groups) == 10
+    assert out[1] == _alone(model, prompts[1], 12)
+
+
+@pytest.mark.e2e  # a whole stage or a loaded engine: make test, not test-fast
 def test_warmup_compiles_every_program_a_load_runs(model, caplog):
     """After `warmup` (ahead-of-time compilation, nothing run), a load of mixed prompt
     lengths, row counts, n choices and chunked prompts compiles nothing more; in the

@@ -19,6 +19,7 @@ from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from pipeline.inference.sampling import Sampling
 from pipeline.serving.engine import Request as EngineRequest
+from pipeline.serving.protocol import sse_events
 from pipeline.serving.serve import TextStream, _loopback
 from pipeline.tokenizer import byte_tokenizer
 
@@ -277,6 +278,30 @@ def test_api_key_and_a_full_queue():
         assert out.usage.completion_tokens >= 1
     finally:
         s.close()
+
+
+def test_a_streams_last_choice_ends_in_one_write_with_its_usage_and_done():
+    """`sse_events`: each piece is one write (a delta and its finish together); the last
+    choice's end, the usage chunk and `data: [DONE]` are one write, so a client that sends its
+    next request on [DONE] gets it with the final text, not three writes later."""
+
+    async def pieces():
+        yield 0, "ab", None, None
+        yield 1, "c", "length", None
+        yield 0, "d", "stop", None
+
+    async def writes(n):
+        usage = lambda: {"completion_tokens": 3}  # noqa: E731
+        return [w async for w in sse_events(pieces(), {"id": "x"}, False, n, True, usage)]
+
+    out = asyncio.run(writes(2))
+    events = [
+        [json.loads(e[6:]) if e != "data: [DONE]" else e for e in w.split("\n\n") if e] for w in out
+    ]
+    assert [len(w) for w in events] == [1, 2, 4]  # "ab"; "c" + its end; "d" + end + usage + DONE
+    assert [c["choices"][0]["text"] for c in events[1] + events[2][:2]] == ["c", "", "d", ""]
+    assert events[2][1]["choices"][0]["finish_reason"] == "stop"
+    assert events[2][2]["usage"] == {"completion_tokens": 3} and events[2][3] == "data: [DONE]"
 
 
 def test_text_stream_never_splits_a_character_or_leaks_a_stop_sequence():

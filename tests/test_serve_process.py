@@ -60,6 +60,8 @@ def test_bench_serve_reports_the_engine_loop_the_generate_ratio_and_start_up(tin
     assert load["case"] == "serve/tiny/batched/c4" and load["tokens_per_sec"] > 0
     assert load["engine_iterations"] > 0 and load["engine_tokens_per_iteration"] >= 1
     assert load["engine_host_ms_per_iteration"] > 0 and 0 < load["engine_host_share"] <= 1
+    # at most the 4 slots run in a decode step; every prompt was prefilled by some call
+    assert 0 < load["engine_rows_per_step"] <= 4 and load["engine_prefills_per_iteration"] > 0
     assert load["generate_decode_tokens_per_sec"] > 0
     assert load["vs_generate"] == load["tokens_per_sec"] / load["generate_decode_tokens_per_sec"]
     assert [r["case"] for r in startup] == [

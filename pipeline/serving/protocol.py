@@ -459,19 +459,25 @@ async def sse_events(pieces, meta: dict, chat: bool, n: int, include_usage: bool
     if chat:
         for index in range(n):
             yield chunk(index, None, None, first=True)
+    # what a piece gives is one write; the last choice's end goes with the usage and [DONE]
+    ended, last = 0, ""
     try:
         async for index, delta, finish, logprobs in pieces:
-            if delta or logprobs or not finish:
-                yield chunk(index, delta, None, logprobs)
+            out = chunk(index, delta, None, logprobs) if delta or logprobs or not finish else ""
             if finish:
-                yield chunk(index, None if chat else "", finish)
+                out += chunk(index, None if chat else "", finish)
+                ended += 1
+            if ended == n:
+                last += out
+            elif out:
+                yield out
     except APIError as err:  # after the status line: an error event ends the stream
-        yield f"data: {json.dumps(error_body(err.message, err.status, err.param, err.code))}\n\n"
-        yield "data: [DONE]\n\n"
+        error = error_body(err.message, err.status, err.param, err.code)
+        yield f"{last}data: {json.dumps(error)}\n\ndata: [DONE]\n\n"
         return
     if include_usage:
-        yield f"data: {json.dumps({**meta, 'object': kind, 'choices': [], 'usage': usage()})}\n\n"
-    yield "data: [DONE]\n\n"
+        last += f"data: {json.dumps({**meta, 'object': kind, 'choices': [], 'usage': usage()})}\n\n"
+    yield last + "data: [DONE]\n\n"
 
 
 async def sse_whole(choices: list[dict], meta: dict, include_usage: bool, usage: dict):

@@ -134,6 +134,13 @@ class Metrics:
             ),
             ("delivered_tokens", "Tokens delivered by the engine loop", lambda: stats.tokens),
             ("decode_steps", "Decode calls dispatched", lambda: stats.steps),
+            ("decode_steps_run", "Decode steps those calls ran", lambda: stats.steps_run),
+            (
+                "decode_row_steps",
+                "Running requests each decode step advanced, summed",
+                lambda: stats.row_steps,
+            ),
+            ("prefill_calls", "Prefill calls dispatched", lambda: stats.prefills),
         ):
             Gauge(f"pipeline_engine_{name}", doc, registry=r).set_function(read)
         step = Gauge(

@@ -13,7 +13,7 @@ without costing that overlap.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 SAMPLE_EVERY = 64  # decode steps between two timed alone
 
@@ -28,11 +28,14 @@ class LoopStats:
     wait_s: float = 0.0  # of which the host was blocked on the device's results
     tokens: int = 0  # tokens delivered
     steps: int = 0  # decode calls dispatched
+    steps_run: int = 0  # decode steps those calls ran (a call runs one or several)
+    row_steps: int = 0  # live rows x steps over those calls: the batch the decode steps ran
+    prefills: int = 0  # prefill calls
     timed_steps: int = 0  # decode steps timed alone
     timed_s: float = 0.0  # their wall time
 
     def snapshot(self) -> dict:
-        return asdict(self)
+        return dict(vars(self))  # (asdict copies deeply: slower, and the fields are numbers)
 
 
 def per_iteration(before: dict, after: dict) -> dict:
@@ -52,4 +55,7 @@ def per_iteration(before: dict, after: dict) -> dict:
             d["timed_s"] / d["timed_steps"] * 1e3 if d["timed_steps"] else None
         ),
         "engine_host_share": host / d["busy_s"] if d["busy_s"] else 0.0,
+        # the running requests a decode step advanced, on average (the batch's occupancy)
+        "engine_rows_per_step": (d["row_steps"] / d["steps_run"] if d["steps_run"] else None),
+        "engine_prefills_per_iteration": per(d["prefills"]),
     }
