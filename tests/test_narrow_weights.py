@@ -101,7 +101,7 @@ def test_prompt_scoring_never_holds_a_long_prompts_logits_whole():
         max_seq_len=2048,
         tied_embeddings=True,
     )
-    graphdef, params = nnx.split(create_model(cfg, seed=0))
+    graphdef, params = programs.split(create_model(cfg, seed=0))
     P = 2048
     tokens = jax.ShapeDtypeStruct((1, P), jnp.int32)
     compiled = programs.score.lower(params, tokens, jnp.int32(0), graphdef=graphdef).compile()

@@ -343,7 +343,7 @@ def test_prompt_scoring_in_chunks_of_positions_equals_the_whole_forward(model, m
 
     monkeypatch.setattr(programs, "SCORE_CHUNK", 16)
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, CFG.vocab_size, (1, 37)), jnp.int32)
-    graphdef, params = nnx.split(model)
+    graphdef, params = programs.split(model)
     score = programs.score.__wrapped__  # traced anew: the patched chunk size
     chosen, top_ids, top_lp = jax.jit(partial(score, graphdef=graphdef))(
         params, tokens, jnp.int32(0)

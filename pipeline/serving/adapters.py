@@ -145,6 +145,6 @@ class Adapters:
                 module.scale[...] = module.scale[...].at[i].set(0.0)
         return i
 
-    def params(self):
-        """The model's state now (the engine's programs take it)."""
-        return nnx.state(self.model)
+    def params(self) -> list:
+        """The model's weights now, as the engine's programs take them (`programs.split`)."""
+        return jax.tree.leaves(nnx.state(self.model))

@@ -10,7 +10,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from pipeline.model import init_paged_cache
 from pipeline.serving import programs
@@ -103,7 +102,7 @@ class Speculative(Steps):
         if draft.cfg.vocab_size != vocab_size:
             raise ValueError("the draft's vocabulary differs from the model's")
         self.k, self.cfg, self.lookahead = k, draft.cfg, k + 1
-        self.graph, self.params = nnx.split(draft)
+        self.graph, self.params = programs.split(draft)
         self.pool = None
         self.program = programs.bind(
             programs.speculative_step,

@@ -42,7 +42,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from pipeline.cpu_forms import compiler_options
 from pipeline.inference.generate import bucket, buckets, check_request
@@ -178,7 +177,8 @@ class Engine:
         self.row_buckets = buckets(slots, smallest=1)
         # Prompts prefilled together share one call (padded to one of these sizes).
         self.admit_sizes = sorted({1, min(4, slots), min(16, slots)})
-        self.graphdef, self.params = nnx.split(model)
+        # the graph with its weights' tree, and the weights as a list (`programs.split`)
+        self.graphdef, self.params = programs.split(model)
         self.options = compiler_options(self.params)  # the programs' (cpu_forms.py)
         if decode_steps < 1:
             raise ValueError(f"decode_steps must be >= 1, got {decode_steps}")
