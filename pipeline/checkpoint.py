@@ -17,6 +17,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 import zlib
 from pathlib import Path
 from typing import Any
@@ -197,6 +198,19 @@ logging.getLogger("absl").addFilter(_OrbaxWriteNoise())
 logging.getLogger("asyncio").addFilter(_OrbaxTaskNoise())
 
 
+def _quiet_closed_loop(hook):
+    """`sys.unraisablehook` once a write has failed: orbax's write threads, finishing after the
+    run stopped, call back into their closed event loop ('Event loop is closed', one traceback
+    each, after the run's error line at exit: seen in the full-disk test); others go to `hook`."""
+
+    def quiet(unraisable) -> None:
+        err = unraisable.exc_value
+        if not (isinstance(err, RuntimeError) and str(err) == "Event loop is closed"):
+            hook(unraisable)
+
+    return quiet
+
+
 class _WriteGuard:
     """Turns an error while writing checkpoint `step` into one `CheckpointWriteError`."""
 
@@ -210,6 +224,8 @@ class _WriteGuard:
         if err is None or isinstance(err, CheckpointError) or not isinstance(err, Exception):
             return False
         step, self.ckpt.failed = self.step, True
+        if not _WRITES_FAILED:
+            sys.unraisablehook = _quiet_closed_loop(sys.unraisablehook)
         _WRITES_FAILED.append(step)
         # orbax renames a checkpoint's folder to its step only once it is complete
         folder = self.ckpt.directory

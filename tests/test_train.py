@@ -436,3 +436,20 @@ unread_failure(); gc.collect()
     before, after = done.stderr.split("--- failed ---")
     assert "Future exception was never retrieved" in before
     assert after.strip() == "", after
+
+
+def test_after_a_failed_write_only_orbaxs_closed_loop_callbacks_go_unprinted():
+    """The unraisable hook set once a checkpoint write failed: orbax's threads calling back into
+    their closed event loop print nothing after the run's error line; anything else still goes
+    to the hook it replaced."""
+    from types import SimpleNamespace
+
+    from pipeline.checkpoint import _quiet_closed_loop
+
+    seen = []
+    hook = _quiet_closed_loop(seen.append)
+    closed = SimpleNamespace(exc_value=RuntimeError("Event loop is closed"))
+    other = SimpleNamespace(exc_value=RuntimeError("something else"))
+    hook(closed)
+    hook(other)
+    assert seen == [other]
