@@ -177,8 +177,7 @@ class Engine:
         self.row_buckets = buckets(slots, smallest=1)
         # Prompts prefilled together share one call (padded to one of these sizes).
         self.admit_sizes = sorted({1, min(4, slots), min(16, slots)})
-        # the graph with its weights' tree, and the weights as a list (`programs.split`)
-        self.graphdef, self.params = programs.split(model)
+        self.graphdef, self.params = programs.split(model)  # the weights as a list of arrays
         self.options = compiler_options(self.params)  # the programs' (cpu_forms.py)
         if decode_steps < 1:
             raise ValueError(f"decode_steps must be >= 1, got {decode_steps}")
