@@ -5,6 +5,7 @@ Run: pytest tests/test_train.py
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -225,8 +226,24 @@ def _largest_file(folder: Path) -> Path:
     return max((f for f in folder.rglob("*") if f.is_file()), key=lambda f: f.stat().st_size)
 
 
+def _damage(checkpoints: Path, damage: str) -> None:
+    """Bit rot (a few flipped bytes), a torn write (half a file) or arrays that read cleanly but
+    are not the ones written (checkpoint 4's arrays under checkpoint 8's record)."""
+    if damage == "swap":
+        shutil.rmtree(checkpoints / "8" / "state")
+        shutil.copytree(checkpoints / "4" / "state", checkpoints / "8" / "state")
+        return
+    data = _largest_file(checkpoints / "8")
+    raw = bytearray(data.read_bytes())
+    if damage == "flip":  # compressed chunks: orbax may fail to read them or read other numbers
+        raw[len(raw) // 2 : len(raw) // 2 + 4] = bytes(b ^ 0xFF for b in raw[len(raw) // 2 :][:4])
+    else:
+        raw = raw[: len(raw) // 2]
+    data.write_bytes(bytes(raw))
+
+
 @pytest.mark.e2e
-@pytest.mark.parametrize("damage", ["flip", "truncate"])
+@pytest.mark.parametrize("damage", ["flip", "truncate", "swap"])
 def test_a_corrupt_latest_checkpoint_is_set_aside_and_an_intact_one_resumed(
     tiny_config, tmp_path, caplog, damage
 ):
@@ -234,18 +251,12 @@ def test_a_corrupt_latest_checkpoint_is_set_aside_and_an_intact_one_resumed(
     split = with_overrides(_tiny_run(tiny_config), run={"dir": str(tmp_path / "split")})
     run_training(whole, build_stage(whole))
     run_training(with_overrides(split, train={"stop_at": 8}), build_stage(split))
-    data = _largest_file(Path(split.run.dir) / "checkpoints" / "8")
-    raw = bytearray(data.read_bytes())
-    if damage == "flip":  # a few bytes in the middle of the arrays' data: no read error
-        raw[len(raw) // 2 : len(raw) // 2 + 4] = bytes(b ^ 0xFF for b in raw[len(raw) // 2 :][:4])
-    else:
-        raw = raw[: len(raw) // 2]
-    data.write_bytes(bytes(raw))
+    _damage(Path(split.run.dir) / "checkpoints", damage)
     with caplog.at_level("WARNING", logger="pipeline.checkpoint"):
         assert run_training(split, build_stage(split)).step == 12
     warned = [r.getMessage() for r in caplog.records if "corrupt" in r.getMessage()]
     assert len(warned) == 1 and "checkpoint 8" in warned[0] and "checkpoint 4" in warned[0]
-    if damage == "flip":  # orbax reads the flipped bytes without a word: the checksums catch it
+    if damage == "swap":  # orbax reads them without a word: only the checksums can tell
         assert "checksum mismatch" in warned[0]
     assert (Path(split.run.dir) / "corrupt" / "8").is_dir()
     a, b = restore_final_state(whole), restore_final_state(split)
