@@ -381,6 +381,13 @@ class ServeConfig:
     # waiting or prefilling, no grammar, no draft): the host's cost per call is shared by that
     # many tokens; a request arriving meanwhile waits at most that many steps for its slot
     decode_steps: int = 4
+    # prompts admitted while other requests decode wait for their prefill until they are at
+    # least prefill_wait_ratio times as many as the decoding requests, or have waited
+    # prefill_max_wait decode steps (text-generation-inference's waiting_served_ratio and
+    # max_waiting_tokens): prompts arriving one by one go in together, in fuller prefill calls
+    # that stall the decoding requests fewer times; 0: prefilled at once
+    prefill_wait_ratio: float = 0.0
+    prefill_max_wait: int = 20
     # tokens per streamed chunk: 1 sends each token as it comes; N, a chunk per N tokens (and
     # the last), fewer messages for the server to write and the client to parse (vLLM's
     # --stream-interval)
@@ -888,6 +895,8 @@ def _serve_rules(serve: ServeConfig) -> list[tuple[str, bool, str]]:
             for name in ("kv_blocks", "decode_prefill_chunk")
         ),
         ("serve.max_adapters", serve.max_adapters >= 0, "must be >= 0"),
+        ("serve.prefill_wait_ratio", serve.prefill_wait_ratio >= 0, "must be >= 0"),
+        ("serve.prefill_max_wait", serve.prefill_max_wait >= 0, "must be >= 0"),
         ("serve.max_lora_rank", serve.max_lora_rank >= 1, "must be at least 1"),
         ("serve.kv_memory_gb", (serve.kv_memory_gb or 1) > 0, "must be positive"),
     ]

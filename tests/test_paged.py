@@ -113,9 +113,11 @@ def _mixed(n, seed=0, longest=100):
 
 
 @pytest.mark.e2e  # a whole stage or a loaded engine: make test, not test-fast
-def test_32_mixed_requests_with_chunks_and_preemption_equal_generation_alone(model):
+@pytest.mark.parametrize("wait", [(0.0, 0), (1.2, 6)], ids=["at-once", "prefills-wait"])
+def test_32_mixed_requests_with_chunks_and_preemption_equal_generation_alone(model, wait):
     """32 concurrent requests of mixed lengths, greedy and seeded sampling, through prompts
-    prefilled 16 tokens at a time and a pool too small for the load (preemption): every
+    prefilled 16 tokens at a time and a pool too small for the load (preemption), their
+    prefills at once or waiting for company while others decode (`prefill_wait`): every
     request's tokens are those of `generate` alone, and no block leaks."""
     prompts, budgets = _mixed(32)
     samplings = [
@@ -123,7 +125,7 @@ def test_32_mixed_requests_with_chunks_and_preemption_equal_generation_alone(mod
         for i in range(len(prompts))
     ]
     # 24 blocks of 8: about 4 requests at their longest, for 8 slots
-    engine = Engine(model, slots=8, kv_blocks=24, block_size=8, prefill_chunk=16)
+    engine = Engine(model, slots=8, kv_blocks=24, block_size=8, prefill_chunk=16, prefill_wait=wait)
     out = _run(engine, prompts, budgets, samplings)
     engine.stop()
     assert engine.preemptions > 0

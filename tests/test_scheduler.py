@@ -121,3 +121,44 @@ def test_n_choices_fork_compaction_and_grouping_without_a_device():
     for slot in (0, 1):
         sched.finish(slot, None, "cancelled")
     assert sched.blocks.used == 0 and not sched.running_any()
+
+
+def test_prompts_that_arrive_while_others_decode_wait_for_a_fuller_prefill_without_a_device():
+    ended = []
+    sched = Scheduler(
+        Recorder(), slots=8, blocks=BlockPool(64, 4), width=8, decode_steps=4,
+        wait_ratio=1.0, max_wait=6,
+    )  # fmt: skip
+    running = [_request([i] * 4, 32, ended) for i in range(1, 5)]
+    sched.waiting.extend(running)
+    sched.admit()
+    assert sched.prefill_due() and sched.run_ahead() == 1  # nothing decodes: at once
+    for r in running:
+        _prefilled(sched, r)
+    assert not sched.prefill_due() and sched.run_ahead() == 4
+    late = [_request([i] * 4, 32, ended) for i in range(10, 13)]
+    sched.waiting.append(late[0])
+    sched.admit()
+    assert not sched.prefill_due()  # 1 prompt against 4 decoding: it waits
+    assert sched.run_ahead() == 4  # and the decoding requests run whole calls meanwhile
+    sched.decoded(4)
+    assert not sched.prefill_due() and sched.run_ahead() == 2  # no call past its wait
+    sched.decoded(2)
+    assert sched.prefill_due()  # waited 6 steps: in it goes
+    _prefilled(sched, late[0])
+    assert not sched.prefill_due() and sched.waited == 0
+    sched.waiting.extend(late[1:])
+    sched.admit()
+    assert not sched.prefill_due()  # 2 against 5
+    sched.finish(0, None, "cancelled")
+    sched.finish(1, None, "cancelled")
+    sched.finish(2, None, "cancelled")
+    assert sched.prefill_due()  # 2 against 2: in they go, and the round runs until both are in
+    _prefilled(sched, late[1])
+    assert sched.prefill_due() and sched.run_ahead() == 1
+    _prefilled(sched, late[2])
+    assert not sched.prefill_due() and sched.run_ahead() == 4
+    sched.wait_ratio = 0.0  # off: a prompt never waits
+    sched.waiting.append(_request([20] * 4, 32, ended))
+    sched.admit()
+    assert sched.prefill_due()

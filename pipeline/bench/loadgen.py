@@ -283,6 +283,7 @@ def _row(server, name, concurrency, serve, figures, extra, **more) -> dict:
         "slots": serve.slots,
         "engine_process": serve.engine_process,
         "stream_interval": serve.stream_interval,
+        "prefill_wait_ratio": serve.prefill_wait_ratio,
         "kv_blocks": server.engine.kv_blocks,
         "prompt_len": more.pop("prompt_len", 32),
         "max_tokens": more.pop("max_tokens", 64),

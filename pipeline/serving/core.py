@@ -182,6 +182,7 @@ def engine_args(cfg: ServeConfig) -> dict:
         "prefill_chunk": cfg.prefill_chunk,
         "decode_prefill_chunk": cfg.decode_prefill_chunk,
         "decode_steps": cfg.decode_steps,
+        "prefill_wait": (cfg.prefill_wait_ratio, cfg.prefill_max_wait),
         "prefix_caching": cfg.prefix_caching,
     }
 

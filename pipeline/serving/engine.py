@@ -156,6 +156,7 @@ class Engine:
         prefix_caching: bool = True,
         decode_prefill_chunk: int | None = None,
         decode_steps: int = 4,
+        prefill_wait: tuple[float, int] = (0.0, 0),
     ):
         """`observe(name, value)` receives, from the engine thread, "prompt_tokens" (per
         admitted request), "ttft" and "itl" (seconds: to a request's first token, between its
@@ -167,7 +168,9 @@ class Engine:
         of one prompt at most `decode_prefill_chunk` while other requests are decoding (None:
         32 on CPU, `prefill_chunk` on accelerators). A decode call runs up to `decode_steps`
         steps while no request needs the host between its tokens (none waiting or prefilling,
-        no grammar): the host's cost per call is shared by that many tokens per request."""
+        no grammar): the host's cost per call is shared by that many tokens per request.
+        `prefill_wait` (ratio, steps): when admitted prompts wait for their prefill while
+        others decode (`Scheduler.prefill_due`)."""
         cfg = model.cfg
         self.max_len = min(max_len or cfg.max_seq_len, cfg.max_seq_len)
         self.num_slots = slots
@@ -179,14 +182,7 @@ class Engine:
         self.admit_sizes = sorted({1, min(4, slots), min(16, slots)})
         self.graphdef, self.params = programs.split(model)  # the weights as a list of arrays
         self.options = compiler_options(self.params)  # the programs' (cpu_forms.py)
-        if decode_steps < 1:
-            raise ValueError(f"decode_steps must be >= 1, got {decode_steps}")
-        self.decode_steps = decode_steps
-        self.decoding = (  # how a decode call runs (decoding.py)
-            Steps(self.graphdef, decode_steps, self.options)
-            if draft is None
-            else Speculative(self.graphdef, draft, draft_k, cfg.vocab_size, self.options)
-        )
+        self._init_decoding(draft, draft_k, decode_steps, cfg.vocab_size)
         # a speculative round writes up to draft_k positions past a slot's last token
         self.lookahead = self.decoding.lookahead
         self.width = -(-(self.max_len + self.lookahead) // block_size)  # table entries per slot
@@ -198,8 +194,20 @@ class Engine:
         self._init_masks()
         self.observe = observe or (lambda name, value: None)
         self._lock = threading.Condition()
-        self._init_scheduler(slots, decode_steps, self.decoding.speculative)
+        self._init_scheduler(slots, decode_steps, self.decoding.speculative, prefill_wait)
         self._init_loop()
+
+    def _init_decoding(self, draft, draft_k: int, decode_steps: int, vocab: int) -> None:
+        """How a decode call runs (decoding.py): `decode_steps` plain steps, or with a draft
+        model a round of speculative decoding."""
+        if decode_steps < 1:
+            raise ValueError(f"decode_steps must be >= 1, got {decode_steps}")
+        self.decode_steps = decode_steps
+        self.decoding = (
+            Steps(self.graphdef, decode_steps, self.options)
+            if draft is None
+            else Speculative(self.graphdef, draft, draft_k, vocab, self.options)
+        )
 
     def _init_loop(self) -> None:
         """The engine thread's state."""
@@ -219,7 +227,9 @@ class Engine:
         # called on the engine thread after each iteration (core.py sends its tokens then)
         self.after_iteration: Callable[[], None] = lambda: None
 
-    def _init_scheduler(self, slots: int, decode_steps: int, speculative: bool) -> None:
+    def _init_scheduler(
+        self, slots: int, decode_steps: int, speculative: bool, prefill_wait: tuple[float, int]
+    ) -> None:
         """The host-side books (scheduler.py); this engine does their device work."""
         self.sched = Scheduler(
             self,
@@ -232,6 +242,7 @@ class Engine:
             tuple(self.row_buckets),
             self.call_blocks,
             self._lock,
+            *prefill_wait,
         )
         # the scheduler's books, read here (the same objects)
         self.active, self.waiting = self.sched.active, self.sched.waiting
@@ -508,7 +519,7 @@ class Engine:
     def _iterate(self) -> None:
         """One iteration past admission: a prefill call, a decode step, the tokens delivered."""
         self.sched.compact()
-        if any(r is not None and r.prefilling for r in self.active):
+        if self.sched.prefill_due():
             self._prefill_round()
             self.sched.compact()
         if any(r is not None and not r.prefilling for r in self.active):
@@ -673,6 +684,7 @@ class Engine:
         if timed:
             self._flush()
         steps = self.sched.run_ahead()
+        self.sched.decoded(steps)
         self.sched.grow(steps)
         self.sched.compact()
         ready = self.sched.ready()

@@ -47,10 +47,14 @@ class Scheduler:
         row_buckets: tuple[int, ...] = (1,),
         call_blocks: int = 0,
         lock: threading.Condition | None = None,
+        wait_ratio: float = 0.0,
+        max_wait: int = 0,
     ):
         """`width` block-table entries per slot; `lookahead` positions a step may write past a
         slot's last token (a draft round's); a decode call of a group of rows costs
-        `call_blocks` KV blocks' worth of reads besides its rows' blocks (the weights)."""
+        `call_blocks` KV blocks' worth of reads besides its rows' blocks (the weights);
+        `wait_ratio` and `max_wait`: when admitted prompts wait for their prefill
+        (`prefill_due`)."""
         self.device, self.num_slots, self.blocks = device, slots, blocks
         self.block_size, self.width, self.lookahead = blocks.block_size, width, lookahead
         self.decode_steps, self.speculative = decode_steps, speculative
@@ -66,6 +70,10 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.preemptions = 0
         self._admitted = itertools.count()
+        self.wait_ratio, self.max_wait = wait_ratio, max_wait
+        self.waited = 0  # decode steps run while admitted prompts waited for their prefill
+        self._prefilling = False  # a round of prefill calls is under way
+        self._deferring = False  # admitted prompts wait for their prefill this iteration
 
     # the slots -------------------------------------------------------------------------------
 
@@ -233,18 +241,51 @@ class Scheduler:
             if r is not None and not r.prefilling and r.scheduled < r.max_tokens
         ]
 
+    def prefill_due(self) -> bool:
+        """Whether the admitted prompts are prefilled in this iteration, or wait while the
+        requests already running decode (text-generation-inference's `waiting_served_ratio`
+        and `max_waiting_tokens`). They wait while they are fewer than `wait_ratio` times the
+        decoding requests and have waited fewer than `max_wait` decode steps; once a round of
+        prefill calls starts it runs until every admitted prompt is in. Prompts that arrive
+        one by one as requests end then go in together, in fuller prefill calls that stall
+        the decoding requests fewer times, and requests that started together end together.
+        Nothing decoding, or `wait_ratio` 0: at once."""
+        prefilling = sum(1 for r in self.active if r is not None and r.prefilling)
+        if not prefilling:
+            self._prefilling = self._deferring = False
+            self.waited = 0
+            return False
+        self._prefilling = (
+            self._prefilling
+            or prefilling >= self.wait_ratio * len(self.ready())
+            or self.waited >= self.max_wait
+        )
+        self._deferring = not self._prefilling
+        return self._prefilling
+
+    def decoded(self, steps: int) -> None:
+        """A decode call of `steps` steps was dispatched (the admitted prompts' wait grows)."""
+        if any(r is not None and r.prefilling for r in self.active):
+            self.waited += steps
+
     def run_ahead(self) -> int:
         """Decode steps the next call may run: `decode_steps` while no request needs the host
-        between its tokens (none that a free slot could admit, none prefilling, no grammar, no
-        draft, none cancelled), else 1; never more than the largest budget left. (Requests
-        waiting while every slot is busy wait for a request to end either way: one ending
-        inside a call frees its slot when the call returns.)"""
+        between its tokens (none that a free slot could admit, none being prefilled, no
+        grammar, no draft, none cancelled), else 1; never more than the largest budget left,
+        nor past the wait left to prompts waiting for their prefill (`prefill_due`).
+        (Requests waiting while every slot is busy wait for a request to end either way: one
+        ending inside a call frees its slot when the call returns.)"""
         if self.decode_steps == 1 or self.speculative or (self.waiting and None in self.active):
             return 1
         running = [r for r in self.active if r is not None]
-        if any(r.prefilling or r.grammar is not None or r.cancelled for r in running):
+        prefilling = any(r.prefilling for r in running)
+        if (prefilling and not self._deferring) or any(
+            r.grammar is not None or r.cancelled for r in running
+        ):
             return 1
-        left = max((r.max_tokens - r.scheduled for r in running), default=1)
+        left = max((r.max_tokens - r.scheduled for r in running if not r.prefilling), default=1)
+        if prefilling:
+            left = min(left, self.max_wait - self.waited)
         return max(1, min(self.decode_steps, left))
 
     def rows(self, n: int) -> int:
