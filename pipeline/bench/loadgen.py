@@ -27,13 +27,14 @@ Named cases beside the concurrency levels:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import multiprocessing
-import os
 import socket
 import threading
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 
@@ -91,15 +92,11 @@ class _LocalServer:
         self.peak = max(self.peak, self.engine.busy_slots)
         observe(name, value)
 
-    def _cpu_seconds(self) -> float:
-        """CPU seconds of this process and of the engine's."""
-        now = os.times()
-        seconds = now.user + now.system
-        if self.engine_pid is not None:
-            with open(f"/proc/{self.engine_pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            seconds += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        return seconds
+    def _cpu_seconds(self) -> tuple[float, float]:
+        """CPU seconds of this process (the HTTP side) and of the engine's (0 on a thread)."""
+        if self.engine_pid is None:
+            return time.process_time(), 0.0
+        return time.process_time(), process_cpu_seconds(self.engine_pid)
 
     @property
     def url(self) -> str:
@@ -114,9 +111,20 @@ class _LocalServer:
         cpu, start = self._cpu_seconds(), time.perf_counter()
         figures = clients.apply(run_load, load)
         wall = time.perf_counter() - start
-        busy = self._cpu_seconds() - cpu
+        server, engine_cpu = (b - a for a, b in zip(cpu, self._cpu_seconds(), strict=True))
         engine = per_iteration(loop, self.engine.stats.snapshot())
-        return {**figures, "cores_busy": busy / wall, **engine}
+        per_request = 1e6 / figures["requests"]
+        clients_cpu = figures.pop("cpu_s")
+        return {
+            **figures,
+            "cores_busy": (server + engine_cpu) / wall,
+            # CPU microseconds per request of each process: this one (the HTTP side, and the
+            # engine when it runs on a thread), the engine's, the clients'
+            "server_cpu_us_per_request": server * per_request,
+            "engine_cpu_us_per_request": engine_cpu * per_request if self.engine_pid else None,
+            "clients_cpu_us_per_request": clients_cpu * per_request,
+            **engine,
+        }
 
     def close(self):
         self.server.should_exit = True
@@ -204,7 +212,21 @@ async def _load(
 
 
 def run_load(*args) -> dict:
-    return asyncio.run(_load(*args))
+    """`_load`'s figures, with the CPU seconds this (the clients') process spent (`cpu_s`)."""
+    before = time.process_time()
+    figures = asyncio.run(_load(*args))
+    return {**figures, "cpu_s": time.process_time() - before}
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """CPU seconds of another process's threads alive now, to the nanosecond (the scheduler's
+    own count, /proc/PID/task/*/schedstat: /proc/PID/stat counts in 10 ms ticks, too coarse
+    for the hundreds of microseconds a request costs)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):  # a thread that ended meanwhile
+            total += int((task / "schedstat").read_text().split()[0])
+    return total / 1e9
 
 
 LETTERS = np.array(list("abcdefghijklmnopqrstuvwxyz "))

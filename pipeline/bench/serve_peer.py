@@ -6,14 +6,13 @@ on a GPU), with our ratio per concurrency level to each and, in `peer_best`, to 
 from __future__ import annotations
 
 import multiprocessing
-import os
 import socket
 import time
 from pathlib import Path
 
 import numpy as np
 
-from pipeline.bench.loadgen import random_prompts, run_load
+from pipeline.bench.loadgen import process_cpu_seconds, random_prompts, run_load
 from pipeline.config import Config, ConfigError
 
 
@@ -61,15 +60,21 @@ class _TransformersServer:
         return f"http://127.0.0.1:{self.port}/v1/completions"
 
     def _cpu(self) -> float:
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return process_cpu_seconds(self.proc.pid)
 
     def measure(self, clients, load: tuple) -> dict:
         """Run `load` (url, concurrency, prompts, max_tokens, extra) against this server."""
         cpu, start = self._cpu(), time.perf_counter()
         figures = clients.apply(run_load, (*load, None, self.model))
-        wall = time.perf_counter() - start
-        return {**figures, "cores_busy": (self._cpu() - cpu) / wall}
+        wall, server = time.perf_counter() - start, self._cpu() - cpu
+        per_request = 1e6 / figures["requests"]
+        clients_cpu = figures.pop("cpu_s")
+        return {
+            **figures,
+            "cores_busy": server / wall,
+            "server_cpu_us_per_request": server * per_request,
+            "clients_cpu_us_per_request": clients_cpu * per_request,
+        }
 
     def close(self):
         self.proc.terminate()
