@@ -64,12 +64,13 @@ def test_bench_serve_reports_the_engine_loop_the_generate_ratio_and_start_up(tin
     assert 0 < load["engine_rows_per_step"] <= 4 and load["engine_prefills_per_iteration"] > 0
     assert load["generate_decode_tokens_per_sec"] > 0
     assert load["vs_generate"] == load["tokens_per_sec"] / load["generate_decode_tokens_per_sec"]
-    # each process's CPU per request, counted to the nanosecond: none is zero, and together
-    # they are the cores busy over the load (the server's two with the clients' beside them)
+    # each process's CPU per request, counted to the nanosecond: none is zero, and the server's
+    # two over the load's wall are at least the cores busy over the whole measurement (which
+    # also holds the clients' start and their results' return)
     cpu = {k: load[f"{k}_cpu_us_per_request"] for k in ("server", "engine", "clients")}
     assert all(v > 0 for v in cpu.values()) and "cpu_s" not in load
     busy = (cpu["server"] + cpu["engine"]) * load["requests"] / 1e6 / load["wall_s"]
-    assert abs(busy - load["cores_busy"]) < 0.25 * load["cores_busy"]  # (two clocks of the wall)
+    assert busy >= 0.98 * load["cores_busy"] > 0
     assert [r["case"] for r in startup] == [
         f"serve/tiny/startup/{label}" for label in ("cold", "warm", "warm")
     ]
