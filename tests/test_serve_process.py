@@ -64,6 +64,8 @@ def test_bench_serve_reports_the_engine_loop_the_generate_ratio_and_start_up(tin
     assert 0 < load["engine_rows_per_step"] <= 4 and load["engine_prefills_per_iteration"] > 0
     assert load["generate_decode_tokens_per_sec"] > 0
     assert load["vs_generate"] == load["tokens_per_sec"] / load["generate_decode_tokens_per_sec"]
+    # generate's whole run (its prefill counted) is slower than its decode alone
+    assert load["vs_generate_with_prefill"] > load["vs_generate"]
     # each process's CPU per request, counted to the nanosecond: none is zero, and the server's
     # two over the load's wall are at least the cores busy over the whole measurement (which
     # also holds the clients' start and their results' return)

@@ -65,6 +65,11 @@ def _serving(r: dict) -> str:
         + (
             f"  = {r['vs_generate']:.1%} of generate's batch-{r['concurrency']} decode "
             f"({r['generate_decode_tokens_per_sec']:,.0f} tokens/s)"
+            + (
+                f", {r['vs_generate_with_prefill']:.1%} of its whole run"
+                if "vs_generate_with_prefill" in r
+                else ""
+            )
             if "vs_generate" in r
             else ""
         )
