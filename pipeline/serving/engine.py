@@ -684,13 +684,13 @@ class Engine:
         if timed:
             self._flush()
         steps = self.sched.run_ahead()
-        self.sched.decoded(steps)
         self.sched.grow(steps)
         self.sched.compact()
         ready = self.sched.ready()
         if not ready:
             self._flush()
             return
+        self.sched.decoded(steps)  # (only a call dispatched counts as a wait)
         start, dispatched = time.perf_counter(), []
         decoding = self.decoding
         for group in self.sched.groups(ready):
