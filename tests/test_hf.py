@@ -266,5 +266,6 @@ def test_bench_generate_against_the_torch_peer_gives_both_and_the_ratios(monkeyp
     assert result["peer_config"] == best["peer_config"]
     for field in ("tokens_per_sec", "decode_tokens_per_sec", "ttft_ms"):
         assert result[f"{field}_ratio"] == pytest.approx(ours[field] / best[field])
-    # ours: a whole one-token call, more than its prefill program alone
-    assert ours["ttft_ms"] > ours["prefill_ms"] > 0
+    # ours: a whole one-token call and its prefill program, timed in separate calls (two
+    # clocks on a shared machine: their order is not asserted, a bench is no timed test)
+    assert ours["ttft_ms"] > 0 and ours["prefill_ms"] > 0
