@@ -82,8 +82,12 @@ class Tokenizer:
         self.stop_ids = frozenset(i for i in (self.eos_id, *extra) if i is not None)
         self.template_override: str | None = None  # a user's template (--chat-template FILE)
         self._texts: dict[int, str] = {}
-        self._fast_bytes = self.is_byte_level and all(
-            hf.id_to_token(b) == ch for b, ch in enumerate(_bytes_to_unicode())
+        # id b is byte b, and every added token's text holds "<|" (a text without it is its
+        # bytes: `encode`'s and `encode_batch`'s fast path)
+        self._fast_bytes = (
+            self.is_byte_level
+            and all(hf.id_to_token(b) == ch for b, ch in enumerate(_bytes_to_unicode()))
+            and all("<|" in t.content for t in hf.get_added_tokens_decoder().values())
         )
 
     def chat_template(self, tools: bool = False) -> str | None:
@@ -127,6 +131,8 @@ class Tokenizer:
         return model.get("type") == "BPE" and not model.get("merges") and len(model["vocab"]) == 256
 
     def encode(self, text: str) -> list[int]:
+        if self._fast_bytes and "<|" not in text:  # id b is byte b (as in `encode_batch`)
+            return list(text.encode("utf-8"))
         return self.hf.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]:

@@ -11,7 +11,10 @@ Messages, server -> core: ("submit", call, jobs), ("cancel", job id), ("score", 
 adapter), ("load", call, name, run), ("unload", call, name), ("stop", drain, timeout).
 Core -> server: ("ready", facts) or ("failed", message) once, then ("out", tokens,
 observations, figures) per engine iteration that delivered anything, ("reply", call, error,
-value) per call, ("stopped",) at the end.
+value) per call, ("stopped",) at the end. What the server sends in one turn of its event loop
+goes as one ("many", messages) (requests arrive in bursts: a wave of clients whose answers
+ended together), and the replies to one such batch's submits come back as one too: a pipe
+write, a wake-up of the other process and a read per burst, not per request.
 
 A core that dies (killed, out of memory, a bug) closes its end of the pipe: the server sees it
 at once, ends every request in flight with an error, answers new ones 503, reports it on
@@ -122,9 +125,15 @@ class Core:
                 self.flush()
                 self.send(("stopped",))
                 return
-            self.handle(message)
+            replies: list = []
+            for one in message[1] if message[0] == "many" else (message,):
+                self.handle(one, replies)
+            if replies:
+                self.send(replies[0] if len(replies) == 1 else ("many", replies))
 
-    def handle(self, message) -> None:
+    def handle(self, message, replies: list) -> None:
+        """Act on one message; a submit's reply goes to `replies` (sent once the batch is
+        handled), the other calls' from the worker thread when done."""
         kind = message[0]
         if kind == "cancel":
             request = self.requests.get(message[1])
@@ -132,7 +141,7 @@ class Core:
                 self.engine.cancel(request)
         elif kind == "submit":
             _, call, jobs = message
-            self.reply(call, self._submit, jobs)
+            replies.append(answer(call, self._submit, jobs))
         elif kind == "score":
             _, call, ids, adapter = message
             self._work.submit(self.reply, call, self.engine.score, ids, adapter)
@@ -153,14 +162,20 @@ class Core:
         return adapter_books(self.adapters)
 
     def reply(self, call: int, fn, *args) -> None:
-        try:
-            value, error = fn(*args), None
-        except (QueueFullError, ValueError, AdapterInUseError) as err:
-            value, error = None, (type(err).__name__, str(err))
-        except Exception as err:  # a bug: the caller gets a 500, the engine goes on
-            log.exception("engine call %s failed", getattr(fn, "__name__", fn))
-            value, error = None, ("RuntimeError", f"{type(err).__name__}: {err}")
-        self.send(("reply", call, error, value))
+        self.send(answer(call, fn, *args))
+
+
+def answer(call: int, fn, *args) -> tuple:
+    """("reply", call, error, value) of `fn(*args)`: its value, or the error the caller raises
+    ((kind, message): refusals as themselves, anything else as a RuntimeError)."""
+    try:
+        value, error = fn(*args), None
+    except (QueueFullError, ValueError, AdapterInUseError) as err:
+        value, error = None, (type(err).__name__, str(err))
+    except Exception as err:  # a bug: the caller gets a 500, the engine goes on
+        log.exception("engine call %s failed", getattr(fn, "__name__", fn))
+        value, error = None, ("RuntimeError", f"{type(err).__name__}: {err}")
+    return ("reply", call, error, value)
 
 
 def adapter_books(adapters) -> dict | None:
@@ -274,6 +289,7 @@ class EngineClient:
         self._calls: dict[int, asyncio.Future] = {}
         self._next_call = 0
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._outbox: list = []  # messages of this turn of the event loop, sent together
 
     def attach(self) -> None:
         """Read the pipe from the running event loop (once the server's loop runs)."""
@@ -295,7 +311,10 @@ class EngineClient:
 
     def _receive(self, message) -> None:
         kind = message[0]
-        if kind == "out":
+        if kind == "many":
+            for one in message[1]:
+                self._receive(one)
+        elif kind == "out":
             _, out, obs, figures = message
             for job_id, token, reason, lps in out:
                 job = self.jobs.get(job_id)
@@ -342,13 +361,26 @@ class EngineClient:
         self.on_death()
 
     def _send(self, message) -> None:
+        """Send `message` at the end of this turn of the event loop, with the others of the
+        turn (before the loop runs: at once)."""
         if self.dead is not None:
             raise EngineDeadError(self.dead)
+        if self._loop is None:
+            self._outbox.append(message)
+            self._flush()
+            return
+        self._outbox.append(message)
+        if len(self._outbox) == 1:
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        box, self._outbox = self._outbox, []
+        if not box or self.dead is not None:  # (dead: every call waiting has its error)
+            return
         try:
-            self.conn.send(message)
+            self.conn.send(box[0] if len(box) == 1 else ("many", box))
         except OSError:
             self._died()
-            raise EngineDeadError(self.dead) from None
 
     async def _call(self, kind: str, *args):
         self.attach()
@@ -385,6 +417,7 @@ class EngineClient:
     def stop(self, drain: bool, timeout: float | None) -> None:
         """Finish (with `drain`) the requests in the engine, then end its process."""
         if self.dead is None and self.process.is_alive():
+            self._flush()
             try:
                 self.conn.send(("stop", drain, timeout))
                 deadline = time.monotonic() + (timeout or 60) + 30

@@ -434,6 +434,10 @@ def completion_body(meta: dict, chat: bool, choices: list[dict], usage: dict) ->
     }
 
 
+class Last(str):
+    """A stream's last write (the response's body ends with it)."""
+
+
 async def sse_events(pieces, meta: dict, chat: bool, n: int, include_usage: bool, usage):
     """OpenAI's streaming chunks as Server-Sent Events, then `data: [DONE]`.
 
@@ -473,11 +477,11 @@ async def sse_events(pieces, meta: dict, chat: bool, n: int, include_usage: bool
                 yield out
     except APIError as err:  # after the status line: an error event ends the stream
         error = error_body(err.message, err.status, err.param, err.code)
-        yield f"{last}data: {json.dumps(error)}\n\ndata: [DONE]\n\n"
+        yield Last(f"{last}data: {json.dumps(error)}\n\ndata: [DONE]\n\n")
         return
     if include_usage:
         last += f"data: {json.dumps({**meta, 'object': kind, 'choices': [], 'usage': usage()})}\n\n"
-    yield last + "data: [DONE]\n\n"
+    yield Last(last + "data: [DONE]\n\n")
 
 
 async def sse_whole(choices: list[dict], meta: dict, include_usage: bool, usage: dict):

@@ -48,6 +48,7 @@ from pipeline.serving.protocol import (
     ChatRequest,
     CompletionRequest,
     ErrorResponse,
+    Last,
     LoadAdapterRequest,
     SamplingRequest,
     UnloadAdapterRequest,
@@ -718,6 +719,13 @@ class Routes:
             for index in range(n):
                 yield index, "", "length", None
             return
+        if len(streams) == 1:  # one choice: its pieces as they come, no task in between
+            try:
+                async for delta, reason, items in streams[0]:
+                    yield 0, delta, reason, logprobs_of(items) if items else None
+            finally:
+                await streams[0].aclose()  # (on a cancel: the request cancelled in the engine)
+            return
         queue: asyncio.Queue = asyncio.Queue()
 
         async def pump(index, pieces):
@@ -838,6 +846,21 @@ class EventStream(StreamingResponse):
     the `tiny` model's server). Here the stream runs in the request's own task, and one plain
     asyncio task waits for the disconnect and cancels it; the response ends as Starlette's
     does then (the events' generator closed, so the request is cancelled in the engine)."""
+
+    async def stream_response(self, send) -> None:
+        """Starlette's, but the events' last write (`protocol.Last`) ends the body itself: the
+        chunked body's terminator goes with it, one write fewer per request."""
+        await send(
+            {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+        )
+        ended = False
+        async for chunk in self.body_iterator:
+            last = isinstance(chunk, Last)
+            body = chunk.encode(self.charset) if isinstance(chunk, str) else chunk
+            await send({"type": "http.response.body", "body": body, "more_body": not last})
+            ended = ended or last
+        if not ended:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def __call__(self, scope, receive, send) -> None:
         stream, state = asyncio.current_task(), {"streaming": True, "gone": False}
