@@ -134,8 +134,14 @@ def _env_int(name: str) -> int | None:
 
 
 def allocator() -> str:
-    """The allocator this process runs with (benchmarks report it: jemalloc is much faster)."""
-    return "jemalloc" if "jemalloc" in os.environ.get("LD_PRELOAD", "") else "system malloc"
+    """The allocator this process runs with (benchmarks report it: jemalloc is much faster):
+    jemalloc where its `mallctl` is loaded, not merely named in LD_PRELOAD (a preload of a
+    library that is not installed is ignored by the loader with a warning)."""
+    try:
+        loaded = hasattr(ctypes.CDLL(None), "mallctl")
+    except OSError:
+        loaded = "jemalloc" in os.environ.get("LD_PRELOAD", "")
+    return "jemalloc" if loaded else "system malloc"
 
 
 def release_free_memory() -> bool:

@@ -130,6 +130,22 @@ def test_release_free_memory_runs_under_either_allocator():
         assert run.stdout.strip() == "ok", (preload, run.stderr[-2000:])
 
 
+def test_the_allocator_reported_is_the_one_loaded():
+    """Benchmarks name the allocator they ran with: jemalloc only where it is loaded, not where
+    LD_PRELOAD names a library the loader could not find (it goes on with glibc's malloc)."""
+    code = "from pipeline.runtime import allocator; print(allocator())"
+    jemalloc = [p for p in JEMALLOC if os.path.exists(p)]
+    cases = [("", "system malloc"), ("/nowhere/libjemalloc.so.2", "system malloc")]
+    cases += [(jemalloc[0], "jemalloc")] if jemalloc else []
+    for preload, expected in cases:
+        env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "MALLOC_CONF")}
+        env["LD_PRELOAD"] = preload
+        run = subprocess.run(
+            [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True
+        )
+        assert run.stdout.strip() == expected, (preload, run.stderr[-2000:])
+
+
 def test_bit_gathers_and_scatters_equal_the_plain_ones():
     from pipeline.attention import _put, pool_dtype, read_blocks, take
 
