@@ -11,7 +11,7 @@ import pytest
 
 from pipeline.inference.sampling import Sampling
 from pipeline.serving.client import Job
-from pipeline.serving.core import EngineClient
+from pipeline.serving.core import EngineClient, EngineDeadError
 from pipeline.serving.engine import QueueFullError
 
 FACTS = {
@@ -24,6 +24,17 @@ FACTS = {
     "programs": 0,
     "adapters": None,
 }
+
+
+@pytest.fixture
+def dead_client():
+    """A client whose engine process exited with code 9 and whose pipe's far end is closed."""
+    ours, core = multiprocessing.Pipe()
+    gone = multiprocessing.get_context("spawn").Process(target=os._exit, args=(9,))
+    gone.start()
+    gone.join()
+    core.close()
+    return EngineClient(ours, gone, FACTS)
 
 
 async def _recv(conn):
@@ -58,13 +69,8 @@ def test_a_burst_of_submits_crosses_as_one_message_and_a_batch_of_replies_settle
     asyncio.run(main())
 
 
-def test_a_pipe_closed_before_a_burst_is_sent_fails_every_call_in_it():
-    ours, core = multiprocessing.Pipe()
-    gone = multiprocessing.get_context("spawn").Process(target=os._exit, args=(9,))
-    gone.start()
-    gone.join()
-    client = EngineClient(ours, gone, FACTS)
-    core.close()
+def test_a_pipe_closed_before_a_burst_is_sent_fails_every_call_in_it(dead_client):
+    client = dead_client
 
     async def main():
         ended = []
@@ -89,3 +95,11 @@ def test_a_message_sent_before_the_event_loop_runs_goes_at_once(n):
     for i in range(n):
         client._send(("cancel", i))
         assert core.recv() == ("cancel", i)
+
+
+def test_a_message_sent_before_the_event_loop_runs_on_a_closed_pipe_raises(dead_client):
+    client = dead_client
+    with pytest.raises(EngineDeadError, match="exit code 9"):
+        client._send(("cancel", 0))
+    with pytest.raises(EngineDeadError):  # and every later send, without touching the pipe
+        client._send(("cancel", 1))

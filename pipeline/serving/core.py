@@ -365,12 +365,12 @@ class EngineClient:
         turn (before the loop runs: at once)."""
         if self.dead is not None:
             raise EngineDeadError(self.dead)
-        if self._loop is None:
-            self._outbox.append(message)
-            self._flush()
-            return
         self._outbox.append(message)
-        if len(self._outbox) == 1:
+        if self._loop is None:
+            self._flush()
+            if self.dead is not None:  # the pipe broke under it
+                raise EngineDeadError(self.dead)
+        elif len(self._outbox) == 1:
             self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
