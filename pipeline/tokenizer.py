@@ -148,7 +148,8 @@ class Tokenizer:
         return [np.array(e.ids) for e in self.hf.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int], skip_special: bool = True) -> str:
-        ids = [int(i) for i in ids if 0 <= int(i) < self.vocab_size]
+        vocab = self.vocab_size  # (a call into the library: once, not per id)
+        ids = [int(i) for i in ids if 0 <= int(i) < vocab]
         return self.hf.decode(ids, skip_special_tokens=skip_special)
 
     def token_bytes(self, token: int) -> bytes:

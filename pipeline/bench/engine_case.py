@@ -34,7 +34,7 @@ def engine_case(
     """One row per round (engine waves, a timed wave, `generate`) of `batch` requests."""
     import jax
 
-    from pipeline.bench.inference import bench_generate
+    from pipeline.bench.inference import REPEAT_S, bench_generate
     from pipeline.runtime import allocator
     from pipeline.serving.core import build_engine
     from pipeline.serving.stats import SAMPLE_EVERY
@@ -54,7 +54,7 @@ def engine_case(
             after = engine.stats.snapshot()
             timed = after["timed_steps"] - before["timed_steps"]
             step_ms = (after["timed_s"] - before["timed_s"]) / timed * 1e3
-            raw = bench_generate(cfg, "raw", PROMPT_LEN, MAX_TOKENS, batch)
+            raw = bench_generate(cfg, "raw", PROMPT_LEN, MAX_TOKENS, batch, repeat_s=REPEAT_S)
             engine_tps = tokens / seconds
             generate_step_ms = batch * 1e3 / raw["decode_tokens_per_sec"]
             yield {
@@ -68,6 +68,7 @@ def engine_case(
                 "engine_tokens": tokens,
                 "engine_tokens_per_sec": engine_tps,
                 "engine_device_ms_per_step": step_ms,
+                "generate_runs": raw["runs"],
                 "generate_tokens_per_sec": raw["tokens_per_sec"],
                 "generate_decode_tokens_per_sec": raw["decode_tokens_per_sec"],
                 "generate_step_ms": generate_step_ms,

@@ -89,7 +89,8 @@ class _LocalServer:
         return LocalEngine(local, tokenizer), local.stop
 
     def _observe(self, observe, name, value):
-        self.peak = max(self.peak, self.engine.busy_slots)
+        if name != "itl":  # at a request's admission and first token, not at every token
+            self.peak = max(self.peak, self.engine.busy_slots)
         observe(name, value)
 
     def _cpu_seconds(self) -> tuple[float, float]:
@@ -281,14 +282,16 @@ def bench_serve(
 
 def _raw_generate(cfg: Config, batch: int, prompt_len: int, max_tokens: int, figures) -> dict:
     """The same model's jitted `generate` at batch = concurrency, the same prompt and budget,
-    in the same sitting (the server idle meanwhile): its decode tokens/s and the server's
+    in the same sitting (the server idle meanwhile; the median of `generate_runs` runs): its
+    decode tokens/s and the server's
     tokens/s over it (`vs_generate`), the figure of what the serving loop costs; and over
     `generate`'s whole run, its prefill counted (`vs_generate_with_prefill`): the server
     prefills every prompt too, so `vs_generate` cannot pass `generate`'s own share of it."""
-    from pipeline.bench.inference import bench_generate
+    from pipeline.bench.inference import REPEAT_S, bench_generate
 
-    raw = bench_generate(cfg, "raw", prompt_len, max_tokens, batch)
+    raw = bench_generate(cfg, "raw", prompt_len, max_tokens, batch, repeat_s=REPEAT_S)
     return {
+        "generate_runs": raw["runs"],
         "generate_tokens_per_sec": raw["tokens_per_sec"],
         "generate_decode_tokens_per_sec": raw["decode_tokens_per_sec"],
         "vs_generate": figures["tokens_per_sec"] / raw["decode_tokens_per_sec"],

@@ -346,8 +346,11 @@ class Guard:
         if cfg.api_key and not _authorised(Request(scope), cfg.api_key):
             message = "missing or wrong API key (Authorization: Bearer KEY)"
             refusal = APIError(401, message, code="invalid_api_key")
-        length = Request(scope).headers.get("content-length")
-        if refusal is None and length and length.isdigit() and int(length) > cfg.max_body_bytes:
+        # (ASGI's header names are lower-case bytes: no `Request` and header map per request)
+        length = next(
+            (v.decode("latin-1") for k, v in scope["headers"] if k == b"content-length"), ""
+        )
+        if refusal is None and length.isdigit() and int(length) > cfg.max_body_bytes:
             limit = cfg.max_body_bytes
             refusal = APIError(413, f"the body is {length} bytes; the limit is {limit}")
         if refusal is not None:
