@@ -41,10 +41,10 @@ def bench_generate(
     repeat_s: float = 0.0,
 ) -> dict:
     """Decode speed of the jitted whole-loop generate (the median of `runs` runs: again while
-    their decode loops total under `repeat_s` seconds, at most REPEAT_RUNS),
-    and time to first token as the peer's is timed (`ttft_ms`: a whole one-token `generate`
-    call, from the call to the token on the host; `prefill_ms`: the prefill program alone, to
-    the first token's logits)."""
+    their decode loops total under `repeat_s` seconds, at most REPEAT_RUNS), and time to first
+    token as the peer's is timed (`ttft_ms`: a whole one-token `generate` call, from the call
+    to the token on the host; `prefill_ms`: the prefill program alone, to the first token's
+    logits)."""
 
     model = create_model(cfg.model)
     if quantize:

@@ -283,8 +283,8 @@ def bench_serve(
 def _raw_generate(cfg: Config, batch: int, prompt_len: int, max_tokens: int, figures) -> dict:
     """The same model's jitted `generate` at batch = concurrency, the same prompt and budget,
     in the same sitting (the server idle meanwhile; the median of `generate_runs` runs): its
-    decode tokens/s and the server's
-    tokens/s over it (`vs_generate`), the figure of what the serving loop costs; and over
+    decode tokens/s and the server's tokens/s over it (`vs_generate`), the figure of what the
+    serving loop costs; and over
     `generate`'s whole run, its prefill counted (`vs_generate_with_prefill`): the server
     prefills every prompt too, so `vs_generate` cannot pass `generate`'s own share of it."""
     from pipeline.bench.inference import REPEAT_S, bench_generate
