@@ -304,6 +304,57 @@ def test_a_streams_last_choice_ends_in_one_write_with_its_usage_and_done():
     assert events[2][2]["usage"] == {"completion_tokens": 3} and events[2][3] == "data: [DONE]"
 
 
+@pytest.mark.parametrize("chat", [False, True])
+def test_stream_chunks_from_their_template_equal_each_chunk_encoded_whole(chat, monkeypatch):
+    """A stream's text chunks come from its chunk rendered once around a mark: byte for byte
+    what encoding each chunk's object gives (quotes, newlines, non-ASCII text, an empty delta,
+    log-probabilities, two choices), and where the mark would show elsewhere (here in the
+    model's name) each chunk is encoded whole."""
+    from pipeline.serving import protocol
+
+    meta = {"id": "cmpl-x", "created": 1, "model": "m"}
+    given = [
+        (0, "a", None, None),
+        (1, 'q"\n\\é中🙂', None, None),
+        (0, "", None, None),
+        (1, "b", None, {"tokens": ["b"], "token_logprobs": [-0.5]}),
+        (0, "z", "stop", None),
+        (1, "", "length", None),
+    ]
+
+    def writes(mark):
+        async def pieces():
+            for piece in given:
+                yield piece
+
+        async def run():
+            monkeypatch.setattr(protocol, "_MARK", mark)
+            stream = sse_events(pieces(), meta, chat, 2, True, lambda: {"completion_tokens": 4})
+            return [w async for w in stream]
+
+        return asyncio.run(run())
+
+    def whole(index, delta, finish=None, logprobs=None):
+        choice = (
+            {"index": index, "delta": {"content": delta}, "finish_reason": finish}
+            if chat
+            else {"index": index, "text": delta, "finish_reason": finish}
+        )
+        kind = "chat.completion.chunk" if chat else "text_completion"
+        out = {**meta, "object": kind, "choices": [{**choice, "logprobs": logprobs}]}
+        return f"data: {json.dumps({**out, 'usage': None})}\n\n"
+
+    templated, fallback = writes(protocol._MARK), writes("m")  # "m": the model's name too
+    assert templated == fallback
+    text = templated[2:] if chat else templated  # (chat: each choice's role first)
+    assert text[:4] == [
+        whole(0, "a"),
+        whole(1, 'q"\n\\é中🙂'),
+        whole(0, ""),
+        whole(1, "b", None, given[3][3]),
+    ]
+
+
 def test_text_stream_never_splits_a_character_or_leaks_a_stop_sequence():
     tok = byte_tokenizer()
     ids = tok.encode("héllo wörld END tail")

@@ -438,6 +438,10 @@ class Last(str):
     """A stream's last write (the response's body ends with it)."""
 
 
+# a text no delta holds (a stream's chunk templates are made around it)
+_MARK = "\x00delta\x00"
+
+
 async def sse_events(pieces, meta: dict, chat: bool, n: int, include_usage: bool, usage):
     """OpenAI's streaming chunks as Server-Sent Events, then `data: [DONE]`.
 
@@ -460,6 +464,20 @@ async def sse_events(pieces, meta: dict, chat: bool, n: int, include_usage: bool
             out["usage"] = None
         return f"data: {json.dumps(out)}\n\n"
 
+    templates: dict[int, tuple[str, str] | None] = {}
+
+    def text_chunk(index: int, delta: str) -> str:
+        """`chunk(index, delta, None)`, from the choice's chunk rendered once around a mark: a
+        stream's chunks differ only in their text, and encoding the whole object per chunk
+        (json.dumps, 8.6 us here) cost ten times encoding the text alone."""
+        if index not in templates:
+            whole, mark = chunk(index, _MARK, None), json.dumps(_MARK)
+            templates[index] = whole.split(mark) if whole.count(mark) == 1 else None
+        parts = templates[index]
+        if parts is None:  # (the mark appeared elsewhere too, say in a model's name)
+            return chunk(index, delta, None)
+        return f"{parts[0]}{json.dumps(delta)}{parts[1]}"
+
     if chat:
         for index in range(n):
             yield chunk(index, None, None, first=True)
@@ -467,7 +485,10 @@ async def sse_events(pieces, meta: dict, chat: bool, n: int, include_usage: bool
     ended, last = 0, ""
     try:
         async for index, delta, finish, logprobs in pieces:
-            out = chunk(index, delta, None, logprobs) if delta or logprobs or not finish else ""
+            if logprobs is None and delta is not None and (delta or not finish):
+                out = text_chunk(index, delta)
+            else:
+                out = chunk(index, delta, None, logprobs) if delta or logprobs or not finish else ""
             if finish:
                 out += chunk(index, None if chat else "", finish)
                 ended += 1
