@@ -442,16 +442,17 @@ class Last(str):
 _MARK = "\x00delta\x00"
 
 
-async def sse_events(pieces, meta: dict, chat: bool, n: int, include_usage: bool, usage):
-    """OpenAI's streaming chunks as Server-Sent Events, then `data: [DONE]`.
+class _Chunks:
+    """One stream's chunks as Server-Sent Events: OpenAI's chunk objects (chat or completion)."""
 
-    `pieces` yields (choice index, text delta, finish reason or None, logprobs object or None),
-    the choices interleaved; `usage()` gives the final counts.
-    """
-    kind = "chat.completion.chunk" if chat else "text_completion"
+    def __init__(self, meta: dict, chat: bool, include_usage: bool):
+        self.meta, self.chat, self.include_usage = meta, chat, include_usage
+        self.kind = "chat.completion.chunk" if chat else "text_completion"
+        self._templates: dict[int, list[str] | None] = {}
 
-    def chunk(index, delta, finish, logprobs=None, first=False) -> str:
-        if chat:
+    def whole(self, index, delta, finish, logprobs=None, first=False) -> str:
+        """A chunk, its object encoded whole."""
+        if self.chat:
             body = {"content": delta} if delta is not None else {}
             if first:
                 body = {"role": "assistant", "content": ""}
@@ -459,39 +460,53 @@ async def sse_events(pieces, meta: dict, chat: bool, n: int, include_usage: bool
         else:
             choice = {"index": index, "text": delta or "", "finish_reason": finish}
             choice["logprobs"] = logprobs
-        out = {**meta, "object": kind, "choices": [choice]}
-        if include_usage:
+        out = {**self.meta, "object": self.kind, "choices": [choice]}
+        if self.include_usage:
             out["usage"] = None
         return f"data: {json.dumps(out)}\n\n"
 
-    templates: dict[int, tuple[str, str] | None] = {}
-
-    def text_chunk(index: int, delta: str) -> str:
-        """`chunk(index, delta, None)`, from the choice's chunk rendered once around a mark: a
+    def text(self, index: int, delta: str) -> str:
+        """`whole(index, delta, None)`, from the choice's chunk rendered once around a mark: a
         stream's chunks differ only in their text, and encoding the whole object per chunk
         (json.dumps, 8.6 us here) cost ten times encoding the text alone."""
-        if index not in templates:
-            whole, mark = chunk(index, _MARK, None), json.dumps(_MARK)
-            templates[index] = whole.split(mark) if whole.count(mark) == 1 else None
-        parts = templates[index]
+        if index not in self._templates:
+            chunk, mark = self.whole(index, _MARK, None), json.dumps(_MARK)
+            self._templates[index] = chunk.split(mark) if chunk.count(mark) == 1 else None
+        parts = self._templates[index]
         if parts is None:  # (the mark appeared elsewhere too, say in a model's name)
-            return chunk(index, delta, None)
+            return self.whole(index, delta, None)
         return f"{parts[0]}{json.dumps(delta)}{parts[1]}"
 
+    def piece(self, index, delta, finish, logprobs) -> str:
+        """What one piece of a choice writes: its delta (none for an empty last one), then its
+        finish reason."""
+        if not (delta or logprobs or not finish):
+            out = ""
+        elif logprobs is None and delta is not None:
+            out = self.text(index, delta)
+        else:
+            out = self.whole(index, delta, None, logprobs)
+        if finish:
+            out += self.whole(index, None if self.chat else "", finish)
+        return out
+
+
+async def sse_events(pieces, meta: dict, chat: bool, n: int, include_usage: bool, usage):
+    """OpenAI's streaming chunks as Server-Sent Events, then `data: [DONE]`.
+
+    `pieces` yields (choice index, text delta, finish reason or None, logprobs object or None),
+    the choices interleaved; `usage()` gives the final counts.
+    """
+    chunks = _Chunks(meta, chat, include_usage)
     if chat:
         for index in range(n):
-            yield chunk(index, None, None, first=True)
+            yield chunks.whole(index, None, None, first=True)
     # what a piece gives is one write; the last choice's end goes with the usage and [DONE]
     ended, last = 0, ""
     try:
         async for index, delta, finish, logprobs in pieces:
-            if logprobs is None and delta is not None and (delta or not finish):
-                out = text_chunk(index, delta)
-            else:
-                out = chunk(index, delta, None, logprobs) if delta or logprobs or not finish else ""
-            if finish:
-                out += chunk(index, None if chat else "", finish)
-                ended += 1
+            out = chunks.piece(index, delta, finish, logprobs)
+            ended += bool(finish)
             if ended == n:
                 last += out
             elif out:
@@ -501,7 +516,8 @@ async def sse_events(pieces, meta: dict, chat: bool, n: int, include_usage: bool
         yield Last(f"{last}data: {json.dumps(error)}\n\ndata: [DONE]\n\n")
         return
     if include_usage:
-        last += f"data: {json.dumps({**meta, 'object': kind, 'choices': [], 'usage': usage()})}\n\n"
+        final = {**meta, "object": chunks.kind, "choices": [], "usage": usage()}
+        last += f"data: {json.dumps(final)}\n\n"
     yield Last(last + "data: [DONE]\n\n")
 
 
