@@ -215,7 +215,7 @@ def run_eval(
             model="local-chat-completions" if chat else "local-completions",
             model_args=",".join(args),
             tasks=tasks,
-            task_manager=TaskManager(include_path=str(task_dir)),
+            task_manager=TaskManager(include_path=str(task_dir), include_defaults=False),
             limit=limit,
             log_samples=samples,
             apply_chat_template=chat,

@@ -344,7 +344,9 @@ def peer_generate() -> None:
         return
     from pipeline.bench.peer import generate_rows
 
-    for row in generate_rows(CONFIG.stem, str(CONFIG), OVERRIDES, ["b1", "b32"]):
+    # the rehearsal runs each path once: one round, the batch-32 case alone
+    cases, rounds = (["b32"], 1) if TINY else (["b1", "b32"], None)
+    for row in generate_rows(CONFIG.stem, str(CONFIG), OVERRIDES, cases, rounds):
         emit("peer_generate", **row)
 
 

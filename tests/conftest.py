@@ -25,7 +25,9 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from flax import nnx  # noqa: E402
 
 from pipeline.config import Config, load_config  # noqa: E402
 
@@ -73,6 +75,25 @@ def tiny_run(tmp_path_factory):
     )
     pretrain(cfg)
     return tmp / "run"
+
+
+_FORWARDS: dict = {}
+
+
+def full_logits(model, rows: list[list[int]]) -> list[np.ndarray]:
+    """The model's full forward over each row of token ids: float32 logits (len(row), V) each,
+    in one compiled call over the rows right-padded to a shared power-of-two length (a causal
+    model: what follows a position changes none of its logits). The reference computation of
+    the tests that check served numbers; eager calls cost seconds each."""
+    graphdef, state = nnx.split(model)
+    if graphdef not in _FORWARDS:
+        _FORWARDS[graphdef] = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)[0])
+    width = max(16, 1 << (max(map(len, rows)) - 1).bit_length())
+    tokens = np.zeros((len(rows), width), np.int32)
+    for i, row in enumerate(rows):
+        tokens[i, : len(row)] = row
+    logits = np.asarray(_FORWARDS[graphdef](state, tokens), np.float32)
+    return [logits[i, : len(row)] for i, row in enumerate(rows)]
 
 
 def restore_final_state(cfg: Config, stage=None) -> dict:

@@ -4,9 +4,9 @@ equal a direct computation with the model. Run: pytest tests/test_eval.py"""
 import shutil
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import full_logits
 
 pytest.importorskip("lm_eval")
 
@@ -29,14 +29,16 @@ def test_lm_eval_through_the_server_equals_a_direct_computation(tiny_run, tmp_pa
     model, tokenizer = loaded.model, loaded.tokenizer
     examples = build_examples(12)
 
-    def logprob(context: str, continuation: str) -> float:
-        ctx, whole = tokenizer.encode(context), tokenizer.encode(context + continuation)
-        logits, _ = model(jnp.asarray([whole]))
-        lp = np.asarray(jax.nn.log_softmax(logits[0].astype(jnp.float32)), np.float64)
-        return float(sum(lp[i - 1, whole[i]] for i in range(len(ctx), len(whole))))
-
     docs = examples["stdlib_next_line"][:6]
-    direct = [[logprob(d["context"], c) for c in d["choices"]] for d in docs]
+    pairs = [(d["context"], c) for d in docs for c in d["choices"]]
+    wholes = [tokenizer.encode(ctx + c) for ctx, c in pairs]
+    logprobs = []
+    for (ctx, _), whole, logits in zip(pairs, wholes, full_logits(model, wholes), strict=True):
+        lp = np.asarray(jax.nn.log_softmax(logits), np.float64)
+        logprobs.append(
+            sum(lp[i - 1, whole[i]] for i in range(len(tokenizer.encode(ctx)), len(whole)))
+        )
+    direct = [logprobs[4 * i : 4 * i + 4] for i in range(len(docs))]
     by_doc = {s["doc_id"]: s for s in samples["stdlib_next_line"]}
     for i, row in enumerate(direct):
         served = [r[0][0] for r in by_doc[i]["resps"]]  # lm-eval's (loglikelihood, is_greedy)

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import full_logits
 from helpers import NAME, Server, openai_client
 
 from pipeline.serving.controls import Controls, adjust, control_arrays
@@ -35,8 +36,7 @@ def _ids(server, texts: list[str]) -> list[int]:
 
 def _log_softmax(server, ids: list[int]) -> np.ndarray:
     """The model's own forward pass over `ids`: (len(ids), V) float64 log-probabilities."""
-    logits, _ = server.model(jnp.asarray([ids]))
-    return np.asarray(jax.nn.log_softmax(logits[0].astype(jnp.float32)), np.float64)
+    return np.asarray(jax.nn.log_softmax(full_logits(server.model, [ids])[0]), np.float64)
 
 
 def test_echo_scores_the_prompt_with_the_models_own_log_probabilities(server):
@@ -151,8 +151,7 @@ def _reference_penalised_greedy(server, ids, steps, presence, frequency, repetit
     """Greedy decoding with OpenAI's / vLLM's penalty formulas, in NumPy over full forwards."""
     out = []
     for _ in range(steps):
-        logits, _ = server.model(jnp.asarray([ids + out]))
-        x = np.asarray(logits[0, -1], np.float64)
+        x = np.asarray(full_logits(server.model, [ids + out])[0][-1], np.float64)
         for token, b in bias.items():
             x[token] += b
         seen = set(ids) | set(out)

@@ -4,9 +4,9 @@ Run: pytest tests/test_speculative.py
 """
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import full_logits
 from helpers import tiny_model_config
 
 from pipeline.config import ModelConfig
@@ -58,16 +58,12 @@ def test_sampling_keeps_the_target_distribution():
     def joint(model) -> np.ndarray:
         """The model's own law of the 2nd and 3rd tokens, as expected counts."""
 
-        def probs(prefix):
-            logits, _ = model(jnp.asarray([prefix]))
-            return np.asarray(jax.nn.softmax(logits[0, -1]), np.float64)
-
+        pairs = [(a, b) for a in range(V) for b in range(V)]
+        rows = [prompt + [a, b] for a, b in pairs]  # one forward: each position's next token
         expected = np.zeros((V, V))
-        p1 = probs(prompt)
-        for a in range(V):
-            p2 = probs(prompt + [a])
-            for b in range(V):
-                expected[b] += p1[a] * p2[b] * probs(prompt + [a, b])
+        for (a, b), logits in zip(pairs, full_logits(model, rows), strict=True):
+            p = np.asarray(jax.nn.softmax(logits[len(prompt) - 1 :]), np.float64)
+            expected[b] += p[0, a] * p[1, b] * p[2]  # p(a) p(b | a) p(. | a, b)
         return expected.ravel() / expected.sum() * n
 
     assert chisquare(counts.ravel(), joint(target)).pvalue > 1e-3

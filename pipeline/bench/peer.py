@@ -42,13 +42,16 @@ def train_rows(label: str, config: str, overrides: list[str], steps: int):
     yield summary(f"train/{label}", ours, list(peers.values()), TRAIN_FIELDS)
 
 
-def generate_rows(label: str, config: str, overrides: list[str], cases: list[str]):
-    """`bench generate --peer torch` for batch cases (b1, b32): each round ours (our jitted
-    generate), then transformers' `generate` eager with its dynamic cache and with a static
-    cache + torch.compile, then `generate/{label}/{case}/vs-torch` against the faster."""
+def generate_rows(
+    label: str, config: str, overrides: list[str], cases: list[str], rounds: int | None = None
+):
+    """`bench generate --peer torch` for batch cases (b1, b32): each of `rounds` rounds ours
+    (our jitted generate), then transformers' `generate` eager with its dynamic cache and with a
+    static cache + torch.compile, then `generate/{label}/{case}/vs-torch` against the faster
+    (`rounds`: ROUNDS unless given)."""
     for case in cases:
         ours, peers = [], {False: [], True: []}
-        for round_ in range(ROUNDS):
+        for round_ in range(rounds or ROUNDS):
             command = ["-m", "pipeline", "bench", "generate", "--config", config, "--json"]
             rows = _run([*command, "--cases", case, *overrides])
             row = {**next(r for r in rows if r["case"].startswith("generate/")), "round": round_}
