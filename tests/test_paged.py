@@ -288,7 +288,8 @@ def _submit_all(engine, prompts, budgets, samplings, stops, controls):
 @pytest.mark.e2e  # a whole stage or a loaded engine: make test, not test-fast
 def test_several_decode_steps_per_call_change_no_token_logprob_or_stop(model):
     """Decode calls of up to 4 (and 3) steps give the tokens, log-probabilities and endings of
-    one step per call: greedy and seeded sampling, a penalty, a stop id met mid-call, budgets
+    one step per call: greedy and seeded sampling, a penalty, a stop id met mid-call (with
+    log-probabilities and without: delivered token by token, and a call's run at once), budgets
     that are no multiple of the steps; and they take fewer calls."""
     from pipeline.serving.controls import Controls
 
@@ -307,16 +308,21 @@ def test_several_decode_steps_per_call_change_no_token_logprob_or_stop(model):
         Controls(),
         Controls(presence=0.3, frequency=0.5),
     ]
+    # request 2 again without log-probabilities: its tokens delivered a call's run at a time
+    prompts, budgets, stops = [*prompts, prompts[2]], [*budgets, 22], [*stops, stops[2]]
+    samplings, controls = [*samplings, Sampling()], [*controls, Controls()]
     results = {}
     for steps in (1, 3, 4):
         engine = Engine(model, slots=8, block_size=8, decode_steps=steps)
         requests, out, ends = _submit_all(engine, prompts, budgets, samplings, stops, controls)
         engine.stop()
         results[steps] = (out, ends, [r.logprobs for r in requests], engine.stats.steps)
-        assert engine.blocks.used == 0
+        assert engine.blocks.used == 0 and [r.output for r in requests] == out
+        assert [r.generated for r in requests] == [len(o) for o in out]
     out, ends, logprobs, calls = results[1]
     first = alone.index(alone[9])
     assert ends[2] == "stop" and out[2] == alone[: first + 1]  # ended at its stop id
+    assert ends[5] == "stop" and out[5] == out[2]
     for steps in (3, 4):
         assert results[steps][0] == out and results[steps][1] == ends
         for mine, theirs in zip(results[steps][2], logprobs, strict=True):

@@ -91,8 +91,10 @@ class Core:
         def emit(token, reason):  # the engine thread
             # the log-probabilities the engine appended since the last token (this process
             # keeps none: the server's job collects them)
-            lps = job.logprobs[:]
-            job.logprobs.clear()
+            lps = ()
+            if job.logprobs:
+                lps = job.logprobs[:]
+                job.logprobs.clear()
             if reason is not None:
                 self.requests.pop(job.id, None)
             self._out.append((job.id, token, reason, lps))

@@ -745,6 +745,9 @@ class Engine:
             if request is None or not self.sched.holds(request):
                 continue  # ended, cancelled or preempted since
             self.decoding.delivered(request, int(produced[row]))
+            if request.grammar is None and not request.controls.logprobs:
+                self._deliver_run(request, tokens[row, : produced[row]].tolist())
+                continue
             for j, token in enumerate(tokens[row, : produced[row]]):
                 if not self.sched.holds(request):  # it ended within this round
                     break
@@ -779,6 +782,41 @@ class Engine:
 
     def clear_slot(self, slot: int) -> None:
         self.masks[slot] = -1
+
+    def _deliver_run(self, request: Request, tokens: list[int]) -> None:
+        """A request's tokens from one call, for one with no grammar and no log-probabilities:
+        what `_deliver` does token by token, in one pass: up to the first stop token or the
+        token that reaches max_tokens (which ends it), the clock read once (they arrived
+        together: one inter-token gap observed per delivery, as vLLM's per-iteration one)."""
+        if request.cancelled:
+            self.sched.finish(request.slot, None, "cancelled")
+            return
+        now = time.perf_counter()
+        if request.generated == 0:
+            self.observe("ttft", now - request.submitted)
+        else:
+            self.observe("itl", now - request.last_token_at)
+        request.last_token_at = now
+        end, reason = len(tokens), None
+        room = max(request.max_tokens - request.generated, 1)
+        if room <= end:
+            end, reason = room, "length"
+        stops = request.stop_ids
+        for i in range(end) if stops else ():
+            if tokens[i] in stops:
+                end, reason = i + 1, "stop"
+                break
+        run = tokens[:end]
+        request.generated += end
+        self.stats.tokens += end
+        request.output.extend(run)
+        if reason is not None:
+            run = run[:-1]
+        emit = request.emit
+        for token in run:
+            emit(token, None)
+        if reason is not None:
+            self.sched.finish(request.slot, tokens[end - 1], reason)
 
     def _deliver(self, slot: int, token: int, info=None) -> None:
         request = self.active[slot]

@@ -96,7 +96,7 @@ class Metrics:
         )
         self.itl = Histogram(
             "pipeline_inter_token_latency_seconds",
-            "Between two tokens of a request",
+            "Between two deliveries of a request's tokens (one engine call's arrive together)",
             registry=r,
             buckets=buckets,
         )
