@@ -784,19 +784,15 @@ class Engine:
         self.masks[slot] = -1
 
     def _deliver_run(self, request: Request, tokens: list[int]) -> None:
-        """A request's tokens from one call, for one with no grammar and no log-probabilities:
-        what `_deliver` does token by token, in one pass: up to the first stop token or the
-        token that reaches max_tokens (which ends it), the clock read once (they arrived
-        together: one inter-token gap observed per delivery, as vLLM's per-iteration one)."""
+        """A request's tokens from one call (a grammar's or log-probabilities' request: one
+        token, from `_deliver`), in one pass: up to the first stop id or the token that reaches
+        max_tokens, which ends it; the clock read once (tokens that arrive together: one
+        inter-token gap observed per delivery, as vLLM's per-iteration one)."""
+        if not tokens:  # (a call that produced none for this row)
+            return
         if request.cancelled:
             self.sched.finish(request.slot, None, "cancelled")
             return
-        now = time.perf_counter()
-        if request.generated == 0:
-            self.observe("ttft", now - request.submitted)
-        else:
-            self.observe("itl", now - request.last_token_at)
-        request.last_token_at = now
         end, reason = len(tokens), None
         room = max(request.max_tokens - request.generated, 1)
         if room <= end:
@@ -807,45 +803,41 @@ class Engine:
                 end, reason = i + 1, "stop"
                 break
         run = tokens[:end]
-        request.generated += end
-        self.stats.tokens += end
-        request.output.extend(run)
-        if reason is not None:
-            run = run[:-1]
+        self._account(request, run)
         emit = request.emit
-        for token in run:
+        for token in run[:-1] if reason else run:
             emit(token, None)
         if reason is not None:
-            self.sched.finish(request.slot, tokens[end - 1], reason)
+            self.sched.finish(request.slot, run[-1], reason)
+
+    def _account(self, request: Request, run: list[int]) -> None:
+        """A delivery's books: its time observed, the tokens counted and kept."""
+        now = time.perf_counter()
+        if request.generated == 0:
+            self.observe("ttft", now - request.submitted)
+        else:
+            self.observe("itl", now - request.last_token_at)
+        request.last_token_at = now
+        request.generated += len(run)
+        self.stats.tokens += len(run)
+        request.output.extend(run)
 
     def _deliver(self, slot: int, token: int, info=None) -> None:
+        """One token, with its log-probabilities and its grammar's step where it has them."""
         request = self.active[slot]
-        now = time.perf_counter()
         if request.cancelled:
             self.sched.finish(slot, None, "cancelled")
             return
         if request.controls.logprobs and info is not None:
             request.logprobs.append((float(info[0]), info[1].tolist(), info[2].tolist()))
-        if request.generated == 0:
-            self.observe("ttft", now - request.submitted)
-        else:
-            self.observe("itl", now - request.last_token_at)
-        request.generated += 1
-        self.stats.tokens += 1
-        request.output.append(token)
-        request.last_token_at = now
         if request.grammar is not None and token not in request.stop_ids:
             request.grammar.consume_token(token)
             if request.grammar.is_stopped():  # the grammar is complete: this token ends it
+                self._account(request, [token])
                 self.sched.finish(slot, token, "end")
                 return
             self._masks_due.append(request)  # its next mask: all of a step's at once
-        if token in request.stop_ids:
-            self.sched.finish(slot, token, "stop")
-        elif request.generated >= request.max_tokens:
-            self.sched.finish(slot, token, "length")
-        else:
-            request.emit(token, None)
+        self._deliver_run(request, [token])
 
 
 def _host_info(info, wanted: bool):
